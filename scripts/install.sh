@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The one install step of the project: the README's commands, CI and the Dockerfiles all run it.
+#
+#   scripts/install.sh            venv + pinned torch + Detectron2 + the project (+ dev tools)
+#   OVD_VENV=/opt/ovd scripts/install.sh --no-dev    (e.g. in an image)
+#
+# Idempotent: a second run only checks what is there. Needs python3 >= 3.10 with venv; installs
+# redis-server through apt where it is missing (the service and its tests use a real Redis).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${OVD_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+DEV=1
+WITH_REDIS=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-dev) DEV=0 ;;
+    --no-redis) WITH_REDIS=0 ;;
+    *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  step "creating virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+# pip is pinned below 26.3: newer pips refuse Detectron2's sdist (a direct-URL extra).
+"$PY" -m pip install -q --disable-pip-version-check "pip==25.3"
+
+step "torch + torchvision (pinned exactly; see constraints.txt)"
+"$PY" -m pip install -q -c constraints.txt torch torchvision
+
+step "Detectron2 (official build if present, else patched v0.6 sdist + pure-PyTorch _C)"
+"$PY" scripts/detectron2_compat/install_detectron2.py
+
+step "the project"
+extras=""
+[ "$DEV" = 1 ] && extras="[dev]"
+"$PY" -m pip install -q -c constraints.txt --no-build-isolation -e ".$extras"
+
+if [ "$WITH_REDIS" = 1 ] && ! command -v redis-server >/dev/null 2>&1; then
+  step "redis-server (Debian package)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+
+"$PY" - <<'PY'
+import detectron2, open_clip, torch, torchvision
+print(f"ready: torch {torch.__version__}, torchvision {torchvision.__version__}, "
+      f"detectron2 {detectron2.__version__}, open_clip {open_clip.__version__}")
+PY

@@ -1,0 +1,91 @@
+"""Zero-shot CLIP accuracy in the two domains of the world: caption-style crops and detection
+GT crops (EZSD's 1.2x crop), over base and novel categories.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.clip.model import DEFAULT_TEMPLATE, ClipModel
+
+from .data.coco_format import load_coco_json
+
+
+@torch.inference_mode()
+def _accuracy(clip: ClipModel, images: torch.Tensor, labels: torch.Tensor, text: torch.Tensor,
+              novel_mask: torch.Tensor) -> dict:
+    emb = clip.encode_images(images)
+    pred = (emb @ text.T).argmax(1)
+    correct = (pred == labels).float()
+    is_novel = novel_mask[labels]
+    return {"base": correct[~is_novel].mean().item() if (~is_novel).any() else float("nan"),
+            "novel": correct[is_novel].mean().item() if is_novel.any() else float("nan"),
+            "all": correct.mean().item(), "n": int(len(labels))}
+
+
+def detection_gt_crops(clip: ClipModel, json_file: Path, image_root: Path, *, enlarge: float = 1.2,
+                       max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """EZSD crops of every GT box of a COCO file.
+
+    Returns:
+        crops: (N, 3, S, S) normalised; category_ids: (N,) COCO category ids.
+    """
+    coco = load_coco_json(json_file)
+    by_image: dict[int, list[dict]] = {}
+    for a in coco["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    crops, cats = [], []
+    for img in coco["images"][:max_images]:
+        anns = by_image.get(img["id"], [])
+        if not anns:
+            continue
+        pixels = torch.from_numpy(np.asarray(Image.open(image_root / img["file_name"]).convert("RGB")))
+        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                               a["bbox"][1] + a["bbox"][3]] for a in anns], dtype=torch.float32)
+        crops.append(clip.crop_boxes(pixels.permute(2, 0, 1), boxes, enlarge=enlarge))
+        cats.extend(a["category_id"] for a in anns)
+    return torch.cat(crops), torch.tensor(cats)
+
+
+def zero_shot_report(clip: ClipModel, world_dir: str | Path, *, template: str = DEFAULT_TEMPLATE,
+                     max_caption_images: int | None = None, max_detection_images: int | None = None
+                     ) -> dict:
+    """Accuracy table of a CLIP on a synthetic world.
+
+    Returns:
+        {"caption_crops": {...}, "detection_gt_crops": {...}, "chance": float}, each row with
+        accuracies in [0, 1] over base, novel and all categories and its sample count n.
+    """
+    world_dir = Path(world_dir)
+    world = json.loads((world_dir / "world.json").read_text())
+    cats = world["categories"]
+    index = {c["id"]: i for i, c in enumerate(cats)}
+    novel = torch.tensor([c["split"] == "novel" for c in cats])
+    text = clip.text_embeddings([c["name"] for c in cats], template)
+
+    cap_images = np.load(world_dir / "captions" / "eval.npy", mmap_mode="r")[:max_caption_images]
+    rows = [json.loads(line) for line in (world_dir / "captions" / "eval.jsonl").read_text().splitlines()]
+    cap_labels = torch.tensor([index[r["category_ids"][0]] for r in rows[:len(cap_images)]])
+    caption = _accuracy(clip, clip.normalise(torch.from_numpy(np.array(cap_images))),
+                        cap_labels, text, novel)
+
+    det = world_dir / "detection"
+    crops, cat_ids = detection_gt_crops(clip, det / "annotations" / "val.json", det / "val",
+                                        max_images=max_detection_images)
+    detection = _accuracy(clip, crops, torch.tensor([index[int(c)] for c in cat_ids]), text, novel)
+    return {"caption_crops": caption, "detection_gt_crops": detection, "chance": 1.0 / len(cats),
+            "template": template}
+
+
+def format_report(report: dict, title: str = "CLIP zero-shot accuracy") -> str:
+    lines = [title, f"{'domain':<22}{'base':>8}{'novel':>8}{'all':>8}{'n':>8}"]
+    for key, label in (("caption_crops", "caption-style crops"), ("detection_gt_crops", "detection GT crops")):
+        r = report[key]
+        lines.append(f"{label:<22}{r['base']:>8.1%}{r['novel']:>8.1%}{r['all']:>8.1%}{r['n']:>8d}")
+    lines.append(f"{'chance':<22}{report['chance']:>8.1%}{report['chance']:>8.1%}{report['chance']:>8.1%}")
+    return "\n".join(lines)

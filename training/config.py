@@ -1,0 +1,36 @@
+"""Pipeline config files: one YAML file, one section per stage (`world:`, `clip_pretrain:`, ...).
+
+Command-line flags override the file; the file overrides the dataclass defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "synthetic.yaml"
+KNOWN_SECTIONS = {"world", "clip_pretrain", "paths"}
+
+
+def load_config(path: str | Path | None) -> dict:
+    """Read a pipeline config file (None = the built-in synthetic-world config).
+
+    Raises:
+        FileNotFoundError / ValueError: missing file, invalid YAML, or unknown sections.
+    """
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config file {path} must hold a mapping of sections")
+    unknown = set(cfg) - KNOWN_SECTIONS
+    if unknown:
+        raise ValueError(f"config file {path}: unknown sections {sorted(unknown)}; "
+                         f"known: {sorted(KNOWN_SECTIONS)}")
+    return cfg
