@@ -166,7 +166,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from .clip_pretrain import pretrain_clip
     from .data.preview import write_preview
-    from .data.synthetic import generate_world, load_world
+    from .data.synthetic import generate_world, load_world, register_world
 
     cfg = load_config(args.config)
     world_dir, clip_dir = _paths(cfg, args)
@@ -183,6 +183,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         world = load_world(world_dir)
     preview = write_preview(world_dir, world_dir / "preview.png")
     logger.info("      preview: %s", preview)
+    logger.info("      Detectron2 datasets: %s", ", ".join(register_world(world_dir, overwrite=True)))
     try:
         clip = load_clip(str(clip_dir))
         if clip.manifest["training"]["data"]["fingerprint"] != world["fingerprint"]:

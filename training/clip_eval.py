@@ -44,7 +44,7 @@ def detection_gt_crops(clip: ClipModel, json_file: Path, image_root: Path, *, en
         anns = by_image.get(img["id"], [])
         if not anns:
             continue
-        pixels = torch.from_numpy(np.asarray(Image.open(image_root / img["file_name"]).convert("RGB")))
+        pixels = torch.from_numpy(np.array(Image.open(image_root / img["file_name"]).convert("RGB")))
         boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
                                a["bbox"][1] + a["bbox"][3]] for a in anns], dtype=torch.float32)
         crops.append(clip.crop_boxes(pixels.permute(2, 0, 1), boxes, enlarge=enlarge))

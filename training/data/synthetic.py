@@ -29,7 +29,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from .shapes import (
     CATEGORIES,
@@ -64,6 +64,11 @@ class WorldConfig:
         num_captions: caption-corpus samples for CLIP pretraining.
         num_caption_eval: held-out single-object caption-style images for zero-shot accuracy.
         colour_jitter: per-instance std of object colour, in 0..255 units.
+        colour_cast: detection images get per-channel gains in [1 - c, 1 + c].
+        haze: largest blend fraction of a detection image towards a bright haze colour.
+        desaturation: largest fraction of colour saturation removed from a detection image.
+        blur: largest Gaussian blur radius of a detection image, pixels.
+        noise: range of the sensor noise std of a detection image, 0..255 units.
     """
 
     seed: int = 0
@@ -78,6 +83,11 @@ class WorldConfig:
     num_captions: int = 30000
     num_caption_eval: int = 1600
     colour_jitter: float = 14.0
+    colour_cast: float = 0.25
+    haze: float = 0.3
+    desaturation: float = 0.4
+    blur: float = 0.8
+    noise: tuple[float, float] = (4.0, 12.0)
 
     def __post_init__(self) -> None:
         problems = []
@@ -276,12 +286,19 @@ def detection_sample(cfg: WorldConfig, split: str, index: int) -> tuple[np.ndarr
         _paste(img, tex, alpha, x, y)
         coverage[y:y + h, x:x + w] = np.maximum(coverage[y:y + h, x:x + w], alpha)
         objects.append(SynthObject(cat, box, alpha, (y, x)))
-    # Sensor: per-image colour cast, contrast, noise.
-    gains = rng.uniform(0.82, 1.15, 3)
-    contrast = rng.uniform(0.75, 1.0)
+    # Camera and atmosphere: haze, desaturation, contrast, per-image colour cast, blur, noise.
+    haze = rng.uniform(0, cfg.haze)
+    img = img * (1 - haze) + haze * rng.uniform(150, 210, 3)
+    grey = img.mean(-1, keepdims=True)
+    sat = 1 - rng.uniform(0, cfg.desaturation)
+    img = grey + (img - grey) * sat
     mean = img.mean()
-    img = (img - mean) * contrast + mean
-    img = img * gains + rng.normal(0, rng.uniform(3, 9), img.shape)
+    img = (img - mean) * rng.uniform(0.7, 1.0) + mean
+    img = img * rng.uniform(1 - cfg.colour_cast, 1 + cfg.colour_cast, 3)
+    if cfg.blur > 0:
+        img = np.asarray(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).filter(
+            ImageFilter.GaussianBlur(rng.uniform(0, cfg.blur))), np.float32)
+    img = img + rng.normal(0, rng.uniform(*cfg.noise), img.shape)
     out = np.clip(img, 0, 255).astype(np.uint8)
     for o in objects:
         o.alpha = o.alpha[:0]  # free memory: only the box is kept
@@ -380,6 +397,14 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def folder_digest(folder: Path, pattern: str = "*.png") -> str:
+    """sha256 over the names and sha256s of the files of a folder matching pattern."""
+    digest = hashlib.sha256()
+    for p in sorted(folder.glob(pattern)):
+        digest.update(p.name.encode() + bytes.fromhex(_sha256_file(p)))
+    return digest.hexdigest()
+
+
 def generate_world(out_dir: str | Path, cfg: WorldConfig, *, workers: int = 2,
                    progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Path:
     """Write the synthetic world under out_dir and return the path of its world.json.
@@ -460,10 +485,7 @@ def generate_world(out_dir: str | Path, cfg: WorldConfig, *, workers: int = 2,
             (out / "captions").glob("*.*")):
         files[str(p.relative_to(out))] = _sha256_file(p)
     for split in DETECTION_SPLITS:  # one digest per image folder keeps world.json short
-        digest = hashlib.sha256()
-        for p in sorted((out / "detection" / split).glob("*.png")):
-            digest.update(p.name.encode() + bytes.fromhex(_sha256_file(p)))
-        files[f"detection/{split}/*.png"] = digest.hexdigest()
+        files[f"detection/{split}/*.png"] = folder_digest(out / "detection" / split)
     world = {
         "format": WORLD_FORMAT,
         "config": asdict(cfg),
@@ -496,3 +518,15 @@ def world_datasets(world_dir: str | Path) -> dict[str, tuple[Path, Path]]:
         "synth_train_all": (root / "annotations" / "train_all.json", root / "train"),
         "synth_val": (root / "annotations" / "val.json", root / "val"),
     }
+
+
+def register_world(world_dir: str | Path, *, overwrite: bool = False) -> list[str]:
+    """Register a world's splits in Detectron2's DatasetCatalog / MetadataCatalog.
+
+    Names: `synth_train` (base boxes only), `synth_train_all` (oracle: all boxes) and
+    `synth_val` (all boxes), with base/novel metadata from the category split tags.
+    """
+    from .coco_format import register_ov_dataset
+
+    return [register_ov_dataset(name, json_file, image_root, overwrite=overwrite)
+            for name, (json_file, image_root) in world_datasets(world_dir).items()]
