@@ -29,18 +29,40 @@ logger = logging.getLogger("ovd")
 # --------------------------------------------------------------------------- helpers
 
 def _progress(desc: str, total: int, initial: int = 0):
-    """tqdm progress with ETA on stderr; returns `advance(n, postfix=None)`."""
-    bar = tqdm(total=total, initial=initial, desc=desc, unit="it", dynamic_ncols=True,
-               mininterval=1.0, file=sys.stderr, disable=None)
+    """Progress with ETA; returns `advance(n, postfix=None)`.
 
-    def advance(n: int, postfix: dict | None = None) -> None:
-        if postfix:
-            bar.set_postfix(postfix, refresh=False)
-        bar.update(n)
-        if bar.n >= bar.total:
-            bar.close()
+    A terminal gets a tqdm bar; a log file (CI, docker logs) gets a line at most every 30 s
+    with the rate and the ETA, so a long stage is never silent.
+    """
+    if sys.stderr.isatty():
+        bar = tqdm(total=total, initial=initial, desc=desc, unit="it", dynamic_ncols=True,
+                   mininterval=1.0, file=sys.stderr)
 
-    return advance
+        def advance(n: int, postfix: dict | None = None) -> None:
+            if postfix:
+                bar.set_postfix(postfix, refresh=False)
+            bar.update(n)
+            if bar.n >= bar.total:
+                bar.close()
+
+        return advance
+
+    state = {"n": initial, "t0": time.time(), "last": time.time()}
+
+    def advance_log(n: int, postfix: dict | None = None) -> None:
+        state["n"] += n
+        now = time.time()
+        if now - state["last"] < 30 and state["n"] < total:
+            return
+        state["last"] = now
+        rate = (state["n"] - initial) / max(now - state["t0"], 1e-9)
+        eta = (total - state["n"]) / rate if rate > 0 else float("inf")
+        extra = " ".join(f"{k}={v}" for k, v in (postfix or {}).items())
+        logger.info("%s: %d/%d (%.1f it/s, ETA %s) %s", desc, state["n"], total, rate,
+                    time.strftime("%M:%S", time.gmtime(eta)) if eta < 3600 else f"{eta / 60:.0f} min",
+                    extra)
+
+    return advance_log
 
 
 def _paths(cfg: dict, args: argparse.Namespace) -> tuple[Path, Path]:
@@ -155,6 +177,97 @@ def cmd_clip_eval(args: argparse.Namespace) -> int:
     clip = load_clip(clip_path, args.pretrained)
     out_dir = Path(clip_path) if Path(clip_path).is_dir() else Path(args.out or ".")
     _report(clip, world_dir, out_dir)
+    return 0
+
+
+# --------------------------------------------------------------------------- detector
+
+def _detector_cfg(cfg: dict, args: argparse.Namespace):
+    """Detectron2 config of the `detector:` section, with the world's datasets to register."""
+    from .config import REPO_ROOT
+    from .data.synthetic import world_datasets
+    from .train_detector import build_config
+
+    section = cfg.get("detector", {})
+    config_file = args.detector_config or section.get("config") or "configs/detector/synthetic_r18_fpn.yaml"
+    path = Path(config_file)
+    if not path.is_file() and (REPO_ROOT / path).is_file():
+        path = REPO_ROOT / path
+    dcfg = build_config(path, list(section.get("opts", [])) + list(args.opts or []))
+    world_dir = _paths(cfg, args)[0]
+    if not dcfg.DATASETS.REGISTER and (world_dir / "world.json").is_file():
+        dcfg.DATASETS.REGISTER = [f"{name}={json_file}:{root}"
+                                  for name, (json_file, root) in world_datasets(world_dir).items()]
+    return dcfg
+
+
+def _register(dcfg) -> None:
+    from .data.coco_format import register_from_spec
+
+    for spec in dcfg.DATASETS.REGISTER:
+        register_from_spec(spec, overwrite=True)
+
+
+def _root(cfg: dict, args: argparse.Namespace) -> Path:
+    return Path(getattr(args, "root", None) or cfg.get("paths", {}).get("root", "runs/synthetic"))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.clip.model import load_clip
+
+    from .train_detector import launch_training, prepare
+
+    cfg = load_config(args.config)
+    root = _root(cfg, args)
+    dcfg = _detector_cfg(cfg, args)
+    dcfg.OUTPUT_DIR = str(args.out or root / "detector")
+    dcfg.MODEL.OVD.TRAIN_VOCABULARY = args.vocabulary
+    if args.no_distill:
+        dcfg.MODEL.OVD.DISTILL_WEIGHT = 0.0
+    elif not dcfg.DATASETS.DISTILL_TARGETS:
+        dcfg.DATASETS.DISTILL_TARGETS = str(args.targets or root / "targets")
+    _register(dcfg)
+    clip_path = args.clip or str(root / "clip" / "renorm")
+    if not Path(clip_path).is_dir():
+        clip_path = str(root / "clip" / "pretrained")
+    clip = load_clip(clip_path)
+    dcfg = prepare(dcfg, clip)
+    logger.info("training %s on %s (vocabulary: %d %s classes, CLIP %s, distillation: %s) -> %s",
+                dcfg.MODEL.META_ARCHITECTURE, dcfg.DATASETS.TRAIN[0], dcfg.MODEL.ROI_HEADS.NUM_CLASSES,
+                args.vocabulary, clip_path, dcfg.DATASETS.DISTILL_TARGETS if dcfg.MODEL.OVD.DISTILL_WEIGHT
+                else "off", dcfg.OUTPUT_DIR)
+    final = launch_training(dcfg, resume=not args.restart, num_gpus=args.num_gpus,
+                            num_machines=args.num_machines, machine_rank=args.machine_rank,
+                            dist_url=args.dist_url)
+    logger.info("weights: %s", final)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import MetadataCatalog
+    from detectron2.modeling import build_model
+
+    from models.clip.model import load_clip
+
+    from .evaluate import evaluate, format_metrics
+    from .train_detector import build_config
+
+    cfg = load_config(args.config)
+    model_dir = Path(args.model_dir or _root(cfg, args) / "detector")
+    dcfg = build_config(model_dir / "config.yaml", args.opts)
+    _register(dcfg)
+    dataset = args.dataset or dcfg.DATASETS.TEST[0]
+    model = build_model(dcfg)
+    weights = args.weights or str(model_dir / "model_final.pth")
+    DetectionCheckpointer(model).load(weights)
+    clip = load_clip(args.clip or dcfg.MODEL.OVD.CLIP)
+    names = list(MetadataCatalog.get(dataset).thing_classes)
+    text = clip.text_embeddings(names, dcfg.MODEL.OVD.PROMPT_TEMPLATE)
+    out = Path(args.out or model_dir / f"eval_{dataset}")
+    result = evaluate(dcfg, model, dataset, text, out)
+    print(format_metrics(result, f"generalized zero-shot detection, {model_dir.name}"))
+    logger.info("metrics written to %s", out / "metrics.json")
     return 0
 
 
@@ -280,6 +393,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where to write zero_shot.json for a named model")
     p.set_defaults(func=cmd_clip_eval)
 
+    p = sub.add_parser("train", help="train the open-vocabulary detector (Detectron2, resumable)",
+                       description="Train the EZSD detector: Faster R-CNN whose box head embeds "
+                                   "regions into CLIP space, classified against text embeddings, "
+                                   "with region distillation from `ovd targets`. A killed run "
+                                   "resumes from its last checkpoint.")
+    common(p)
+    p.add_argument("--detector-config", default=None,
+                   help="Detectron2 YAML (default: the config's detector.config)")
+    p.add_argument("--clip", default=None, help="CLIP for the text embeddings (default: <root>/clip/renorm)")
+    p.add_argument("--targets", default=None, help="`ovd targets` folder (default: <root>/targets)")
+    p.add_argument("--no-distill", action="store_true", help="train without region distillation")
+    p.add_argument("--vocabulary", choices=["base", "all"], default="base",
+                   help="classes with boxes in training: base (open-vocabulary) or all (oracle)")
+    p.add_argument("--out", default=None, help="output folder (default: <root>/detector)")
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    _launcher_args(p)
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="Detectron2 KEY VALUE overrides")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="generalized zero-shot AP50/AP on novel, base and all classes",
+                       description="Evaluate a trained detector over all categories of a dataset "
+                                   "(COCOEvaluator / pycocotools), averaged over novel, base, all.")
+    common(p)
+    p.add_argument("--model-dir", default=None, help="training output (default: <root>/detector)")
+    p.add_argument("--weights", default=None, help="checkpoint (default: <model-dir>/model_final.pth)")
+    p.add_argument("--dataset", default=None, help="registered dataset (default: DATASETS.TEST[0])")
+    p.add_argument("--clip", default=None, help="CLIP for the text embeddings (default: the training one)")
+    p.add_argument("--out", default=None, help="output folder (default: <model-dir>/eval_<dataset>)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="Detectron2 KEY VALUE overrides")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("demo", help="the main job on the built-in default (every stage, cached)",
                        description="Run every pipeline stage on the built-in default (the "
                                    "synthetic world); a stage whose output exists is reused.")
@@ -289,12 +433,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launcher_args(p: argparse.ArgumentParser) -> None:
+    """Detectron2 launcher flags: processes per machine, machines, this machine's rank."""
+    p.add_argument("--num-gpus", type=int, default=1, help="processes per machine (1 on a CPU)")
+    p.add_argument("--num-machines", type=int, default=1)
+    p.add_argument("--machine-rank", type=int, default=0)
+    p.add_argument("--dist-url", default="auto", help="initialisation URL of multi-machine runs")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("PIL", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Root at WARNING keeps libraries' INFO chatter (open_clip logs to the root logger) out;
+    # the project's own loggers and Detectron2's training log stay at INFO.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for name in ("ovd", "training", "models", "detectron2"):
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as e:

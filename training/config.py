@@ -11,7 +11,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "synthetic.yaml"
-KNOWN_SECTIONS = {"world", "clip_pretrain", "paths"}
+KNOWN_SECTIONS = {"paths", "world", "clip_pretrain", "clip_renorm", "proposals", "targets", "detector"}
 
 
 def load_config(path: str | Path | None) -> dict:

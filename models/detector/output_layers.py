@@ -1,0 +1,148 @@
+"""EZSD box predictor: region embeddings classified against text embeddings given per call,
+class-agnostic box deltas from a semantic regressor, and the region-distillation loss.
+
+Vocabulary contract: nothing about the class names is stored in the module. Every call takes
+the (C, D) L2-normalised text-embedding matrix of the vocabulary it should use, so concurrent
+calls with different vocabularies cannot affect each other.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
+from torch import nn
+
+
+class TextEmbeddingClassifier(nn.Module):
+    """logits = tau * [e . T^T, e . w_bg].
+
+    e is a normalised region embedding, T the normalised text embeddings of the vocabulary,
+    w_bg a learnable **un-normalised** background vector, tau = exp(s) a learnable temperature.
+
+    Args:
+        embed_dim: D, the CLIP embedding size.
+        init_temperature: initial tau (EZSD: 100, i.e. s = ln 100).
+    """
+
+    def __init__(self, embed_dim: int, init_temperature: float = 100.0):
+        super().__init__()
+        self.background = nn.Parameter(torch.zeros(embed_dim))
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
+
+    def forward(self, region_embeddings: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """(N, D) normalised regions, (C, D) normalised text -> (N, C + 1) logits, bg last."""
+        sims = torch.cat([region_embeddings @ text.T,
+                          (region_embeddings @ self.background).unsqueeze(1)], dim=1)
+        return self.log_temperature.exp() * sims
+
+
+def distillation_loss(region_embeddings: torch.Tensor, clip_embeddings: torch.Tensor,
+                      weights: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+    """EZSD region distillation: mean over regions of w~_r * ||e_r - t_r||_1.
+
+    Args:
+        region_embeddings: (R, D) the detector's normalised region embeddings.
+        clip_embeddings: (R, D) CLIP's normalised embeddings of the same regions.
+        weights: (R,) raw region weights (1 for GT boxes, CLIP confidence for proposals).
+        image_index: (R,) which image each region belongs to; weights are renormalised to
+            mean 1 within each image.
+
+    Returns:
+        Scalar loss (0 with a graph when R = 0).
+    """
+    if region_embeddings.numel() == 0:
+        return region_embeddings.sum() * 0.0
+    n_images = int(image_index.max()) + 1
+    sums = torch.zeros(n_images, dtype=weights.dtype, device=weights.device).index_add_(
+        0, image_index, weights)
+    counts = torch.bincount(image_index, minlength=n_images).to(weights.dtype)
+    mean_w = (sums / counts.clamp(min=1))[image_index]
+    w = weights / mean_w.clamp(min=1e-12)
+    l1 = (region_embeddings - clip_embeddings).abs().sum(dim=1)
+    return (w * l1).mean()
+
+
+class EZSDOutputLayers(FastRCNNOutputLayers):
+    """Classification branch -> region embedding -> text classifier; regression branch ->
+    class-agnostic deltas, optionally conditioned on the class's text embedding.
+
+    Inputs are the shared box-head features (N, d). Detectron2's `losses` and `inference` are
+    reused as they are: predictions are `(logits (N, C+1), deltas (N, 4))`.
+    """
+
+    @configurable
+    def __init__(self, input_shape: ShapeSpec, *, embed_dim: int, branch_dim: int,
+                 init_temperature: float, semantic_regressor: bool, **kwargs):
+        """
+        Args:
+            input_shape: shape of the shared box-head feature.
+            embed_dim: D, CLIP's embedding size.
+            branch_dim: width of each branch's hidden FC layer.
+            init_temperature: initial classifier temperature tau.
+            semantic_regressor: regress from concat(x_reg, t_y) (EZSD) instead of x_reg alone.
+            **kwargs: FastRCNNOutputLayers arguments (box2box_transform, num_classes, ...).
+        """
+        super().__init__(input_shape, cls_agnostic_bbox_reg=True, **kwargs)
+        d = input_shape.channels * (input_shape.width or 1) * (input_shape.height or 1)
+        del self.cls_score, self.bbox_pred
+        self.cls_branch = nn.Sequential(nn.Linear(d, branch_dim), nn.ReLU(inplace=True))
+        self.reg_branch = nn.Sequential(nn.Linear(d, branch_dim), nn.ReLU(inplace=True))
+        self.embed = nn.Linear(branch_dim, embed_dim)
+        self.classifier = TextEmbeddingClassifier(embed_dim, init_temperature)
+        self.semantic_regressor = semantic_regressor
+        self.bbox_pred = nn.Linear(branch_dim + (embed_dim if semantic_regressor else 0), 4)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.constant_(self.bbox_pred.bias, 0.0)
+        self.embed_dim = embed_dim
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        args = super().from_config(cfg, input_shape)
+        args.update(embed_dim=cfg.MODEL.OVD.EMBED_DIM, branch_dim=cfg.MODEL.OVD.BRANCH_DIM,
+                    init_temperature=cfg.MODEL.OVD.INIT_TEMPERATURE,
+                    semantic_regressor=cfg.MODEL.OVD.SEMANTIC_REGRESSOR)
+        args["box2box_transform"] = Box2BoxTransform(weights=cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS)
+        args.pop("cls_agnostic_bbox_reg", None)
+        return args
+
+    def branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shared features (N, ...) -> (F_cls, F_reg), each (N, branch_dim)."""
+        x = x.flatten(1)
+        return self.cls_branch(x), self.reg_branch(x)
+
+    def region_embeddings(self, f_cls: torch.Tensor) -> torch.Tensor:
+        """(N, branch_dim) -> (N, D) L2-normalised region embeddings e^."""
+        return F.normalize(self.embed(f_cls), dim=1)
+
+    def deltas(self, f_reg: torch.Tensor, class_text: torch.Tensor | None) -> torch.Tensor:
+        """Class-agnostic deltas (N, 4); class_text (N, D) is t_y (zeros for background)."""
+        if self.semantic_regressor:
+            f_reg = torch.cat([f_reg, class_text], dim=1)
+        return self.bbox_pred(f_reg)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor,
+                gt_classes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            x: (N, ...) shared box-head features.
+            text: (C, D) normalised text embeddings of this call's vocabulary.
+            gt_classes: (N,) assigned classes in training (C = background); at inference None,
+                and t_y is the text of the highest-scoring foreground class.
+
+        Returns:
+            logits (N, C + 1) and class-agnostic deltas (N, 4).
+        """
+        f_cls, f_reg = self.branches(x)
+        logits = self.classifier(self.region_embeddings(f_cls), text)
+        class_text = None
+        if self.semantic_regressor:
+            padded = torch.cat([text, text.new_zeros(1, text.shape[1])])  # row C = background
+            labels = gt_classes if gt_classes is not None else logits[:, :-1].argmax(1)
+            class_text = padded[labels]
+        return logits, self.deltas(f_reg, class_text)

@@ -1,0 +1,328 @@
+"""Tests for training.clip_renorm (EZSD stage 1: LayerNorm-only CLIP fine-tuning)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models.clip.model import (
+    WEIGHTS_FILE,
+    architecture_config,
+    load_clip,
+    save_clip,
+    sha256_file,
+    verify_checkpoint,
+)
+from training.clip_renorm import (
+    RenormConfig,
+    base_gt_crops,
+    register_cli,
+    renorm_clip,
+    renorm_loss,
+    size_weights,
+    trainable_parameter_names,
+)
+from training.data.synthetic import world_datasets
+
+ARCH = "ovd-vit-tiny-64"
+# lr well above the paper's 1e-4 so that every LayerNorm moves visibly in a few steps.
+CFG = RenormConfig(epochs=2, batch_size=8, lr=1e-3, checkpoint_every=1, threads=1,
+                   precision="fp32")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(make_world) -> Path:
+    return make_world()
+
+
+@pytest.fixture(scope="module")
+def train_data(world) -> tuple[Path, Path]:
+    return world_datasets(world)["synth_train"]
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory) -> Path:
+    """A random tiny CLIP saved as a project checkpoint."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("clip") / "parent"
+    save_clip(load_clip(ARCH), folder, model_cfg=architecture_config(ARCH),
+              record={"name": "parent", "stage": "test"})
+    return folder
+
+
+class Recorder:
+    """A progress factory that records its calls and can interrupt after `stop_after` updates."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.opened: list[tuple] = []
+        self.updates: list[tuple] = []
+        self.stop_after = stop_after
+
+    def __call__(self, desc: str, total: int, initial: int):
+        self.opened.append((desc, total, initial))
+
+        def update(n: int, postfix: dict) -> None:
+            self.updates.append((n, postfix))
+            if self.stop_after is not None and len(self.updates) >= self.stop_after:
+                raise KeyboardInterrupt
+
+        return update
+
+
+@pytest.fixture(scope="module")
+def full_run(parent, train_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("renorm") / "full"
+    progress = Recorder()
+    clip = renorm_clip(parent, *train_data, out, CFG, progress=progress)
+    return clip, out, progress
+
+
+@pytest.fixture(scope="module")
+def interrupted(parent, train_data, tmp_path_factory) -> Path:
+    """A run killed during its 3rd step: the resume checkpoint of step 2 is on disk."""
+    out = tmp_path_factory.mktemp("renorm") / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        renorm_clip(parent, *train_data, out, CFG, progress=Recorder(stop_after=3))
+    return out
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / WEIGHTS_FILE)
+
+
+def _num_base_boxes(json_file: Path) -> int:
+    coco = json.loads(json_file.read_text())
+    base = {c["id"] for c in coco["categories"] if c.get("split", "base") == "base"}
+    return sum(a["category_id"] in base for a in coco["annotations"])
+
+
+# ---------------------------------------------------------------- training
+
+def test_renorm_writes_a_verified_checkpoint_naming_its_parent(parent, train_data, full_run):
+    clip, out, progress = full_run
+    manifest = verify_checkpoint(out)
+    assert clip.manifest == manifest
+    assert manifest["stage"] == "clip_renorm" and manifest["name"] == "full"
+    parent_manifest = verify_checkpoint(parent)
+    assert manifest["parent"] == {"path": str(parent), "sha256": parent_manifest["weights"]["sha256"]}
+    assert manifest["architecture"] == parent_manifest["architecture"]
+    training = manifest["training"]
+    assert training["config"] == json.loads(json.dumps(asdict(CFG)))
+    n = _num_base_boxes(train_data[0])
+    assert training["data"]["crops"] == n > CFG.batch_size
+    assert training["data"]["json_sha256"] == sha256_file(train_data[0])
+    coco = json.loads(train_data[0].read_text())
+    assert training["data"]["classes"] == [c["name"] for c in coco["categories"]
+                                           if c["split"] == "base"]
+    steps = CFG.epochs * math.ceil(n / CFG.batch_size)
+    assert training["steps"] == steps and len(training["epoch_losses"]) == CFG.epochs
+    assert training["final_loss"] == training["epoch_losses"][-1] > 0
+    assert not (out / "resume").exists()
+    assert progress.opened == [("clip renorm", steps, 0)]
+    assert [n for n, _ in progress.updates] == [1] * steps
+
+
+def test_only_layernorms_change(parent, full_run):
+    before, after = _weights(parent), _weights(full_run[1])
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("ln_" in k for k in changed)
+    assert any(k.startswith("visual.") for k in changed)
+    assert any(not k.startswith("visual.") for k in changed)  # vision+text tunes text LNs too
+    assert "logit_scale" not in changed
+
+
+def test_vision_only_leaves_the_text_tower_alone(parent, train_data, tmp_path):
+    out = tmp_path / "vision"
+    renorm_clip(parent, *train_data, out, replace(CFG, tune="vision", epochs=1))
+    before, after = _weights(parent), _weights(out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("visual.") and "ln_" in k for k in changed)
+
+
+def test_trainable_parameter_names(parent):
+    model = load_clip(str(parent)).model
+    vision = trainable_parameter_names(model, "vision")
+    both = trainable_parameter_names(model, "vision+text")
+    # ln_pre, ln_post and 4 blocks x (ln_1, ln_2), gamma and beta each.
+    assert len(vision) == 2 * (2 + 4 * 2)
+    # plus ln_final and 2 text blocks x (ln_1, ln_2).
+    assert set(both) - set(vision) == {f"{p}.{w}" for w in ("weight", "bias") for p in (
+        "ln_final", *(f"transformer.resblocks.{b}.ln_{i}" for b in (0, 1) for i in (1, 2)))}
+
+
+def test_interrupted_run_leaves_a_resume_checkpoint(interrupted):
+    state = json.loads((interrupted / "resume" / "state.json").read_text())
+    assert state["step"] == 2
+    saved = load_file(interrupted / "resume" / "model.safetensors")
+    assert saved and all("ln_" in k for k in saved)  # only the trainable parameters
+    assert (interrupted / "resume" / "optimizer.pt").is_file()
+    assert not (interrupted / WEIGHTS_FILE).exists()
+
+
+def test_resume_gives_the_uninterrupted_result(parent, train_data, full_run, interrupted,
+                                                tmp_path):
+    out = Path(shutil.copytree(interrupted, tmp_path / "run"))
+    progress = Recorder()
+    # How often it checkpoints does not change the result, so a resume may change it.
+    clip = renorm_clip(parent, *train_data, out, replace(CFG, checkpoint_every=100),
+                       progress=progress)
+    steps = full_run[0].manifest["training"]["steps"]
+    assert progress.opened == [("clip renorm", steps, 2)]
+    assert len(progress.updates) == steps - 2
+    assert not (out / "resume").exists()
+    expected, got = _weights(full_run[1]), _weights(out)
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+    training, full = clip.manifest["training"], full_run[0].manifest["training"]
+    assert training["epoch_losses"] == pytest.approx(full["epoch_losses"], abs=1e-6)
+
+
+def test_resume_from_another_run_is_refused(parent, train_data, interrupted, tmp_path):
+    out = Path(shutil.copytree(interrupted, tmp_path / "run"))
+    with pytest.raises(ValueError, match="another config, parent or data"):
+        renorm_clip(parent, *train_data, out, replace(CFG, lr=2e-3))
+    state_file = out / "resume" / "state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "data": {**state["data"], "parent_sha256": "0"}}))
+    with pytest.raises(ValueError, match="another config, parent or data"):
+        renorm_clip(parent, *train_data, out, CFG)
+    assert (out / "resume" / "model.safetensors").is_file()  # left alone
+
+
+# ---------------------------------------------------------------- loss, weights, data
+
+def test_renorm_loss_by_hand():
+    s = 0.5 ** 0.5
+    image = torch.tensor([[1.0, 0.0], [s, s]])
+    text = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0]])  # normalised inside
+    labels = torch.tensor([0, 1])
+    # cosines: sample 0 -> [1, 0, -1]; sample 1 -> [s, s, -s]
+    cos = [[1.0, 0.0, -1.0], [s, s, -s]]
+    onehot = [[1, 0, 0], [0, 1, 0]]
+
+    def bce(z: float, y: int) -> float:
+        # -[y log sigmoid(z) + (1 - y) log(1 - sigmoid(z))], in the form that does not
+        # overflow at |z| = 100.
+        return max(z, 0.0) - y * z + math.log1p(math.exp(-abs(z)))
+
+    per_sample = [sum(bce(100 * c, y) for c, y in zip(cr, yr, strict=True)) / 3
+                  for cr, yr in zip(cos, onehot, strict=True)]
+    assert renorm_loss(image, text, labels).item() == pytest.approx(sum(per_sample) / 2, rel=1e-5)
+    w = torch.tensor([0.5, 1.5])
+    expected = (0.5 * per_sample[0] + 1.5 * per_sample[1]) / 2
+    assert renorm_loss(image, text, labels, w).item() == pytest.approx(expected, rel=1e-5)
+    # Sample 0: only its negative class 1 at cosine 0 costs anything, log 2.
+    assert per_sample[0] == pytest.approx(math.log(2) / 3, rel=1e-6)
+    # The largest term: sample 1's positive class at logit 100*s = 70.7 costs ~0; its
+    # negative class 0 at the same logit costs ~70.7.
+    assert per_sample[1] == pytest.approx(100 * s / 3, rel=1e-3)
+
+
+def test_size_weights_by_hand():
+    box_wh = torch.tensor([[10.0, 40.0], [100.0, 100.0]])  # sqrt(area) 20 and 100
+    image_wh = torch.tensor([[200.0, 200.0], [400.0, 100.0]])  # sqrt(area) 200 and 200
+    raw = torch.tensor([math.exp(-0.1), math.exp(-0.5)])
+    w = size_weights(box_wh, image_wh)
+    torch.testing.assert_close(w, raw / raw.mean())
+    assert w.mean().item() == pytest.approx(1.0)
+    assert w[0] > w[1]  # the small box weighs more
+
+
+def test_base_gt_crops(parent, train_data):
+    clip = load_clip(str(parent))
+    data = base_gt_crops(clip, *train_data, max_images=2)
+    coco = json.loads(train_data[0].read_text())
+    first = {img["id"] for img in coco["images"][:2]}
+    assert len(data) == sum(a["image_id"] in first for a in coco["annotations"])
+    assert data.crops.shape == (len(data), 3, 64, 64) and data.crops.dtype == torch.float32
+    assert data.class_names == [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])
+                                if c["split"] == "base"]
+    assert 0 <= data.labels.min() and data.labels.max() < len(data.class_names)
+    assert torch.equal(data.image_wh, torch.tensor([[96.0, 96.0]]).expand(len(data), 2))
+
+
+def test_json_without_base_annotations_is_refused(parent, train_data, tmp_path):
+    coco = json.loads(train_data[0].read_text())
+    all_novel = {**coco, "categories": [{**c, "split": "novel"} for c in coco["categories"]]}
+    for name, doc in (("novel.json", all_novel), ("empty.json", {**coco, "annotations": []})):
+        (tmp_path / name).write_text(json.dumps(doc))
+        with pytest.raises(ValueError, match="no annotations of base categories"):
+            renorm_clip(parent, tmp_path / name, train_data[1], tmp_path / "out", CFG)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_must_not_be_the_parent(parent, train_data):
+    with pytest.raises(ValueError, match="is the parent checkpoint"):
+        renorm_clip(parent, *train_data, parent, CFG)
+
+
+def test_parent_given_by_open_clip_name(train_data, tmp_path):
+    out = tmp_path / "named"
+    clip = renorm_clip(ARCH, *train_data, out, replace(CFG, epochs=1, max_images=1))
+    assert clip.manifest["architecture"] == architecture_config(ARCH)
+    assert clip.manifest["parent"]["path"] == ARCH
+    assert len(clip.manifest["parent"]["sha256"]) == 64
+
+
+def test_config_from_dict_and_validation():
+    cfg = RenormConfig.from_dict({"tune": "vision", "epochs": 12, "size_weighting": True})
+    assert (cfg.tune, cfg.epochs, cfg.size_weighting, cfg.lr) == ("vision", 12, True, 1e-4)
+    with pytest.raises(ValueError, match="epochz"):
+        RenormConfig.from_dict({"epochz": 1})
+    for bad, match in (({"tune": "text"}, "tune"), ({"epochs": 0}, "epochs"),
+                       ({"lr": 0}, "lr"), ({"template": "a photo"}, "template"),
+                       ({"precision": "fp16"}, "precision"), ({"max_images": 0}, "max_images")):
+        with pytest.raises(ValueError, match=match):
+            RenormConfig(**bad)
+
+
+# ---------------------------------------------------------------- command line
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ovd clip")
+    register_cli(parser.add_subparsers(dest="clip_command", required=True))
+    return parser
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        _parser().parse_args(["renorm", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "LayerNorm" in out and "--train-json" in out and "--tune" in out
+
+
+def test_cli_runs_and_writes_before_after_tables(world, parent, tmp_path, capsys):
+    root = tmp_path / "root"
+    (root / "clip").mkdir(parents=True)
+    (root / "world").symlink_to(world)
+    (root / "clip" / "pretrained").symlink_to(parent)
+    args = _parser().parse_args(["renorm", "--root", str(root), "--epochs", "1",
+                                 "--tune", "vision", "--threads", "1"])
+    assert args.func(args) == 0
+    out = root / "clip" / "renorm"
+    manifest = verify_checkpoint(out)
+    assert manifest["training"]["config"]["tune"] == "vision"
+    assert manifest["parent"]["path"] == str(root / "clip" / "pretrained")
+    report = json.loads((out / "zero_shot.json").read_text())
+    assert set(report) == {"parent", "renorm"}
+    for row in ("caption_crops", "detection_gt_crops"):
+        assert report["parent"][row]["n"] == report["renorm"][row]["n"] > 0
+    printed = capsys.readouterr().out
+    assert "before: parent" in printed and "after: re-normalised" in printed

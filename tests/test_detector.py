@@ -1,0 +1,186 @@
+"""The EZSD detector components: classifier, distillation loss, semantic regressor, per-call
+vocabularies, the training mapper and the generalized AP computation."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from models.detector import TextEmbeddingClassifier, distillation_loss
+from training.evaluate import group_ap
+from training.train_detector import DistillDatasetMapper, build_config
+
+CONFIG = "configs/detector/synthetic_r18_fpn.yaml"
+D = 16
+
+
+def _cfg(**opts):
+    flat = [x for kv in opts.items() for x in kv]
+    cfg = build_config(CONFIG, ["MODEL.OVD.EMBED_DIM", D, "MODEL.ROI_HEADS.NUM_CLASSES", 3,
+                                "MODEL.RPN.POST_NMS_TOPK_TEST", 50, "INPUT.MIN_SIZE_TEST", 64,
+                                "INPUT.MAX_SIZE_TEST", 64, *flat])
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = build_model(_cfg(**{"MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.0}))
+    m.train_text = F.normalize(torch.randn(3, D), dim=1)
+    return m.eval()
+
+
+def _image(seed: int, size: int = 64) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randint(0, 255, (3, size, size), generator=g, dtype=torch.uint8),
+            "height": size, "width": size}
+
+
+def test_classifier_logits_hand_computed():
+    clf = TextEmbeddingClassifier(2, init_temperature=100.0)
+    with torch.no_grad():
+        clf.background.copy_(torch.tensor([0.5, 0.0]))  # un-normalised on purpose
+    logits = clf(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert torch.allclose(logits, torch.tensor([[100.0, 0.0, 50.0]]))
+    assert math.isclose(clf.log_temperature.item(), math.log(100.0), rel_tol=1e-6)
+
+
+def test_distillation_loss_hand_computed():
+    # Image 0: two regions with weights 1 and 3 -> renormalised 0.5 and 1.5.
+    # Image 1: one region, weight 0.2 -> 1.
+    e = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    t = torch.tensor([[0.0, 1.0], [0.0, 1.0], [0.8, 0.6]])
+    w = torch.tensor([1.0, 3.0, 0.2])
+    idx = torch.tensor([0, 0, 1])
+    # L1 distances: 2, 0, 0.4 -> (0.5*2 + 1.5*0 + 1*0.4) / 3
+    assert math.isclose(distillation_loss(e, t, w, idx).item(), 1.4 / 3, rel_tol=1e-6)
+    empty = distillation_loss(torch.zeros(0, 2, requires_grad=True), torch.zeros(0, 2),
+                              torch.zeros(0), torch.zeros(0, dtype=torch.long))
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_semantic_regressor_uses_the_class_text(model):
+    pred = model.roi_heads.box_predictor
+    x = torch.randn(5, model.roi_heads.box_head.output_shape.channels)
+    text_a = F.normalize(torch.randn(3, D), dim=1)
+    text_b = F.normalize(torch.randn(3, D), dim=1)
+    gt = torch.tensor([0, 1, 2, 3, 3])  # 3 = background -> zero text
+    with torch.no_grad():
+        pred.bbox_pred.weight.normal_()
+        _, da = pred(x, text_a, gt)
+        _, db = pred(x, text_b, gt)
+    assert not torch.allclose(da[:3], db[:3])
+    assert torch.allclose(da[3:], db[3:])  # background rows see no text
+
+
+def test_per_call_vocabularies_are_independent(model):
+    inputs = [_image(1)]
+    vocab_a = F.normalize(torch.randn(4, D), dim=1)
+    vocab_b = F.normalize(torch.randn(7, D), dim=1)
+    with torch.inference_mode():
+        a1 = model(inputs, text=vocab_a)[0]["instances"]
+        b = model(inputs, text=vocab_b)[0]["instances"]
+        a2 = model(inputs, text=vocab_a)[0]["instances"]
+    assert len(a1) > 0 and len(b) > 0
+    assert torch.equal(a1.scores, a2.scores) and torch.equal(a1.pred_boxes.tensor, a2.pred_boxes.tensor)
+    assert int(a1.pred_classes.max()) < 4 and int(b.pred_classes.max()) < 7
+
+    results: dict[str, list] = {"a": [], "b": []}
+
+    def run(name, vocab):
+        with torch.inference_mode():
+            for _ in range(3):
+                results[name].append(model(inputs, text=vocab)[0]["instances"].scores.clone())
+
+    threads = [threading.Thread(target=run, args=("a", vocab_a)),
+               threading.Thread(target=run, args=("b", vocab_b))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert all(torch.equal(s, a1.scores) for s in results["a"])
+    assert all(torch.equal(s, b.scores) for s in results["b"])
+
+
+def test_training_step_has_every_loss_and_distillation_reaches_the_box_head():
+    torch.manual_seed(0)
+    m = build_model(_cfg())
+    m.train_text = F.normalize(torch.randn(3, D), dim=1)
+    m.train()
+    batch = []
+    for seed in range(2):
+        d = _image(seed)
+        inst = Instances((64, 64))
+        inst.gt_boxes = Boxes(torch.tensor([[4.0, 4, 30, 30], [30, 32, 60, 62]]))
+        inst.gt_classes = torch.tensor([0, 2])
+        dist = Instances((64, 64))
+        dist.boxes = Boxes(torch.tensor([[4.0, 4, 30, 30], [10, 10, 50, 50]]))
+        dist.embeddings = F.normalize(torch.randn(2, D), dim=1)
+        dist.weights = torch.tensor([1.0, 0.4])
+        d.update(instances=inst, distill=dist)
+        batch.append(d)
+    with EventStorage(0):
+        losses = m(batch)
+    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc", "loss_distill"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["loss_distill"].backward()
+    assert m.roi_heads.box_predictor.embed.weight.grad.abs().sum() > 0
+    assert m.roi_heads.box_head.fc1.weight.grad.abs().sum() > 0
+    assert m.roi_heads.box_predictor.bbox_pred.weight.grad is None  # regression not involved
+
+
+class _Targets(dict):
+    pass
+
+
+def test_mapper_maps_classes_and_transforms_distill_boxes(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(tmp_path / "a.png")
+    cfg = _cfg(**{"INPUT.MIN_SIZE_TRAIN": (64,), "INPUT.MAX_SIZE_TRAIN": 1000,
+                  "INPUT.RANDOM_FLIP": "none"})
+    targets = _Targets({7: {"boxes": torch.tensor([[1.0, 2, 11, 12], [0, 0, 20, 20], [5, 5, 9, 9]]),
+                            "embeddings": torch.eye(3, D),
+                            "weights": torch.tensor([1.0, 0.9, 0.3]),
+                            "is_gt": torch.tensor([True, False, False])}})
+    mapper = DistillDatasetMapper(cfg, class_map=torch.tensor([0, -1, 1]), targets=targets,
+                                  max_proposals=1)
+    assert any(isinstance(a, T.ResizeShortestEdge) for a in mapper.augmentations.augs)
+    out = mapper({"file_name": str(tmp_path / "a.png"), "image_id": 7, "height": 32, "width": 48,
+                  "annotations": [
+                      {"bbox": [1, 2, 10, 10], "bbox_mode": 1, "category_id": 0},
+                      {"bbox": [20, 2, 10, 10], "bbox_mode": 1, "category_id": 1},  # novel: dropped
+                      {"bbox": [30, 10, 10, 10], "bbox_mode": 1, "category_id": 2}]})
+    assert out["image"].shape[1:] == (64, 96)  # resized by 2
+    assert out["instances"].gt_classes.tolist() == [0, 1]
+    dist = out["distill"]
+    assert len(dist) == 2  # the GT region + max_proposals=1 proposal
+    assert torch.allclose(dist.boxes.tensor, torch.tensor([[2.0, 4, 22, 24], [0, 0, 40, 40]]))
+    assert dist.weights.tolist() == pytest.approx([1.0, 0.9])
+
+
+def test_group_ap_hand_built(tmp_path):
+    gt = {"images": [{"id": 1, "width": 100, "height": 100, "file_name": "a.png"}],
+          "annotations": [
+              {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400, "iscrowd": 0},
+              {"id": 2, "image_id": 1, "category_id": 2, "bbox": [50, 50, 30, 30], "area": 900, "iscrowd": 0}],
+          "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "score": 0.9},
+            {"image_id": 1, "category_id": 2, "bbox": [0, 0, 10, 10], "score": 0.8}]
+    r = group_ap(path, dets, {"base": [1], "novel": [2], "all": [1, 2]})
+    assert r["base"]["AP50"] == pytest.approx(100.0)
+    assert r["novel"]["AP50"] == pytest.approx(0.0)
+    assert r["all"]["AP50"] == pytest.approx(50.0)
+    assert r["base"]["APs"] == pytest.approx(100.0)  # 20x20 is a small object

@@ -1,0 +1,327 @@
+"""Tests for training.proposals (EZSD stage 2) and training.shards (sharded, resumable storage)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.utils import comm
+
+from training.proposals import (
+    ProposalConfig,
+    load_proposals,
+    make_anchors,
+    objectness,
+    propose_from_candidates,
+    register_cli,
+    run_proposals,
+    token_region_embeddings,
+)
+from training.shards import ShardReader, ShardStore, shard_name
+
+# Few anchors per image keep every full run to a few dozen tiny-ViT crops.
+FAST = {"sizes": (32, 64, 128), "shard_size": 1}
+
+
+def _tiny_clip(folder):
+    """A seeded random ovd-vit-tiny-64 saved as a project checkpoint folder, loaded back."""
+    from models.clip.model import architecture_config, load_clip, save_clip
+
+    torch.manual_seed(0)
+    clip = load_clip("ovd-vit-tiny-64")
+    save_clip(clip, folder, model_cfg=architecture_config("ovd-vit-tiny-64"), record={"stage": "test"})
+    return load_clip(str(folder))
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return _tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="module")
+def train(make_world):
+    from training.data.synthetic import world_datasets
+
+    json_file, image_root = world_datasets(make_world(num_train=3, image_size=64))["synth_train"]
+    return json_file, image_root
+
+
+@pytest.fixture(scope="module")
+def dense_run(clip, train, tmp_path_factory):
+    """An uninterrupted dense run: the reference for the resume / rank tests."""
+    out = tmp_path_factory.mktemp("dense")
+    return run_proposals(clip, *train, out, ProposalConfig(**FAST))
+
+
+def _records(reader: ShardReader) -> dict:
+    return {i: reader[i] for i in reader.image_ids()}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for i in a:
+        assert a[i].keys() == b[i].keys()
+        for k in a[i]:
+            assert torch.equal(a[i][k], b[i][k]), (i, k)
+
+
+# ---------------------------------------------------------------- anchors + objectness
+
+def test_anchors_hand_case_64x96():
+    # H=64, W=96, stride 32: a 2 x 3 grid of centres (16|48, 16|48|80).
+    a = make_anchors((64, 96), stride=32, sizes=(32,), ratios=(0.5, 1.0, 2.0), offset=0.5)
+    assert a.shape == (18, 4)
+    r2 = math.sqrt(2)
+    # First centre (16, 16): ratio h/w = 0.5 -> w = 32 * sqrt 2, h = 32 / sqrt 2, left-clipped.
+    assert torch.allclose(a[0], torch.tensor([0.0, 16 - 8 * r2, 16 + 16 * r2, 16 + 8 * r2]))
+    assert torch.allclose(a[1], torch.tensor([0.0, 0.0, 32.0, 32.0]))  # ratio 1
+    assert torch.allclose(a[2], torch.tensor([16 - 8 * r2, 0.0, 16 + 8 * r2, 16 + 16 * r2]))
+    assert torch.allclose(a[-2], torch.tensor([64.0, 32.0, 96.0, 64.0]))  # centre (80, 48)
+    assert (a[:, 0] >= 0).all() and (a[:, 2] <= 96).all() and (a[:, 3] <= 64).all()
+
+
+def test_anchors_clipped_duplicates_are_merged():
+    # Every 512-px anchor clips to the whole image: 6 distinct 32-px anchors + 1.
+    a = make_anchors((64, 96), stride=32, sizes=(32, 512), ratios=(1.0,))
+    assert a.shape == (7, 4)
+    assert (a == torch.tensor([0.0, 0.0, 96.0, 64.0])).all(dim=1).sum() == 1
+
+
+def test_anchors_degenerate_after_clipping_are_dropped():
+    # offset 0: centres on grid corners; an 8-px anchor on the image border keeps 4 px.
+    a = make_anchors((64, 96), stride=32, sizes=(8,), ratios=(1.0,), offset=0.0, min_size=5)
+    assert torch.equal(a, torch.tensor([[28.0, 28.0, 36.0, 36.0], [60.0, 28.0, 68.0, 36.0]]))
+
+
+def test_objectness_formula():
+    assert objectness(torch.zeros(2, 7)).abs().max() < 1e-6  # uniform -> 0
+    assert objectness(torch.tensor([[100.0, 0, 0, 0]])).item() == pytest.approx(math.log(4), abs=1e-6)
+    # p = (1/4, 3/4): H = -(.25 ln .25 + .75 ln .75)
+    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    s = objectness(torch.tensor([[0.0, math.log(3.0)]]))
+    assert s.item() == pytest.approx(math.log(2) - h, abs=1e-6)
+
+
+# ---------------------------------------------------------------- filters (fake CLIP)
+
+class FakeClip:
+    """Embeds a crop by a lookup of (box, enlarge): the filters can be checked by hand."""
+
+    embed_dim = 3
+
+    def __init__(self, table: dict):
+        self.table = table
+
+    def crop_boxes(self, image, boxes, *, enlarge, min_size=10.0):
+        return torch.cat([boxes, torch.full((len(boxes), 1), float(enlarge))], dim=1)
+
+    def encode_images(self, crops, *, batch_size=256):
+        rows = [self.table[(tuple(c[:4].tolist()), round(c[4].item(), 3))] for c in crops]
+        return F.normalize(torch.tensor(rows, dtype=torch.float32).reshape(-1, 3), dim=-1)
+
+
+SHARP0, SHARP1, SHARP2 = [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]
+SOFT1 = [0.995, 1.0, 0.995]  # class 1, but a soft posterior: low objectness
+A, B, B2 = (0.0, 0.0, 38.0, 38.0), (50.0, 50.0, 90.0, 90.0), (51.0, 51.0, 90.0, 90.0)
+C, D = (60.0, 0.0, 95.0, 30.0), (0.0, 60.0, 30.0, 95.0)
+TABLE = {
+    (A, 1.0): SHARP1, (B, 1.0): SHARP1, (B2, 1.0): SOFT1, (C, 1.0): SHARP2, (D, 1.0): SOFT1,
+    (A, 1.2): SHARP1, (B, 1.2): SHARP2, (B2, 1.2): SHARP2, (C, 1.2): SHARP0, (D, 1.2): [0.2, 1.0, 0],
+}
+IS_BASE = torch.tensor([True, False, False])
+
+
+def _fake_propose(cfg: ProposalConfig, image_id: int = 1):
+    boxes = torch.tensor([A, B, B2, C, D])
+    gt = torch.tensor([[0.0, 0.0, 40.0, 40.0]])  # IoU(A, gt) = 0.9; no other overlap
+    return propose_from_candidates(FakeClip(TABLE), torch.zeros(3, 100, 100, dtype=torch.uint8),
+                                   boxes, torch.eye(3), IS_BASE, gt, cfg, image_id)
+
+
+def test_coco_filter_drops_base_gt_overlaps_and_base_classes():
+    rec, crops = _fake_propose(ProposalConfig())
+    # A: IoU 0.9 with the base box; B2: NMS-suppressed by B (IoU 0.95); C: base at 1.2x.
+    assert rec["boxes"].tolist() == [list(B), list(D)]
+    assert rec["classes"].tolist() == [2, 1]  # arg-max of the 1.2x re-encoding
+    probs = F.softmax(100 * F.normalize(torch.tensor([SHARP2, [0.2, 1.0, 0]]), dim=-1), dim=-1)
+    assert torch.allclose(rec["confidence"], probs.max(-1).values)
+    assert rec["objectness"][0] > rec["objectness"][1]
+    assert torch.allclose(rec["embeddings"].float(),
+                          F.normalize(torch.tensor([SHARP2, [0.2, 1.0, 0]]), dim=-1), atol=1e-3)
+    assert rec["embeddings"].dtype == torch.float16
+    assert crops == 5 + 3  # every candidate at 1.0x; B, C, D re-encoded at 1.2x
+    rec1, _ = _fake_propose(ProposalConfig(keep=1))
+    assert rec1["boxes"].tolist() == [list(B)]
+
+
+def test_lvis_mode_seeded_random_without_base_filter():
+    cfg = ProposalConfig(filter="lvis", lvis_keep=2)
+    rec, crops = _fake_propose(cfg, image_id=5)
+    again, _ = _fake_propose(cfg, image_id=5)
+    assert torch.equal(rec["boxes"], again["boxes"]) and len(rec["boxes"]) == 2
+    assert crops == 5 + 2
+    picks = {tuple(map(tuple, _fake_propose(cfg, image_id=i)[0]["boxes"].tolist())) for i in range(12)}
+    assert len(picks) > 1  # the seed depends on the image id
+    everything, _ = _fake_propose(ProposalConfig(filter="lvis", lvis_keep=10))
+    assert list(A) in everything["boxes"].tolist()  # no base-GT filter
+    assert 0 in everything["classes"].tolist()  # no base-class filter (C)
+
+
+# ---------------------------------------------------------------- cheap prior
+
+def test_token_region_embeddings_shapes(clip):
+    img = torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8)
+    boxes = torch.tensor([[0.0, 0.0, 96.0, 64.0], [10.0, 5.0, 30.0, 20.0], [40.0, 40.0, 41.0, 41.0]])
+    for scale in (1.0, 0.5):
+        e = token_region_embeddings(clip, img, boxes, scale=scale)
+        assert e.shape == (3, clip.embed_dim)
+        assert torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-5)
+    # A box covering the whole image pools every token: it equals the mean token's embedding.
+    assert not torch.allclose(e[0], e[1])
+
+
+# ---------------------------------------------------------------- full runs
+
+def test_dense_run_writes_complete_shards(dense_run, clip):
+    reader = dense_run
+    assert reader.complete() and len(reader) == 3
+    assert reader.manifest["stage"] == "proposals"
+    assert reader.manifest["config"]["mode"] == "dense"
+    assert reader.manifest["clip"]["sha256"] == clip.manifest["weights"]["sha256"]
+    cost = reader.manifest["cost"]
+    assert cost["per_image"]["clip_crops"] >= cost["per_image"]["anchors"] > 0
+    assert cost["per_image"]["image_forwards"] == 0
+    for i in reader.image_ids():
+        rec = reader[i]
+        k = len(rec["boxes"])
+        assert rec["embeddings"].shape == (k, clip.embed_dim)
+        assert rec["embeddings"].dtype == torch.float16
+        assert rec["objectness"].shape == rec["confidence"].shape == rec["classes"].shape == (k,)
+        assert (rec["objectness"][:-1] >= rec["objectness"][1:]).all()
+        names = reader.manifest["vocabulary"]["names"]
+        is_base = torch.tensor(reader.manifest["vocabulary"]["is_base"])
+        assert ((rec["classes"] >= 0) & (rec["classes"] < len(names))).all()
+        assert not is_base[rec["classes"]].any()
+        assert rec["image_size"].tolist() == [64, 64]
+    assert load_proposals(reader.folder).complete()
+
+
+def test_cheap_run_spends_at_most_topk_crops(clip, train, tmp_path):
+    cfg = ProposalConfig(mode="cheap", cheap_topk=5, **FAST)
+    reader = run_proposals(clip, *train, tmp_path, cfg)
+    assert reader.complete()
+    cost = reader.manifest["cost"]["per_image"]
+    assert cost["image_forwards"] == 1 and cost["candidates"] <= 5 and cost["clip_crops"] <= 10
+    assert reader.manifest["config"]["mode"] == "cheap"
+
+
+def test_resume_after_interrupt_skips_finished_shards(clip, train, dense_run, tmp_path):
+    calls = []
+
+    def interrupting(desc, total, initial):
+        calls.append(initial)
+
+        def update(n, postfix=None):
+            raise KeyboardInterrupt  # after the first image, whose shard is on disk
+
+        return update
+
+    with pytest.raises(KeyboardInterrupt):
+        run_proposals(clip, *train, tmp_path, ProposalConfig(**FAST), progress=interrupting)
+    first = tmp_path / shard_name(0)
+    assert first.is_file() and not (tmp_path / shard_name(1)).exists()
+    assert not ShardReader(tmp_path).complete()
+    mtime = first.stat().st_mtime_ns
+    seen = []
+    reader = run_proposals(clip, *train, tmp_path, ProposalConfig(**FAST),
+                           progress=lambda d, t, i: (seen.append((t, i)), lambda n, p=None: None)[1])
+    assert seen == [(3, 1)]  # resumed with one image done
+    assert first.stat().st_mtime_ns == mtime
+    assert reader.complete()
+    _assert_same(_records(reader), _records(dense_run))
+
+
+def test_corrupt_shards_are_recomputed(clip, train, dense_run, tmp_path):
+    import shutil
+
+    shutil.copytree(dense_run.folder, tmp_path, dirs_exist_ok=True)
+    truncated, flipped, intact = (tmp_path / shard_name(k) for k in range(3))
+    truncated.write_bytes(truncated.read_bytes()[:-7])
+    data = bytearray(flipped.read_bytes())
+    data[-3] ^= 0xFF  # a bit flip inside the tensor data: the header still parses
+    flipped.write_bytes(bytes(data))
+    mtime = intact.stat().st_mtime_ns
+    reader = run_proposals(clip, *train, tmp_path, ProposalConfig(**FAST))
+    assert intact.stat().st_mtime_ns == mtime
+    _assert_same(_records(reader), _records(dense_run))
+
+
+def test_manifest_mismatch_raises(clip, train, dense_run):
+    with pytest.raises(ValueError, match="differs from the requested.*keep"):
+        run_proposals(clip, *train, dense_run.folder, ProposalConfig(keep=7, **FAST))
+    with pytest.raises(ValueError, match="image_ids"):
+        run_proposals(clip, *train, dense_run.folder, ProposalConfig(**FAST), max_images=2)
+    # Runtime-only fields (batch size) are not part of the identity: this resumes (no work).
+    reader = run_proposals(clip, *train, dense_run.folder, ProposalConfig(batch_size=3, **FAST))
+    assert reader.complete()
+
+
+def test_two_ranks_split_the_shards(clip, train, dense_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    written = {}
+    for rank in (1, 0):
+        monkeypatch.setattr(comm, "get_rank", lambda r=rank: r)
+        before = set(os.listdir(tmp_path))
+        run_proposals(clip, *train, tmp_path, ProposalConfig(**FAST))
+        written[rank] = sorted(f for f in set(os.listdir(tmp_path)) - before if f.startswith("shard"))
+    assert written == {1: [shard_name(1)], 0: [shard_name(0), shard_name(2)]}
+    reader = ShardReader(tmp_path)
+    assert reader.complete() and "cost" in reader.manifest  # rank 0 finalised
+    _assert_same(_records(reader), _records(dense_run))
+
+
+# ---------------------------------------------------------------- shards + CLI
+
+def test_shard_store_and_reader_units(tmp_path):
+    ids = [10, 11, 12, 13, 14]
+    store = ShardStore(tmp_path, stage="unit", identity={"config": {"a": 1}}, image_ids=ids,
+                       shard_size=2)
+    assert store.num_shards == 3 and store.shard_ids(2) == [14]
+    reader = store.run(lambda i: ({"x": torch.full((i % 3, 2), float(i))}, {"n": 1}), desc="unit")
+    assert reader.complete() and reader.image_ids() == ids and 12 in reader and 99 not in reader
+    assert reader[13]["x"].shape == (1, 2) and reader[12]["x"].shape == (0, 2)
+    assert reader.manifest["cost"]["totals"]["n"] == 5
+    clone = pickle.loads(pickle.dumps(reader))  # DataLoader workers
+    assert torch.equal(clone[14]["x"], reader[14]["x"])
+    with pytest.raises(KeyError):
+        reader[99]
+    (tmp_path / shard_name(1)).unlink()
+    assert not reader.complete() and 12 not in reader and reader.missing_shards() == [1]
+    with pytest.raises(ValueError, match="config"):
+        ShardStore(tmp_path, stage="unit", identity={"config": {"a": 2}}, image_ids=ids, shard_size=2)
+    fresh = ShardStore(tmp_path, stage="unit", identity={"config": {"a": 2}}, image_ids=ids,
+                       shard_size=2, overwrite=True)
+    assert not any(tmp_path.glob("shard-*")) and fresh.manifest["config"] == {"a": 2}
+
+
+def test_register_cli_parses():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    register_cli(sub)
+    args = parser.parse_args(["proposals", "--mode", "cheap", "--max-images", "20", "--num-gpus",
+                              "2", "--dist-url", "tcp://127.0.0.1:1234", "--overwrite"])
+    assert (args.mode, args.max_images, args.num_gpus, args.overwrite) == ("cheap", 20, 2, True)
+    assert args.func.__name__ == "cmd_proposals"
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="mode"):
+        ProposalConfig(mode="fast")
+    with pytest.raises(ValueError, match="unknown proposals config keys"):
+        ProposalConfig.from_dict({"sizez": [1]})
+    assert ProposalConfig.from_dict({"sizes": [16, 32]}).sizes == (16, 32)

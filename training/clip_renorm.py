@@ -1,0 +1,498 @@
+"""Stage 1 (EZSD): re-normalise CLIP on the detection domain by tuning only its LayerNorms.
+
+A CLIP trained on web photos sees detection crops (small, blurred, hazy, cut from cluttered
+scenes) as out of domain. EZSD bridges the gap by fine-tuning only the LayerNorm gains and
+biases (parameter names containing ``ln_``) on crops of base-class ground-truth boxes, with a
+frozen logit scale: logits ``100 * <v̂, t̂_c>`` over the base classes and a sigmoid BCE against
+one-hot labels. Every other weight stays bitwise identical to the parent checkpoint.
+
+The run checkpoints every `checkpoint_every` steps into ``<out>/resume/`` (the trainable
+parameters, the optimizer state and ``state.json``) and, started again with the same output
+folder, continues from there with the same result as an uninterrupted run. The result is a
+project CLIP folder (see models.clip.model) whose manifest names its parent by sha256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_bytes
+
+from models.clip.model import (
+    DEFAULT_TEMPLATE,
+    ClipModel,
+    architecture_config,
+    load_clip,
+    save_clip,
+    sha256_file,
+)
+
+from .clip_pretrain import bf16_supported
+from .data.coco_format import SPLIT_KEY, load_coco_json
+
+logger = logging.getLogger(__name__)
+
+LOGIT_SCALE = 100.0
+TUNE_CHOICES = ("vision", "vision+text")
+# Fields that change how the run is carried out but not its result; a resume may change them.
+_NOT_IDENTITY = ("checkpoint_every", "threads")
+
+
+@dataclass
+class RenormConfig:
+    """The `clip_renorm:` section of a config file.
+
+    Attributes:
+        tune: which LayerNorms train: "vision" (LVIS recipe) or "vision+text" (COCO recipe).
+        epochs: passes over all base GT crops.
+        batch_size: crops per step (the last step of an epoch may be smaller).
+        lr: constant AdamW learning rate (EZSD: 1e-4).
+        weight_decay: AdamW weight decay (applied to the LayerNorm parameters, the only ones).
+        grad_clip: max L2 norm of the gradient of the trainable parameters.
+        size_weighting: weight each crop by exp(-sqrt(w*h)/sqrt(W*H)) (box w, h and image
+            W, H in pixels), renormalised to mean 1 per batch; favours small objects.
+        enlarge: crop = GT box scaled by this about its centre (EZSD: 1.2).
+        template: prompt template for the class names.
+        seed: seed of the per-epoch shuffling.
+        checkpoint_every: steps between resumable checkpoints.
+        max_images: use only the first this many images of the training json (None = all).
+        threads: torch intra-op threads (0 = torch's default).
+        precision: "fp32", "bf16" (autocast) or "auto" (bf16 where the CPU has native bf16).
+    """
+
+    tune: str = "vision+text"
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    grad_clip: float = 0.1
+    size_weighting: bool = False
+    enlarge: float = 1.2
+    template: str = DEFAULT_TEMPLATE
+    seed: int = 0
+    checkpoint_every: int = 50
+    max_images: int | None = None
+    threads: int = 0
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.tune not in TUNE_CHOICES:
+            problems.append(f"tune {self.tune!r} not in {list(TUNE_CHOICES)}")
+        if min(self.epochs, self.batch_size, self.checkpoint_every) < 1:
+            problems.append("epochs, batch_size and checkpoint_every must be >= 1")
+        if not self.lr > 0 or not self.grad_clip > 0 or self.weight_decay < 0:
+            problems.append("lr and grad_clip must be > 0, weight_decay >= 0")
+        if not self.enlarge > 0:
+            problems.append(f"enlarge {self.enlarge} must be > 0")
+        if "{}" not in self.template:
+            problems.append(f"template {self.template!r} has no '{{}}' for the class name")
+        if self.max_images is not None and self.max_images < 1:
+            problems.append(f"max_images {self.max_images} must be >= 1 or null")
+        if self.threads < 0:
+            problems.append(f"threads {self.threads} must be >= 0")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            problems.append(f"precision {self.precision!r} not in auto/fp32/bf16")
+        if problems:
+            raise ValueError("clip_renorm: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RenormConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown clip_renorm config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class GTCrops:
+    """Every base-class GT box of a training json, cropped once.
+
+    Attributes:
+        crops: (N, 3, S, S) float32, normalised for the CLIP.
+        labels: (N,) int64 index into `class_names`.
+        box_wh: (N, 2) float32 GT box width and height, pixels.
+        image_wh: (N, 2) float32 width and height of the box's image, pixels.
+        class_names: the base category names, ordered by category id.
+        num_images: images that contributed at least one crop.
+    """
+
+    crops: torch.Tensor
+    labels: torch.Tensor
+    box_wh: torch.Tensor
+    image_wh: torch.Tensor
+    class_names: list[str]
+    num_images: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def renorm_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+    """EZSD's re-normalisation loss: sigmoid BCE of fixed-scale cosine logits vs one-hot labels.
+
+    Args:
+        image_emb: (B, D) crop embeddings (L2-normalised here).
+        text_emb: (C, D) class embeddings (L2-normalised here).
+        labels: (B,) int64 class index in [0, C).
+        weights: optional (B,) per-sample weights (e.g. `size_weights`), used as given.
+
+    Returns:
+        Scalar: the BCE averaged over the C classes of each sample, then over the batch
+        (weighted by `weights` when given).
+    """
+    logits = LOGIT_SCALE * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
+    targets = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    per_sample = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1)
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean()
+
+
+def size_weights(box_wh: torch.Tensor, image_wh: torch.Tensor) -> torch.Tensor:
+    """EZSD's optional size weight exp(-sqrt(w*h)/sqrt(W*H)), renormalised to mean 1.
+
+    Args:
+        box_wh: (B, 2) box width and height, pixels.
+        image_wh: (B, 2) image width and height, pixels.
+
+    Returns:
+        (B,) float32 weights with mean 1; smaller boxes weigh more.
+    """
+    raw = torch.exp(-(box_wh.prod(1).sqrt() / image_wh.prod(1).sqrt()))
+    return (raw / raw.mean()).float()
+
+
+def trainable_parameter_names(model: torch.nn.Module, tune: str) -> list[str]:
+    """Names of the LayerNorm parameters that `tune` trains.
+
+    Args:
+        model: an open_clip CLIP module.
+        tune: "vision" (names under ``visual.``) or "vision+text" (every ``ln_`` name).
+
+    Raises:
+        ValueError: the model has no such parameters (e.g. a timm or HF tower that names its
+            norms differently).
+    """
+    names = [n for n, _ in model.named_parameters()
+             if "ln_" in n and (tune == "vision+text" or n.startswith("visual."))]
+    if not names:
+        raise ValueError(f"this CLIP has no LayerNorm parameters named 'ln_' for tune={tune!r}; "
+                         "only open_clip's own towers are supported")
+    return names
+
+
+def base_gt_crops(clip: ClipModel, json_file: str | Path, image_root: str | Path, *,
+                  enlarge: float = 1.2, max_images: int | None = None) -> GTCrops:
+    """EZSD crops of every base-class GT box of a COCO json (crowd boxes skipped).
+
+    Args:
+        clip: gives the crop size and normalisation.
+        json_file: COCO instances json; categories without ``split`` count as base.
+        image_root: folder the images' ``file_name`` are relative to.
+        enlarge: box scale about its centre.
+        max_images: only the first this many images of the json.
+
+    Raises:
+        DatasetFormatError: invalid json. FileNotFoundError: missing image root or image.
+        ValueError: no base-class annotation to train on.
+    """
+    json_file, image_root = Path(json_file), Path(image_root)
+    coco = load_coco_json(json_file)
+    if not image_root.is_dir():
+        raise FileNotFoundError(f"image root {image_root} is not a folder")
+    base = sorted((c for c in coco["categories"] if c.get(SPLIT_KEY, "base") == "base"),
+                  key=lambda c: c["id"])
+    index = {c["id"]: i for i, c in enumerate(base)}
+    by_image: dict[int, list[dict]] = {}
+    for a in coco["annotations"]:
+        if a["category_id"] in index and not a.get("iscrowd", 0):
+            by_image.setdefault(a["image_id"], []).append(a)
+    crops, labels, box_wh, image_wh = [], [], [], []
+    for img in coco["images"][:max_images]:
+        anns = by_image.get(img["id"])
+        if not anns:
+            continue
+        path = image_root / img["file_name"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{json_file}: image {path} does not exist")
+        pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)
+        boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+        crops.append(clip.crop_boxes(pixels, boxes, enlarge=enlarge))
+        labels.extend(index[a["category_id"]] for a in anns)
+        box_wh.append(xywh[:, 2:])
+        image_wh.append(torch.tensor([[pixels.shape[2], pixels.shape[1]]],
+                                     dtype=torch.float32).expand(len(anns), 2))
+    if not crops:
+        scope = f" in its first {max_images} images" if max_images is not None else ""
+        raise ValueError(f"{json_file} has no annotations of base categories{scope} "
+                         f"({len(base)} base of {len(coco['categories'])} categories, "
+                         f"{len(coco['annotations'])} annotations): nothing to re-normalise on")
+    return GTCrops(crops=torch.cat(crops), labels=torch.tensor(labels, dtype=torch.int64),
+                   box_wh=torch.cat(box_wh), image_wh=torch.cat(image_wh),
+                   class_names=[c["name"] for c in base], num_images=len(crops))
+
+
+def _parent(clip_dir_or_name: str | Path, pretrained: str | None, device) -> tuple[ClipModel, dict,
+                                                                                  dict]:
+    """Load the parent; return it, its architecture config and its manifest record."""
+    clip = load_clip(str(clip_dir_or_name), pretrained, device=device)
+    if clip.manifest is not None:
+        model_cfg, digest = clip.manifest["architecture"], clip.manifest["weights"]["sha256"]
+    else:
+        model_cfg = architecture_config(str(clip_dir_or_name))
+        # The digest save_clip would record for these weights, so both kinds of parent compare.
+        state = {k: v.detach().cpu().contiguous() for k, v in clip.model.state_dict().items()}
+        digest = hashlib.sha256(safetensors_bytes(state)).hexdigest()
+    record = {"path": str(clip_dir_or_name), "sha256": digest}
+    if pretrained:
+        record["pretrained"] = pretrained
+    return clip, model_cfg, record
+
+
+def renorm_clip(clip_dir_or_name: str | Path, json_file: str | Path, image_root: str | Path,
+                out_dir: str | Path, cfg: RenormConfig, *,
+                progress: Callable[[str, int, int], Callable[[int, dict], None]] | None = None,
+                pretrained: str | None = None, device: str | torch.device = "cpu") -> ClipModel:
+    """LayerNorm-only fine-tuning of a CLIP on base-class GT crops; saves a project checkpoint.
+
+    Args:
+        clip_dir_or_name: the parent: a project CLIP folder or an open_clip model name.
+        json_file: detection training json (base-class boxes are used; others ignored).
+        image_root: folder of its images.
+        out_dir: checkpoint folder to write (and resume from); must not be the parent's.
+        cfg: training config.
+        progress: optional factory `progress(desc, total, initial) -> update(n, postfix)`.
+        pretrained: open_clip pretrained tag or file, for a parent given by name.
+        device: torch device to train on.
+
+    Returns:
+        The re-normalised model loaded from `out_dir` (eval mode).
+
+    Raises:
+        ValueError: no base annotations, a resume folder of another run, out_dir == parent.
+    """
+    out_dir = Path(out_dir)
+    resume_dir = out_dir / "resume"
+    if Path(clip_dir_or_name).is_dir() and out_dir.resolve() == Path(clip_dir_or_name).resolve():
+        raise ValueError(f"--out {out_dir} is the parent checkpoint; choose another folder")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t_load = time.time()
+    clip, model_cfg, parent = _parent(clip_dir_or_name, pretrained, device)
+    data = base_gt_crops(clip, json_file, image_root, enlarge=cfg.enlarge, max_images=cfg.max_images)
+    data_id = {"json_sha256": sha256_file(json_file), "parent_sha256": parent["sha256"],
+               "crops": len(data)}
+    logger.info("clip renorm: %d base GT crops of %d classes from %d images (%.1f s)", len(data),
+                len(data.class_names), data.num_images, time.time() - t_load)
+
+    model = clip.model.train()
+    names = trainable_parameter_names(model, cfg.tune)
+    params = dict(model.named_parameters())
+    model.requires_grad_(False)
+    trainable = [params[n].requires_grad_(True) for n in names]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    dev = clip.device
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and (
+        torch.cuda.is_bf16_supported() if dev.type == "cuda" else bf16_supported()))
+
+    def autocast() -> torch.autocast:
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    tokens = clip.tokenizer([cfg.template.format(n) for n in data.class_names]).to(dev)
+    train_text = cfg.tune == "vision+text"
+    fixed_text = None
+    if not train_text:
+        with torch.no_grad(), autocast():
+            fixed_text = model.encode_text(tokens).float()
+
+    identity = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IDENTITY}
+    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    start, elapsed = 0, 0.0
+    epoch_losses: list[float] = []
+    epoch_sum, epoch_steps = 0.0, 0
+    state_file = resume_dir / "state.json"
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+        if state["config"] != json.loads(json.dumps(identity)) or state["data"] != data_id:
+            raise ValueError(f"{resume_dir} holds a run with another config, parent or data; "
+                             "remove it or choose another --out")
+        saved = load_file(resume_dir / "model.safetensors")
+        if set(saved) != set(names):
+            raise ValueError(f"{resume_dir}/model.safetensors does not hold the trainable "
+                             "parameters of this run; remove it or choose another --out")
+        with torch.no_grad():
+            for n in names:
+                params[n].copy_(saved[n])
+        optimizer.load_state_dict(torch.load(resume_dir / "optimizer.pt", weights_only=True))
+        start, elapsed = state["step"], state["seconds"]
+        epoch_losses, epoch_sum, epoch_steps = (state["epoch_losses"], state["epoch_sum"],
+                                                state["epoch_steps"])
+        logger.info("resuming CLIP renorm at step %d/%d from %s", start, total, resume_dir)
+
+    update = progress("clip renorm", total, start) if progress else (lambda k, info: None)
+    t0 = time.time()
+    perm, perm_epoch = None, -1
+    for step in range(start, total):
+        epoch, i = divmod(step, steps_per_epoch)
+        if epoch != perm_epoch:
+            # The order is a function of (seed, epoch) only, so a resumed run sees the same
+            # batches as an uninterrupted one.
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            perm, perm_epoch = torch.randperm(len(data), generator=gen), epoch
+        idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+        labels = data.labels[idx].to(dev)
+        weights = (size_weights(data.box_wh[idx], data.image_wh[idx]).to(dev)
+                   if cfg.size_weighting else None)
+        with autocast():
+            image_emb = model.encode_image(data.crops[idx].to(dev))
+            text_emb = model.encode_text(tokens) if train_text else fixed_text
+        loss = renorm_loss(image_emb.float(), text_emb.float(), labels, weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        optimizer.step()
+        loss_value = loss.item()
+        epoch_sum, epoch_steps = epoch_sum + loss_value, epoch_steps + 1
+        if i == steps_per_epoch - 1:
+            epoch_losses.append(epoch_sum / epoch_steps)
+            epoch_sum, epoch_steps = 0.0, 0
+        update(1, {"epoch": epoch + 1, "loss": f"{loss_value:.4f}"})
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 and done < total:
+            _save_resume(resume_dir, params, names, optimizer, {
+                "step": done, "seconds": elapsed + time.time() - t0, "config": identity,
+                "data": data_id, "epoch_losses": epoch_losses, "epoch_sum": epoch_sum,
+                "epoch_steps": epoch_steps})
+    seconds = elapsed + time.time() - t0
+
+    model.requires_grad_(True)
+    clip.model = model.eval()
+    save_clip(clip, out_dir, model_cfg=model_cfg, record={
+        "name": out_dir.name,
+        "stage": "clip_renorm",
+        "parent": parent,
+        "training": {
+            "config": asdict(cfg),
+            "data": {"json": str(json_file), "json_sha256": data_id["json_sha256"],
+                     "image_root": str(image_root), "images": data.num_images,
+                     "crops": len(data), "classes": data.class_names},
+            "trainable": {"tensors": len(names), "parameters": sum(p.numel() for p in trainable)},
+            "steps": total,
+            "epoch_losses": epoch_losses,
+            "final_loss": epoch_losses[-1],
+            "seconds": round(seconds, 1),
+        },
+    })
+    for f in ("model.safetensors", "optimizer.pt", "state.json"):
+        (resume_dir / f).unlink(missing_ok=True)
+    if resume_dir.is_dir():
+        resume_dir.rmdir()
+    return load_clip(str(out_dir), device=device)
+
+
+def _save_resume(resume_dir: Path, params: dict, names: list[str], optimizer, state: dict) -> None:
+    resume_dir.mkdir(parents=True, exist_ok=True)
+    save_file({n: params[n].detach().cpu().contiguous() for n in names},
+              resume_dir / "model.safetensors.tmp")
+    torch.save(optimizer.state_dict(), resume_dir / "optimizer.pt.tmp")
+    os.replace(resume_dir / "model.safetensors.tmp", resume_dir / "model.safetensors")
+    os.replace(resume_dir / "optimizer.pt.tmp", resume_dir / "optimizer.pt")
+    # state.json last: it is what marks the checkpoint complete.
+    (resume_dir / "state.json.tmp").write_text(json.dumps(state))
+    os.replace(resume_dir / "state.json.tmp", resume_dir / "state.json")
+
+
+# --------------------------------------------------------------------------- command line
+
+def _renorm_config(cfg: dict, args: argparse.Namespace) -> RenormConfig:
+    section = dict(cfg.get("clip_renorm", None) or {})
+    for key in ("tune", "epochs", "batch_size", "threads"):
+        value = getattr(args, key, None)
+        if value is not None:
+            section[key] = value
+    return RenormConfig.from_dict(section)
+
+
+def cmd_clip_renorm(args: argparse.Namespace) -> int:
+    """`ovd clip renorm`: train, then print and save the before/after zero-shot tables."""
+    from .cli import _progress
+    from .clip_eval import format_report, zero_shot_report
+    from .config import load_config
+    from .data.synthetic import world_datasets
+
+    cfg = load_config(args.config)
+    root = Path(args.root or cfg.get("paths", {}).get("root", "runs/synthetic"))
+    world_dir = Path(args.world) if args.world else root / "world"
+    parent = args.clip or str(root / "clip" / "pretrained")
+    out_dir = Path(args.out) if args.out else root / "clip" / "renorm"
+    default_json, default_images = world_datasets(world_dir)["synth_train"]
+    json_file = Path(args.train_json) if args.train_json else default_json
+    image_root = Path(args.image_root) if args.image_root else default_images
+    rcfg = _renorm_config(cfg, args)
+
+    clip = renorm_clip(parent, json_file, image_root, out_dir, rcfg, progress=_progress,
+                       pretrained=args.pretrained)
+    training = clip.manifest["training"]
+    logger.info("re-normalised CLIP written to %s (%s) in %.0f s; loss per epoch %s", out_dir,
+                clip.manifest["weights"]["sha256"][:12], training["seconds"],
+                ", ".join(f"{v:.4f}" for v in training["epoch_losses"]))
+    before = zero_shot_report(load_clip(parent, args.pretrained), world_dir, template=rcfg.template)
+    after = zero_shot_report(clip, world_dir, template=rcfg.template)
+    print(format_report(before, f"before: parent {parent}"))  # noqa: T201
+    print(format_report(after, f"after: re-normalised ({rcfg.tune} LayerNorms) {out_dir}"))  # noqa: T201
+    out = out_dir / "zero_shot.json"
+    out.write_text(json.dumps({"parent": {"clip": str(parent), **before},
+                               "renorm": {"clip": str(out_dir), **after}}, indent=2))
+    logger.info("accuracy tables written to %s", out)
+    return 0
+
+
+def register_cli(subparsers) -> argparse.ArgumentParser:
+    """Add `renorm` to the subparsers of the `ovd clip` group; returns its parser."""
+    from .config import DEFAULT_CONFIG
+
+    p = subparsers.add_parser(
+        "renorm", help="stage 1: tune only CLIP's LayerNorms on base GT crops (resumable)",
+        description="EZSD stage 1: fine-tune only the LayerNorm gains and biases of a CLIP on "
+                    "crops of base-class ground-truth boxes (sigmoid BCE over base classes, "
+                    "frozen logit scale), then print the zero-shot accuracy before and after.")
+    p.add_argument("--config", default=None,
+                   help="pipeline config YAML (default: "
+                        f"{DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])})")
+    p.add_argument("--root", default=None, help="output root folder (overrides paths.root)")
+    p.add_argument("--clip", default=None,
+                   help="parent: checkpoint folder or open_clip model name "
+                        "(default: <root>/clip/pretrained)")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or file")
+    p.add_argument("--world", default=None,
+                   help="world folder for the defaults and the evaluation (default: <root>/world)")
+    p.add_argument("--train-json", default=None,
+                   help="training json, base boxes used (default: the world's train_base.json)")
+    p.add_argument("--image-root", default=None,
+                   help="its image folder (default: the world's detection/train)")
+    p.add_argument("--out", default=None, help="checkpoint folder (default: <root>/clip/renorm)")
+    p.add_argument("--tune", choices=TUNE_CHOICES, default=None,
+                   help="LayerNorms to train (default from config: vision+text)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.set_defaults(func=cmd_clip_renorm)
+    return p

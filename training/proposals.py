@@ -1,0 +1,683 @@
+"""EZSD stage 2: CLIP proposals — distillation regions that are not biased to the base classes.
+
+For every training image (docs/methods.md, "Stage 2"):
+
+1. Dense anchors on the stride-32 grid of the image as stored: sizes (32..512 px) x ratios
+   (h/w = 0.5, 1, 2), clipped to the image; anchors that become thinner than ``min_size`` px are
+   dropped, and exact duplicates created by clipping (every 512-px anchor of a 256-px image is
+   the whole image) are encoded once.
+2. Each anchor is cropped with no enlargement (EZSD crop: padded square, CLIP size), encoded by
+   the (re-normalised) CLIP and classified over base + novel names with the prompt template;
+   logits = ``logit_scale * <v, t>`` (CLIP's 100).
+3. Objectness ``s = log C - H(softmax(z))``: 0 for a uniform posterior, log C for a one-hot one.
+4. Class-agnostic NMS (IoU 0.7), keep the top 1000 by ``s``.
+5. ``filter: coco``: drop proposals with IoU >= 0.3 to any base GT box of the image, re-encode the
+   rest with the 1.2x crop, drop those whose arg-max class is base, keep the top 300 by ``s``.
+   ``filter: lvis``: no base filter; a random 500 of the NMS survivors, seeded by
+   (seed, image_id) only (so independent of ranks, shards and resumes), re-encoded at 1.2x.
+
+Stored per image (see training.shards): ``boxes`` (K, 4) float32 xyxy pixels of the stored
+image, ``objectness`` (K,) float32 nats (step 3, 1.0x crop), ``confidence`` (K,) float32 = max
+probability of the 1.2x re-encoding, ``classes`` (K,) int64 index into the manifest's
+vocabulary (all categories ordered by id = Detectron2's contiguous ids), ``embeddings`` (K, D)
+float16 = L2-normalised CLIP embedding of the 1.2x crop; ``image_size`` (2,) int64 (H, W).
+Rows are sorted by objectness, highest first.
+
+**Cost.** Dense mode encodes every anchor: ~15.7k CLIP crops per COCO image in the paper. The
+``cheap`` mode *(our formulation)* spends CLIP crops only on the ``cheap_topk`` anchors (100)
+ranked by a class-agnostic prior that costs one CLIP image forward:
+
+* the whole image goes once through CLIP's ViT (at its stored resolution times
+  ``cheap_scale``, positional embeddings interpolated), giving a grid of patch tokens;
+* each anchor's tokens are average-pooled with RoIAlign on that grid (adaptive sampling), passed
+  through the ViT's own ``ln_post`` and ``proj`` — the head the class token normally takes — and
+  L2-normalised, giving a rough region embedding;
+* its objectness ``log C - H`` over the same vocabulary is the prior; class-agnostic NMS on the
+  prior, then the top-K go through the exact crop pipeline (steps 2-5).
+
+In ``coco`` filtering, anchors with IoU >= ``gt_iou`` to a base GT box are removed before the
+prior's top-K: step 5 would drop them whatever their score, so they would only waste the budget.
+This is the cheapest prior we can defend: it reuses CLIP's own embedding space and vocabulary,
+needs no training, and its cost does not grow with the number of anchors (RoIAlign on an
+(H/p x W/p) grid is negligible). Its weakness: a ViT's final patch tokens are mixed by global
+attention, so the pooled embedding is blurrier than a crop's; that is why it only ranks, and the
+exact crops decide.
+
+The manifest records the mode and, once complete, ``cost``: CLIP crops, anchors and image
+forwards per image, and images per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_iou, nms, roi_align
+
+from models.clip.model import DEFAULT_TEMPLATE, ClipModel, sha256_file
+
+from .data.coco_format import load_coco_json
+from .shards import (
+    ProgressFactory,
+    Record,
+    ShardReader,
+    ShardStore,
+    add_launcher_args,
+    launch_stage,
+    stage_device,
+)
+
+logger = logging.getLogger(__name__)
+
+MODES = ("dense", "cheap")
+FILTERS = ("coco", "lvis")
+PRECISIONS = ("fp32", "bf16", "fp16")
+#: Config fields that change how fast, not what, a stage computes: left out of the manifest
+#: identity so a run can be resumed with another batch size or thread count.
+RUNTIME_FIELDS = ("batch_size", "threads", "shard_size")
+
+
+@dataclass
+class ProposalConfig:
+    """The `proposals:` section of a config file.
+
+    Attributes:
+        mode: "dense" (every anchor is a CLIP crop, the paper) or "cheap" (a one-forward ViT
+            token prior picks ``cheap_topk`` anchors; see the module docstring).
+        filter: "coco" (base-GT IoU filter, base-class filter, keep ``keep``) or "lvis"
+            (seeded random ``lvis_keep``).
+        template: prompt template for the class names.
+        logit_scale: multiplier of the cosine similarities before the softmax (CLIP's 100).
+        stride: anchor grid step in pixels of the stored image.
+        sizes: anchor sides sqrt(w*h) in pixels.
+        ratios: anchor aspect ratios h/w.
+        anchor_offset: anchor centres at (i + offset) * stride; 0.5 = cell centres *(our
+            choice; mmdetection's default is 0, grid corners)*.
+        min_size: anchors narrower or shorter than this after clipping are dropped, pixels.
+        nms_iou: class-agnostic NMS IoU threshold.
+        pre_filter_topk: proposals kept after NMS (1000).
+        gt_iou: coco filter: proposals with IoU >= this to any base GT box are dropped.
+        keep: coco filter: proposals kept at the end (300).
+        lvis_keep: lvis filter: random proposals kept (500).
+        seed: lvis sampling seed (combined with the image id).
+        cheap_topk: cheap mode: anchors that get a CLIP crop.
+        cheap_scale: cheap mode: the ViT sees the image resized by this factor (token stride =
+            patch size / scale pixels of the stored image).
+        cheap_nms: cheap mode: class-agnostic NMS on the prior before its top-K, so the budget
+            is not spent on near-duplicates.
+        precision: "fp32", or "bf16"/"fp16" autocast for the CLIP forwards (on the CPU, bf16
+            gains little for a tiny ViT; on a GPU, fp16 is the usual choice). Stored values
+            differ in the 3rd decimal, so it is part of the manifest identity.
+        batch_size: CLIP crops per forward (runtime only).
+        shard_size: images per shard file.
+        threads: torch intra-op threads, 0 = torch's default (runtime only).
+    """
+
+    mode: str = "dense"
+    filter: str = "coco"
+    template: str = DEFAULT_TEMPLATE
+    logit_scale: float = 100.0
+    stride: int = 32
+    sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    anchor_offset: float = 0.5
+    min_size: float = 4.0
+    nms_iou: float = 0.7
+    pre_filter_topk: int = 1000
+    gt_iou: float = 0.3
+    keep: int = 300
+    lvis_keep: int = 500
+    seed: int = 0
+    cheap_topk: int = 100
+    cheap_scale: float = 1.0
+    cheap_nms: bool = True
+    precision: str = "fp32"
+    batch_size: int = 256
+    shard_size: int = 16
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.mode not in MODES:
+            problems.append(f"mode {self.mode!r} not in {MODES}")
+        if self.filter not in FILTERS:
+            problems.append(f"filter {self.filter!r} not in {FILTERS}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision {self.precision!r} not in {PRECISIONS}")
+        if "{}" not in self.template:
+            problems.append(f"template {self.template!r} has no '{{}}' for the class name")
+        if not self.sizes or min(self.sizes) <= 0 or not self.ratios or min(self.ratios) <= 0:
+            problems.append("sizes and ratios must be non-empty and positive")
+        if min(self.stride, self.pre_filter_topk, self.keep, self.lvis_keep, self.cheap_topk,
+               self.batch_size, self.shard_size) < 1:
+            problems.append("stride, pre_filter_topk, keep, lvis_keep, cheap_topk, batch_size and "
+                            "shard_size must be >= 1")
+        if not 0 < self.nms_iou <= 1 or not 0 < self.gt_iou <= 1:
+            problems.append("nms_iou and gt_iou must be in (0, 1]")
+        if self.logit_scale <= 0 or self.cheap_scale <= 0 or self.min_size < 0:
+            problems.append("logit_scale and cheap_scale must be > 0, min_size >= 0")
+        if problems:
+            raise ValueError("proposals: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ProposalConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown proposals config keys: {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    def identity(self) -> dict:
+        """The fields the stored proposals depend on."""
+        return {k: v for k, v in asdict(self).items() if k not in RUNTIME_FIELDS}
+
+
+# --------------------------------------------------------------------------- dataset access
+
+@dataclass
+class TrainingImages:
+    """The images of a COCO training json with their base GT boxes.
+
+    Attributes:
+        json_file, image_root: where they come from.
+        json_sha256: sha256 of the json file.
+        vocabulary: all category names ordered by category id (Detectron2's contiguous order).
+        is_base: (C,) bool, True for base categories (no ``split`` key counts as base).
+        images: image dicts (id, file_name, height, width) sorted by id.
+        gt: image id -> (G, 4) float32 xyxy base GT boxes, pixels.
+        gt_crowd: image id -> (G,) bool iscrowd flags of those boxes.
+    """
+
+    json_file: Path
+    image_root: Path
+    json_sha256: str
+    vocabulary: list[str]
+    is_base: torch.Tensor
+    images: list[dict]
+    gt: dict[int, torch.Tensor]
+    gt_crowd: dict[int, torch.Tensor]
+    _index: dict[int, dict] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(cls, json_file: str | Path, image_root: str | Path, *,
+             max_images: int | None = None) -> TrainingImages:
+        """Read and validate a training json (its first ``max_images`` images by id)."""
+        coco = load_coco_json(json_file)
+        cats = sorted(coco["categories"], key=lambda c: c["id"])
+        base_ids = {c["id"] for c in cats if c.get("split", "base") != "novel"}
+        images = sorted(coco["images"], key=lambda im: im["id"])
+        if max_images is not None:
+            images = images[:max(0, int(max_images))]
+        boxes: dict[int, list] = {im["id"]: [] for im in images}
+        crowd: dict[int, list] = {im["id"]: [] for im in images}
+        for a in coco["annotations"]:
+            # "Filter with base-only GT": a json that also annotates novel classes (an oracle
+            # split) must not leak them into stage 2/3.
+            if a["image_id"] in boxes and a["category_id"] in base_ids:
+                x, y, w, h = a["bbox"]
+                boxes[a["image_id"]].append([x, y, x + w, y + h])
+                crowd[a["image_id"]].append(bool(a.get("iscrowd", 0)))
+        return cls(
+            json_file=Path(json_file), image_root=Path(image_root),
+            json_sha256=sha256_file(json_file),
+            vocabulary=[c["name"] for c in cats],
+            is_base=torch.tensor([c["id"] in base_ids for c in cats], dtype=torch.bool),
+            images=images,
+            gt={i: torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for i, b in boxes.items()},
+            gt_crowd={i: torch.tensor(c, dtype=torch.bool) for i, c in crowd.items()},
+        )
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [int(im["id"]) for im in self.images]
+
+    def read(self, image_id: int) -> torch.Tensor:
+        """The stored image as (3, H, W) uint8 RGB (EXIF orientation applied, as Detectron2).
+
+        Raises:
+            ValueError: its size differs from the json's height/width (boxes would not match).
+        """
+        from detectron2.data.detection_utils import read_image
+
+        info = self._by_id()[image_id]
+        arr = read_image(str(self.image_root / info["file_name"]), format="RGB")
+        if arr.shape[:2] != (info["height"], info["width"]):
+            raise ValueError(f"{self.image_root / info['file_name']}: stored size "
+                             f"{arr.shape[1]}x{arr.shape[0]} differs from the json's "
+                             f"{info['width']}x{info['height']} ({self.json_file})")
+        return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).contiguous()
+
+    def _by_id(self) -> dict[int, dict]:
+        if not self._index:
+            self._index = {int(im["id"]): im for im in self.images}
+        return self._index
+
+
+def clip_identity(clip: ClipModel) -> dict:
+    """{"sha256": ...} of a CLIP's weights: the manifest's for a checkpoint folder (verified at
+    load), else a digest of the in-memory state dict (an open_clip name with random weights)."""
+    if clip.manifest is not None:
+        return {"sha256": clip.manifest["weights"]["sha256"]}
+    from .shards import tensors_digest
+
+    return {"sha256": tensors_digest({k: v.float() for k, v in clip.model.state_dict().items()})}
+
+
+# --------------------------------------------------------------------------- geometry + scores
+
+def make_anchors(image_hw: tuple[int, int], *, stride: int = 32,
+                 sizes: tuple[float, ...] = (32, 64, 128, 256, 512),
+                 ratios: tuple[float, ...] = (0.5, 1.0, 2.0), offset: float = 0.5,
+                 min_size: float = 4.0) -> torch.Tensor:
+    """Dense anchors of one image, clipped, filtered and de-duplicated.
+
+    Args:
+        image_hw: (H, W) of the stored image, pixels.
+        stride: grid step; the grid covers the image padded up to a multiple of it
+            (ceil(H / stride) x ceil(W / stride) centres).
+        sizes: anchor sides sqrt(w * h), pixels.
+        ratios: aspect ratios h / w; an anchor is w = size / sqrt(r), h = size * sqrt(r).
+        offset: centres at ((j + offset) * stride, (i + offset) * stride).
+        min_size: anchors with clipped width or height below this are dropped, pixels.
+
+    Returns:
+        (A, 4) float32 xyxy in pixels, inside [0, W] x [0, H], in grid order (row, column,
+        size, ratio); duplicates after clipping keep their first occurrence only.
+    """
+    H, W = image_hw
+    gh, gw = math.ceil(H / stride), math.ceil(W / stride)
+    shapes = torch.tensor([[s / math.sqrt(r), s * math.sqrt(r)] for s in sizes for r in ratios],
+                          dtype=torch.float64)  # (S, 2) w, h
+    ys = (torch.arange(gh, dtype=torch.float64) + offset) * stride
+    xs = (torch.arange(gw, dtype=torch.float64) + offset) * stride
+    cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+    centres = torch.stack([cx.reshape(-1), cy.reshape(-1)], dim=1)  # (P, 2)
+    c = centres[:, None, :]
+    half = shapes[None, :, :] / 2
+    boxes = torch.cat([c - half, c + half], dim=2).reshape(-1, 4)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
+    keep = ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)
+    boxes = boxes[keep].float()
+    if len(boxes) == 0:
+        return boxes.reshape(0, 4)
+    # Identical clipped boxes give identical crops and scores; NMS would keep one of them
+    # anyway (IoU 1), so encoding each once changes nothing but the cost.
+    _, inverse = torch.unique(boxes, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), len(boxes), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, torch.arange(len(boxes)), reduce="amin")
+    return boxes[first.sort().values]
+
+
+def objectness(logits: torch.Tensor) -> torch.Tensor:
+    """EZSD objectness ``log C - H(softmax(z))`` in nats.
+
+    Args:
+        logits: (N, C) class logits.
+
+    Returns:
+        (N,) in [0, log C]: 0 for a uniform posterior, log C for a one-hot one.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return math.log(logits.shape[-1]) - entropy
+
+
+def encode_boxes(clip: ClipModel, image: torch.Tensor, boxes: torch.Tensor, *, enlarge: float,
+                 batch_size: int = 256) -> torch.Tensor:
+    """CLIP embeddings of EZSD crops of boxes of one image, cropped and encoded in batches.
+
+    Args:
+        clip: the CLIP (``crop_boxes`` + ``encode_images``).
+        image: (3, H, W) uint8 RGB.
+        boxes: (N, 4) xyxy pixels.
+        enlarge: crop enlargement about the box centre (1.0 anchors, 1.2 distillation crops).
+        batch_size: crops per forward; the crops of one batch are the only ones in memory.
+
+    Returns:
+        (N, D) float32 L2-normalised embeddings on the CPU.
+    """
+    out = []
+    for i in range(0, len(boxes), batch_size):
+        crops = clip.crop_boxes(image, boxes[i:i + batch_size], enlarge=enlarge)
+        out.append(clip.encode_images(crops, batch_size=batch_size).float().cpu())
+    if not out:
+        return torch.zeros(0, clip.embed_dim)
+    return torch.cat(out)
+
+
+def _resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
+    """(1 + g0 * g1, C) ViT positional embedding -> (1 + n0 * n1, C), bicubic on the grid part."""
+    if tuple(grid) == tuple(new):
+        return pos
+    cls, rest = pos[:1], pos[1:]
+    rest = rest.reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2)
+    rest = F.interpolate(rest.float(), size=new, mode="bicubic", align_corners=False)
+    return torch.cat([cls, rest.permute(0, 2, 3, 1).reshape(new[0] * new[1], -1).to(pos.dtype)])
+
+
+def token_region_embeddings(clip: ClipModel, image: torch.Tensor, boxes: torch.Tensor, *,
+                            scale: float = 1.0) -> torch.Tensor:
+    """Rough region embeddings from one ViT forward of the whole image (the cheap prior).
+
+    Args:
+        clip: a CLIP whose image tower is an open_clip ``VisionTransformer`` (no attentional
+            pooler).
+        image: (3, H, W) uint8 RGB.
+        boxes: (N, 4) xyxy pixels of ``image``.
+        scale: the ViT sees the image resized to about (H * scale, W * scale), rounded to whole
+            patches; the token grid is (gh, gw) = (H * scale / p, W * scale / p).
+
+    Returns:
+        (N, D) float32 L2-normalised embeddings (RoIAlign-averaged patch tokens through
+        ``ln_post`` and ``proj``), on the CPU.
+
+    Raises:
+        ValueError: the image tower is not a supported ViT.
+    """
+    visual = clip.model.visual
+    if not isinstance(visual, open_clip.transformer.VisionTransformer) or \
+            getattr(visual, "attn_pool", None) is not None or visual.proj is None:
+        raise ValueError(f"proposals mode 'cheap' needs an open_clip VisionTransformer image tower "
+                         f"without attentional pooling; {clip.name} has {type(visual).__name__}")
+    ph, pw = visual.patch_size
+    H, W = image.shape[-2:]
+    gh, gw = max(1, round(H * scale / ph)), max(1, round(W * scale / pw))
+    device = clip.device
+    dtype = visual.conv1.weight.dtype
+    x = image.to(device).float().unsqueeze(0) / 255.0
+    if (gh * ph, gw * pw) != (H, W):
+        x = F.interpolate(x, size=(gh * ph, gw * pw), mode="bilinear", antialias=True,
+                          align_corners=False)
+    mean = torch.tensor(clip.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(clip.std, device=device).view(1, 3, 1, 1)
+    x = ((x - mean) / std).to(dtype)
+    # The ViT's own embedding path (open_clip VisionTransformer._embeds) with the positional
+    # embedding interpolated to this grid.
+    t = visual.conv1(x).flatten(2).transpose(1, 2)  # (1, gh * gw, width)
+    cls = visual.class_embedding.to(t.dtype).view(1, 1, -1)
+    t = torch.cat([cls, t], dim=1)
+    t = t + _resize_pos_embed(visual.positional_embedding, visual.grid_size, (gh, gw)).to(t.dtype)
+    t = visual.ln_pre(visual.patch_dropout(t))
+    t = visual.transformer(t)
+    grid = t[:, 1:].transpose(1, 2).reshape(1, -1, gh, gw).float()
+    # Boxes in token units (token j spans [j, j + 1)); aligned RoIAlign with adaptive sampling
+    # (ceil(roi side) samples per axis) averages the tokens under each box.
+    rois = boxes.to(device).float() * torch.tensor([gw / W, gh / H, gw / W, gh / H], device=device)
+    rois = torch.cat([rois.new_zeros(len(rois), 1), rois], dim=1)
+    pooled = roi_align(grid, rois, (1, 1), spatial_scale=1.0, sampling_ratio=0, aligned=True)
+    emb = visual.ln_post(pooled.flatten(1).to(dtype)) @ visual.proj
+    return F.normalize(emb.float(), dim=-1).cpu()
+
+
+def autocast(clip: ClipModel, precision: str):
+    """Autocast context for the CLIP forwards at ``precision`` (a no-op for fp32)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(clip.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _lvis_sample(n: int, k: int, seed: int, image_id: int) -> torch.Tensor:
+    """k of n indices, sorted, seeded by (seed, image_id) only."""
+    rng = np.random.default_rng([int(seed), int(image_id)])
+    return torch.from_numpy(np.sort(rng.permutation(n)[:k])).long()
+
+
+def propose_from_candidates(clip: ClipModel, image: torch.Tensor, candidates: torch.Tensor,
+                            text: torch.Tensor, is_base: torch.Tensor, gt_boxes: torch.Tensor,
+                            cfg: ProposalConfig, image_id: int) -> tuple[Record, int]:
+    """Steps 2-5 on given candidate boxes of one image.
+
+    Args:
+        clip: the CLIP.
+        image: (3, H, W) uint8 RGB.
+        candidates: (N, 4) xyxy pixels (anchors, or the cheap prior's top-K).
+        text: (C, D) normalised text embeddings of the vocabulary.
+        is_base: (C,) bool.
+        gt_boxes: (G, 4) base GT boxes xyxy pixels (coco filter).
+        cfg: the config.
+        image_id: seeds the lvis sample.
+
+    Returns:
+        (record, crops): the stored tensors (module docstring) and the CLIP crops encoded.
+    """
+    scale = cfg.logit_scale
+    emb = encode_boxes(clip, image, candidates, enlarge=1.0, batch_size=cfg.batch_size)
+    crops = len(candidates)
+    s = objectness(scale * emb @ text.T) if len(emb) else torch.zeros(0)
+    order = nms(candidates.float(), s, cfg.nms_iou)[:cfg.pre_filter_topk]  # sorted by s, desc
+    boxes, s = candidates[order], s[order]
+    if cfg.filter == "coco":
+        if len(gt_boxes) and len(boxes):
+            far = box_iou(boxes, gt_boxes).max(dim=1).values < cfg.gt_iou
+            boxes, s = boxes[far], s[far]
+    else:
+        idx = _lvis_sample(len(boxes), cfg.lvis_keep, cfg.seed, image_id)
+        boxes, s = boxes[idx], s[idx]
+    emb2 = encode_boxes(clip, image, boxes, enlarge=1.2, batch_size=cfg.batch_size)
+    crops += len(boxes)
+    if len(emb2):
+        conf, cls = F.softmax(scale * emb2 @ text.T, dim=-1).max(dim=-1)
+    else:
+        conf, cls = torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    if cfg.filter == "coco":
+        novel = ~is_base[cls]
+        boxes, s, conf, cls, emb2 = boxes[novel], s[novel], conf[novel], cls[novel], emb2[novel]
+        boxes, s, conf, cls, emb2 = (t[:cfg.keep] for t in (boxes, s, conf, cls, emb2))
+    record = {
+        "boxes": boxes.float().reshape(-1, 4),
+        "objectness": s.float(),
+        "confidence": conf.float(),
+        "classes": cls.long(),
+        "embeddings": emb2.half(),
+        "image_size": torch.tensor(list(image.shape[-2:]), dtype=torch.long),
+    }
+    return record, crops
+
+
+def propose_image(clip: ClipModel, image: torch.Tensor, text: torch.Tensor, is_base: torch.Tensor,
+                  gt_boxes: torch.Tensor, cfg: ProposalConfig, image_id: int
+                  ) -> tuple[Record, dict[str, int]]:
+    """Stage 2 for one image (dense or cheap).
+
+    Returns:
+        (record, stats) with stats {"anchors", "candidates", "clip_crops", "image_forwards",
+        "proposals"}: the cost counters summed into the manifest.
+    """
+    H, W = image.shape[-2:]
+    anchors = make_anchors((H, W), stride=cfg.stride, sizes=cfg.sizes, ratios=cfg.ratios,
+                           offset=cfg.anchor_offset, min_size=cfg.min_size)
+    candidates, forwards = anchors, 0
+    if cfg.mode == "cheap":
+        if cfg.filter == "coco" and len(gt_boxes) and len(candidates):
+            # Anchors this close to a base box are dropped by the coco filter whatever their
+            # score; only the NMS could differ (a dropped box can no longer suppress a
+            # neighbour), which only ever adds proposals.
+            candidates = candidates[box_iou(candidates, gt_boxes).max(dim=1).values < cfg.gt_iou]
+        if len(candidates):
+            prior = objectness(cfg.logit_scale * token_region_embeddings(
+                clip, image, candidates, scale=cfg.cheap_scale) @ text.T)
+            forwards = 1
+            order = nms(candidates, prior, cfg.nms_iou) if cfg.cheap_nms \
+                else prior.argsort(descending=True)
+            candidates = candidates[order[:cfg.cheap_topk]]
+    record, crops = propose_from_candidates(clip, image, candidates, text, is_base, gt_boxes,
+                                            cfg, image_id)
+    return record, {"anchors": len(anchors), "candidates": len(candidates), "clip_crops": crops,
+                    "image_forwards": forwards, "proposals": len(record["boxes"])}
+
+
+# --------------------------------------------------------------------------- the stage
+
+def run_proposals(clip: ClipModel, json_file: str | Path, image_root: str | Path,
+                  out_dir: str | Path, cfg: ProposalConfig, *, max_images: int | None = None,
+                  overwrite: bool = False, progress: ProgressFactory | None = None) -> ShardReader:
+    """Compute (or resume) the CLIP proposals of a training set into a shard folder.
+
+    Runs the shards of this process's rank (``detectron2.utils.comm``); see training.shards.
+
+    Args:
+        clip: the (re-normalised) CLIP, on this process's device.
+        json_file: COCO training json (base boxes; categories tagged base/novel).
+        image_root: folder the json's file names are relative to.
+        out_dir: shard folder to write or resume.
+        cfg: the config.
+        max_images: only the first N images by id (part of the manifest: changing it is a
+            different run).
+        overwrite: replace a folder holding a different run.
+        progress: optional ``progress(desc, total, initial) -> update(n, postfix)``.
+
+    Returns:
+        A reader of the folder (complete unless other ranks are still running).
+
+    Raises:
+        ValueError: the folder holds a different run (and not ``overwrite``), or the cheap
+            mode on a CLIP without a ViT image tower.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    data = TrainingImages.load(json_file, image_root, max_images=max_images)
+    identity = {
+        "config": cfg.identity(),
+        "clip": clip_identity(clip),
+        "embed_dim": int(clip.embed_dim),
+        "vocabulary": {"names": data.vocabulary, "is_base": data.is_base.tolist()},
+        "source": {"json_sha256": data.json_sha256},
+        "info": {"clip": clip.name, "json_file": str(data.json_file),
+                 "image_root": str(data.image_root)},
+    }
+    store = ShardStore(out_dir, stage="proposals", identity=identity, image_ids=data.image_ids,
+                       shard_size=cfg.shard_size, overwrite=overwrite)
+    with torch.inference_mode():
+        text = clip.text_embeddings(data.vocabulary, cfg.template).float().cpu()
+
+    def compute(image_id: int) -> tuple[Record, dict]:
+        with torch.inference_mode(), autocast(clip, cfg.precision):
+            return propose_image(clip, data.read(image_id), text, data.is_base,
+                                 data.gt[image_id], cfg, image_id)
+
+    return store.run(compute, desc=f"proposals ({cfg.mode})", progress=progress)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def _root(cfg: dict, args: argparse.Namespace) -> Path:
+    return Path(getattr(args, "root", None) or cfg.get("paths", {}).get("root", "runs/synthetic"))
+
+
+def default_train_data(cfg: dict, args: argparse.Namespace) -> tuple[Path, Path]:
+    """--train-json / --image-root, defaulting to the synthetic world's `synth_train`."""
+    from .data.synthetic import world_datasets
+
+    json_file, image_root = world_datasets(_root(cfg, args) / "world")["synth_train"]
+    return (Path(args.train_json) if args.train_json else json_file,
+            Path(args.image_root) if args.image_root else image_root)
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """--config/--root (as training.cli's `common`), data, CLIP, output and launcher flags."""
+    p.add_argument("--config", default=None, help="pipeline config YAML (default: configs/synthetic.yaml)")
+    p.add_argument("--root", default=None, help="output root folder (overrides paths.root)")
+    p.add_argument("--clip", default=None,
+                   help="CLIP checkpoint folder or open_clip name (default: <root>/clip/renorm)")
+    p.add_argument("--train-json", default=None,
+                   help="COCO training json, base boxes only (default: the world's synth_train)")
+    p.add_argument("--image-root", default=None, help="image folder of --train-json")
+    p.add_argument("--max-images", type=int, default=None, help="only the first N images by id")
+    p.add_argument("--batch-size", type=int, default=None, help="CLIP crops per forward")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute an output folder that holds a run with another config")
+    add_launcher_args(p)
+
+
+def _setup_worker_logging() -> None:
+    # Spawned workers start with an unconfigured root logger.
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, datefmt="%H:%M:%S",
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _proposals_worker(clip_path: str, json_file: str, image_root: str, out: str, cfg: dict,
+                      max_images: int | None, overwrite: bool) -> None:
+    from detectron2.utils import comm
+
+    from models.clip.model import load_clip
+
+    from .cli import _progress
+
+    _setup_worker_logging()
+    clip = load_clip(clip_path, device=stage_device())
+    reader = run_proposals(clip, json_file, image_root, out, ProposalConfig.from_dict(cfg),
+                           max_images=max_images, overwrite=overwrite,
+                           progress=_progress if comm.get_rank() == 0 else None)
+    if comm.get_rank() == 0 and reader.complete():
+        cost = reader.manifest.get("cost", {})
+        logger.info("proposals written to %s: %s", out, json.dumps(cost.get("per_image", {})))
+        logger.info("  %.3f images/s (sum of shard times)", cost.get("images_per_second") or 0)
+
+
+def cmd_proposals(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    section = dict(cfg.get("proposals", {}))
+    for key in ("mode", "filter", "batch_size"):
+        if getattr(args, key, None) is not None:
+            section[key] = getattr(args, key)
+    pcfg = ProposalConfig.from_dict(section)
+    root = _root(cfg, args)
+    json_file, image_root = default_train_data(cfg, args)
+    clip = args.clip or str(root / "clip" / "renorm")
+    out = args.out or str(root / "proposals")
+    launch_stage(_proposals_worker, args, (clip, str(json_file), str(image_root), out,
+                                           asdict(pcfg), args.max_images, args.overwrite))
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `ovd proposals` to the top-level subcommands (sets ``func=cmd_proposals``)."""
+    p = subparsers.add_parser(
+        "proposals", help="EZSD stage 2: CLIP proposals of the training images (resumable)",
+        description="EZSD stage 2: score dense anchors (or, --mode cheap, the top-K of a "
+                    "one-forward ViT token prior) with CLIP over base+novel names, objectness "
+                    "log C - H, NMS, base-GT and base-class filters; sharded safetensors "
+                    "output, resumable, split across processes with --num-gpus/--num-machines.")
+    add_common_args(p)
+    p.add_argument("--out", default=None, help="output shard folder (default: <root>/proposals)")
+    p.add_argument("--mode", choices=MODES, default=None, help="dense (paper) or cheap (top-K prior)")
+    p.add_argument("--filter", choices=FILTERS, default=None, help="coco or lvis filtering")
+    p.set_defaults(func=cmd_proposals)
+    return p
+
+
+def load_proposals(folder: str | Path) -> ShardReader:
+    """A reader of a proposals folder.
+
+    Raises:
+        ValueError: the folder holds another stage's output.
+    """
+    reader = ShardReader(folder)
+    if reader.manifest.get("stage") != "proposals":
+        raise ValueError(f"{folder} holds {reader.manifest.get('stage')!r} output, not proposals")
+    return reader
+
+
+__all__ = [
+    "ProposalConfig",
+    "TrainingImages",
+    "encode_boxes",
+    "load_proposals",
+    "make_anchors",
+    "objectness",
+    "propose_from_candidates",
+    "propose_image",
+    "register_cli",
+    "run_proposals",
+    "token_region_embeddings",
+]

@@ -1,0 +1,176 @@
+"""Stage 4: train the open-vocabulary detector with Detectron2's trainer.
+
+Detectron2 does the work: `DefaultTrainer` (loop, SGD, LR schedule, event logging to
+metrics.json / TensorBoard), `DetectionCheckpointer` (a killed run resumes from the last
+checkpoint in the output folder) and `launch` (several processes or machines). This module adds
+the data the EZSD detector needs: the training vocabulary's text embeddings and, per image, the
+distillation regions written by `ovd targets`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, hooks, launch
+from detectron2.structures import Boxes, Instances
+from safetensors.torch import save_file
+
+import models.detector  # noqa: F401  registers the detector components
+from models.clip.model import ClipModel
+from models.detector import add_ovd_config
+
+logger = logging.getLogger(__name__)
+
+TRAIN_TEXT_FILE = "text_train.safetensors"
+
+
+def write_text_embeddings(clip: ClipModel, names: list[str], template: str, path: Path) -> torch.Tensor:
+    """Embed class names with CLIP's text tower; save {"embeddings": (C, D)} with metadata."""
+    text = clip.text_embeddings(names, template)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"embeddings": text.contiguous()}, str(tmp), metadata={
+        "names": json.dumps(names), "template": template, "clip": clip.name,
+        "clip_sha256": (clip.manifest or {}).get("weights", {}).get("sha256", "")})
+    tmp.replace(path)
+    return text
+
+
+def training_vocabulary(dataset_name: str, which: str) -> list[str]:
+    """Class names the detector is trained to classify: the base classes, or all (oracle)."""
+    meta = MetadataCatalog.get(dataset_name)
+    if which == "all":
+        return list(meta.thing_classes)
+    if which == "base":
+        return list(meta.base_classes)
+    raise ValueError(f"training vocabulary must be 'base' or 'all', not {which!r}")
+
+
+def build_config(config_file: str | Path, opts: list[str] | None = None) -> CfgNode:
+    """Detectron2 config with the project's keys, from a file plus KEY VALUE overrides."""
+    cfg = get_cfg()
+    add_ovd_config(cfg)
+    cfg.merge_from_file(str(config_file))
+    cfg.merge_from_list(list(opts or []))
+    return cfg
+
+
+class DistillDatasetMapper(DatasetMapper):
+    """DatasetMapper that (1) maps dataset classes to rows of the training vocabulary,
+    dropping boxes of classes outside it, and (2) attaches the image's distillation regions,
+    transformed like its boxes, as `dataset_dict["distill"]` (Instances: boxes, embeddings,
+    weights).
+
+    Args:
+        cfg: the training config.
+        class_map: (num_dataset_classes,) int64, dataset contiguous id -> vocabulary row or -1.
+        targets: reader of `ovd targets` output (image_id -> record), or None.
+        max_proposals: at most this many proposal regions per image (GT regions always kept).
+    """
+
+    def __init__(self, cfg: CfgNode, *, class_map: torch.Tensor, targets=None, max_proposals: int = 200):
+        super().__init__(cfg, is_train=True)
+        self.class_map = class_map
+        self.targets = targets
+        self.max_proposals = max_proposals
+
+    def _transform_annotations(self, dataset_dict, transforms, image_shape):
+        super()._transform_annotations(dataset_dict, transforms, image_shape)
+        inst = dataset_dict["instances"]
+        rows = self.class_map[inst.gt_classes] if len(inst) else inst.gt_classes
+        keep = rows >= 0
+        inst = inst[keep]
+        inst.gt_classes = rows[keep]
+        dataset_dict["instances"] = inst
+        if self.targets is None:
+            return
+        rec = self.targets[dataset_dict["image_id"]]
+        is_gt = rec["is_gt"].bool()
+        order = torch.nonzero(~is_gt).flatten()[:self.max_proposals]
+        sel = torch.cat([torch.nonzero(is_gt).flatten(), order])
+        boxes = transforms.apply_box(rec["boxes"][sel].numpy())
+        boxes = Boxes(torch.as_tensor(np.asarray(boxes), dtype=torch.float32))
+        boxes.clip(image_shape)
+        nonempty = boxes.nonempty(threshold=1.0)
+        distill = Instances(image_shape)
+        distill.boxes = boxes[nonempty]
+        distill.embeddings = rec["embeddings"][sel][nonempty].float()
+        distill.weights = rec["weights"][sel][nonempty].float()
+        dataset_dict["distill"] = distill
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with the distillation data loader. Evaluation is `ovd eval`'s job."""
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        dataset = cfg.DATASETS.TRAIN[0]
+        meta = MetadataCatalog.get(dataset)
+        vocab = training_vocabulary(dataset, cfg.MODEL.OVD.TRAIN_VOCABULARY)
+        row = {name: i for i, name in enumerate(vocab)}
+        class_map = torch.tensor([row.get(name, -1) for name in meta.thing_classes], dtype=torch.long)
+        targets = None
+        if cfg.DATASETS.DISTILL_TARGETS and cfg.MODEL.OVD.DISTILL_WEIGHT > 0:
+            from .targets import load_targets
+
+            targets = load_targets(cfg.DATASETS.DISTILL_TARGETS)
+        mapper = DistillDatasetMapper(cfg, class_map=class_map, targets=targets,
+                                      max_proposals=cfg.DATASETS.DISTILL_MAX_PROPOSALS)
+        return build_detection_train_loader(cfg, mapper=mapper)
+
+    def build_hooks(self):
+        # Evaluation needs the full vocabulary's text embeddings: `ovd eval` does it.
+        return [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
+
+
+def prepare(cfg: CfgNode, clip: ClipModel) -> CfgNode:
+    """Write the training vocabulary's text embeddings into OUTPUT_DIR and point cfg at them."""
+    cfg = cfg.clone()
+    dataset = cfg.DATASETS.TRAIN[0]
+    vocab = training_vocabulary(dataset, cfg.MODEL.OVD.TRAIN_VOCABULARY)
+    path = Path(cfg.OUTPUT_DIR) / TRAIN_TEXT_FILE
+    text = write_text_embeddings(clip, vocab, cfg.MODEL.OVD.PROMPT_TEMPLATE, path)
+    cfg.MODEL.OVD.TRAIN_TEXT_EMBEDDINGS = str(path)
+    cfg.MODEL.OVD.EMBED_DIM = int(text.shape[1])
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(vocab)
+    cfg.MODEL.OVD.CLIP = clip.name
+    return cfg
+
+
+def train(cfg: CfgNode, *, resume: bool = True) -> Path:
+    """Run (or resume) training in this process; returns the final checkpoint path."""
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=resume)
+    trainer.train()
+    return Path(cfg.OUTPUT_DIR) / "model_final.pth"
+
+
+def _main(cfg: CfgNode, resume: bool) -> None:
+    """One training process (`launch` runs one per device and machine)."""
+    from detectron2.utils import comm
+    from detectron2.utils.env import seed_all_rng
+    from detectron2.utils.logger import setup_logger
+
+    from .data.coco_format import register_from_spec
+
+    for spec in cfg.DATASETS.REGISTER:
+        register_from_spec(spec, overwrite=True)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="detectron2")
+    seed_all_rng(cfg.SEED + comm.get_rank())
+    if comm.is_main_process():
+        (Path(cfg.OUTPUT_DIR) / "config.yaml").write_text(cfg.dump())
+    train(cfg, resume=resume)
+
+
+def launch_training(cfg: CfgNode, *, resume: bool = True, num_gpus: int = 1, num_machines: int = 1,
+                    machine_rank: int = 0, dist_url: str = "auto") -> Path:
+    """Train with Detectron2's launcher (one process per GPU and machine; one on a CPU)."""
+    launch(_main, num_gpus, num_machines=num_machines, machine_rank=machine_rank,
+           dist_url=dist_url, args=(cfg, resume))
+    return Path(cfg.OUTPUT_DIR) / "model_final.pth"
