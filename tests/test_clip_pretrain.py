@@ -86,7 +86,7 @@ def test_pretrain_writes_a_verified_checkpoint(world, full_run):
     clip, out, progress = full_run
     manifest = verify_checkpoint(out)
     assert clip.manifest == manifest
-    assert clip.name == f"local-dir:{out.resolve()}"
+    assert clip.name == str(out.resolve())
     world_json = json.loads((world / "world.json").read_text())
     training = manifest["training"]
     assert training["data"]["fingerprint"] == world_json["fingerprint"]

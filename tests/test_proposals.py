@@ -25,7 +25,7 @@ from training.proposals import (
 from training.shards import ShardReader, ShardStore, shard_name
 
 # Few anchors per image keep every full run to a few dozen tiny-ViT crops.
-FAST = {"sizes": (32, 64, 128), "shard_size": 1}
+FAST = {"sizes": (32, 64), "ratios": (1.0, 2.0), "shard_size": 1}
 
 
 def _tiny_clip(folder):

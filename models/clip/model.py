@@ -148,7 +148,8 @@ def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.
 
     Args:
         model: an open_clip model name (`open_clip.list_models()`, e.g. "ViT-B-32", or a project
-            architecture such as "ovd-vit-tiny-64"), or the path of a project checkpoint folder.
+            architecture such as "ovd-vit-tiny-64"), or the path of a project checkpoint folder
+            (optionally written open_clip's way, "local-dir:PATH").
         pretrained: for an open_clip name: a pretrained tag ("openai", "laion2b_s34b_b79k") or
             a local checkpoint file; None gives random weights. Ignored for a folder.
         device: torch device.
@@ -158,12 +159,12 @@ def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.
         ValueError: unknown model name.
     """
     manifest = None
-    path = Path(model)
+    path = Path(model.removeprefix("local-dir:"))
     if path.is_dir():
         manifest = verify_checkpoint(path)
-        name = f"local-dir:{path.resolve()}"
-        clip, _, _ = open_clip.create_model_and_transforms(name, device=device)
-        tokenizer = open_clip.get_tokenizer(name)
+        name = str(path.resolve())
+        clip, _, _ = open_clip.create_model_and_transforms(f"local-dir:{name}", device=device)
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{name}")
     else:
         if model not in open_clip.list_models():
             if os.sep in model or model.startswith("."):
