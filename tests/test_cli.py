@@ -20,6 +20,7 @@ LEAVES = {
     ("data", "ov-lvis"): "OV-LVIS base/novel split",
     ("clip", "pretrain"): "contrastive loss",
     ("clip", "eval"): "accuracy of a CLIP",
+    ("clip", "renorm"): "LayerNorm",
     ("demo",): "every pipeline stage",
 }
 

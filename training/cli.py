@@ -7,6 +7,12 @@
     ovd data ov-lvis     build the OV-LVIS base/novel split from official LVIS annotations
     ovd clip pretrain    train a small CLIP on the world's caption corpus
     ovd clip eval        zero-shot accuracy of a CLIP on caption-style and detection GT crops
+    ovd clip renorm      EZSD stage 1: tune only CLIP's LayerNorms on base GT crops
+    ovd proposals        EZSD stage 2: CLIP proposals (dense anchors or the cheap mode)
+    ovd targets          EZSD stage 3: CLIP embeddings of GT boxes and proposals
+    ovd train            EZSD stage 4: train the detector (Detectron2)
+    ovd eval             generalized zero-shot AP50 / AP on novel, base and all classes
+    ovd export           EZSD stage 6: the deployable artifact (safetensors + manifest)
     ovd demo             the main job on the built-in default: every stage above, cached
 """
 
@@ -21,6 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from . import clip_renorm
 from .config import DEFAULT_CONFIG, load_config
 
 logger = logging.getLogger("ovd")
@@ -271,6 +278,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from models.exported import verify_export
+
+    from .export import export_detector
+
+    cfg = load_config(args.config)
+    root = _root(cfg, args)
+    model_dir = Path(args.model_dir or root / "detector")
+    out = Path(args.out or root / "export")
+    manifest = export_detector(model_dir, out, name=args.name, version=args.version, weights=args.weights)
+    m = verify_export(out)
+    logger.info("exported %s %s to %s (%d files verified; trained on %d classes)", m["name"],
+                m["version"], out, len(m["files"]), len(m["trained_on"]["classes"]))
+    logger.info("manifest: %s", manifest)
+    return 0
+
+
 # --------------------------------------------------------------------------- demo
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -392,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world", default=None)
     p.add_argument("--out", default=None, help="where to write zero_shot.json for a named model")
     p.set_defaults(func=cmd_clip_eval)
+    clip_renorm.register_cli(csub)
 
     p = sub.add_parser("train", help="train the open-vocabulary detector (Detectron2, resumable)",
                        description="Train the EZSD detector: Faster R-CNN whose box head embeds "
@@ -423,6 +448,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: <model-dir>/eval_<dataset>)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="Detectron2 KEY VALUE overrides")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write the deployable detector (safetensors + manifest)",
+                       description="Export a trained detector: weights as safetensors, its "
+                                   "config, CLIP's text tower, and a manifest with categories, "
+                                   "CLIP id and hash, prompt template, metrics and file hashes.")
+    common(p)
+    p.add_argument("--model-dir", default=None, help="training output (default: <root>/detector)")
+    p.add_argument("--weights", default=None, help="checkpoint (default: <model-dir>/model_final.pth)")
+    p.add_argument("--out", default=None, help="export folder (default: <root>/export)")
+    p.add_argument("--name", default="ovd-synthetic", help="model name in the manifest")
+    p.add_argument("--version", default="0.1.0", help="model version in the manifest")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job on the built-in default (every stage, cached)",
                        description="Run every pipeline stage on the built-in default (the "

@@ -1,0 +1,182 @@
+"""The deployable detector artifact: write it (`ovd export`) and load it (service, eval).
+
+An export folder holds::
+
+    detector.safetensors         detector weights
+    detector.yaml                its Detectron2 config
+    text_encoder.safetensors     CLIP's text tower (the only CLIP part needed at request time)
+    text_encoder.json            open_clip config of that CLIP (architecture + preprocessing)
+    manifest.json                ovd-detector/1: categories, CLIP id + hash, prompt template,
+                                 input format, metrics on a named split, sha256 of every file
+
+Loading checks every file against the manifest's sha256 first and reads only safetensors,
+YAML (safe loader) and JSON: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from detectron2.config import CfgNode, get_cfg
+from detectron2.modeling import build_model
+from safetensors.torch import load_file, save_file
+
+from .clip.model import ClipModel, sha256_file
+from .detector import OpenVocabRCNN, add_ovd_config
+
+EXPORT_FORMAT = "ovd-detector/1"
+FILES = {
+    "detector": "detector.safetensors",
+    "config": "detector.yaml",
+    "text_encoder": "text_encoder.safetensors",
+    "text_config": "text_encoder.json",
+}
+
+
+class ExportError(ValueError):
+    """An export folder that is missing files, malformed, or fails its manifest's hashes."""
+
+
+@dataclass
+class ExportedDetector:
+    """A loaded export: the detector, CLIP's text tower, and the manifest.
+
+    Attributes:
+        model: OpenVocabRCNN in eval mode.
+        text: ClipModel whose vision tower is absent (only `encode_text` works).
+        manifest: the parsed manifest.json.
+    """
+
+    model: OpenVocabRCNN
+    text: ClipModel
+    manifest: dict
+
+    def text_embeddings(self, names: list[str], template: str | None = None) -> torch.Tensor:
+        """(C, D) normalised text embeddings of names in the export's prompt template."""
+        return self.text.text_embeddings(names, template or self.manifest["prompt_template"])
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _save_tensors(path: Path, tensors: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.chmod(tmp, 0o644)  # readable by a non-root service user through a read-only mount
+    os.replace(tmp, path)
+
+
+def write_export(out_dir: str | Path, *, model: OpenVocabRCNN, cfg: CfgNode, clip: ClipModel,
+                 clip_arch: dict, manifest_fields: dict) -> Path:
+    """Write an export folder.
+
+    Args:
+        out_dir: destination folder (created).
+        model: the trained detector.
+        cfg: its Detectron2 config (written as YAML; file paths of training inputs dropped).
+        clip: the CLIP whose text tower embeds class names for this detector.
+        clip_arch: open_clip architecture config of that CLIP.
+        manifest_fields: name, version, categories, metrics, ... merged into the manifest.
+
+    Returns:
+        Path of manifest.json.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # an interrupted export never verifies
+    _save_tensors(out / FILES["detector"],
+                  {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.OVD.TRAIN_TEXT_EMBEDDINGS = ""
+    cfg.DATASETS.REGISTER = []
+    cfg.DATASETS.DISTILL_TARGETS = ""
+    cfg.MODEL.DEVICE = "cpu"
+    _atomic_write(out / FILES["config"], cfg.dump().encode())
+    _save_tensors(out / FILES["text_encoder"], {
+        k: v.detach().cpu().contiguous() for k, v in clip.model.state_dict().items()
+        if not k.startswith("visual.")})
+    _atomic_write(out / FILES["text_config"], json.dumps({
+        "model_cfg": clip_arch, "preprocess_cfg": {"size": clip.image_size, "mean": list(clip.mean),
+                                                   "std": list(clip.std)}}, indent=2).encode())
+    manifest = {
+        "format": EXPORT_FORMAT,
+        **manifest_fields,
+        "prompt_template": cfg.MODEL.OVD.PROMPT_TEMPLATE,
+        "embed_dim": cfg.MODEL.OVD.EMBED_DIM,
+        "clip": {"name": clip.name, "weights_sha256": (clip.manifest or {}).get("weights", {}).get("sha256")},
+        "input": {"format": cfg.INPUT.FORMAT, "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
+                  "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
+                  "boxes": "[x1, y1, x2, y2] pixels of the original image"},
+        "files": {name: {"file": f, "sha256": sha256_file(out / f)} for name, f in FILES.items()},
+    }
+    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+    return out / "manifest.json"
+
+
+def verify_export(folder: str | Path) -> dict:
+    """Check an export folder against its manifest; returns the manifest.
+
+    Raises:
+        ExportError: missing manifest or file, unknown format, or a sha256 mismatch.
+    """
+    folder = Path(folder)
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise ExportError(f"{folder} is not a detector export (missing manifest.json)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path} is not valid JSON: {e}") from e
+    if manifest.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{path}: format {manifest.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    for name, entry in manifest.get("files", {}).items():
+        f = folder / entry["file"]
+        if not f.is_file():
+            raise ExportError(f"{folder}: missing {entry['file']} ({name})")
+        actual = sha256_file(f)
+        if actual != entry["sha256"]:
+            raise ExportError(f"{f} has sha256 {actual}, but the manifest says {entry['sha256']}")
+    if set(manifest.get("files", {})) != set(FILES):
+        raise ExportError(f"{path}: files {sorted(manifest.get('files', {}))}, expected {sorted(FILES)}")
+    return manifest
+
+
+def load_export(folder: str | Path, *, device: str = "cpu") -> ExportedDetector:
+    """Load a verified export folder (see module docstring)."""
+    import models.detector  # noqa: F401  registers the detector components
+
+    folder = Path(folder)
+    manifest = verify_export(folder)
+    cfg = get_cfg()
+    add_ovd_config(cfg)
+    cfg.merge_from_file(str(folder / FILES["config"]), allow_unsafe=False)
+    cfg.MODEL.DEVICE = device
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(load_file(str(folder / FILES["detector"])), strict=False)
+    if unexpected or [k for k in missing if k != "train_text"]:
+        raise ExportError(f"{folder}: detector weights do not fit its config "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.eval()
+    text_cfg = json.loads((folder / FILES["text_config"]).read_text())
+    clip_model = open_clip.model.CLIP(**text_cfg["model_cfg"])
+    missing, unexpected = clip_model.load_state_dict(load_file(str(folder / FILES["text_encoder"])),
+                                                     strict=False)
+    if unexpected or [k for k in missing if not k.startswith("visual.")]:
+        raise ExportError(f"{folder}: text encoder weights do not fit its config")
+    del clip_model.visual  # never used at request time; frees its memory
+    ctx = text_cfg["model_cfg"].get("text_cfg", {}).get("context_length", 77)
+    pre = text_cfg["preprocess_cfg"]
+    text = ClipModel(model=clip_model.eval().to(device), tokenizer=open_clip.SimpleTokenizer(context_length=ctx),
+                     name=manifest["clip"]["name"], image_size=int(pre["size"]),
+                     mean=tuple(pre["mean"]), std=tuple(pre["std"]), manifest=None)
+    return ExportedDetector(model=model, text=text, manifest=manifest)

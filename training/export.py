@@ -1,0 +1,62 @@
+"""Stage 6: export the trained detector as the deployable artifact (models/exported.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import build_model
+from safetensors import safe_open
+
+from models.clip.model import architecture_config, load_clip
+from models.exported import write_export
+
+from .train_detector import TRAIN_TEXT_FILE, build_config
+
+logger = logging.getLogger(__name__)
+
+
+def export_detector(model_dir: str | Path, out_dir: str | Path, *, name: str, version: str,
+                    weights: str | Path | None = None) -> Path:
+    """Export a training output folder (config.yaml, weights, text_train.safetensors).
+
+    The metrics of every `eval_<dataset>/metrics.json` in model_dir go into the manifest, each
+    under its dataset's name. The training datasets are registered from the config.
+
+    Returns:
+        Path of the written manifest.json.
+    """
+    from .data.coco_format import register_from_spec
+
+    model_dir = Path(model_dir)
+    cfg = build_config(model_dir / "config.yaml")
+    for spec in cfg.DATASETS.REGISTER:
+        register_from_spec(spec, overwrite=True)
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(str(weights or model_dir / "model_final.pth"))
+    clip = load_clip(cfg.MODEL.OVD.CLIP)
+    arch = (clip.manifest or {}).get("architecture") or architecture_config(cfg.MODEL.OVD.CLIP)
+    with safe_open(str(model_dir / TRAIN_TEXT_FILE), "pt") as f:
+        trained_on = json.loads(f.metadata()["names"])
+    test = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None
+    categories = []
+    if test:
+        meta = MetadataCatalog.get(test)
+        novel = set(getattr(meta, "novel_classes", []))
+        categories = [{"name": n, "split": "novel" if n in novel else "base"} for n in meta.thing_classes]
+    metrics = {}
+    for f in sorted(model_dir.glob("eval_*/metrics.json")):
+        m = json.loads(f.read_text())
+        metrics[m.get("dataset", f.parent.name)] = {k: m[k] for k in ("novel", "base", "all", "images")
+                                                      if k in m}
+    return write_export(out_dir, model=model, cfg=cfg, clip=clip, clip_arch=arch, manifest_fields={
+        "name": name, "version": version,
+        "trained_on": {"dataset": cfg.DATASETS.TRAIN[0], "classes": trained_on,
+                       "vocabulary": cfg.MODEL.OVD.TRAIN_VOCABULARY,
+                       "distillation": bool(cfg.MODEL.OVD.DISTILL_WEIGHT and cfg.DATASETS.DISTILL_TARGETS)},
+        "categories": categories,
+        "metrics": metrics,
+    })
