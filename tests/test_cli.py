@@ -21,6 +21,9 @@ LEAVES = {
     ("clip", "pretrain"): "contrastive loss",
     ("clip", "eval"): "accuracy of a CLIP",
     ("clip", "renorm"): "LayerNorm",
+    ("train",): "resumes from its last checkpoint",
+    ("eval",): "averaged over novel, base, all",
+    ("export",): "weights as safetensors",
     ("demo",): "every pipeline stage",
 }
 

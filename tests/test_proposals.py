@@ -177,12 +177,30 @@ def test_lvis_mode_seeded_random_without_base_filter():
 def test_token_region_embeddings_shapes(clip):
     img = torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8)
     boxes = torch.tensor([[0.0, 0.0, 96.0, 64.0], [10.0, 5.0, 30.0, 20.0], [40.0, 40.0, 41.0, 41.0]])
-    for scale in (1.0, 0.5):
-        e = token_region_embeddings(clip, img, boxes, scale=scale)
-        assert e.shape == (3, clip.embed_dim)
+    for scale, windows, forwards in ((1.0, True, 2), (0.5, True, 1), (1.0, False, 1)):
+        e, f = token_region_embeddings(clip, img, boxes, scale=scale, windows=windows)
+        assert e.shape == (3, clip.embed_dim) and f == forwards
         assert torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-5)
-    # A box covering the whole image pools every token: it equals the mean token's embedding.
-    assert not torch.allclose(e[0], e[1])
+
+
+def test_window_tokens_equal_encoding_the_window_alone(clip):
+    from training.proposals import _vit_tokens
+
+    torch.manual_seed(0)
+    img = torch.randint(0, 255, (3, 64, 128), dtype=torch.uint8)
+    e, forwards = token_region_embeddings(clip, img, torch.tensor([[64.0, 0.0, 128.0, 64.0]]))
+    assert forwards == 2
+    visual = clip.model.visual
+    with torch.inference_mode():
+        tokens = _vit_tokens(visual, clip.normalise(img[:, :, 64:].permute(1, 2, 0)[None]))
+        want = F.normalize(visual.ln_post(tokens.mean(dim=(2, 3))) @ visual.proj, dim=-1)
+    assert torch.allclose(e, want, atol=1e-5)
+    # A native-size image is one window: the global and the windowed prior coincide.
+    square = img[:, :, :64]
+    box = torch.tensor([[5.0, 9.0, 40.0, 30.0]])
+    tiles, _ = token_region_embeddings(clip, square, box, windows=True)
+    whole, _ = token_region_embeddings(clip, square, box, windows=False)
+    assert torch.allclose(tiles, whole, atol=1e-6)
 
 
 # ---------------------------------------------------------------- full runs
@@ -195,7 +213,7 @@ def test_dense_run_writes_complete_shards(dense_run, clip):
     assert reader.manifest["clip"]["sha256"] == clip.manifest["weights"]["sha256"]
     cost = reader.manifest["cost"]
     assert cost["per_image"]["clip_crops"] >= cost["per_image"]["anchors"] > 0
-    assert cost["per_image"]["image_forwards"] == 0
+    assert cost["per_image"]["prior_forwards"] == 0
     for i in reader.image_ids():
         rec = reader[i]
         k = len(rec["boxes"])
@@ -216,8 +234,13 @@ def test_cheap_run_spends_at_most_topk_crops(clip, train, tmp_path):
     reader = run_proposals(clip, *train, tmp_path, cfg)
     assert reader.complete()
     cost = reader.manifest["cost"]["per_image"]
-    assert cost["image_forwards"] == 1 and cost["candidates"] <= 5 and cost["clip_crops"] <= 10
+    # A 64-px image is one window of the 64-px CLIP: one prior forward.
+    assert cost["prior_forwards"] == 1 and cost["candidates"] <= 5 and cost["clip_crops"] <= 10
     assert reader.manifest["config"]["mode"] == "cheap"
+    # The other prior (one global forward) and score (objectness, the lvis default).
+    cfg = ProposalConfig(mode="cheap", cheap_topk=5, cheap_prior="global", filter="lvis", **FAST)
+    reader = run_proposals(clip, *train, tmp_path / "global", cfg, max_images=1)
+    assert reader.complete() and reader.manifest["cost"]["per_image"]["prior_forwards"] == 1
 
 
 def test_resume_after_interrupt_skips_finished_shards(clip, train, dense_run, tmp_path):
@@ -233,6 +256,7 @@ def test_resume_after_interrupt_skips_finished_shards(clip, train, dense_run, tm
 
     with pytest.raises(KeyboardInterrupt):
         run_proposals(clip, *train, tmp_path, ProposalConfig(**FAST), progress=interrupting)
+    assert calls == [0]
     first = tmp_path / shard_name(0)
     assert first.is_file() and not (tmp_path / shard_name(1)).exists()
     assert not ShardReader(tmp_path).complete()
@@ -317,6 +341,21 @@ def test_register_cli_parses():
                               "2", "--dist-url", "tcp://127.0.0.1:1234", "--overwrite"])
     assert (args.mode, args.max_images, args.num_gpus, args.overwrite) == ("cheap", 20, 2, True)
     assert args.func.__name__ == "cmd_proposals"
+
+
+def test_cli_command_runs_in_process(clip, train, tmp_path):
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["proposals", "--clip", _clip_dir(clip),
+                              "--train-json", str(train[0]), "--image-root", str(train[1]),
+                              "--out", str(tmp_path), "--mode", "cheap", "--max-images", "1"])
+    assert args.func(args) == 0
+    reader = load_proposals(tmp_path)
+    assert reader.complete() and len(reader) == 1 and reader.manifest["config"]["mode"] == "cheap"
+
+
+def _clip_dir(clip) -> str:
+    return clip.name.removeprefix("local-dir:")
 
 
 def test_config_validation():

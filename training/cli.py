@@ -298,39 +298,84 @@ def cmd_export(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- demo
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Every stage on the built-in default; a stage whose output exists is reused."""
+    """Every stage on the built-in default, in order. Each stage is cached or resumable: a
+    finished stage whose inputs did not change is reused, an interrupted one resumes."""
     from models.clip.model import ClipCheckpointError, load_clip
 
     from .clip_pretrain import pretrain_clip
+    from .clip_renorm import RenormConfig, renorm_clip
     from .data.preview import write_preview
-    from .data.synthetic import generate_world, load_world, register_world
+    from .data.synthetic import generate_world, load_world, register_world, world_datasets
+    from .proposals import ProposalConfig, run_proposals
+    from .targets import TargetsConfig, run_targets
 
     cfg = load_config(args.config)
+    root = _root(cfg, args)
     world_dir, clip_dir = _paths(cfg, args)
+    renorm_dir = root / "clip" / "renorm"
     t0 = time.time()
+    steps = 8
+
+    def stage(k: int, text: str) -> None:
+        logger.info("[%d/%d] %s  (%.1f min so far)", k, steps, text, (time.time() - t0) / 60)
+
     wcfg = _world_config(cfg, args)
     try:
         world = load_world(world_dir)
         if world["config"] != json.loads(json.dumps(_asdict(wcfg))):
             raise ValueError("config changed")
-        logger.info("[1/2] synthetic world: reusing %s", world_dir)
+        stage(1, f"synthetic world: reusing {world_dir}")
     except (FileNotFoundError, ValueError):
-        logger.info("[1/2] synthetic world -> %s", world_dir)
+        stage(1, f"synthetic world -> {world_dir}")
         generate_world(world_dir, wcfg, workers=args.workers, progress=_progress)
         world = load_world(world_dir)
-    preview = write_preview(world_dir, world_dir / "preview.png")
-    logger.info("      preview: %s", preview)
+    logger.info("      preview: %s", write_preview(world_dir, world_dir / "preview.png"))
     logger.info("      Detectron2 datasets: %s", ", ".join(register_world(world_dir, overwrite=True)))
+    train_json, train_root = world_datasets(world_dir)["synth_train"]
+
     try:
         clip = load_clip(str(clip_dir))
         if clip.manifest["training"]["data"]["fingerprint"] != world["fingerprint"]:
             raise ClipCheckpointError("trained on another world")
-        logger.info("[2/2] CLIP pretraining: reusing %s", clip_dir)
+        stage(2, f"CLIP pretraining: reusing {clip_dir}")
     except (ClipCheckpointError, KeyError):
-        logger.info("[2/2] CLIP pretraining -> %s", clip_dir)
+        stage(2, f"CLIP pretraining -> {clip_dir}")
         clip = pretrain_clip(world_dir, clip_dir, _pretrain_config(cfg, args), progress=_progress)
     _report(clip, world_dir, clip_dir)
-    logger.info("demo finished in %.1f min; outputs under %s", (time.time() - t0) / 60, world_dir.parent)
+
+    rcfg = RenormConfig.from_dict(cfg.get("clip_renorm", {}))
+    try:
+        renormed = load_clip(str(renorm_dir))
+        if renormed.manifest.get("parent", {}).get("sha256") != clip.manifest["weights"]["sha256"] or \
+                renormed.manifest["training"]["config"] != json.loads(json.dumps(_asdict(rcfg))):
+            raise ClipCheckpointError("made from another CLIP or config")
+        stage(3, f"CLIP re-normalisation: reusing {renorm_dir}")
+    except (ClipCheckpointError, KeyError):
+        stage(3, f"CLIP re-normalisation (LayerNorms only) -> {renorm_dir}")
+        renormed = renorm_clip(clip_dir, train_json, train_root, renorm_dir, rcfg, progress=_progress)
+    _report(renormed, world_dir, renorm_dir)
+
+    pcfg = ProposalConfig.from_dict(cfg.get("proposals", {}))
+    stage(4, f"CLIP proposals ({pcfg.mode} mode) -> {root / 'proposals'}")
+    run_proposals(renormed, train_json, train_root, root / "proposals", pcfg, overwrite=True,
+                  progress=_progress)
+    stage(5, f"distillation targets -> {root / 'targets'}")
+    run_targets(renormed, train_json, train_root, root / "proposals", root / "targets",
+                TargetsConfig.from_dict(cfg.get("targets", {})), overwrite=True, progress=_progress)
+
+    stage(6, f"detector training -> {root / 'detector'}")
+    train_args = argparse.Namespace(
+        config=args.config, root=args.root, detector_config=None, opts=[], out=None,
+        vocabulary="base", no_distill=False, targets=None, clip=str(renorm_dir), restart=False,
+        num_gpus=1, num_machines=1, machine_rank=0, dist_url="auto")
+    cmd_train(train_args)
+    stage(7, "generalized zero-shot evaluation")
+    cmd_eval(argparse.Namespace(config=args.config, root=args.root, model_dir=None, weights=None,
+                                dataset=None, clip=None, out=None, opts=[]))
+    stage(8, f"export -> {root / 'export'}")
+    cmd_export(argparse.Namespace(config=args.config, root=args.root, model_dir=None, weights=None,
+                                  out=None, name="ovd-synthetic", version="0.1.0"))
+    logger.info("demo finished in %.1f min; outputs under %s", (time.time() - t0) / 60, root)
     return 0
 
 

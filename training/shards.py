@@ -367,7 +367,11 @@ class ShardReader:
         return self.folder / shard_name(k)
 
     def __contains__(self, image_id: object) -> bool:
-        k = self._index.get(int(image_id)) if isinstance(image_id, int) else None
+        """Whether the image is in the manifest and its shard is written."""
+        try:
+            k = self._index.get(int(image_id))  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            return False
         return k is not None and self._shard_path(k).is_file()
 
     def missing_shards(self) -> list[int]:
