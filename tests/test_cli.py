@@ -21,6 +21,8 @@ LEAVES = {
     ("clip", "pretrain"): "contrastive loss",
     ("clip", "eval"): "accuracy of a CLIP",
     ("clip", "renorm"): "LayerNorm",
+    ("proposals",): "proposals",
+    ("targets",): "targets",
     ("train",): "resumes from its last checkpoint",
     ("eval",): "averaged over novel, base, all",
     ("export",): "weights as safetensors",

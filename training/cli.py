@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import clip_renorm
+from . import clip_renorm, proposals, targets
 from .config import DEFAULT_CONFIG, load_config
 
 logger = logging.getLogger("ovd")
@@ -462,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where to write zero_shot.json for a named model")
     p.set_defaults(func=cmd_clip_eval)
     clip_renorm.register_cli(csub)
+
+    proposals.register_cli(sub)
+    targets.register_cli(sub)
 
     p = sub.add_parser("train", help="train the open-vocabulary detector (Detectron2, resumable)",
                        description="Train the EZSD detector: Faster R-CNN whose box head embeds "

@@ -56,8 +56,9 @@ meaning — while native-size windows with the novel-mass score recovered about 
 dense mode's final proposals as a random top-K at the same cost. The prior only ranks; the
 exact crops decide every stored value.
 
-The manifest records the mode and, once complete, ``cost``: CLIP crops, anchors and image
-forwards per image, and images per second.
+The manifest records the mode (``config``) and, once complete, ``cost``: per image the anchors,
+the candidates that got a crop, the CLIP crops encoded, the prior's ViT inputs
+(``prior_forwards``), the proposals kept and the seconds; and images per second.
 """
 
 from __future__ import annotations

@@ -59,16 +59,17 @@ def crop_and_resize(image: torch.Tensor, boxes: torch.Tensor, *, out_size: int,
     if boxes.numel() == 0:
         return image.new_zeros((0, 3, out_size, out_size), dtype=torch.float32)
     H, W = image.shape[-2:]
-    crop, square = square_crop_boxes(boxes.float(), (H, W), enlarge=enlarge, min_size=min_size)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    crop, square = square_crop_boxes(boxes.float().to(image.device), (H, W), enlarge=enlarge,
+                                     min_size=min_size)
+    m = torch.tensor(mean, dtype=torch.float32, device=image.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=image.device).view(1, 3, 1, 1)
     img = image.float().unsqueeze(0) / 255.0
     rois = torch.cat([square.new_zeros(len(square), 1), square], dim=1)
     out = roi_align(img, rois, (out_size, out_size), spatial_scale=1.0,
                     sampling_ratio=sampling_ratio, aligned=True)
     out = (out - m) / s
     # Output pixel centres in image coordinates; zero what falls outside the clipped crop.
-    t = (torch.arange(out_size, dtype=torch.float32) + 0.5) / out_size
+    t = (torch.arange(out_size, dtype=torch.float32, device=image.device) + 0.5) / out_size
     side = (square[:, 2] - square[:, 0]).unsqueeze(1)
     xs = square[:, 0:1] + t * side
     ys = square[:, 1:2] + t * side
