@@ -26,11 +26,13 @@ from safetensors.torch import load_file, save_file
 
 from models.clip.model import ClipModel, architecture_config, load_clip, save_clip
 
+from .config import SectionConfig
+
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(SectionConfig):
     """The `clip_pretrain:` section of a config file.
 
     Attributes:
@@ -46,6 +48,8 @@ class PretrainConfig:
         precision: "fp32", "bf16" (autocast; ~1.6x faster on CPUs with AVX512-BF16) or "auto"
             (bf16 where oneDNN reports native bf16 support, else fp32).
     """
+
+    SECTION = "clip_pretrain"
 
     architecture: str = "ovd-vit-tiny-64"
     steps: int = 300
@@ -68,12 +72,6 @@ class PretrainConfig:
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"clip_pretrain: precision {self.precision!r} not in auto/fp32/bf16")
 
-    @classmethod
-    def from_dict(cls, d: dict) -> PretrainConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown clip_pretrain config keys: {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 class CaptionCorpus:

@@ -42,6 +42,7 @@ from models.clip.model import (
 )
 
 from .clip_pretrain import bf16_supported
+from .config import SectionConfig
 from .data.coco_format import SPLIT_KEY, load_coco_json
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ _NOT_IDENTITY = ("checkpoint_every", "threads")
 
 
 @dataclass
-class RenormConfig:
+class RenormConfig(SectionConfig):
     """The `clip_renorm:` section of a config file.
 
     Attributes:
@@ -73,6 +74,8 @@ class RenormConfig:
         threads: torch intra-op threads (0 = torch's default).
         precision: "fp32", "bf16" (autocast) or "auto" (bf16 where the CPU has native bf16).
     """
+
+    SECTION = "clip_renorm"
 
     tune: str = "vision+text"
     epochs: int = 3
@@ -110,12 +113,6 @@ class RenormConfig:
         if problems:
             raise ValueError("clip_renorm: " + "; ".join(problems))
 
-    @classmethod
-    def from_dict(cls, d: dict) -> RenormConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown clip_renorm config keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 @dataclass

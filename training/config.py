@@ -6,6 +6,7 @@ Command-line flags override the file; the file overrides the dataclass defaults.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -34,3 +35,18 @@ def load_config(path: str | Path | None) -> dict:
         raise ValueError(f"config file {path}: unknown sections {sorted(unknown)}; "
                          f"known: {sorted(KNOWN_SECTIONS)}")
     return cfg
+
+
+class SectionConfig:
+    """Mixin of the stage config dataclasses: `from_dict` builds one from its YAML section,
+    refusing unknown keys (a typo must not silently fall back to a default)."""
+
+    SECTION: ClassVar[str] = ""
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown {cls.SECTION} config keys: {sorted(unknown)}")
+        # YAML has no tuples: sequences arrive as lists.
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

@@ -78,6 +78,7 @@ from torchvision.ops import box_iou, nms, roi_align
 
 from models.clip.model import DEFAULT_TEMPLATE, ClipModel, sha256_file
 
+from .config import SectionConfig
 from .data.coco_format import load_coco_json
 from .shards import (
     ProgressFactory,
@@ -100,7 +101,7 @@ RUNTIME_FIELDS = ("batch_size", "threads", "shard_size")
 
 
 @dataclass
-class ProposalConfig:
+class ProposalConfig(SectionConfig):
     """The `proposals:` section of a config file.
 
     Attributes:
@@ -138,6 +139,8 @@ class ProposalConfig:
         shard_size: images per shard file.
         threads: torch intra-op threads, 0 = torch's default (runtime only).
     """
+
+    SECTION = "proposals"
 
     mode: str = "dense"
     filter: str = "coco"
@@ -191,12 +194,6 @@ class ProposalConfig:
         if problems:
             raise ValueError("proposals: " + "; ".join(problems))
 
-    @classmethod
-    def from_dict(cls, d: dict) -> ProposalConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown proposals config keys: {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def identity(self) -> dict:
         """The fields the stored proposals depend on."""

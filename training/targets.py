@@ -33,6 +33,7 @@ import torch
 
 from models.clip.model import ClipModel
 
+from .config import SectionConfig
 from .proposals import (
     TrainingImages,
     _root,
@@ -61,7 +62,7 @@ RUNTIME_FIELDS = ("batch_size", "threads", "shard_size")
 
 
 @dataclass
-class TargetsConfig:
+class TargetsConfig(SectionConfig):
     """The `targets:` section of a config file.
 
     Attributes:
@@ -73,6 +74,8 @@ class TargetsConfig:
         shard_size: images per shard file.
         threads: torch intra-op threads, 0 = torch's default (runtime only).
     """
+
+    SECTION = "targets"
 
     max_proposals: int = 200
     gt_enlarge: float = 1.2
@@ -90,12 +93,6 @@ class TargetsConfig:
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"targets: precision {self.precision!r} not in fp32/bf16/fp16")
 
-    @classmethod
-    def from_dict(cls, d: dict) -> TargetsConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown targets config keys: {sorted(unknown)}")
-        return cls(**d)
 
     def identity(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in RUNTIME_FIELDS}

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from ..config import SectionConfig
 from .shapes import (
     CATEGORIES,
     COLOURS,
@@ -48,7 +49,7 @@ DETECTION_SPLITS = ("train", "val")
 
 
 @dataclass
-class WorldConfig:
+class WorldConfig(SectionConfig):
     """Sizes and difficulty of the synthetic world (the `world:` section of a config file).
 
     Attributes:
@@ -70,6 +71,8 @@ class WorldConfig:
         blur: largest Gaussian blur radius of a detection image, pixels.
         noise: range of the sensor noise std of a detection image, 0..255 units.
     """
+
+    SECTION = "world"
 
     seed: int = 0
     image_size: int = 256
@@ -107,13 +110,6 @@ class WorldConfig:
         if problems:
             raise ValueError("invalid world config: " + "; ".join(problems))
 
-    @classmethod
-    def from_dict(cls, d: dict) -> WorldConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown world config keys: {sorted(unknown)}")
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**d)
 
 
 @dataclass
