@@ -72,8 +72,14 @@ def _progress(desc: str, total: int, initial: int = 0):
     return advance_log
 
 
+def _root(cfg: dict, args: argparse.Namespace) -> Path:
+    """Output root: --root, else the config's paths.root."""
+    return Path(getattr(args, "root", None) or cfg.get("paths", {}).get("root", "runs/synthetic"))
+
+
 def _paths(cfg: dict, args: argparse.Namespace) -> tuple[Path, Path]:
-    root = Path(getattr(args, "root", None) or cfg.get("paths", {}).get("root", "runs/synthetic"))
+    """(world folder, pretrained CLIP folder) under the output root."""
+    root = _root(cfg, args)
     return root / "world", root / "clip" / "pretrained"
 
 
@@ -213,10 +219,6 @@ def _register(dcfg) -> None:
 
     for spec in dcfg.DATASETS.REGISTER:
         register_from_spec(spec, overwrite=True)
-
-
-def _root(cfg: dict, args: argparse.Namespace) -> Path:
-    return Path(getattr(args, "root", None) or cfg.get("paths", {}).get("root", "runs/synthetic"))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
