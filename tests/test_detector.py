@@ -55,6 +55,17 @@ def test_classifier_logits_hand_computed():
     assert math.isclose(clf.log_temperature.item(), math.log(100.0), rel_tol=1e-6)
 
 
+def test_temperature_floor():
+    clf = TextEmbeddingClassifier(2, init_temperature=100.0, min_temperature=20.0)
+    with torch.no_grad():
+        clf.log_temperature.fill_(math.log(2.0))  # as if SGD had collapsed it
+    logits = clf(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]))
+    assert torch.allclose(logits, torch.tensor([[20.0, 0.0]]))
+    free = TextEmbeddingClassifier(2, init_temperature=2.0)
+    assert torch.allclose(free(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]])),
+                          torch.tensor([[2.0, 0.0]]))
+
+
 def test_distillation_loss_hand_computed():
     # Image 0: two regions with weights 1 and 3 -> renormalised 0.5 and 1.5.
     # Image 1: one region, weight 0.2 -> 1.

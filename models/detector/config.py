@@ -14,6 +14,8 @@ def add_ovd_config(cfg: CN) -> CN:
     cfg.MODEL.OVD.BRANCH_DIM = 1024
     # Initial classifier temperature tau (EZSD: exp(s) with s = ln 100).
     cfg.MODEL.OVD.INIT_TEMPERATURE = 100.0
+    # Floor of the learnable temperature (0 = none, as in the paper; see TextEmbeddingClassifier).
+    cfg.MODEL.OVD.MIN_TEMPERATURE = 0.0
     # Condition box deltas on the class's text embedding (EZSD's semantic regressor).
     cfg.MODEL.OVD.SEMANTIC_REGRESSOR = True
     # lambda of the region-distillation loss (EZSD: 1.0 on COCO, 0.5 on LVIS; 0 = off).

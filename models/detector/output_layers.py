@@ -28,18 +28,23 @@ class TextEmbeddingClassifier(nn.Module):
     Args:
         embed_dim: D, the CLIP embedding size.
         init_temperature: initial tau (EZSD: 100, i.e. s = ln 100).
+        min_temperature: tau is clamped at this floor *(our addition: on the synthetic world,
+            SGD drove tau from 100 to 2.8 in 900 iterations, after which only the un-normalised
+            background vector could produce large logits and foreground scores went uniform)*.
+            0 disables the floor.
     """
 
-    def __init__(self, embed_dim: int, init_temperature: float = 100.0):
+    def __init__(self, embed_dim: int, init_temperature: float = 100.0, min_temperature: float = 0.0):
         super().__init__()
         self.background = nn.Parameter(torch.zeros(embed_dim))
         self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
+        self.min_log_temperature = math.log(min_temperature) if min_temperature > 0 else -math.inf
 
     def forward(self, region_embeddings: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """(N, D) normalised regions, (C, D) normalised text -> (N, C + 1) logits, bg last."""
         sims = torch.cat([region_embeddings @ text.T,
                           (region_embeddings @ self.background).unsqueeze(1)], dim=1)
-        return self.log_temperature.exp() * sims
+        return self.log_temperature.clamp(min=self.min_log_temperature).exp() * sims
 
 
 def distillation_loss(region_embeddings: torch.Tensor, clip_embeddings: torch.Tensor,
@@ -78,13 +83,15 @@ class EZSDOutputLayers(FastRCNNOutputLayers):
 
     @configurable
     def __init__(self, input_shape: ShapeSpec, *, embed_dim: int, branch_dim: int,
-                 init_temperature: float, semantic_regressor: bool, **kwargs):
+                 init_temperature: float, min_temperature: float = 0.0, semantic_regressor: bool,
+                 **kwargs):
         """
         Args:
             input_shape: shape of the shared box-head feature.
             embed_dim: D, CLIP's embedding size.
             branch_dim: width of each branch's hidden FC layer.
             init_temperature: initial classifier temperature tau.
+            min_temperature: floor of tau (0 = none).
             semantic_regressor: regress from concat(x_reg, t_y) (EZSD) instead of x_reg alone.
             **kwargs: FastRCNNOutputLayers arguments (box2box_transform, num_classes, ...).
         """
@@ -94,7 +101,7 @@ class EZSDOutputLayers(FastRCNNOutputLayers):
         self.cls_branch = nn.Sequential(nn.Linear(d, branch_dim), nn.ReLU(inplace=True))
         self.reg_branch = nn.Sequential(nn.Linear(d, branch_dim), nn.ReLU(inplace=True))
         self.embed = nn.Linear(branch_dim, embed_dim)
-        self.classifier = TextEmbeddingClassifier(embed_dim, init_temperature)
+        self.classifier = TextEmbeddingClassifier(embed_dim, init_temperature, min_temperature)
         self.semantic_regressor = semantic_regressor
         self.bbox_pred = nn.Linear(branch_dim + (embed_dim if semantic_regressor else 0), 4)
         nn.init.normal_(self.bbox_pred.weight, std=0.001)
@@ -106,6 +113,7 @@ class EZSDOutputLayers(FastRCNNOutputLayers):
         args = super().from_config(cfg, input_shape)
         args.update(embed_dim=cfg.MODEL.OVD.EMBED_DIM, branch_dim=cfg.MODEL.OVD.BRANCH_DIM,
                     init_temperature=cfg.MODEL.OVD.INIT_TEMPERATURE,
+                    min_temperature=cfg.MODEL.OVD.MIN_TEMPERATURE,
                     semantic_regressor=cfg.MODEL.OVD.SEMANTIC_REGRESSOR)
         args["box2box_transform"] = Box2BoxTransform(weights=cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS)
         args.pop("cls_agnostic_bbox_reg", None)
