@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import clip_renorm, proposals, targets
-from .config import DEFAULT_CONFIG, load_config
+from .config import DEFAULT_CONFIG, load_config, output_root
 
 logger = logging.getLogger("ovd")
 
@@ -72,37 +72,23 @@ def _progress(desc: str, total: int, initial: int = 0):
     return advance_log
 
 
-def _root(cfg: dict, args: argparse.Namespace) -> Path:
-    """Output root: --root, else the config's paths.root."""
-    return Path(getattr(args, "root", None) or cfg.get("paths", {}).get("root", "runs/synthetic"))
-
-
 def _paths(cfg: dict, args: argparse.Namespace) -> tuple[Path, Path]:
     """(world folder, pretrained CLIP folder) under the output root."""
-    root = _root(cfg, args)
+    root = output_root(cfg, args)
     return root / "world", root / "clip" / "pretrained"
 
 
 def _world_config(cfg: dict, args: argparse.Namespace):
     from .data.synthetic import WorldConfig
 
-    world = dict(cfg.get("world", {}))
-    for key in ("seed", "num_train", "num_val", "num_captions", "image_size"):
-        value = getattr(args, key, None)
-        if value is not None:
-            world[key] = value
-    return WorldConfig.from_dict(world)
+    return WorldConfig.from_config(cfg, args, ("seed", "num_train", "num_val", "num_captions",
+                                               "image_size"))
 
 
 def _pretrain_config(cfg: dict, args: argparse.Namespace):
     from .clip_pretrain import PretrainConfig
 
-    section = dict(cfg.get("clip_pretrain", {}))
-    for key in ("steps", "batch_size", "threads"):
-        value = getattr(args, key, None)
-        if value is not None:
-            section[key] = value
-    return PretrainConfig.from_dict(section)
+    return PretrainConfig.from_config(cfg, args, ("steps", "batch_size", "threads"))
 
 
 # --------------------------------------------------------------------------- data
@@ -227,7 +213,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train_detector import launch_training, prepare
 
     cfg = load_config(args.config)
-    root = _root(cfg, args)
+    root = output_root(cfg, args)
     dcfg = _detector_cfg(cfg, args)
     dcfg.OUTPUT_DIR = str(args.out or root / "detector")
     dcfg.MODEL.OVD.TRAIN_VOCABULARY = args.vocabulary
@@ -263,7 +249,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train_detector import build_config
 
     cfg = load_config(args.config)
-    model_dir = Path(args.model_dir or _root(cfg, args) / "detector")
+    model_dir = Path(args.model_dir or output_root(cfg, args) / "detector")
     dcfg = build_config(model_dir / "config.yaml", args.opts)
     _register(dcfg)
     dataset = args.dataset or dcfg.DATASETS.TEST[0]
@@ -286,7 +272,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_detector
 
     cfg = load_config(args.config)
-    root = _root(cfg, args)
+    root = output_root(cfg, args)
     model_dir = Path(args.model_dir or root / "detector")
     out = Path(args.out or root / "export")
     manifest = export_detector(model_dir, out, name=args.name, version=args.version, weights=args.weights)
@@ -312,7 +298,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .targets import TargetsConfig, run_targets
 
     cfg = load_config(args.config)
-    root = _root(cfg, args)
+    root = output_root(cfg, args)
     world_dir, clip_dir = _paths(cfg, args)
     renorm_dir = root / "clip" / "renorm"
     t0 = time.time()
@@ -345,7 +331,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         clip = pretrain_clip(world_dir, clip_dir, _pretrain_config(cfg, args), progress=_progress)
     _report(clip, world_dir, clip_dir)
 
-    rcfg = RenormConfig.from_dict(cfg.get("clip_renorm", {}))
+    rcfg = RenormConfig.from_config(cfg)
     try:
         renormed = load_clip(str(renorm_dir))
         if renormed.manifest.get("parent", {}).get("sha256") != clip.manifest["weights"]["sha256"] or \
@@ -357,13 +343,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         renormed = renorm_clip(clip_dir, train_json, train_root, renorm_dir, rcfg, progress=_progress)
     _report(renormed, world_dir, renorm_dir)
 
-    pcfg = ProposalConfig.from_dict(cfg.get("proposals", {}))
+    pcfg = ProposalConfig.from_config(cfg)
     stage(4, f"CLIP proposals ({pcfg.mode} mode) -> {root / 'proposals'}")
     run_proposals(renormed, train_json, train_root, root / "proposals", pcfg, overwrite=True,
                   progress=_progress)
     stage(5, f"distillation targets -> {root / 'targets'}")
     run_targets(renormed, train_json, train_root, root / "proposals", root / "targets",
-                TargetsConfig.from_dict(cfg.get("targets", {})), overwrite=True, progress=_progress)
+                TargetsConfig.from_config(cfg), overwrite=True, progress=_progress)
 
     stage(6, f"detector training -> {root / 'detector'}")
     train_args = argparse.Namespace(

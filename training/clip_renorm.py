@@ -419,31 +419,22 @@ def _save_resume(resume_dir: Path, params: dict, names: list[str], optimizer, st
 
 # --------------------------------------------------------------------------- command line
 
-def _renorm_config(cfg: dict, args: argparse.Namespace) -> RenormConfig:
-    section = dict(cfg.get("clip_renorm", None) or {})
-    for key in ("tune", "epochs", "batch_size", "threads"):
-        value = getattr(args, key, None)
-        if value is not None:
-            section[key] = value
-    return RenormConfig.from_dict(section)
-
-
 def cmd_clip_renorm(args: argparse.Namespace) -> int:
     """`ovd clip renorm`: train, then print and save the before/after zero-shot tables."""
     from .cli import _progress
     from .clip_eval import format_report, zero_shot_report
-    from .config import load_config
+    from .config import load_config, output_root
     from .data.synthetic import world_datasets
 
     cfg = load_config(args.config)
-    root = Path(args.root or cfg.get("paths", {}).get("root", "runs/synthetic"))
+    root = output_root(cfg, args)
     world_dir = Path(args.world) if args.world else root / "world"
     parent = args.clip or str(root / "clip" / "pretrained")
     out_dir = Path(args.out) if args.out else root / "clip" / "renorm"
     default_json, default_images = world_datasets(world_dir)["synth_train"]
     json_file = Path(args.train_json) if args.train_json else default_json
     image_root = Path(args.image_root) if args.image_root else default_images
-    rcfg = _renorm_config(cfg, args)
+    rcfg = RenormConfig.from_config(cfg, args, ("tune", "epochs", "batch_size", "threads"))
 
     clip = renorm_clip(parent, json_file, image_root, out_dir, rcfg, progress=_progress,
                        pretrained=args.pretrained)

@@ -37,6 +37,11 @@ def load_config(path: str | Path | None) -> dict:
     return cfg
 
 
+def output_root(cfg: dict, args=None) -> Path:
+    """Every stage's output root: the --root flag, else the config's paths.root."""
+    return Path(getattr(args, "root", None) or cfg.get("paths", {}).get("root", "runs/synthetic"))
+
+
 class SectionConfig:
     """Mixin of the stage config dataclasses: `from_dict` builds one from its YAML section,
     refusing unknown keys (a typo must not silently fall back to a default)."""
@@ -50,3 +55,13 @@ class SectionConfig:
             raise ValueError(f"unknown {cls.SECTION} config keys: {sorted(unknown)}")
         # YAML has no tuples: sequences arrive as lists.
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    @classmethod
+    def from_config(cls, cfg: dict, args=None, flags: tuple[str, ...] = ()):
+        """The config file's section, with the given command-line flags (when set) on top."""
+        section = dict(cfg.get(cls.SECTION) or {})
+        for key in flags:
+            value = getattr(args, key, None)
+            if value is not None:
+                section[key] = value
+        return cls.from_dict(section)

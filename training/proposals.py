@@ -78,7 +78,7 @@ from torchvision.ops import box_iou, nms, roi_align
 
 from models.clip.model import DEFAULT_TEMPLATE, ClipModel, sha256_file
 
-from .config import SectionConfig
+from .config import SectionConfig, output_root
 from .data.coco_format import load_coco_json
 from .shards import (
     ProgressFactory,
@@ -629,15 +629,11 @@ def run_proposals(clip: ClipModel, json_file: str | Path, image_root: str | Path
 
 # --------------------------------------------------------------------------- CLI
 
-def _root(cfg: dict, args: argparse.Namespace) -> Path:
-    return Path(getattr(args, "root", None) or cfg.get("paths", {}).get("root", "runs/synthetic"))
-
-
 def default_train_data(cfg: dict, args: argparse.Namespace) -> tuple[Path, Path]:
     """--train-json / --image-root, defaulting to the synthetic world's `synth_train`."""
     from .data.synthetic import world_datasets
 
-    json_file, image_root = world_datasets(_root(cfg, args) / "world")["synth_train"]
+    json_file, image_root = world_datasets(output_root(cfg, args) / "world")["synth_train"]
     return (Path(args.train_json) if args.train_json else json_file,
             Path(args.image_root) if args.image_root else image_root)
 
@@ -688,12 +684,8 @@ def cmd_proposals(args: argparse.Namespace) -> int:
     from .config import load_config
 
     cfg = load_config(args.config)
-    section = dict(cfg.get("proposals", {}))
-    for key in ("mode", "filter", "batch_size"):
-        if getattr(args, key, None) is not None:
-            section[key] = getattr(args, key)
-    pcfg = ProposalConfig.from_dict(section)
-    root = _root(cfg, args)
+    pcfg = ProposalConfig.from_config(cfg, args, ("mode", "filter", "batch_size"))
+    root = output_root(cfg, args)
     json_file, image_root = default_train_data(cfg, args)
     clip = args.clip or str(root / "clip" / "renorm")
     out = args.out or str(root / "proposals")

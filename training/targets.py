@@ -33,10 +33,9 @@ import torch
 
 from models.clip.model import ClipModel
 
-from .config import SectionConfig
+from .config import SectionConfig, output_root
 from .proposals import (
     TrainingImages,
-    _root,
     _setup_worker_logging,
     add_common_args,
     autocast,
@@ -250,12 +249,8 @@ def cmd_targets(args: argparse.Namespace) -> int:
     from .config import load_config
 
     cfg = load_config(args.config)
-    section = dict(cfg.get("targets", {}))
-    for key in ("max_proposals", "batch_size"):
-        if getattr(args, key, None) is not None:
-            section[key] = getattr(args, key)
-    tcfg = TargetsConfig.from_dict(section)
-    root = _root(cfg, args)
+    tcfg = TargetsConfig.from_config(cfg, args, ("max_proposals", "batch_size"))
+    root = output_root(cfg, args)
     json_file, image_root = default_train_data(cfg, args)
     clip = args.clip or str(root / "clip" / "renorm")
     if args.gt_only:
