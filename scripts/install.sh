@@ -2,7 +2,7 @@
 # The one install step of the project: the README's commands, CI and the Dockerfiles all run it.
 #
 #   scripts/install.sh            venv + pinned torch + Detectron2 + the project (+ dev tools)
-#   OVD_VENV=/opt/ovd scripts/install.sh --no-dev    (e.g. in an image)
+#   OVD_VENV=/opt/ovd scripts/install.sh --no-dev --no-redis    (e.g. in an image: docker/)
 #
 # Idempotent: a second run only checks what is there. Needs python3 >= 3.10 with venv; installs
 # redis-server through apt where it is missing (the service and its tests use a real Redis).
@@ -32,7 +32,13 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q --disable-pip-version-check "pip==25.3"
 
 step "torch + torchvision (pinned exactly; see constraints.txt)"
-"$PY" -m pip install -q -c constraints.txt torch torchvision
+# OVD_TORCH_INDEX_URL selects the wheel index of the torch build (the Dockerfiles pass the CPU-only
+# or a CUDA index); unset, pip's configured index is used, as before.
+if [ -n "${OVD_TORCH_INDEX_URL:-}" ]; then
+  "$PY" -m pip install -q -c constraints.txt --index-url "$OVD_TORCH_INDEX_URL" torch torchvision
+else
+  "$PY" -m pip install -q -c constraints.txt torch torchvision
+fi
 
 step "Detectron2 (official build if present, else patched v0.6 sdist + pure-PyTorch _C)"
 "$PY" scripts/detectron2_compat/install_detectron2.py
