@@ -181,6 +181,7 @@ def test_cuda_image_takes_torch_from_the_cuda_index_of_its_base_image():
     args = dict(a.split("=", 1) for _, kw, a in items if kw == "ARG" and "=" in a)
     base = re.search(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-runtime-ubuntu22\.04$", args["CUDA_IMAGE"])
     index = re.search(r"/whl/cu(\d+)$", args["OVD_TORCH_INDEX_URL"])
+    assert any(kw == "ENV" and "OVD_DEVICE=cuda" in a for kw, a in final_stage(DOCKERFILES["cuda"]))
     assert base and index, args
     assert index.group(1) == base.group(1) + base.group(2)
     cpu = dict(a.split("=", 1) for _, kw, a in instructions(DOCKERFILES["cpu"])
@@ -272,6 +273,7 @@ def test_compose_redis_is_private_persistent_and_pinned():
 def test_compose_gpu_override_reserves_an_nvidia_gpu_with_the_cuda_image():
     detector = load_yaml(DOCKER / "compose.gpu.yaml")["services"]["detector"]
     assert detector["build"]["dockerfile"] == "docker/Dockerfile.cuda"
+    assert detector["environment"]["OVD_DEVICE"] == "cuda"
     (device,) = detector["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
 
