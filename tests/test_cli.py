@@ -27,6 +27,7 @@ LEAVES = {
     ("eval",): "averaged over novel, base, all",
     ("export",): "weights as safetensors",
     ("demo",): "every pipeline stage",
+    ("serve",): "Serve an exported detector over HTTP",
 }
 
 

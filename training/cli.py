@@ -14,6 +14,7 @@
     ovd eval             generalized zero-shot AP50 / AP on novel, base and all classes
     ovd export           EZSD stage 6: the deployable artifact (safetensors + manifest)
     ovd demo             the main job on the built-in default: every stage above, cached
+    ovd serve            the detection service (HTTP API + web page) for an export
 """
 
 from __future__ import annotations
@@ -373,6 +374,29 @@ def _asdict(obj) -> dict:
     return asdict(obj)
 
 
+# --------------------------------------------------------------------------- serve
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The detection service: uvicorn running `service.app:create_app`. Settings other than
+    the flags come from OVD_* environment variables (service/settings.py)."""
+    import math
+    import os
+
+    import uvicorn
+
+    from models.exported import verify_export
+    from service.settings import Settings
+
+    if args.model_dir:
+        os.environ["OVD_MODEL_DIR"] = args.model_dir  # the app factory reads its settings from the environment
+    settings = Settings()
+    verify_export(settings.model_dir)  # a missing or tampered export fails here, not in a running server
+    logging.getLogger("service").setLevel(logging.INFO)
+    uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port,
+                workers=args.workers, timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s))
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -503,6 +527,17 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="run the detection service (FastAPI + uvicorn)",
+                       description="Serve an exported detector over HTTP: POST /v1/detect, a web "
+                                   "page at /, API docs at /docs. Other settings come from OVD_* "
+                                   "environment variables (service/settings.py).")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-dir", default=None,
+                   help="export folder (default: $OVD_MODEL_DIR, else artifacts/default)")
+    p.add_argument("--workers", type=int, default=1, help="processes, each holding its own model")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

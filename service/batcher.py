@@ -1,0 +1,220 @@
+"""Server-side batching: many requests, one `model.encode` per batch, one vocabulary each.
+
+Requests wait in a bounded queue; a batch is taken when `max_batch_size` images are waiting
+or the oldest has waited `max_batch_wait`, whichever comes first (while the model is busy,
+the queue fills and the next batch leaves at once). The batch runs in one worker thread, so
+the event loop never blocks on torch:
+
+    regions = model.encode(images)                    # ~all of the cost, shared
+    for each request: classify(its regions, its text) # two small matmuls + NMS, per vocabulary
+
+Images are encoded together only when they pad to the same size. Detectron2 pads a batch to
+its largest image, and the detector's GroupNorm sees the padding, so mixing sizes would make
+a request's detections depend on which other requests it was batched with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from detectron2.structures import Instances
+
+logger = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The queue has no room for the request's images, or the batcher is shutting down."""
+
+
+@dataclass
+class Job:
+    """One image to detect in, with its request's vocabulary.
+
+    Attributes:
+        inputs: Detectron2 input {"image": (3, h, w) uint8, "height": H, "width": W}.
+        text: (C, D) normalised text embeddings; pred_classes index its rows.
+        score_threshold: minimum score, or None for the model's test threshold.
+        max_detections: at most this many detections, or None for the model's default.
+    """
+
+    inputs: dict
+    text: torch.Tensor
+    score_threshold: float | None = None
+    max_detections: int | None = None
+    future: asyncio.Future | None = field(default=None, repr=False)
+    enqueued: float = 0.0
+
+
+@dataclass
+class JobResult:
+    """Detections of one job and where its time went (seconds).
+
+    Attributes:
+        instances: pred_boxes (N, 4) XYXY pixels of the original image, scores (N,),
+            pred_classes (N,) rows of the job's text.
+        queue_s: waiting for a batch. model_s: the batch's encode call (shared).
+        classify_s: this job's classification. batch_size: images in its encode call.
+    """
+
+    instances: Instances
+    queue_s: float
+    model_s: float
+    classify_s: float
+    batch_size: int
+
+
+class Batcher:
+    """Asyncio front, one worker thread behind.
+
+    Args:
+        model: OpenVocabRCNN in eval mode.
+        max_batch_size: images per encode call.
+        max_wait_s: longest a batch waits to fill up, seconds.
+        max_queue: images waiting at most; more -> Overloaded.
+        on_batch: callback(batch_size, seconds) per encode call (metrics).
+        on_queue_depth: callback(depth) whenever the queue changes (metrics).
+    """
+
+    def __init__(self, model, *, max_batch_size: int, max_wait_s: float, max_queue: int,
+                 on_batch: Callable[[int, float], None] | None = None,
+                 on_queue_depth: Callable[[int], None] | None = None):
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self._on_batch = on_batch or (lambda size, seconds: None)
+        self._on_queue_depth = on_queue_depth or (lambda depth: None)
+        self._divisor = max(int(getattr(model.backbone, "size_divisibility", 0) or 1), 1)
+        self._queue: deque[Job] = deque()
+        self._arrived = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ovd-model")
+        self._task: asyncio.Task | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="ovd-batcher")
+
+    def submit(self, jobs: list[Job]) -> list[asyncio.Future]:
+        """Queue all jobs of one request, or none of them.
+
+        Returns:
+            One future per job, resolving to a JobResult (cancel it to drop the job).
+
+        Raises:
+            Overloaded: not enough room in the queue, or shutting down.
+        """
+        if self._closing:
+            raise Overloaded("the server is shutting down")
+        if len(self._queue) + len(jobs) > self.max_queue:
+            raise Overloaded(f"{len(self._queue)} images are waiting; the queue holds {self.max_queue}")
+        loop = asyncio.get_running_loop()
+        for job in jobs:
+            job.future = loop.create_future()
+            job.enqueued = time.monotonic()
+            self._queue.append(job)
+        self._idle.clear()
+        self._arrived.set()
+        self._on_queue_depth(len(self._queue))
+        return [job.future for job in jobs]
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._arrived.wait()
+            while self._queue and len(self._queue) < self.max_batch_size:
+                remaining = self._queue[0].enqueued + self.max_wait_s - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            batch: list[Job] = []
+            while self._queue and len(batch) < self.max_batch_size:
+                job = self._queue.popleft()
+                if not job.future.done():  # a request that timed out or went away is skipped
+                    batch.append(job)
+            self._on_queue_depth(len(self._queue))
+            if self._queue:
+                self._arrived.set()  # the rest is the next batch, without waiting again
+            else:
+                self._arrived.clear()
+            if batch:
+                started = time.monotonic()
+                outcomes = await loop.run_in_executor(self._executor, self._process, batch, started)
+                for job, outcome in zip(batch, outcomes, strict=True):
+                    if job.future.done():
+                        continue
+                    if isinstance(outcome, BaseException):
+                        job.future.set_exception(outcome)
+                    else:
+                        job.future.set_result(outcome)
+            if not self._queue:
+                self._idle.set()
+
+    def _padded_shape(self, job: Job) -> tuple[int, int]:
+        _, h, w = job.inputs["image"].shape
+        return (math.ceil(h / self._divisor) * self._divisor, math.ceil(w / self._divisor) * self._divisor)
+
+    def _process(self, batch: list[Job], started: float) -> list[JobResult | BaseException]:
+        """Runs in the worker thread: encode each same-size group once, classify per job."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, job in enumerate(batch):
+            groups.setdefault(self._padded_shape(job), []).append(i)
+        outcomes: list[JobResult | BaseException] = [RuntimeError("not processed")] * len(batch)
+        predictor = self.model.roi_heads.box_predictor
+        with torch.inference_mode():
+            for members in groups.values():
+                jobs = [batch[i] for i in members]
+                try:
+                    t0 = time.monotonic()
+                    regions = self.model.encode([j.inputs for j in jobs])
+                    model_s = time.monotonic() - t0
+                    self._on_batch(len(jobs), model_s)
+                    for i, job, region in zip(members, jobs, regions, strict=True):
+                        t1 = time.monotonic()
+                        found = predictor.classify([region], job.text.to(self.model.device),
+                                                   score_thresh=job.score_threshold,
+                                                   max_detections=job.max_detections)
+                        instances = self.model.to_original_size(found, [job.inputs])[0]["instances"]
+                        outcomes[i] = JobResult(instances.to("cpu"), queue_s=started - job.enqueued,
+                                                model_s=model_s, classify_s=time.monotonic() - t1,
+                                                batch_size=len(jobs))
+                except Exception as e:  # noqa: BLE001  delivered to the waiting requests
+                    logger.exception("inference failed for a batch of %d images", len(jobs))
+                    for i in members:
+                        outcomes[i] = e
+        return outcomes
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Refuse new jobs, finish the queued and running ones (up to timeout_s), stop."""
+        self._closing = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            logger.warning("shutdown: %d queued images dropped after %.0f s", len(self._queue), timeout_s)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for job in self._queue:
+            if not job.future.done():
+                job.future.set_exception(Overloaded("the server shut down"))
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,129 @@
+"""Image bytes -> the detector's input, with every limit checked before pixels are decoded.
+
+Order of checks (each a clear `ApiError`, never a crash):
+  empty body (400) -> format sniffed by PIL (415 if not an image or not allowed) -> header
+  size against `max_pixels` (413, before decoding: a decompression bomb costs nothing) ->
+  trailing bytes after the format's end marker (400: a polyglot, e.g. PNG + ZIP) -> full
+  decode (400 if truncated or corrupt) -> EXIF orientation -> RGB.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import struct
+import warnings
+
+import numpy as np
+import torch
+from detectron2.data import transforms as T
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ApiError
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+
+
+def decode_base64(data: str) -> bytes:
+    """Strict base64 (standard alphabet, optional `data:image/...;base64,` prefix) -> bytes."""
+    if data.startswith("data:") and "," in data:
+        data = data.split(",", 1)[1]
+    try:
+        return base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ApiError(400, "invalid_base64", f"image is not valid base64: {e}") from e
+
+
+def _trailing_bytes(data: bytes, fmt: str) -> int:
+    """Bytes after the end of the image in `data` (0 for a clean file), by the format's framing."""
+    if fmt == "PNG":
+        end = data.rfind(b"IEND")
+        return len(data) - (end + 8) if end >= 0 else 0  # IEND chunk type + 4-byte CRC
+    if fmt == "JPEG":
+        # Some encoders pad after EOI with zeros; anything else after it is another payload.
+        body = data.rstrip(b"\x00")
+        end = body.rfind(b"\xff\xd9")
+        return len(body) - (end + 2) if end >= 0 else 0
+    if fmt == "WEBP":
+        return len(data) - (struct.unpack("<I", data[4:8])[0] + 8)
+    if fmt == "GIF":
+        return len(data) - (data.rfind(b"\x3b") + 1)
+    if fmt == "BMP":
+        size = struct.unpack("<I", data[2:6])[0]
+        return len(data) - size if size else 0
+    return 0
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
+    """Decode an uploaded image.
+
+    Args:
+        data: the file's bytes.
+        max_pixels: largest width * height accepted (checked from the header, before decoding).
+
+    Returns:
+        (H, W, 3) uint8 RGB array, EXIF orientation applied (H, W are the upright size).
+
+    Raises:
+        ApiError: 400 empty / truncated / corrupt / trailing data, 413 too many pixels,
+            415 not an image or a format outside ALLOWED_FORMATS.
+    """
+    if not data:
+        raise ApiError(400, "empty_image", "the image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (and past 2x its own limit raises) for huge images; our limit comes first.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError as e:
+        raise ApiError(415, "unsupported_image",
+                       f"not an image in a supported format ({', '.join(ALLOWED_FORMATS)})") from e
+    except Image.DecompressionBombError as e:
+        raise ApiError(413, "image_too_large", str(e)) from e
+    except (OSError, ValueError, struct.error) as e:
+        raise ApiError(400, "corrupt_image", f"the image header could not be read: {e}") from e
+    with im:
+        width, height = im.size
+        if width <= 0 or height <= 0:
+            raise ApiError(400, "corrupt_image", f"image has size {width}x{height}")
+        if width * height > max_pixels:
+            raise ApiError(413, "image_too_large",
+                           f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+        try:
+            extra = _trailing_bytes(data, im.format)
+        except struct.error:
+            extra = 0
+        if extra > 0:
+            raise ApiError(400, "trailing_data",
+                           f"{extra} bytes follow the end of the {im.format} image (a polyglot file?)")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im.load()
+                upright = ImageOps.exif_transpose(im)
+                rgb = upright.convert("RGB")
+        except Image.DecompressionBombError as e:
+            raise ApiError(413, "image_too_large", str(e)) from e
+        except (OSError, ValueError, SyntaxError, struct.error, EOFError) as e:
+            raise ApiError(400, "corrupt_image", f"the image could not be decoded: {e}") from e
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def to_model_input(rgb: np.ndarray, *, input_format: str, min_size: int, max_size: int) -> dict:
+    """Detectron2 input of one image, preprocessed as in evaluation.
+
+    Args:
+        rgb: (H, W, 3) uint8 RGB.
+        input_format: the export's INPUT.FORMAT ("RGB" or "BGR").
+        min_size, max_size: ResizeShortestEdge test sizes of the export.
+
+    Returns:
+        {"image": (3, h, w) uint8 tensor in `input_format` order, "height": H, "width": W}.
+    """
+    height, width = rgb.shape[:2]
+    resized = T.ResizeShortestEdge(min_size, max_size).get_transform(rgb).apply_image(rgb)
+    if input_format == "BGR":
+        resized = resized[:, :, ::-1]
+    image = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+    return {"image": image, "height": height, "width": width}

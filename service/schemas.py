@@ -1,0 +1,123 @@
+"""Request and response models of the HTTP API (they are also the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DetectOptions(BaseModel):
+    """What to look for; send `classes` or `vocabulary`, not both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    classes: list[str] | None = Field(None, description="class names in plain words",
+                                      examples=[["red ring", "blue star"]])
+    vocabulary: str | None = Field(None, description="id of a named vocabulary (built-in or registered)",
+                                   examples=["training"])
+    templates: list[str] | None = Field(None, description="prompt templates with one '{}'; several are "
+                                        "averaged (prompt ensembling). Default: the model's own")
+    score_threshold: float | None = Field(None, ge=0.0, le=1.0, description="minimum score "
+                                          "(default: the model's test threshold)")
+    max_detections: int | None = Field(None, ge=1, description="at most this many detections per image")
+
+
+class DetectRequest(DetectOptions):
+    """One image as base64 (JSON body of POST /v1/detect)."""
+
+    image: str = Field(..., description="the image file (JPEG, PNG, WebP, BMP, GIF) as base64")
+
+
+class BatchDetectRequest(DetectOptions):
+    """Several images as base64 (JSON body of POST /v1/detect/batch)."""
+
+    images: list[str] = Field(..., min_length=1, description="image files as base64")
+
+
+class Detection(BaseModel):
+    box: list[float] = Field(..., min_length=4, max_length=4,
+                             description="[x1, y1, x2, y2] pixels of the original (upright) image")
+    score: float = Field(..., description="class probability, 0..1")
+    label: str = Field(..., description="the class name as sent (whitespace-normalised)")
+    class_index: int = Field(..., description="index into `classes`")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+
+
+class ImageInfo(BaseModel):
+    width: int = Field(..., description="pixels, after EXIF orientation")
+    height: int
+
+
+class Timings(BaseModel):
+    """Milliseconds spent per step; `model` is the shared batch's encode time."""
+
+    decode: float
+    text: float
+    queue: float
+    model: float
+    classify: float
+    total: float
+
+
+class DetectResponse(BaseModel):
+    model: ModelInfo
+    image: ImageInfo
+    classes: list[str] = Field(..., description="the normalised class names used; class_index indexes them")
+    detections: list[Detection]
+    timings_ms: Timings
+
+
+class BatchDetectResponse(BaseModel):
+    results: list[DetectResponse] = Field(..., description="one per image, in request order")
+
+
+class VocabularyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    names: list[str] = Field(..., description="class names", examples=[["forklift", "red helmet"]])
+    templates: list[str] | None = Field(None, description="prompt templates (default: the model's)")
+
+
+class VocabularyCreated(BaseModel):
+    id: str = Field(..., description="content hash: the same names and templates give the same id")
+    size: int = Field(..., description="number of class names after normalisation")
+
+
+class VocabularyInfo(BaseModel):
+    id: str
+    size: int
+    builtin: bool
+    names: list[str]
+    templates: list[str] = Field(..., description="empty: the model's own template")
+
+
+class VocabularySummary(BaseModel):
+    id: str
+    size: int
+    description: str
+
+
+class VocabularyList(BaseModel):
+    vocabularies: list[VocabularySummary]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "degraded", "loading", "failed"]
+    model: bool
+    redis: Literal["ok", "down", "disabled"]
+    error: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    status: int
+    code: str = Field(..., description="stable machine-readable code, e.g. image_too_large")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

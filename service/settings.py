@@ -1,0 +1,51 @@
+"""Service settings, read from the environment (prefix `OVD_`) by pydantic-settings.
+
+Every limit the service enforces is here, so an operator can see and change them in one place
+(`OVD_MAX_BODY_BYTES=...`). Sizes are bytes, times seconds unless the name says `_ms`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration of one service process (environment variables `OVD_<FIELD>`)."""
+
+    model_config = SettingsConfigDict(env_prefix="OVD_", extra="ignore")
+
+    model_dir: Path = Field(Path("artifacts/default"), description="export folder (`ovd export`)")
+    device: str = Field("cpu", description="torch device of the detector and the text tower")
+    torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 keeps torch's default")
+    warmup: bool = Field(True, description="run one inference after loading, before /readyz is 200")
+
+    redis_url: str = Field("", description="redis://host:port/db; empty runs without Redis")
+    redis_timeout_s: float = Field(0.25, gt=0, description="socket + per-call timeout of Redis")
+    redis_prefix: str = Field("ovd", description="key prefix, so several services share one Redis")
+    redis_degraded_s: float = Field(30.0, ge=0, description="/readyz says degraded this long after a Redis error")
+
+    api_keys: str = Field("", description="comma-separated bearer keys; empty turns auth off")
+
+    max_batch_size: int = Field(8, ge=1, description="images per model.encode call")
+    max_batch_wait_ms: float = Field(10.0, ge=0, description="how long a batch waits to fill up")
+    max_queue: int = Field(64, ge=1, description="images waiting for the model; more -> 503")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request slower than this -> 504")
+    shutdown_timeout_s: float = Field(30.0, gt=0, description="graceful shutdown: time to finish in-flight requests")
+
+    max_body_bytes: int = Field(20 * 2**20, ge=1, description="request body size; more -> 413")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="width * height of one image; more -> 413")
+    max_images_per_request: int = Field(16, ge=1, description="images of one batch request")
+    max_classes: int = Field(1500, ge=1, description="class names of one request or vocabulary")
+    max_class_name_chars: int = Field(100, ge=1, description="characters of one class name")
+    max_templates: int = Field(16, ge=1, description="prompt templates of one request")
+    max_detections_limit: int = Field(1000, ge=1, description="the largest max_detections a client may ask")
+
+    text_cache_size: int = Field(100_000, ge=0, description="text embeddings kept in process memory")
+
+    @property
+    def api_key_list(self) -> list[str]:
+        """The configured API keys (empty: authentication off)."""
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]

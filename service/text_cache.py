@@ -1,0 +1,160 @@
+"""Text embeddings of (template, class name) pairs, computed once per text tower.
+
+Lookup order: process-memory LRU -> Redis (shared by replicas, survives restarts) -> the text
+tower, called once for all misses of a request. Entries are float16 with a header and a CRC32
+of the payload, verified on every Redis read: a corrupt entry is counted, recomputed and
+overwritten, never used.
+
+Every embedding is rounded to float16 before it is used, whichever layer it came from, so a
+request gives the same detections whether its text was just computed or read from a cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import struct
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .redis_store import RedisStore, StoreUnavailable
+
+MAGIC = b"OVDE"
+VERSION = 1
+DTYPE_FLOAT16 = 1
+HEADER = struct.Struct("<4sBBHI")  # magic, version, dtype, dim, crc32 of the payload
+
+
+class CorruptEntry(ValueError):
+    """A cache entry whose header, size or checksum is wrong."""
+
+
+def encode_entry(vector: np.ndarray) -> bytes:
+    """(D,) float embedding -> header + D float16 values (little-endian), 12 + 2 D bytes."""
+    payload = np.asarray(vector, dtype="<f2").tobytes()
+    return HEADER.pack(MAGIC, VERSION, DTYPE_FLOAT16, vector.shape[0], zlib.crc32(payload)) + payload
+
+
+def decode_entry(data: bytes, dim: int) -> np.ndarray:
+    """Inverse of encode_entry: (dim,) float16 array.
+
+    Raises:
+        CorruptEntry: short data, wrong magic/version/dtype/dim, size or CRC mismatch, or
+            non-finite values.
+    """
+    if len(data) < HEADER.size:
+        raise CorruptEntry(f"entry of {len(data)} bytes is shorter than its header")
+    magic, version, dtype, stored_dim, crc = HEADER.unpack_from(data)
+    payload = data[HEADER.size:]
+    if magic != MAGIC or version != VERSION or dtype != DTYPE_FLOAT16:
+        raise CorruptEntry(f"unknown entry header {magic!r} v{version} dtype {dtype}")
+    if stored_dim != dim or len(payload) != 2 * dim:
+        raise CorruptEntry(f"entry has dim {stored_dim} and {len(payload)} payload bytes; expected dim {dim}")
+    if zlib.crc32(payload) != crc:
+        raise CorruptEntry("entry checksum mismatch")
+    vector = np.frombuffer(payload, dtype="<f2").astype(np.float16)
+    if not np.isfinite(vector).all():
+        raise CorruptEntry("entry holds non-finite values")
+    return vector
+
+
+class TextEmbedder:
+    """Vocabulary text matrices with a two-level cache.
+
+    Args:
+        encode: prompts -> (N, D) L2-normalised float tensor (the text tower; called in a thread).
+        model_key: identifies the text tower (its weights' sha256); part of every cache key.
+        dim: D.
+        cache_size: entries kept in process memory (LRU); 0 disables that layer.
+        store: RedisStore or None.
+        prefix: Redis key prefix.
+        on_lookup: callback(layer, result) counting hits and misses ("memory"/"redis", "hit"/"miss").
+    """
+
+    def __init__(self, encode: Callable[[list[str]], torch.Tensor], *, model_key: str, dim: int,
+                 cache_size: int, store: RedisStore | None = None, prefix: str = "ovd",
+                 on_lookup: Callable[[str, str], None] | None = None):
+        self._encode = encode
+        self._model_key = model_key
+        self.dim = dim
+        self._cache_size = cache_size
+        self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._store = store
+        self._prefix = prefix
+        self._on_lookup = on_lookup or (lambda layer, result: None)
+        self._writes: set[asyncio.Task] = set()
+
+    def key(self, template: str, name: str) -> str:
+        """Redis key of one (template, name) embedding of this text tower."""
+        digest = hashlib.sha256(f"{self._model_key}\0{template}\0{name}".encode()).hexdigest()
+        return f"{self._prefix}:text:{digest[:40]}"
+
+    def _remember(self, key: str, vector: np.ndarray) -> None:
+        if self._cache_size <= 0:
+            return
+        self._memory[key] = vector
+        self._memory.move_to_end(key)
+        while len(self._memory) > self._cache_size:
+            self._memory.popitem(last=False)
+
+    def _compute(self, prompts: list[str]) -> np.ndarray:
+        with torch.inference_mode():
+            return self._encode(prompts).float().cpu().numpy().astype(np.float16)
+
+    async def vectors(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        """(len(pairs), D) float16 embeddings of (template, name) pairs, through the caches."""
+        keys = [self.key(t, n) for t, n in pairs]
+        found: dict[str, np.ndarray] = {}
+        for k in dict.fromkeys(keys):
+            if k in self._memory:
+                self._memory.move_to_end(k)
+                found[k] = self._memory[k]
+            self._on_lookup("memory", "hit" if k in found else "miss")
+        missing = [k for k in dict.fromkeys(keys) if k not in found]
+        if missing and self._store is not None:
+            try:
+                raw = await self._store.mget(missing)
+            except StoreUnavailable:
+                raw = [None] * len(missing)
+            for k, data in zip(missing, raw, strict=True):
+                if data is not None:
+                    try:
+                        found[k] = decode_entry(data, self.dim)
+                        self._remember(k, found[k])
+                    except CorruptEntry:
+                        self._store.report("corrupt")  # recomputed and overwritten below
+                self._on_lookup("redis", "hit" if k in found else "miss")
+        todo = {k: p for k, p in zip(keys, pairs, strict=True) if k not in found}
+        if todo:
+            prompts = [t.replace("{}", n) for t, n in todo.values()]
+            computed = await asyncio.to_thread(self._compute, prompts)
+            for k, v in zip(todo, computed, strict=True):
+                found[k] = v
+                self._remember(k, v)
+            if self._store is not None:
+                # Written in the background: a slow Redis must not delay the answer.
+                task = asyncio.create_task(self._store.set_many(
+                    {k: encode_entry(found[k]) for k in todo}))
+                self._writes.add(task)
+                task.add_done_callback(self._writes.discard)
+        return np.stack([found[k] for k in keys]) if keys else np.zeros((0, self.dim), np.float16)
+
+    async def text_matrix(self, names: list[str], templates: list[str]) -> torch.Tensor:
+        """(C, D) normalised float32 text embeddings of names, averaged over templates.
+
+        With several templates this is prompt ensembling: mean of the per-template
+        embeddings, renormalised. One template is renormalised too (after float16 rounding),
+        so both cases go through the same arithmetic.
+        """
+        pairs = [(t, n) for t in templates for n in names]
+        v = torch.from_numpy(await self.vectors(pairs)).float().view(len(templates), len(names), self.dim)
+        return torch.nn.functional.normalize(v.mean(dim=0), dim=-1)
+
+    async def flush(self) -> None:
+        """Wait for background Redis writes (shutdown, tests)."""
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)

@@ -1,0 +1,195 @@
+"""Class names: normalisation, the built-in vocabularies, and the registry of named ones.
+
+A vocabulary is a list of class names plus the prompt templates that embed them. Registered
+vocabularies are addressed by a hash of their content, so registering the same names twice
+gives the same id on every replica; they live in Redis (shared, survives restarts) and in
+process memory (works while Redis is down).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import cache
+
+from .errors import ApiError
+from .redis_store import RedisStore, StoreUnavailable
+
+BUILTIN_DESCRIPTIONS = {
+    "training": "the categories the model was trained and evaluated on (its manifest)",
+    "coco": "the 80 COCO thing categories",
+    "lvis": "the 1203 LVIS v1 categories",
+}
+
+
+def normalise_names(names: list[str], *, max_classes: int, max_chars: int) -> list[str]:
+    """Strip, collapse whitespace, drop empties, dedupe case-insensitively (first one kept).
+
+    Limits are checked after normalisation, so padding and duplicates never count.
+
+    Raises:
+        ApiError: 422 if nothing is left, more than `max_classes` remain, or a name is longer
+            than `max_chars` characters.
+    """
+    out: list[str] = []
+    seen: set[str] = set()
+    for name in names:
+        clean = " ".join(str(name).split())
+        if clean and clean.casefold() not in seen:
+            seen.add(clean.casefold())
+            out.append(clean)
+    if not out:
+        raise ApiError(422, "no_classes", "no class names given (send `classes` or a `vocabulary`)")
+    if len(out) > max_classes:
+        raise ApiError(422, "too_many_classes", f"{len(out)} class names; the limit is {max_classes}")
+    long = [n for n in out if len(n) > max_chars]
+    if long:
+        raise ApiError(422, "class_name_too_long",
+                       f"class name {long[0][:40]!r}... has {len(long[0])} characters; the limit is {max_chars}")
+    return out
+
+
+def split_form_names(values: list[str]) -> list[str]:
+    """Form fields may carry one name each or several separated by newlines or commas."""
+    return [part for v in values for part in re.split(r"[\n,]", v)]
+
+
+def check_templates(templates: list[str], *, max_templates: int, max_chars: int) -> list[str]:
+    """Validate prompt templates: each holds exactly one `{}` and no other braces.
+
+    Only `{}` is substituted (with str.replace, never str.format), so a template cannot reach
+    attributes of the name ("{0.__class__}").
+
+    Raises:
+        ApiError: 422 for a bad template or too many of them.
+    """
+    clean = list(dict.fromkeys(" ".join(t.split()) for t in templates))
+    if len(clean) > max_templates:
+        raise ApiError(422, "too_many_templates", f"{len(clean)} templates; the limit is {max_templates}")
+    for t in clean:
+        if t.count("{}") != 1 or "{" in t.replace("{}", "") or "}" in t.replace("{}", ""):
+            raise ApiError(422, "invalid_template",
+                           f"template {t[:60]!r} must contain exactly one '{{}}' and no other braces")
+        if len(t) > 4 * max_chars:
+            raise ApiError(422, "invalid_template", f"template {t[:40]!r}... is too long")
+    return clean
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Names + prompt templates; `templates` empty means the model's own template."""
+
+    id: str
+    names: list[str]
+    templates: list[str] = field(default_factory=list)
+    builtin: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps({"id": self.id, "names": self.names, "templates": self.templates})
+
+
+def content_id(names: list[str], templates: list[str]) -> str:
+    """Content hash of a vocabulary: the same names and templates give the same id anywhere."""
+    payload = json.dumps({"names": names, "templates": templates}, ensure_ascii=False,
+                         separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+@cache
+def coco_names() -> tuple[str, ...]:
+    """The 80 COCO thing classes, in COCO order."""
+    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+    return tuple(c["name"] for c in COCO_CATEGORIES if c["isthing"] == 1)
+
+
+@cache
+def lvis_names() -> tuple[str, ...]:
+    """The 1203 LVIS v1 classes in plain words, in LVIS order.
+
+    "bow_(weapon)" -> "bow", unless another category would then read the same ("bow_(weapon)"
+    and "bow_(decorative_ribbons)"): those keep their qualifier as "bow (weapon)".
+    """
+    from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
+
+    raw = [c["name"] for c in sorted(LVIS_CATEGORIES, key=lambda c: c["id"])]
+    # One name has words after its qualifier: "monitor_(computer_equipment) computer_monitor"
+    # reads best as those words.
+    full = [re.sub(r"^.*_\([^)]*\)\s+(\S.*)$", r"\1", n).replace("_", " ") for n in raw]
+    short = [re.sub(r"\s*\([^)]*\)$", "", n) for n in full]
+    counts = Counter(s.casefold() for s in short)
+    return tuple(s if counts[s.casefold()] == 1 else f for f, s in zip(full, short, strict=True))
+
+
+class VocabularyRegistry:
+    """Built-in and registered vocabularies.
+
+    Args:
+        training_names: the model's category names (built-in "training").
+        store: the shared RedisStore, or None without Redis.
+        prefix: Redis key prefix.
+    """
+
+    def __init__(self, training_names: list[str], *, store: RedisStore | None = None,
+                 prefix: str = "ovd"):
+        self._builtin = {
+            "training": Vocabulary("training", list(training_names), builtin=True),
+            "coco": Vocabulary("coco", list(coco_names()), builtin=True),
+            "lvis": Vocabulary("lvis", list(lvis_names()), builtin=True),
+        }
+        self._registered: dict[str, Vocabulary] = {}
+        self._store = store
+        self._prefix = prefix
+
+    def builtins(self) -> list[Vocabulary]:
+        return list(self._builtin.values())
+
+    def _key(self, vocab_id: str) -> str:
+        return f"{self._prefix}:vocab:{vocab_id}"
+
+    async def register(self, names: list[str], templates: list[str]) -> Vocabulary:
+        """Store a vocabulary (already normalised) under its content id; idempotent.
+
+        Kept in process memory always and in Redis when it answers (a Redis failure is
+        reported by the store, not raised: this replica still serves the vocabulary).
+        """
+        vocab = Vocabulary(content_id(names, templates), names, templates)
+        self._registered[vocab.id] = vocab
+        if self._store is not None:
+            await self._store.set_many({self._key(vocab.id): vocab.to_json().encode()})
+        return vocab
+
+    async def get(self, vocab_id: str) -> Vocabulary:
+        """A vocabulary by id: built-in, this process, or Redis.
+
+        Raises:
+            ApiError: 404 unknown id; 503 if the id is not known here and Redis cannot be asked.
+        """
+        if vocab_id in self._builtin:
+            return self._builtin[vocab_id]
+        if vocab_id in self._registered:
+            return self._registered[vocab_id]
+        if self._store is None or not re.fullmatch(r"[0-9a-f]{32}", vocab_id):
+            raise ApiError(404, "unknown_vocabulary", f"no vocabulary with id {vocab_id!r}")
+        try:
+            raw = await self._store.get(self._key(vocab_id))
+        except StoreUnavailable as e:
+            raise ApiError(503, "vocabulary_store_unavailable",
+                           f"vocabulary {vocab_id!r} is not in this replica and Redis is unavailable",
+                           headers={"Retry-After": "5"}) from e
+        if raw is None:
+            raise ApiError(404, "unknown_vocabulary", f"no vocabulary with id {vocab_id!r}")
+        try:
+            data = json.loads(raw)
+            vocab = Vocabulary(vocab_id, list(data["names"]), list(data["templates"]))
+            if content_id(vocab.names, vocab.templates) != vocab_id:
+                raise ValueError("content does not match its id")
+        except (ValueError, KeyError, TypeError) as e:
+            self._store.report("corrupt")
+            raise ApiError(404, "unknown_vocabulary",
+                           f"vocabulary {vocab_id!r} is stored corrupted; register it again") from e
+        self._registered[vocab_id] = vocab
+        return vocab
