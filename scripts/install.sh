@@ -5,7 +5,8 @@
 #   OVD_VENV=/opt/ovd scripts/install.sh --no-dev --no-redis    (e.g. in an image: docker/)
 #
 # Idempotent: a second run only checks what is there. Needs python3 >= 3.10 with venv; installs
-# redis-server through apt where it is missing (the service and its tests use a real Redis).
+# redis-server through apt where it is missing (the service and its tests use a real Redis), and
+# with the dev tools chromium + chromedriver (the web page is tested in a headless browser).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,6 +53,12 @@ if [ "$WITH_REDIS" = 1 ] && ! command -v redis-server >/dev/null 2>&1; then
   step "redis-server (Debian package)"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+
+if [ "$DEV" = 1 ] && ! { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; }; then
+  step "chromium + chromedriver (Debian packages; the web page's browser test)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
 
 "$PY" - <<'PY'
