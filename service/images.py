@@ -79,8 +79,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
     except UnidentifiedImageError as e:
         raise ApiError(415, "unsupported_image",
                        f"not an image in a supported format ({', '.join(ALLOWED_FORMATS)})") from e
-    except Image.DecompressionBombError as e:
-        raise ApiError(413, "image_too_large", str(e)) from e
+    except Image.DecompressionBombError as e:  # PIL's own guard, past 2x its default limit
+        raise ApiError(413, "image_too_large", f"image exceeds the limit of {max_pixels} pixels ({e})") from e
     except (OSError, ValueError, struct.error) as e:
         raise ApiError(400, "corrupt_image", f"the image header could not be read: {e}") from e
     with im:
@@ -104,7 +104,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
                 upright = ImageOps.exif_transpose(im)
                 rgb = upright.convert("RGB")
         except Image.DecompressionBombError as e:
-            raise ApiError(413, "image_too_large", str(e)) from e
+            raise ApiError(413, "image_too_large", f"image exceeds the limit of {max_pixels} pixels ({e})") from e
         except (OSError, ValueError, SyntaxError, struct.error, EOFError) as e:
             raise ApiError(400, "corrupt_image", f"the image could not be decoded: {e}") from e
     return np.asarray(rgb, dtype=np.uint8)

@@ -1,0 +1,100 @@
+"""Fixtures of the service tests: a tiny random export, real redis-server processes, apps.
+
+The export is a randomly initialised synthetic R18-FPN detector at 64-96 px with a score
+threshold of 0, so every image gets detections; the tests compare the service's answers with
+the model's own `model(inputs, text=T)`, never with stored numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import time
+
+import pytest
+import redis
+import torch
+import torch.nn.functional as F
+
+from service.launch import ServerProcess, free_port
+
+CATEGORIES = [{"name": "red ring", "split": "novel"}, {"name": "blue disk", "split": "base"},
+              {"name": "green cross", "split": "novel"}]
+
+
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory):
+    """A verified export folder of a random tiny detector (read-only for tests)."""
+    from detectron2.modeling import build_model
+
+    from models.clip.model import architecture_config, load_clip
+    from models.exported import write_export
+    from training.train_detector import build_config
+
+    torch.manual_seed(0)
+    arch = "ovd-vit-tiny-64"
+    clip = load_clip(arch)
+    cfg = build_config("configs/detector/synthetic_r18_fpn.yaml", [
+        "MODEL.OVD.EMBED_DIM", clip.embed_dim, "MODEL.ROI_HEADS.NUM_CLASSES", len(CATEGORIES),
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 96])
+    model = build_model(cfg).eval()
+    model.train_text = F.normalize(torch.randn(len(CATEGORIES), clip.embed_dim), dim=1)
+    out = tmp_path_factory.mktemp("export")
+    write_export(out, model=model, cfg=cfg, clip=clip, clip_arch=architecture_config(arch),
+                 manifest_fields={"name": "ovd-test", "version": "0.0.1", "categories": CATEGORIES,
+                                  "metrics": {}})
+    return out
+
+
+@pytest.fixture(scope="session")
+def detector(export_dir):
+    """The export, loaded once for all in-process apps."""
+    from models.exported import load_export
+
+    return load_export(export_dir)
+
+
+@contextlib.contextmanager
+def redis_process():
+    """A throwaway redis-server on a free loopback port, no persistence; yields (url, Popen)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed (scripts/install.sh installs it)")
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--protected-mode", "yes"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url, socket_timeout=0.5)
+    try:
+        for _ in range(100):
+            try:
+                if client.ping():
+                    break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        else:
+            raise RuntimeError("redis-server did not start")
+        yield url, proc
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """URL of a redis-server shared by the session's tests (use distinct key prefixes)."""
+    with redis_process() as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="session")
+def server(export_dir, redis_url):
+    """A real `ovd serve` process with Redis, shared by end-to-end, fuzz and browser tests."""
+    with ServerProcess(export_dir, env={"OVD_REDIS_URL": redis_url, "OVD_REDIS_PREFIX": "e2e",
+                                        "OVD_MAX_BODY_BYTES": str(2 * 2**20)}) as s:
+        yield s
+
+

@@ -1,0 +1,110 @@
+"""Helpers of the service tests: in-process apps, test images, the model's own answers."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import struct
+import time
+import zlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from service.settings import Settings
+
+
+def make_settings(export_dir, **overrides) -> Settings:
+    """Settings for an in-process app, independent of the environment."""
+    base = dict(model_dir=export_dir, redis_url="", api_keys="", warmup=False, max_batch_wait_ms=5.0)
+    return Settings(**{**base, **overrides})
+
+
+@contextlib.contextmanager
+def running_app(detector, export_dir, **overrides):
+    """A TestClient of create_app(...) with its lifespan running and the model ready."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    app = create_app(make_settings(export_dir, **overrides), detector=detector)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for _ in range(200):
+            if client.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.05)
+        yield client
+
+
+def image_bytes(width: int = 80, height: int = 64, *, seed: int = 0, fmt: str = "PNG", **save) -> bytes:
+    """A random-noise image file of the given size and format."""
+    rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims width x height (a decompression bomb's header)."""
+    data = bytearray(image_bytes(8, 8))
+    ihdr = bytearray(data[12:29])  # chunk type + 13 data bytes
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
+def reference(detector, data: bytes, names: list[str], templates: list[str] | None = None, *,
+              score_threshold: float | None = None, max_detections: int | None = None) -> list[dict]:
+    """What `model([image], text=T)` detects, in the API's JSON shape (the ground truth).
+
+    T is built as the service documents it: per-template CLIP embeddings rounded to float16,
+    averaged, renormalised.
+    """
+    from service.images import decode_image, to_model_input
+
+    cfg = detector.manifest["input"]
+    inputs = to_model_input(decode_image(data, max_pixels=10**8), input_format=cfg["format"],
+                            min_size=cfg["min_size_test"], max_size=cfg["max_size_test"])
+    templates = templates or [detector.manifest["prompt_template"]]
+    with torch.inference_mode():
+        per = torch.stack([detector.text.encode_text([t.replace("{}", n) for n in names])
+                           for t in templates]).half().float()
+        text = F.normalize(per.mean(0), dim=-1)
+        model = detector.model
+        predictor = model.roi_heads.box_predictor
+        saved = (predictor.test_score_thresh, predictor.test_topk_per_image)
+        try:
+            if score_threshold is not None:
+                predictor.test_score_thresh = score_threshold
+            if max_detections is not None:
+                predictor.test_topk_per_image = max_detections
+            inst = model([inputs], text=text)[0]["instances"]
+        finally:
+            predictor.test_score_thresh, predictor.test_topk_per_image = saved
+    return [{"box": b, "score": s, "label": names[c], "class_index": c}
+            for b, s, c in zip(inst.pred_boxes.tensor.tolist(), inst.scores.tolist(),
+                               inst.pred_classes.tolist(), strict=True)]
+
+
+def same_detections(got: list[dict], want: list[dict], *, box_tol: float = 1e-3,
+                    score_tol: float = 1e-4) -> bool:
+    """One-to-one match of detections (same class, boxes and scores within tolerance).
+
+    For images encoded in a batch of several: batched convolutions round differently from a
+    batch of one (about 1e-5 here), which may reorder near-equal scores.
+    """
+    if len(got) != len(want):
+        return False
+    free = list(got)
+    for w in want:
+        match = next((g for g in free if g["class_index"] == w["class_index"]
+                      and abs(g["score"] - w["score"]) <= score_tol
+                      and max(abs(a - b) for a, b in zip(g["box"], w["box"], strict=True)) <= box_tol),
+                     None)
+        if match is None:
+            return False
+        free.remove(match)
+    return True

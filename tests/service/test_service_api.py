@@ -1,0 +1,281 @@
+"""The HTTP API in process (TestClient, lifespan running, the real model and batcher).
+
+Every detection is compared with the model's own `model([image], text=T)`: a request alone in
+its batch must give exactly the same floats.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import pytest
+import redis
+from service_testing import image_bytes, make_settings, png_claiming, reference, running_app
+
+from service.app import create_app
+
+NAMES = ["red ring", "blue disk", "a thing never seen"]
+
+
+@pytest.fixture(scope="module")
+def client(detector, export_dir, redis_url):
+    with running_app(detector, export_dir, redis_url=redis_url, redis_prefix="api",
+                     max_body_bytes=300_000, max_image_pixels=200 * 200, max_classes=20,
+                     max_class_name_chars=30, max_images_per_request=3) as c:
+        yield c
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _good(client) -> None:
+    """A good request after every refused one: the server still answers."""
+    r = client.post("/v1/detect", json={"image": _b64(image_bytes(seed=9)), "classes": ["red ring"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["detections"]
+
+
+def test_detect_multipart_equals_the_model(client, detector):
+    png = image_bytes(80, 64, seed=1)
+    r = client.post("/v1/detect", files={"image": ("x.png", png, "image/png")},
+                    data={"classes": "red ring, blue disk\na thing never seen"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == {"name": "ovd-test", "version": "0.0.1"}
+    assert body["image"] == {"width": 80, "height": 64}
+    assert body["classes"] == NAMES
+    assert set(body["timings_ms"]) == {"decode", "text", "queue", "model", "classify", "total"}
+    assert body["detections"] == reference(detector, png, NAMES)  # exact floats
+    for d in body["detections"]:
+        assert d["label"] == NAMES[d["class_index"]]
+        x1, y1, x2, y2 = d["box"]
+        assert 0 <= x1 <= x2 <= 80 and 0 <= y1 <= y2 <= 64
+
+
+def test_detect_json_with_options_templates_and_messy_names(client, detector):
+    jpg = image_bytes(96, 60, seed=2, fmt="JPEG")
+    templates = ["a photo of a {}", "a drone picture of a {}"]
+    r = client.post("/v1/detect", json={
+        "image": _b64(jpg), "classes": ["  red   ring", "RED RING", "", "blue disk"],
+        "templates": templates, "score_threshold": 0.2, "max_detections": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["classes"] == ["red ring", "blue disk"]
+    want = reference(detector, jpg, ["red ring", "blue disk"], templates, score_threshold=0.2,
+                     max_detections=5)
+    assert body["detections"] == want and 0 < len(want) <= 5
+    assert all(d["score"] >= 0.2 for d in want)
+    # Repeatable form fields give the same answer as the JSON body.
+    r2 = client.post("/v1/detect", files={"image": ("x.jpg", jpg, "image/jpeg")},
+                     data={"classes": ["red ring", "blue disk"], "template": templates,
+                           "score_threshold": "0.2", "max_detections": "5"})
+    assert r2.json()["detections"] == want
+
+
+def test_batch_json_and_multipart(client, detector):
+    images = [image_bytes(80, 64, seed=3), image_bytes(64, 64, seed=4, fmt="JPEG")]
+    r = client.post("/v1/detect/batch", json={"images": [_b64(i) for i in images], "classes": NAMES})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["image"] for x in results] == [{"width": 80, "height": 64}, {"width": 64, "height": 64}]
+    for res, data in zip(results, images, strict=True):
+        # Different sizes pad differently: each is encoded alone, so the floats are exact.
+        assert res["detections"] == reference(detector, data, NAMES)
+    r = client.post("/v1/detect/batch", files=[("images", ("a.png", images[0], "image/png")),
+                                               ("images", ("b.jpg", images[1], "image/jpeg"))],
+                    data={"classes": NAMES})
+    assert r.status_code == 200 and r.json()["results"] == [
+        {**a, "timings_ms": b["timings_ms"]} for a, b in zip(results, r.json()["results"], strict=True)]
+
+
+def test_vocabularies_builtin_registered_and_shared_through_redis(client, detector, export_dir, redis_url):
+    listed = {v["id"]: v["size"] for v in client.get("/v1/vocabularies").json()["vocabularies"]}
+    assert listed == {"training": 3, "coco": 80, "lvis": 1203}
+    assert client.get("/v1/vocabularies/training").json()["names"] == ["red ring", "blue disk", "green cross"]
+    r = client.post("/v1/vocabularies", json={"names": [" red ring", "blue disk", "Red Ring"]})
+    assert r.status_code == 201
+    created = r.json()
+    assert created["size"] == 2 and re.fullmatch(r"[0-9a-f]{32}", created["id"])
+    assert client.post("/v1/vocabularies", json={"names": ["red ring", "blue disk"]}).json() == created
+    png = image_bytes(seed=5)
+    by_id = client.post("/v1/detect", json={"image": _b64(png), "vocabulary": created["id"]}).json()
+    assert by_id["classes"] == ["red ring", "blue disk"]
+    assert by_id["detections"] == reference(detector, png, ["red ring", "blue disk"])
+    # Another replica (or this one after a restart) finds it in Redis.
+    with running_app(detector, export_dir, redis_url=redis_url, redis_prefix="api") as other:
+        got = other.get(f"/v1/vocabularies/{created['id']}")
+        assert got.status_code == 200 and got.json()["names"] == ["red ring", "blue disk"]
+        metrics = other.get("/metrics").text
+        other.post("/v1/detect", json={"image": _b64(png), "vocabulary": created["id"]})
+        metrics = other.get("/metrics").text
+        assert 'ovd_text_cache_lookups_total{layer="redis",result="hit"} 2.0' in metrics
+    # Corrupted in Redis: refused (404 with a clear message), counted.
+    with running_app(detector, export_dir, redis_url=redis_url, redis_prefix="api") as other:
+        redis.Redis.from_url(redis_url).set(f"api:vocab:{created['id']}", b"{broken")
+        r = other.get(f"/v1/vocabularies/{created['id']}")
+        assert r.status_code == 404 and "corrupted" in r.json()["error"]["message"]
+        assert 'ovd_redis_errors_total{reason="corrupt"} 1.0' in other.get("/metrics").text
+        assert other.get("/readyz").json()["status"] == "degraded"
+
+
+@pytest.mark.parametrize("case,status,code", [
+    ("body_too_large", 413, "body_too_large"),
+    ("too_many_pixels", 413, "image_too_large"),
+    ("not_an_image", 415, "unsupported_image"),
+    ("zero_bytes", 400, "empty_image"),
+    ("truncated", 400, "corrupt_image"),
+    ("polyglot", 400, "trailing_data"),
+    ("bad_base64", 400, "invalid_base64"),
+    ("bad_json", 400, "invalid_json"),
+    ("wrong_content_type", 415, "unsupported_media_type"),
+    ("too_many_classes", 422, "too_many_classes"),
+    ("class_name_too_long", 422, "class_name_too_long"),
+    ("no_classes", 422, "no_classes"),
+    ("classes_and_vocabulary", 422, "classes_and_vocabulary"),
+    ("bad_template", 422, "invalid_template"),
+    ("score_out_of_range", 422, "invalid_request"),
+    ("unknown_field", 422, "invalid_request"),
+    ("too_many_images", 422, "too_many_images"),
+    ("image_field_not_a_file", 422, "missing_image"),
+    ("unknown_vocabulary", 404, "unknown_vocabulary"),
+    ("unknown_hash_vocabulary", 404, "unknown_vocabulary"),
+])
+def test_refused_requests_are_clear_json_errors(client, case, status, code):
+    png = image_bytes(seed=6)
+    ok = {"image": _b64(png), "classes": ["red ring"]}
+    requests = {
+        "body_too_large": lambda: client.post("/v1/detect", content=b"x" * 300_001,
+                                              headers={"content-type": "application/json"}),
+        "too_many_pixels": lambda: client.post("/v1/detect", json={**ok, "image": _b64(image_bytes(201, 200))}),
+        "not_an_image": lambda: client.post("/v1/detect", files={"image": ("x.txt", b"hello", "text/plain")},
+                                            data={"classes": "a"}),
+        "zero_bytes": lambda: client.post("/v1/detect", files={"image": ("x.png", b"", "image/png")},
+                                          data={"classes": "a"}),
+        "truncated": lambda: client.post("/v1/detect", json={**ok, "image": _b64(png[: len(png) // 2])}),
+        "polyglot": lambda: client.post("/v1/detect", json={**ok, "image": _b64(png + b"PK\x03\x04zipdata")}),
+        "bad_base64": lambda: client.post("/v1/detect", json={**ok, "image": "!!not base64!!"}),
+        "bad_json": lambda: client.post("/v1/detect", content=b'{"image": ',
+                                        headers={"content-type": "application/json"}),
+        "wrong_content_type": lambda: client.post("/v1/detect", content=png, headers={"content-type": "image/png"}),
+        "too_many_classes": lambda: client.post("/v1/detect", json={**ok, "classes": [f"c{i}" for i in range(21)]}),
+        "class_name_too_long": lambda: client.post("/v1/detect", json={**ok, "classes": ["x" * 31]}),
+        "no_classes": lambda: client.post("/v1/detect", json={**ok, "classes": [" ", ""]}),
+        "classes_and_vocabulary": lambda: client.post("/v1/detect", json={**ok, "vocabulary": "coco"}),
+        "bad_template": lambda: client.post("/v1/detect", json={**ok, "templates": ["{0.__class__}"]}),
+        "score_out_of_range": lambda: client.post("/v1/detect", json={**ok, "score_threshold": 1.5}),
+        "unknown_field": lambda: client.post("/v1/detect", json={**ok, "clases": ["typo"]}),
+        "too_many_images": lambda: client.post("/v1/detect/batch", json={"images": [ok["image"]] * 4,
+                                                                         "classes": ["a"]}),
+        "image_field_not_a_file": lambda: client.post("/v1/detect", data={"image": "abc", "classes": "a"},
+                                                      files={"other": ("x", b"1")}),
+        "unknown_vocabulary": lambda: client.post("/v1/detect", json={"image": ok["image"], "vocabulary": "nope"}),
+        "unknown_hash_vocabulary": lambda: client.get("/v1/vocabularies/" + "0" * 32),
+    }
+    r = requests[case]()
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    error = r.json()["error"]
+    assert error["status"] == status and error["code"] == code and error["message"]
+    _good(client)
+
+
+def test_pixel_bomb_header_is_refused_without_decoding(client):
+    r = client.post("/v1/detect", files={"image": ("b.png", png_claiming(50_000, 50_000), "image/png")}, data={"classes": "a"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "image_too_large"
+    _good(client)
+
+
+def test_streamed_body_over_the_limit_is_413(client):
+    def chunks():
+        for _ in range(40):
+            yield b"x" * 10_000
+
+    r = client.post("/v1/detect", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    _good(client)
+
+
+def test_ops_routes(client):
+    assert client.get("/livez").json() == {"status": "alive"}
+    assert client.get("/readyz").json() == {"status": "ready", "model": True, "redis": "ok", "error": None}
+    manifest = client.get("/v1/models").json()
+    assert manifest["name"] == "ovd-test" and manifest["categories"][0]["split"] == "novel"
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/detect", "/v1/detect/batch", "/v1/vocabularies", "/readyz"} <= set(spec["paths"])
+    assert set(spec["paths"]["/v1/detect"]["post"]["requestBody"]["content"]) == {
+        "application/json", "multipart/form-data"}
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "<canvas" in page.text
+    assert client.get("/static/app.js").status_code == 200
+    metrics = client.get("/metrics").text
+    for line in ['ovd_http_requests_total{method="POST",route="/v1/detect",status="200"}',
+                 'ovd_http_requests_total{method="POST",route="/v1/detect",status="422"}',
+                 'ovd_http_request_duration_seconds_bucket{le="0.005",method="GET",route="/readyz",status="200"}',
+                 "ovd_batch_size_bucket", "ovd_queue_depth 0.0",
+                 'ovd_text_cache_lookups_total{layer="memory",result="hit"}',
+                 'ovd_text_cache_lookups_total{layer="redis",result="miss"}']:
+        assert line in metrics, line
+    r = client.get("/no/such/route")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_api_keys(detector, export_dir):
+    with running_app(detector, export_dir, api_keys="key-one,key-two") as c:
+        body = {"image": _b64(image_bytes(seed=7)), "classes": ["red ring"]}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic key-one"},
+                        {"Authorization": "Bearer "}, {"Authorization": "Bearer key-one-and-more"}):
+            r = c.post("/v1/detect", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", headers
+            assert r.headers["www-authenticate"] == "Bearer"
+        assert c.get("/v1/vocabularies").status_code == 401
+        assert c.get("/v1/models").status_code == 401
+        for key in ("key-one", "key-two"):
+            assert c.post("/v1/detect", json=body, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        for path in ("/livez", "/readyz", "/metrics", "/", "/docs", "/openapi.json", "/static/app.js"):
+            assert c.get(path).status_code == 200, path
+
+
+def test_overload_is_503_with_retry_after(detector, export_dir):
+    import concurrent.futures
+
+    png = image_bytes(96, 96, seed=8)
+    with running_app(detector, export_dir, max_queue=1, max_batch_size=1, max_batch_wait_ms=0) as c:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            rs = list(pool.map(lambda _: c.post("/v1/detect", json={"image": _b64(png), "classes": ["x"]}),
+                               range(8)))
+        codes = sorted(r.status_code for r in rs)
+        assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, codes
+        busy = next(r for r in rs if r.status_code == 503)
+        assert busy.headers["retry-after"] == "1" and busy.json()["error"]["code"] == "overloaded"
+        _good(c)
+
+
+def test_request_timeout_is_504(detector, export_dir):
+    with running_app(detector, export_dir, request_timeout_s=0.005) as c:
+        r = c.post("/v1/detect", json={"image": _b64(image_bytes(96, 96)), "classes": ["red ring"]})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        assert c.get("/livez").status_code == 200
+
+
+def test_readiness_while_loading_and_after_a_failed_load(export_dir, tmp_path):
+    from fastapi.testclient import TestClient
+
+    # Loading from disk (hashes, weights) takes a while: /readyz says 503 "loading" meanwhile.
+    app = create_app(make_settings(export_dir))
+    with TestClient(app) as c:
+        first = c.get("/readyz")
+        assert first.status_code == 503 and first.json()["status"] == "loading"
+        assert c.get("/livez").status_code == 200
+        r = c.post("/v1/detect", json={"image": "", "classes": ["a"]})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
+    app = create_app(make_settings(tmp_path / "missing"))
+    with TestClient(app) as c:
+        for _ in range(100):
+            r = c.get("/readyz")
+            if r.json()["status"] == "failed":
+                break
+        assert r.status_code == 503 and "manifest.json" in r.json()["error"]
+        assert c.get("/livez").status_code == 503
