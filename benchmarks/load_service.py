@@ -59,6 +59,7 @@ COLORS = ["red", "green", "blue", "yellow", "orange", "purple", "white", "black"
 SHAPES = ["disk", "ring", "square", "triangle", "star", "cross", "heart", "hexagon",
           "diamond", "arrow", "crescent", "pentagon", "oval", "frame", "bar", "spiral"]
 SIZES = ["small", "large", "tiny", "huge"]
+WARMUP_REQUESTS = 5  # unmeasured, before the first cell: first-call allocations, lazy imports
 
 
 @dataclass(frozen=True)
@@ -262,7 +263,7 @@ async def run_cells(url: str, *, requests: int, time_cap_s: float, image_b64: st
     rng = random.Random(seed)
     limits = httpx.Limits(max_connections=max(c.concurrency for c in CELLS))
     async with httpx.AsyncClient(headers=headers, timeout=120, limits=limits) as client:
-        for _ in range(3):
+        for _ in range(WARMUP_REQUESTS):
             (await client.post(f"{url}/v1/detect", json={
                 "image": image_b64, "classes": vocabulary(10)})).raise_for_status()
         results = []
@@ -280,7 +281,11 @@ async def run_cells(url: str, *, requests: int, time_cap_s: float, image_b64: st
 
 
 def machine() -> dict:
-    """CPU model and core count from /proc/cpuinfo, memory, Python and torch versions."""
+    """CPU model and core count from /proc/cpuinfo, load average, Python and torch versions.
+
+    The load average is read before the server starts: other processes on the same cores make
+    every number slower, and the report should say so.
+    """
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
               if line.startswith("model name")]
@@ -290,6 +295,7 @@ def machine() -> dict:
         "cpu": models[0] if models else platform.processor(),
         "cores": len(models) or os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)),
+        "load_avg_1m_at_start": os.getloadavg()[0],
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -303,7 +309,8 @@ def markdown(report: dict) -> str:
         "# Load test of the detection service (loopback)", "",
         f"- date: {report['date']}",
         f"- machine: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), "
-        f"{m['platform']}, Python {m['python']}, torch {m['torch']}",
+        f"{m['platform']}, Python {m['python']}, torch {m['torch']}; load average (1 min) "
+        f"before the run: {m['load_avg_1m_at_start']:.2f}",
         f"- command: `{report['command']}`",
         f"- server: {s['target']}; model: {s['model']}; torch threads: {s['torch_threads']}; "
         f"Redis: {s['redis']}",
@@ -320,7 +327,8 @@ def markdown(report: dict) -> str:
     notes = [f"{row['cell']}: {row['note']}" for row in report["cells"] if row["note"]]
     lines += ["", "Warm: the names were embedded by a request before the cell (cache hits). Cold: "
               "every request sends names never seen before (random suffixes), so each one "
-              "embeds all of its names. Latency is client-side, from send to full response."]
+              "embeds all of its names. Latency is client-side, from send to full response; the "
+              "client runs on the same cores as the server."]
     lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
@@ -333,7 +341,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  "instead of starting Redis and a server")
     p.add_argument("--api-key", default=os.environ.get("OVD_BENCH_API_KEY", ""),
                    help="bearer key for --url (the started server gets a random one)")
-    p.add_argument("--requests", type=int, default=24, help="requests per cell")
+    p.add_argument("--requests", type=int, default=40, help="requests per cell")
     p.add_argument("--time-cap-s", type=float, default=240, help="total measuring time cap")
     p.add_argument("--torch-threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="OVD_TORCH_THREADS of the started server")
@@ -374,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "benchmarks/load_service.py",
                           *(sys.argv[1:] if argv is None else argv)])
     image_b64 = scene_png(args.image_size, args.seed)
+    host = machine()
     if args.url:
         stack = contextlib.nullcontext((require_loopback(args.url), {
             "target": f"{args.url} (already running)", "model": "as configured there",
@@ -391,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                                         image_b64=image_b64, headers=headers, seed=args.seed))
     report = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": command, "machine": machine(), "server": server,
+        "command": command, "machine": host, "server": server,
         "requests_per_cell": args.requests, "time_cap_s": args.time_cap_s,
         "image_size": args.image_size, "cells": [r.summary() for r in results],
     }
