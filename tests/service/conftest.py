@@ -93,8 +93,10 @@ def redis_url():
 @pytest.fixture(scope="session")
 def server(export_dir, redis_url):
     """A real `ovd serve` process with Redis, shared by end-to-end, fuzz and browser tests."""
+    # A 50 ms batching window: concurrent test requests meet in one batch.
     with ServerProcess(export_dir, env={"OVD_REDIS_URL": redis_url, "OVD_REDIS_PREFIX": "e2e",
-                                        "OVD_MAX_BODY_BYTES": str(2 * 2**20)}) as s:
+                                        "OVD_MAX_BODY_BYTES": str(2 * 2**20),
+                                        "OVD_MAX_BATCH_WAIT_MS": "50"}) as s:
         yield s
 
 
