@@ -1,0 +1,79 @@
+"""The web page in a real browser: headless Chromium (Debian's chromium + chromedriver) driven
+by Selenium against the real server: upload a PNG, type names, submit, see boxes and rows."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from service_testing import image_bytes
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip("chromium + chromedriver are not installed (scripts/install.sh installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1200,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_upload_type_names_and_see_boxes(browser, server, tmp_path):
+    png = tmp_path / "scene.png"
+    png.write_bytes(image_bytes(96, 72, seed=11))
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(EC.text_to_be_present_in_element((By.ID, "model-info"), "ovd-test"))
+    browser.find_element(By.ID, "image").send_keys(str(png))
+    names = browser.find_element(By.ID, "classes")
+    names.clear()
+    names.send_keys("red ring\nblue disk\nforklift")
+    score = browser.find_element(By.ID, "score")
+    score.clear()
+    score.send_keys("0.2")
+    browser.find_element(By.ID, "submit").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results tbody tr.detection"))
+    rows = browser.find_elements(By.CSS_SELECTOR, "#results tbody tr.detection")
+    labels = {row.find_elements(By.TAG_NAME, "td")[1].text for row in rows}
+    assert labels <= {"red ring", "blue disk", "forklift"} and labels
+    assert "detections in" in browser.find_element(By.ID, "status").text
+    canvas = browser.find_element(By.ID, "canvas")
+    assert canvas.get_attribute("data-boxes") == str(len(rows))
+    assert (int(canvas.get_attribute("width")), int(canvas.get_attribute("height"))) == (96, 72)
+    # Box colours (base blue, novel red, other green) were drawn over the noise image.
+    coloured = browser.execute_script("""
+        const c = document.getElementById('canvas');
+        const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        const wanted = [[0x1f, 0x77, 0xb4], [0xd6, 0x27, 0x28], [0x2c, 0xa0, 0x2c]];
+        let n = 0;
+        for (let i = 0; i < px.length; i += 4)
+          if (wanted.some(([r, g, b]) => px[i] === r && px[i + 1] === g && px[i + 2] === b)) n++;
+        return n;""")
+    assert coloured > 50
+
+
+def test_errors_are_shown_on_the_page(browser, server, tmp_path):
+    bad = tmp_path / "not-an-image.png"
+    bad.write_bytes(b"this is text")
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(EC.text_to_be_present_in_element((By.ID, "model-info"), "ovd-test"))
+    browser.find_element(By.ID, "image").send_keys(str(bad))
+    browser.find_element(By.ID, "submit").click()
+    wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "unsupported_image"))
+    assert "error" in browser.find_element(By.ID, "status").get_attribute("class")
