@@ -387,10 +387,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from models.exported import verify_export
     from service.settings import Settings
 
-    if args.model_dir:
-        os.environ["OVD_MODEL_DIR"] = args.model_dir  # the app factory reads its settings from the environment
-    settings = Settings()
+    settings = Settings(**({"model_dir": args.model_dir} if args.model_dir else {}))
     verify_export(settings.model_dir)  # a missing or tampered export fails here, not in a running server
+    os.environ["OVD_MODEL_DIR"] = str(settings.model_dir)  # the app factory reads the environment
     logging.getLogger("service").setLevel(logging.INFO)
     uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port,
                 workers=args.workers, timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s))

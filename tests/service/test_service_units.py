@@ -92,6 +92,7 @@ def test_content_id_depends_on_names_order_and_templates_only():
 
 
 def test_settings_from_environment(monkeypatch):
+    monkeypatch.delenv("OVD_MODEL_DIR", raising=False)
     monkeypatch.setenv("OVD_MAX_BATCH_SIZE", "3")
     monkeypatch.setenv("OVD_API_KEYS", " k1, ,k2 ")
     monkeypatch.setenv("OVD_REDIS_URL", "redis://127.0.0.1:1/0")
