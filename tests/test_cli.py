@@ -26,7 +26,7 @@ LEAVES = {
     ("train",): "resumes from its last checkpoint",
     ("eval",): "averaged over novel, base, all",
     ("export",): "weights as safetensors",
-    ("demo",): "every pipeline stage",
+    ("pipeline",): "every pipeline stage",
     ("serve",): "Serve an exported detector over HTTP",
 }
 

@@ -49,7 +49,8 @@ def _image(seed: int, size: int = 64) -> dict:
 def test_classifier_logits_hand_computed():
     clf = TextEmbeddingClassifier(2, init_temperature=100.0)
     with torch.no_grad():
-        clf.background.copy_(torch.tensor([0.5, 0.0]))  # un-normalised on purpose
+        clf.background.copy_(torch.tensor([50.0, 0.0]))  # stored as tau_0 * w_bg
+    assert torch.allclose(clf.background_vector, torch.tensor([0.5, 0.0]))  # un-normalised
     logits = clf(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     assert torch.allclose(logits, torch.tensor([[100.0, 0.0, 50.0]]))
     assert math.isclose(clf.log_temperature.item(), math.log(100.0), rel_tol=1e-6)

@@ -13,7 +13,7 @@
     ovd train            EZSD stage 4: train the detector (Detectron2)
     ovd eval             generalized zero-shot AP50 / AP on novel, base and all classes
     ovd export           EZSD stage 6: the deployable artifact (safetensors + manifest)
-    ovd demo             the main job on the built-in default: every stage above, cached
+    ovd pipeline         the whole chain on the built-in default: every stage above, cached
     ovd serve            the detection service (HTTP API + web page) for an export
 """
 
@@ -158,13 +158,13 @@ def cmd_clip_pretrain(args: argparse.Namespace) -> int:
 
 
 def _report(clip, world_dir: Path, clip_dir: Path) -> dict:
-    from .clip_eval import format_report, zero_shot_report
+    """Print (and cache next to the weights) a CLIP's zero-shot accuracy table."""
+    from .clip_eval import format_report
+    from .pipeline import zero_shot
 
-    report = zero_shot_report(clip, world_dir)
+    report = zero_shot(clip, world_dir, clip_dir)
     print(format_report(report, f"CLIP zero-shot accuracy ({clip_dir}, template {report['template']!r})"))
-    out = clip_dir / "zero_shot.json"
-    out.write_text(json.dumps(report, indent=2))
-    logger.info("accuracy table written to %s", out)
+    logger.info("accuracy table: %s", clip_dir / "zero_shot.json")
     return report
 
 
@@ -284,65 +284,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- demo
+# --------------------------------------------------------------------------- the whole chain
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_pipeline(args: argparse.Namespace) -> int:
     """Every stage on the built-in default, in order. Each stage is cached or resumable: a
     finished stage whose inputs did not change is reused, an interrupted one resumes."""
-    from models.clip.model import ClipCheckpointError, load_clip
-
-    from .clip_pretrain import pretrain_clip
-    from .clip_renorm import RenormConfig, renorm_clip
+    from .clip_renorm import RenormConfig
     from .data.preview import write_preview
-    from .data.synthetic import generate_world, load_world, register_world, world_datasets
+    from .pipeline import Front
     from .proposals import ProposalConfig, run_proposals
     from .targets import TargetsConfig, run_targets
 
     cfg = load_config(args.config)
     root = output_root(cfg, args)
-    world_dir, clip_dir = _paths(cfg, args)
-    renorm_dir = root / "clip" / "renorm"
+    front = Front(root, _world_config(cfg, args), _pretrain_config(cfg, args),
+                  RenormConfig.from_config(cfg), workers=args.workers, progress=_progress)
+    renorm_dir = front.renorm_dir
     t0 = time.time()
     steps = 8
 
-    def stage(k: int, text: str) -> None:
-        logger.info("[%d/%d] %s  (%.1f min so far)", k, steps, text, (time.time() - t0) / 60)
+    def stage(k: int, text: str, reused: bool | None = None) -> None:
+        status = {True: "reused", False: "done", None: "..."}[reused]
+        logger.info("[%d/%d] %s: %s  (%.1f min so far)", k, steps, text, status, (time.time() - t0) / 60)
 
-    wcfg = _world_config(cfg, args)
-    try:
-        world = load_world(world_dir)
-        if world["config"] != json.loads(json.dumps(_asdict(wcfg))):
-            raise ValueError("config changed")
-        stage(1, f"synthetic world: reusing {world_dir}")
-    except (FileNotFoundError, ValueError):
-        stage(1, f"synthetic world -> {world_dir}")
-        generate_world(world_dir, wcfg, workers=args.workers, progress=_progress)
-        world = load_world(world_dir)
-    logger.info("      preview: %s", write_preview(world_dir, world_dir / "preview.png"))
-    logger.info("      Detectron2 datasets: %s", ", ".join(register_world(world_dir, overwrite=True)))
-    train_json, train_root = world_datasets(world_dir)["synth_train"]
-
-    try:
-        clip = load_clip(str(clip_dir))
-        if clip.manifest["training"]["data"]["fingerprint"] != world["fingerprint"]:
-            raise ClipCheckpointError("trained on another world")
-        stage(2, f"CLIP pretraining: reusing {clip_dir}")
-    except (ClipCheckpointError, KeyError):
-        stage(2, f"CLIP pretraining -> {clip_dir}")
-        clip = pretrain_clip(world_dir, clip_dir, _pretrain_config(cfg, args), progress=_progress)
-    _report(clip, world_dir, clip_dir)
-
-    rcfg = RenormConfig.from_config(cfg)
-    try:
-        renormed = load_clip(str(renorm_dir))
-        if renormed.manifest.get("parent", {}).get("sha256") != clip.manifest["weights"]["sha256"] or \
-                renormed.manifest["training"]["config"] != json.loads(json.dumps(_asdict(rcfg))):
-            raise ClipCheckpointError("made from another CLIP or config")
-        stage(3, f"CLIP re-normalisation: reusing {renorm_dir}")
-    except (ClipCheckpointError, KeyError):
-        stage(3, f"CLIP re-normalisation (LayerNorms only) -> {renorm_dir}")
-        renormed = renorm_clip(clip_dir, train_json, train_root, renorm_dir, rcfg, progress=_progress)
-    _report(renormed, world_dir, renorm_dir)
+    world, reused = front.world()
+    stage(1, f"synthetic world {front.world_dir}", reused)
+    logger.info("      preview: %s", write_preview(front.world_dir, front.world_dir / "preview.png"))
+    train_json, train_root = front.train_split()
+    clip, reused = front.clip(world)
+    stage(2, f"CLIP pretraining {front.clip_dir}", reused)
+    _report(clip, front.world_dir, front.clip_dir)
+    renormed, reused = front.renorm(clip)
+    stage(3, f"CLIP re-normalisation (LayerNorms only) {renorm_dir}", reused)
+    _report(renormed, front.world_dir, renorm_dir)
 
     pcfg = ProposalConfig.from_config(cfg)
     stage(4, f"CLIP proposals ({pcfg.mode} mode) -> {root / 'proposals'}")
@@ -364,7 +338,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stage(8, f"export -> {root / 'export'}")
     cmd_export(argparse.Namespace(config=args.config, root=args.root, model_dir=None, weights=None,
                                   out=None, name="ovd-synthetic", version="0.1.0"))
-    logger.info("demo finished in %.1f min; outputs under %s", (time.time() - t0) / 60, root)
+    logger.info("pipeline finished in %.1f min; outputs under %s", (time.time() - t0) / 60, root)
     return 0
 
 
@@ -520,12 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="0.1.0", help="model version in the manifest")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("demo", help="the main job on the built-in default (every stage, cached)",
+    p = sub.add_parser("pipeline", help="the whole chain on the built-in default (cached stages)",
                        description="Run every pipeline stage on the built-in default (the "
-                                   "synthetic world); a stage whose output exists is reused.")
+                                   "synthetic world), from data to export; a stage whose output "
+                                   "exists and whose inputs did not change is reused.")
     common(p)
     p.add_argument("--workers", type=int, default=2)
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("serve", help="run the detection service (FastAPI + uvicorn)",
                        description="Serve an exported detector over HTTP: POST /v1/detect, a web "

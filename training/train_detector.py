@@ -18,6 +18,8 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, hooks, launch
+from detectron2.solver import get_default_optimizer_params
+from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.structures import Boxes, Instances
 from safetensors.torch import save_file
 
@@ -123,6 +125,19 @@ class Trainer(DefaultTrainer):
         mapper = DistillDatasetMapper(cfg, class_map=class_map, targets=targets,
                                       max_proposals=cfg.DATASETS.DISTILL_MAX_PROPOSALS)
         return build_detection_train_loader(cfg, mapper=mapper)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """Detectron2's SGD (with its gradient clipping option), but without weight decay on
+        the classifier's temperature and background vector: decay would pull log tau to 0
+        (tau = 1) and w_bg to the origin, as CLIP exempts its logit scale."""
+        params = get_default_optimizer_params(
+            model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR, weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+            overrides={"log_temperature": {"weight_decay": 0.0}, "background": {"weight_decay": 0.0}})
+        return maybe_add_gradient_clipping(cfg, torch.optim.SGD)(
+            params, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
+            nesterov=cfg.SOLVER.NESTEROV, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
 
     def build_hooks(self):
         # Evaluation needs the full vocabulary's text embeddings: `ovd eval` does it.

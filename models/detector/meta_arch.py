@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
+from detectron2.structures import Instances
 from safetensors.torch import load_file
+
+from .output_layers import RegionFeatures
 
 
 def load_text_embeddings(path: str) -> torch.Tensor:
@@ -62,11 +65,25 @@ class OpenVocabRCNN(GeneralizedRCNN):
         """Detections per image, in the input's original size; pred_classes index `text`."""
         if detected_instances is not None:
             raise NotImplementedError("OpenVocabRCNN does not take precomputed boxes")
+        regions = self.encode(batched_inputs)
         text = self.train_text if text is None else text.to(self.device)
+        results = self.roi_heads.box_predictor.classify(regions, text)
+        if do_postprocess:
+            return self.to_original_size(results, batched_inputs)
+        return results
+
+    def encode(self, batched_inputs: list[dict]) -> list[RegionFeatures]:
+        """The vocabulary-independent part of inference (backbone, RPN, box head), per image.
+
+        `roi_heads.box_predictor.classify(regions, text)` finishes it for any vocabulary.
+        """
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         proposals, _ = self.proposal_generator(images, features, None)
-        results, _ = self.roi_heads(images, features, proposals, None, text=text)
-        if do_postprocess:
-            return GeneralizedRCNN._postprocess(results, batched_inputs, images.image_sizes)
-        return results
+        return self.roi_heads.encode_regions(features, proposals)
+
+    @staticmethod
+    def to_original_size(results: list[Instances], batched_inputs: list[dict]) -> list[dict]:
+        """[{"instances": ...}] with boxes rescaled to each input's "height"/"width"."""
+        return GeneralizedRCNN._postprocess(results, batched_inputs,
+                                            [r.image_size for r in results])

@@ -9,14 +9,36 @@ calls with different vocabularies cannot affect each other.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, fast_rcnn_inference
+from detectron2.structures import Instances
 from torch import nn
+
+
+class RegionFeatures(NamedTuple):
+    """What the detector knows about one image's proposals before it is given a vocabulary.
+
+    Computing this is almost all of inference (backbone, RPN, RoIAlign, box head); classifying
+    it against a vocabulary is two small matmuls. A server can therefore run one batch of
+    images once and answer requests with different vocabularies from the same batch.
+
+    Attributes:
+        proposals: (R, 4) proposal boxes, XYXY pixels of the resized input image.
+        embeddings: (R, D) L2-normalised region embeddings.
+        reg_features: (R, branch_dim) regression-branch features.
+        image_size: (height, width) of the resized input image.
+    """
+
+    proposals: torch.Tensor
+    embeddings: torch.Tensor
+    reg_features: torch.Tensor
+    image_size: tuple[int, int]
 
 
 class TextEmbeddingClassifier(nn.Module):
@@ -37,14 +59,29 @@ class TextEmbeddingClassifier(nn.Module):
     def __init__(self, embed_dim: int, init_temperature: float = 100.0, min_temperature: float = 0.0):
         super().__init__()
         self.background = nn.Parameter(torch.zeros(embed_dim))
+        # w_bg = background / init_temperature. The bg logit is tau * e.w_bg, so a raw w_bg
+        # would see tau-times larger gradients *and* tau-times larger logit changes than a
+        # linear classifier: an effective learning rate ~tau^2 = 10^4 times too high, which
+        # made SGD at lr 0.02 diverge (tau fixed) or collapse tau (tau learnable) on the
+        # synthetic world. The rescaling changes the conditioning, not the function class.
+        self.background_scale = 1.0 / init_temperature
         self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
         self.min_log_temperature = math.log(min_temperature) if min_temperature > 0 else -math.inf
 
+    @property
+    def background_vector(self) -> torch.Tensor:
+        """w_bg (D,), un-normalised."""
+        return self.background * self.background_scale
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        """tau, a scalar tensor (with the floor applied)."""
+        return self.log_temperature.clamp(min=self.min_log_temperature).exp()
+
     def forward(self, region_embeddings: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """(N, D) normalised regions, (C, D) normalised text -> (N, C + 1) logits, bg last."""
-        sims = torch.cat([region_embeddings @ text.T,
-                          (region_embeddings @ self.background).unsqueeze(1)], dim=1)
-        return self.log_temperature.clamp(min=self.min_log_temperature).exp() * sims
+        background = region_embeddings @ self.background_vector
+        return self.temperature * torch.cat([region_embeddings @ text.T, background[:, None]], dim=1)
 
 
 def distillation_loss(region_embeddings: torch.Tensor, clip_embeddings: torch.Tensor,
@@ -147,10 +184,41 @@ class EZSDOutputLayers(FastRCNNOutputLayers):
             logits (N, C + 1) and class-agnostic deltas (N, 4).
         """
         f_cls, f_reg = self.branches(x)
-        logits = self.classifier(self.region_embeddings(f_cls), text)
+        return self._predict(self.region_embeddings(f_cls), f_reg, text, gt_classes)
+
+    def _predict(self, embeddings: torch.Tensor, f_reg: torch.Tensor, text: torch.Tensor,
+                 gt_classes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.classifier(embeddings, text)
         class_text = None
         if self.semantic_regressor:
             padded = torch.cat([text, text.new_zeros(1, text.shape[1])])  # row C = background
             labels = gt_classes if gt_classes is not None else logits[:, :-1].argmax(1)
             class_text = padded[labels]
         return logits, self.deltas(f_reg, class_text)
+
+    def classify(self, regions: list[RegionFeatures], text: torch.Tensor, *,
+                 score_thresh: float | None = None, max_detections: int | None = None,
+                 nms_thresh: float | None = None) -> list[Instances]:
+        """Detections per image for one vocabulary (the vocabulary-dependent part of inference).
+
+        Args:
+            regions: per image, from `EZSDROIHeads.encode_regions`.
+            text: (C, D) normalised text embeddings; pred_classes index its rows.
+            score_thresh, max_detections, nms_thresh: override the config's test values.
+
+        Returns:
+            Instances per image (pred_boxes in resized-input pixels, scores, pred_classes).
+        """
+        if not regions:
+            return []
+        sizes = [len(r.proposals) for r in regions]
+        logits, deltas = self._predict(torch.cat([r.embeddings for r in regions]),
+                                       torch.cat([r.reg_features for r in regions]), text)
+        boxes = self.box2box_transform.apply_deltas(deltas, torch.cat([r.proposals for r in regions]))
+        scores = F.softmax(logits, dim=-1)
+        instances, _ = fast_rcnn_inference(
+            boxes.split(sizes), scores.split(sizes), [r.image_size for r in regions],
+            self.test_score_thresh if score_thresh is None else score_thresh,
+            self.test_nms_thresh if nms_thresh is None else nms_thresh,
+            self.test_topk_per_image if max_detections is None else max_detections)
+        return instances

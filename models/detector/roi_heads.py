@@ -8,8 +8,9 @@ import torch
 from detectron2.config import configurable
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import ImageList, Instances
+from detectron2.utils.events import get_event_storage
 
-from .output_layers import EZSDOutputLayers, distillation_loss
+from .output_layers import EZSDOutputLayers, RegionFeatures, distillation_loss
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -64,16 +65,27 @@ class EZSDROIHeads(StandardROIHeads):
         del images
         predictor: EZSDOutputLayers = self.box_predictor
         if not self.training:
-            x = self.box_features(features, [p.proposal_boxes for p in proposals])
-            instances, _ = predictor.inference(predictor(x, text), proposals)
-            return instances, {}
+            return predictor.classify(self.encode_regions(features, proposals), text), {}
         proposals = self.label_and_sample_proposals(proposals, targets)
         x = self.box_features(features, [p.proposal_boxes for p in proposals])
         gt_classes = torch.cat([p.gt_classes for p in proposals])
         losses = predictor.losses(predictor(x, text, gt_classes), proposals)
+        get_event_storage().put_scalar("fast_rcnn/temperature", predictor.classifier.temperature.item())
         if distill is not None and self.distill_weight > 0:
             losses["loss_distill"] = self.distill_weight * self.distillation(features, distill)
         return proposals, losses
+
+    def encode_regions(self, features: dict[str, torch.Tensor],
+                       proposals: list[Instances]) -> list[RegionFeatures]:
+        """The vocabulary-independent part of inference, per image (see RegionFeatures)."""
+        predictor: EZSDOutputLayers = self.box_predictor
+        x = self.box_features(features, [p.proposal_boxes for p in proposals])
+        f_cls, f_reg = predictor.branches(x)
+        embeddings = predictor.region_embeddings(f_cls)
+        sizes = [len(p) for p in proposals]
+        return [RegionFeatures(p.proposal_boxes.tensor, e, r, p.image_size)
+                for p, e, r in zip(proposals, embeddings.split(sizes), f_reg.split(sizes),
+                                        strict=True)]
 
     def distillation(self, features: dict[str, torch.Tensor], distill: list[Instances]) -> torch.Tensor:
         """The EZSD distillation loss of the given regions (scalar)."""
