@@ -27,6 +27,7 @@ LEAVES = {
     ("eval",): "averaged over novel, base, all",
     ("export",): "weights as safetensors",
     ("pipeline",): "every pipeline stage",
+    ("demo",): "novel class names",
     ("serve",): "Serve an exported detector over HTTP",
 }
 
