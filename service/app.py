@@ -156,6 +156,7 @@ async def _load(app: FastAPI, detector: ExportedDetector | None) -> None:
             detector.text.encode_text, model_key=manifest["files"]["text_encoder"]["sha256"],
             dim=int(manifest.get("embed_dim") or detector.text.embed_dim),
             cache_size=settings.text_cache_size, store=store, prefix=settings.redis_prefix,
+            ttl_s=settings.text_cache_ttl_s,
             on_lookup=lambda layer, result: metrics.text_cache.labels(layer, result).inc())
         names = [c["name"] for c in manifest.get("categories", [])]
         vocabularies = VocabularyRegistry(names, store=store, prefix=settings.redis_prefix)

@@ -75,12 +75,23 @@ class RedisStore:
     async def mget(self, keys: list[str]) -> list[bytes | None]:
         return await self._call(self.client.mget(keys)) if keys else []
 
-    async def set_many(self, items: dict[str, bytes]) -> bool:
-        """Write items in one round trip; False (already reported) when Redis failed."""
+    async def set_many(self, items: dict[str, bytes], *, ttl_s: int = 0) -> bool:
+        """Write items in one round trip; False (already reported) when Redis failed.
+
+        ttl_s > 0 gives every key that expiry (SET EX, pipelined); 0 writes them without one
+        (MSET), which also clears an expiry the key had.
+        """
         if not items:
             return True
+        if ttl_s > 0:
+            pipe = self.client.pipeline(transaction=False)
+            for key, value in items.items():
+                pipe.set(key, value, ex=ttl_s)
+            write = pipe.execute()
+        else:
+            write = self.client.mset(items)
         try:
-            await self._call(self.client.mset(items))
+            await self._call(write)
         except StoreUnavailable:
             return False
         return True

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     max_detections_limit: int = Field(1000, ge=1, description="the largest max_detections a client may ask")
 
     text_cache_size: int = Field(100_000, ge=0, description="text embeddings kept in process memory")
+    text_cache_ttl_s: int = Field(30 * 24 * 3600, ge=0, description="Redis expiry of a text embedding; 0 = never")
 
     @property
     def api_key_list(self) -> list[str]:

@@ -7,6 +7,13 @@ overwritten, never used.
 
 Every embedding is rounded to float16 before it is used, whichever layer it came from, so a
 request gives the same detections whether its text was just computed or read from a cache.
+
+Redis entries expire after `OVD_TEXT_CACHE_TTL_S` (30 days by default), so a stream of new class
+names cannot grow Redis without bound; with `maxmemory-policy volatile-lru` (docker/compose.yaml)
+Redis may also evict them early under memory pressure, while registered vocabularies, written
+without an expiry, are never evicted. A hit does not refresh the expiry: that would turn every
+read into a write (GETEX EX is propagated to the AOF), and a popular entry that expires costs one
+text-tower call per TTL.
 """
 
 from __future__ import annotations
@@ -72,12 +79,13 @@ class TextEmbedder:
         cache_size: entries kept in process memory (LRU); 0 disables that layer.
         store: RedisStore or None.
         prefix: Redis key prefix.
+        ttl_s: expiry of the entries written to Redis, seconds; 0 = none.
         on_lookup: callback(layer, result) counting hits and misses ("memory"/"redis", "hit"/"miss").
     """
 
     def __init__(self, encode: Callable[[list[str]], torch.Tensor], *, model_key: str, dim: int,
                  cache_size: int, store: RedisStore | None = None, prefix: str = "ovd",
-                 on_lookup: Callable[[str, str], None] | None = None):
+                 ttl_s: int = 0, on_lookup: Callable[[str, str], None] | None = None):
         self._encode = encode
         self._model_key = model_key
         self.dim = dim
@@ -85,6 +93,7 @@ class TextEmbedder:
         self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
         self._store = store
         self._prefix = prefix
+        self._ttl_s = ttl_s
         self._on_lookup = on_lookup or (lambda layer, result: None)
         self._writes: set[asyncio.Task] = set()
 
@@ -136,9 +145,10 @@ class TextEmbedder:
                 found[k] = v
                 self._remember(k, v)
             if self._store is not None:
-                # Written in the background: a slow Redis must not delay the answer.
+                # Written in the background: a slow Redis must not delay the answer. With an
+                # expiry, so that only these entries are evictable (see the module docstring).
                 task = asyncio.create_task(self._store.set_many(
-                    {k: encode_entry(found[k]) for k in todo}))
+                    {k: encode_entry(found[k]) for k in todo}, ttl_s=self._ttl_s))
                 self._writes.add(task)
                 task.add_done_callback(self._writes.discard)
         return np.stack([found[k] for k in keys]) if keys else np.zeros((0, self.dim), np.float16)

@@ -154,7 +154,9 @@ class VocabularyRegistry:
         """Store a vocabulary (already normalised) under its content id; idempotent.
 
         Kept in process memory always and in Redis when it answers (a Redis failure is
-        reported by the store, not raised: this replica still serves the vocabulary).
+        reported by the store, not raised: this replica still serves the vocabulary). The Redis
+        key has no expiry, unlike text embeddings (`OVD_TEXT_CACHE_TTL_S`): under the
+        `volatile-lru` policy of docker/compose.yaml Redis never evicts it.
         """
         vocab = Vocabulary(content_id(names, templates), names, templates)
         self._registered[vocab.id] = vocab

@@ -271,6 +271,10 @@ def test_compose_redis_is_private_persistent_and_pinned():
     assert re.fullmatch(r"redis:7\.\d+\.\d+-\w+", redis["image"]), redis["image"]
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    # allkeys-* would evict registered vocabularies too; volatile-* only the keys with an expiry
+    # (text embeddings, OVD_TEXT_CACHE_TTL_S). noeviction would fail writes once memory is full.
+    assert redis["command"][redis["command"].index("--maxmemory") + 1] == "256mb"
+    assert redis["command"][redis["command"].index("--maxmemory-policy") + 1].startswith("volatile-")
     volume = redis["volumes"][0].split(":")
     assert volume[1] == "/data" and volume[0] in doc["volumes"]
 

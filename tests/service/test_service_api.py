@@ -111,6 +111,13 @@ def test_vocabularies_builtin_registered_and_shared_through_redis(client, detect
         other.post("/v1/detect", json={"image": _b64(png), "vocabulary": created["id"]})
         metrics = other.get("/metrics").text
         assert 'ovd_text_cache_lookups_total{layer="redis",result="hit"} 2.0' in metrics
+    # Both were read from Redis above: text embeddings carry the configured expiry, the
+    # registered vocabulary none (so volatile-lru never evicts it).
+    store = redis.Redis.from_url(redis_url)
+    text_ttls = {store.ttl(k) for k in store.scan_iter("api:text:*")}
+    assert text_ttls and all(0 < t <= make_settings(export_dir).text_cache_ttl_s for t in text_ttls)
+    assert store.ttl(f"api:vocab:{created['id']}") == -1
+    store.close()
     # Corrupted in Redis: refused (404 with a clear message), counted.
     with running_app(detector, export_dir, redis_url=redis_url, redis_prefix="api") as other:
         redis.Redis.from_url(redis_url).set(f"api:vocab:{created['id']}", b"{broken")

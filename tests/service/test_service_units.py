@@ -22,6 +22,7 @@ from service.redis_store import RedisStore
 from service.settings import Settings
 from service.text_cache import CorruptEntry, TextEmbedder, decode_entry, encode_entry
 from service.vocabulary import (
+    VocabularyRegistry,
     check_templates,
     coco_names,
     content_id,
@@ -212,6 +213,41 @@ def test_redis_layer_shares_entries_and_repairs_corrupt_ones(redis_url):
         client.close()
 
     asyncio.run(scenario())
+
+
+def test_text_embeddings_expire_in_redis_and_registered_vocabularies_never_do(redis_url, monkeypatch):
+    # Under maxmemory-policy volatile-lru only keys with an expiry can be evicted: the text cache.
+    monkeypatch.setenv("OVD_TEXT_CACHE_TTL_S", "3600")
+    ttl_s = Settings().text_cache_ttl_s
+    assert ttl_s == 3600 and Settings.model_fields["text_cache_ttl_s"].default == 30 * 24 * 3600
+    client = redis.Redis.from_url(redis_url)
+
+    async def scenario():
+        errors = []
+        enc = CountingEncoder()
+        expiring = TextEmbedder(enc, model_key="m", dim=enc.dim, cache_size=0,
+                                store=_store(redis_url, errors), prefix="ttl", ttl_s=ttl_s)
+        await expiring.text_matrix(["red ring"], ["a {}"])
+        await expiring.flush()
+        key = expiring.key("a {}", "red ring")
+        assert 0 < client.ttl(key) <= ttl_s
+        # A hit reads it without touching the expiry.
+        await expiring.text_matrix(["red ring"], ["a {}"])
+        assert len(enc.calls) == 1 and 0 < client.ttl(key) <= ttl_s
+        vocabularies = VocabularyRegistry(["red ring"], store=_store(redis_url, errors), prefix="ttl")
+        vocab = await vocabularies.register(["red ring", "blue disk"], [])
+        assert client.ttl(f"ttl:vocab:{vocab.id}") == -1  # exists, no expiry
+        forever = TextEmbedder(enc, model_key="m", dim=enc.dim, cache_size=0,
+                               store=_store(redis_url, errors), prefix="ttl0", ttl_s=0)
+        await forever.text_matrix(["red ring"], ["a {}"])
+        await forever.flush()
+        assert client.ttl(forever.key("a {}", "red ring")) == -1
+        assert errors == []
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        client.close()
 
 
 def test_redis_down_or_slow_still_answers_and_counts(redis_url):
