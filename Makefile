@@ -2,13 +2,24 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint clean
+.PHONY: install demo pipeline bench-ezsd bench-load test lint clean
 
 install:
 	bash scripts/install.sh
 
 demo: install
 	$(VENV)/bin/ovd demo
+
+# The whole chain that made artifacts/default (about 40 min on 2 cores; cached stages reused).
+pipeline: install
+	$(VENV)/bin/ovd pipeline
+
+# Benchmarks: results under benchmarks/results/ (not tests; see each script's docstring).
+bench-ezsd: install
+	$(PY) benchmarks/ezsd_variants.py
+
+bench-load: install
+	$(PY) benchmarks/load_service.py
 
 lint: install
 	$(VENV)/bin/ruff check .
