@@ -124,6 +124,26 @@ def test_per_call_vocabularies_are_independent(model):
     assert all(torch.equal(s, b.scores) for s in results["b"])
 
 
+def test_one_encode_serves_several_vocabularies(model):
+    """encode() once, classify() per vocabulary == a full forward per vocabulary."""
+    inputs = [_image(1), _image(2)]
+    vocabs = [F.normalize(torch.randn(4, D), dim=1), F.normalize(torch.randn(9, D), dim=1)]
+    predictor = model.roi_heads.box_predictor
+    with torch.inference_mode():
+        regions = model.encode(inputs)
+        assert [r.embeddings.shape[1] for r in regions] == [D, D]
+        for text in vocabs:
+            full = model(inputs, text=text)
+            split = model.to_original_size(predictor.classify(regions, text), inputs)
+            for f, s in zip(full, split, strict=True):
+                assert torch.equal(f["instances"].scores, s["instances"].scores)
+                assert torch.equal(f["instances"].pred_boxes.tensor, s["instances"].pred_boxes.tensor)
+        few = predictor.classify(regions[:1], vocabs[0], max_detections=2, score_thresh=0.0)[0]
+        assert len(few) == 2
+        none = predictor.classify(regions[:1], vocabs[0], score_thresh=1.01)[0]
+        assert len(none) == 0
+
+
 def test_training_step_has_every_loss_and_distillation_reaches_the_box_head():
     torch.manual_seed(0)
     m = build_model(_cfg())
