@@ -1,6 +1,6 @@
 """The whole chain, end to end, on a tiny world (configs/smoke.yaml): every stage runs for real
 (open_clip training, Detectron2 training, COCO evaluation, export), then a second run reuses
-every finished stage."""
+every finished stage, and `ovd demo` serves the export and queries it over HTTP."""
 
 from __future__ import annotations
 
@@ -40,3 +40,15 @@ def test_pipeline_runs_and_resumes(tmp_path, caplog, capsys):
     messages = [r.getMessage() for r in caplog.records]
     for stage in ("synthetic world", "CLIP pretraining", "CLIP re-normalisation"):
         assert any(stage in m and ": reused" in m for m in messages), stage
+
+    # The export serves: `ovd demo` starts a real `ovd serve`, posts a fresh scene with the
+    # novel class names over HTTP and prints the answer.
+    capsys.readouterr()
+    assert main(["demo", "--model-dir", str(root / "export"), "--config", "configs/smoke.yaml",
+                 "--out", str(tmp_path / "demo"), "--score-threshold", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "POST http://127.0.0.1:" in out and "/v1/detect" in out
+    novel = [c["name"] for c in manifest["categories"] if c["split"] == "novel"]
+    assert all(name in out for name in novel)  # the classes sent are listed
+    assert "*" in out.split("box [x1, y1, x2, y2] px", 1)[1]  # detections of novel names, marked
+    assert (tmp_path / "demo" / "detections.png").is_file()
