@@ -67,7 +67,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _save_tensors(path: Path, tensors: dict) -> None:
+WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def _save_tensors(path: Path, tensors: dict, dtype: str = "float32") -> None:
+    """Write tensors as safetensors, floating-point ones stored in `dtype` (loading casts them
+    back into the float32 model: float16 halves the artifact, see `write_export`)."""
+    tensors = {k: v.to(WEIGHT_DTYPES[dtype]) if v.is_floating_point() else v for k, v in tensors.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp))
     os.chmod(tmp, 0o644)  # readable by a non-root service user through a read-only mount
@@ -75,7 +81,7 @@ def _save_tensors(path: Path, tensors: dict) -> None:
 
 
 def write_export(out_dir: str | Path, *, model: OpenVocabRCNN, cfg: CfgNode, clip: ClipModel,
-                 clip_arch: dict, manifest_fields: dict) -> Path:
+                 clip_arch: dict, manifest_fields: dict, dtype: str = "float32") -> Path:
     """Write an export folder.
 
     Args:
@@ -85,15 +91,19 @@ def write_export(out_dir: str | Path, *, model: OpenVocabRCNN, cfg: CfgNode, cli
         clip: the CLIP whose text tower embeds class names for this detector.
         clip_arch: open_clip architecture config of that CLIP.
         manifest_fields: name, version, categories, metrics, ... merged into the manifest.
+        dtype: storage of floating-point weights, "float32" or "float16" (half the size; the
+            model still computes in float32 after loading, from weights rounded to float16).
 
     Returns:
         Path of manifest.json.
     """
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"export dtype must be one of {sorted(WEIGHT_DTYPES)}, not {dtype!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)  # an interrupted export never verifies
     _save_tensors(out / FILES["detector"],
-                  {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+                  {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, dtype)
     cfg = cfg.clone()
     cfg.defrost()
     cfg.MODEL.WEIGHTS = ""
@@ -104,7 +114,7 @@ def write_export(out_dir: str | Path, *, model: OpenVocabRCNN, cfg: CfgNode, cli
     _atomic_write(out / FILES["config"], cfg.dump().encode())
     _save_tensors(out / FILES["text_encoder"], {
         k: v.detach().cpu().contiguous() for k, v in clip.model.state_dict().items()
-        if not k.startswith("visual.")})
+        if not k.startswith("visual.")}, dtype)
     _atomic_write(out / FILES["text_config"], json.dumps({
         "model_cfg": clip_arch, "preprocess_cfg": {"size": clip.image_size, "mean": list(clip.mean),
                                                    "std": list(clip.std)}}, indent=2).encode())
@@ -113,6 +123,7 @@ def write_export(out_dir: str | Path, *, model: OpenVocabRCNN, cfg: CfgNode, cli
         **manifest_fields,
         "prompt_template": cfg.MODEL.OVD.PROMPT_TEMPLATE,
         "embed_dim": cfg.MODEL.OVD.EMBED_DIM,
+        "weights_dtype": dtype,
         "clip": {"name": clip.name, "weights_sha256": (clip.manifest or {}).get("weights", {}).get("sha256")},
         "input": {"format": cfg.INPUT.FORMAT, "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
                   "max_size_test": cfg.INPUT.MAX_SIZE_TEST,

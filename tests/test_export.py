@@ -86,3 +86,31 @@ def test_tampered_or_missing_files_are_refused(exported, tmp_path):
     (copy / "manifest.json").write_text(json.dumps({"format": "other/9"}))
     with pytest.raises(ExportError, match="format"):
         verify_export(copy)
+
+
+def test_float16_export_is_half_the_size_and_close_to_float32(exported, tmp_path):
+    out, model, clip = exported
+    cfg = build_config(out / "detector.yaml")
+    half = tmp_path / "half"
+    write_export(half, model=model, cfg=cfg, clip=clip, clip_arch=architecture_config(ARCH),
+                 manifest_fields={"name": "t", "version": "0", "categories": [], "metrics": {}},
+                 dtype="float16")
+    assert verify_export(half)["weights_dtype"] == "float16"
+    for f in ("detector.safetensors", "text_encoder.safetensors"):
+        ratio = (half / f).stat().st_size / (out / f).stat().st_size
+        assert 0.45 < ratio < 0.55, (f, ratio)
+    loaded = load_export(half)
+    assert next(loaded.model.parameters()).dtype == torch.float32  # computes in float32
+    names = ["red ring", "blue star"]
+    assert F.cosine_similarity(loaded.text_embeddings(names), clip.text_embeddings(names)).min() > 0.999
+    with torch.inference_mode():
+        a = model.encode(_image())[0]
+        b = loaded.model.encode(_image())[0]
+    # A random model's objectness scores nearly tie, so rounding may reorder proposals: match
+    # each of the float32 model's best 20 to its nearest float16 proposal.
+    dist, match = (a.proposals[:20, None] - b.proposals[None]).abs().amax(-1).min(1)
+    assert dist.max() < 0.5
+    assert F.cosine_similarity(a.embeddings[:20], b.embeddings[match]).min() > 0.99
+    with pytest.raises(ValueError, match="dtype"):
+        write_export(tmp_path / "bad", model=model, cfg=cfg, clip=clip, clip_arch=architecture_config(ARCH),
+                     manifest_fields={}, dtype="int8")

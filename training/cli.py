@@ -187,7 +187,6 @@ def cmd_clip_eval(args: argparse.Namespace) -> int:
 def _detector_cfg(cfg: dict, args: argparse.Namespace):
     """Detectron2 config of the `detector:` section, with the world's datasets to register."""
     from .config import REPO_ROOT
-    from .data.synthetic import world_datasets
     from .train_detector import build_config
 
     section = cfg.get("detector", {})
@@ -196,11 +195,19 @@ def _detector_cfg(cfg: dict, args: argparse.Namespace):
     if not path.is_file() and (REPO_ROOT / path).is_file():
         path = REPO_ROOT / path
     dcfg = build_config(path, list(section.get("opts", [])) + list(args.opts or []))
-    world_dir = _paths(cfg, args)[0]
-    if not dcfg.DATASETS.REGISTER and (world_dir / "world.json").is_file():
-        dcfg.DATASETS.REGISTER = [f"{name}={json_file}:{root}"
-                                  for name, (json_file, root) in world_datasets(world_dir).items()]
+    if not dcfg.DATASETS.REGISTER:
+        dcfg.DATASETS.REGISTER = _world_specs(cfg, args)
     return dcfg
+
+
+def _world_specs(cfg: dict, args: argparse.Namespace) -> list[str]:
+    """DATASETS.REGISTER entries of the config's synthetic world, if it has been generated."""
+    from .data.synthetic import world_datasets
+
+    world_dir = _paths(cfg, args)[0]
+    if not (world_dir / "world.json").is_file():
+        return []
+    return [f"{name}={json_file}:{root}" for name, (json_file, root) in world_datasets(world_dir).items()]
 
 
 def _register(dcfg) -> None:
@@ -247,23 +254,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from detectron2.modeling import build_model
 
     from models.clip.model import load_clip
+    from models.exported import load_export
 
     from .evaluate import evaluate, format_metrics
     from .train_detector import build_config
 
     cfg = load_config(args.config)
-    model_dir = Path(args.model_dir or output_root(cfg, args) / "detector")
-    dcfg = build_config(model_dir / "config.yaml", args.opts)
+    if args.export:  # the deployable artifact itself: its weights (e.g. float16) and text tower
+        exported = load_export(args.export)
+        model, embed, model_dir = exported.model, exported.text_embeddings, Path(args.export)
+        dcfg = build_config(model_dir / "detector.yaml", args.opts)
+        dcfg.DATASETS.REGISTER = _world_specs(cfg, args)  # an export names no dataset files
+    else:
+        model_dir = Path(args.model_dir or output_root(cfg, args) / "detector")
+        dcfg = build_config(model_dir / "config.yaml", args.opts)
+        model = build_model(dcfg)
+        DetectionCheckpointer(model).load(args.weights or str(model_dir / "model_final.pth"))
+        clip = load_clip(args.clip or dcfg.MODEL.OVD.CLIP)
+
+        def embed(names):
+            return clip.text_embeddings(names, dcfg.MODEL.OVD.PROMPT_TEMPLATE)
     _register(dcfg)
-    dataset = args.dataset or dcfg.DATASETS.TEST[0]
-    model = build_model(dcfg)
-    weights = args.weights or str(model_dir / "model_final.pth")
-    DetectionCheckpointer(model).load(weights)
-    clip = load_clip(args.clip or dcfg.MODEL.OVD.CLIP)
+    dataset = args.dataset or (dcfg.DATASETS.TEST[0] if dcfg.DATASETS.TEST else "synth_val")
     names = list(MetadataCatalog.get(dataset).thing_classes)
-    text = clip.text_embeddings(names, dcfg.MODEL.OVD.PROMPT_TEMPLATE)
     out = Path(args.out or model_dir / f"eval_{dataset}")
-    result = evaluate(dcfg, model, dataset, text, out)
+    result = evaluate(dcfg, model, dataset, embed(names), out)
     print(format_metrics(result, f"generalized zero-shot detection, {model_dir.name}"))
     logger.info("metrics written to %s", out / "metrics.json")
     return 0
@@ -278,7 +293,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     root = output_root(cfg, args)
     model_dir = Path(args.model_dir or root / "detector")
     out = Path(args.out or root / "export")
-    manifest = export_detector(model_dir, out, name=args.name, version=args.version, weights=args.weights)
+    manifest = export_detector(model_dir, out, name=args.name, version=args.version, weights=args.weights,
+                               dtype=args.dtype)
     m = verify_export(out)
     logger.info("exported %s %s to %s (%d files verified; trained on %d classes)", m["name"],
                 m["version"], out, len(m["files"]), len(m["trained_on"]["classes"]))
@@ -336,10 +352,10 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     cmd_train(train_args)
     stage(7, "generalized zero-shot evaluation")
     cmd_eval(argparse.Namespace(config=args.config, root=args.root, model_dir=None, weights=None,
-                                dataset=None, clip=None, out=None, opts=[]))
+                                dataset=None, clip=None, export=None, out=None, opts=[]))
     stage(8, f"export -> {root / 'export'}")
     cmd_export(argparse.Namespace(config=args.config, root=args.root, model_dir=None, weights=None,
-                                  out=None, name="ovd-synthetic", version="0.1.0"))
+                                  out=None, name="ovd-synthetic", version="0.1.0", dtype="float32"))
     logger.info("pipeline finished in %.1f min; outputs under %s", (time.time() - t0) / 60, root)
     return 0
 
@@ -543,6 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="checkpoint (default: <model-dir>/model_final.pth)")
     p.add_argument("--dataset", default=None, help="registered dataset (default: DATASETS.TEST[0])")
     p.add_argument("--clip", default=None, help="CLIP for the text embeddings (default: the training one)")
+    p.add_argument("--export", default=None,
+                   help="evaluate an export folder instead (its own weights and text tower; the "
+                        "dataset is registered from the config's world)")
     p.add_argument("--out", default=None, help="output folder (default: <model-dir>/eval_<dataset>)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="Detectron2 KEY VALUE overrides")
     p.set_defaults(func=cmd_eval)
@@ -557,6 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="export folder (default: <root>/export)")
     p.add_argument("--name", default="ovd-synthetic", help="model name in the manifest")
     p.add_argument("--version", default="0.1.0", help="model version in the manifest")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="storage of the weights (float16: half the size, computed in float32)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("pipeline", help="the whole chain on the built-in default (cached stages)",

@@ -20,11 +20,13 @@ logger = logging.getLogger(__name__)
 
 
 def export_detector(model_dir: str | Path, out_dir: str | Path, *, name: str, version: str,
-                    weights: str | Path | None = None) -> Path:
+                    weights: str | Path | None = None, dtype: str = "float32") -> Path:
     """Export a training output folder (config.yaml, weights, text_train.safetensors).
 
     The metrics of every `eval_<dataset>/metrics.json` in model_dir go into the manifest, each
-    under its dataset's name. The training datasets are registered from the config.
+    under its dataset's name (measured with the float32 checkpoint; `ovd eval --export`
+    measures an export itself, e.g. one stored in float16). The training datasets are
+    registered from the config.
 
     Returns:
         Path of the written manifest.json.
@@ -59,4 +61,4 @@ def export_detector(model_dir: str | Path, out_dir: str | Path, *, name: str, ve
                        "distillation": bool(cfg.MODEL.OVD.DISTILL_WEIGHT and cfg.DATASETS.DISTILL_TARGETS)},
         "categories": categories,
         "metrics": metrics,
-    })
+    }, dtype=dtype)
