@@ -216,3 +216,16 @@ def test_group_ap_hand_built(tmp_path):
     assert r["novel"]["AP50"] == pytest.approx(0.0)
     assert r["all"]["AP50"] == pytest.approx(50.0)
     assert r["base"]["APs"] == pytest.approx(100.0)  # 20x20 is a small object
+
+
+def test_optimizer_exempts_temperature_and_background_from_weight_decay():
+    from training.train_detector import Trainer
+
+    cfg = _cfg()
+    cfg.SOLVER.WEIGHT_DECAY = 1e-4
+    model = build_model(cfg)
+    optimizer = Trainer.build_optimizer(cfg, model)
+    clf = model.roi_heads.box_predictor.classifier
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert decay[id(clf.log_temperature)] == 0.0 and decay[id(clf.background)] == 0.0
+    assert decay[id(model.roi_heads.box_predictor.embed.weight)] == 1e-4

@@ -130,7 +130,7 @@ class Trainer(DefaultTrainer):
     def build_optimizer(cls, cfg, model):
         """Detectron2's SGD (with its gradient clipping option), but without weight decay on
         the classifier's temperature and background vector: decay would pull log tau to 0
-        (tau = 1) and w_bg to the origin, as CLIP exempts its logit scale."""
+        (tau = 1) and w_bg to the origin (CLIP exempts its logit scale for the same reason)."""
         params = get_default_optimizer_params(
             model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
             bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR, weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,

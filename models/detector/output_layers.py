@@ -60,10 +60,11 @@ class TextEmbeddingClassifier(nn.Module):
         super().__init__()
         self.background = nn.Parameter(torch.zeros(embed_dim))
         # w_bg = background / init_temperature. The bg logit is tau * e.w_bg, so a raw w_bg
-        # would see tau-times larger gradients *and* tau-times larger logit changes than a
-        # linear classifier: an effective learning rate ~tau^2 = 10^4 times too high, which
-        # made SGD at lr 0.02 diverge (tau fixed) or collapse tau (tau learnable) on the
-        # synthetic world. The rescaling changes the conditioning, not the function class.
+        # sees tau-times larger gradients *and* moves its logit tau-times more per unit step
+        # than a linear classifier's weight: an effective learning rate ~tau^2 = 10^4 too high
+        # for SGD at lr 0.02. The rescaling changes the conditioning, not the function class.
+        # (Alone it did not make the synthetic detector train; clipping the tau-scaled
+        # gradients did, see configs/detector/synthetic_r18_fpn.yaml.)
         self.background_scale = 1.0 / init_temperature
         self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
         self.min_log_temperature = math.log(min_temperature) if min_temperature > 0 else -math.inf
