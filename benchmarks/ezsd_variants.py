@@ -57,6 +57,8 @@ class Variant:
     vocabulary: str = "base"     # "all" = oracle
 
 
+ANALYSIS = "## Analysis"
+
 VARIANTS = [
     Variant("base_only", "base-only, no distillation", "raw", None),
     Variant("gt_raw", "+ GT distillation, raw CLIP (ViLD-like)", "raw", "gt"),
@@ -206,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     (results_dir / "ezsd_variants.json").write_text(json.dumps(report, indent=2))
     text = format_report(report)
-    (results_dir / "ezsd_variants.md").write_text(text)
+    md = results_dir / "ezsd_variants.md"
+    # A hand-written "## Analysis" section (what the numbers mean) survives a rerun.
+    previous = md.read_text() if md.is_file() else ""
+    analysis = previous[previous.index(ANALYSIS):] if ANALYSIS in previous else ""
+    md.write_text(text + ("\n" + analysis if analysis else ""))
     print(text)
     bar_chart(rows, results_dir / "ezsd_variants_ap50.png")
     detections_figure([v for v in wanted], root, front.world_dir, clips,
