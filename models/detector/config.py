@@ -6,7 +6,7 @@ from detectron2.config import CfgNode as CN
 
 
 def add_ovd_config(cfg: CN) -> CN:
-    """Add the project's keys (MODEL.OVD.*, DATASETS.DISTILL_*) to a Detectron2 config."""
+    """Add the project's keys (MODEL.OVD.*, DATASETS.DISTILL_*, MODEL.KD.*) to a Detectron2 config."""
     cfg.MODEL.OVD = CN()
     # D, the CLIP embedding size the region embeddings are distilled into.
     cfg.MODEL.OVD.EMBED_DIM = 512
@@ -34,4 +34,51 @@ def add_ovd_config(cfg: CN) -> CN:
     cfg.DATASETS.DISTILL_TARGETS = ""
     # At most this many proposal regions per image are distilled (EZSD: 200); GT always are.
     cfg.DATASETS.DISTILL_MAX_PROPOSALS = 200
+
+    # Compression into a student (`ovd compress`, models/compression; StudentRCNN reads these,
+    # the teacher ignores them). Formulations and defaults are ours where the papers are silent.
+    cfg.MODEL.KD = CN()
+    # The frozen teacher: a training output folder (config.yaml + model_final.pth) or an export.
+    cfg.MODEL.KD.TEACHER = ""
+    cfg.MODEL.KD.TID = CN()
+    # TID feature imitation on the RPN's FPN levels, weighted by task-integrated importance.
+    cfg.MODEL.KD.TID.ENABLED = False
+    # Factor of loss_kd_tid.
+    cfg.MODEL.KD.TID.WEIGHT = 1.0
+    # Teacher FPN width the student's 1x1 adapter maps to (0 = the student's own width).
+    cfg.MODEL.KD.TID.TEACHER_CHANNELS = 0
+    # Localisation score at best IoU >= / between / <= the RPN's IOU_THRESHOLDS (TID: 2.0/1.5/0.4).
+    cfg.MODEL.KD.TID.LOC_SCORES = (2.0, 1.5, 0.4)
+    # Boxes whose IoU gives that score: "anchors", or "predicted" (anchors moved by the RPN deltas).
+    cfg.MODEL.KD.TID.LOC_BOXES = "anchors"
+    # Key areas: this fraction of each level's locations with the highest teacher importance.
+    cfg.MODEL.KD.TID.KEY_RATIO = 0.02
+    # Weak areas: at most this fraction, the highest (teacher - student importance) outside key.
+    cfg.MODEL.KD.TID.WEAK_RATIO = 0.02
+    # Weights of the mean imitation error over key / weak / low-value areas (gamma << alpha, beta).
+    cfg.MODEL.KD.TID.ALPHA = 1.0
+    cfg.MODEL.KD.TID.BETA = 0.5
+    cfg.MODEL.KD.TID.GAMMA = 0.05
+    cfg.MODEL.KD.CID = CN()
+    # CID: centerness-weighted, instance-normalised distillation on the sampled RoIs.
+    cfg.MODEL.KD.CID.ENABLED = False
+    # Factor of loss_kd_cls, the KL between teacher and student region logits (0 = off).
+    cfg.MODEL.KD.CID.CLS_WEIGHT = 1.0
+    # Factor of loss_kd_loc, the smooth-L1 between teacher and student box deltas (0 = off).
+    cfg.MODEL.KD.CID.LOC_WEIGHT = 1.0
+    # Temperature T of the logit KD (the loss is scaled by T^2).
+    cfg.MODEL.KD.CID.TEMPERATURE = 2.0
+    # Instance region = GT box scaled by this about its centre; RoI centres outside weigh 0.
+    cfg.MODEL.KD.CID.ENLARGE = 1.5
+    # Smooth-L1 beta of loss_kd_loc (0 = L1).
+    cfg.MODEL.KD.CID.LOC_BETA = 0.0
+    cfg.MODEL.KD.LIGHT_ML = CN()
+    # Light-ML between the box head's classification and regression branches (student only).
+    cfg.MODEL.KD.LIGHT_ML.ENABLED = False
+    # Each branch vector is viewed as this many channels (even, dividing BRANCH_DIM).
+    cfg.MODEL.KD.LIGHT_ML.CHANNELS = 16
+    # Kernel of its depthwise 1-D convolution (odd).
+    cfg.MODEL.KD.LIGHT_ML.KERNEL_SIZE = 3
+    # Apply it at inference (False: a training-time aid only, the identity in eval mode).
+    cfg.MODEL.KD.LIGHT_ML.INFERENCE = True
     return cfg
