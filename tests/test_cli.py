@@ -24,6 +24,7 @@ LEAVES = {
     ("proposals",): "proposals",
     ("targets",): "targets",
     ("train",): "resumes from its last checkpoint",
+    ("compress",): "frozen teacher",
     ("eval",): "averaged over novel, base, all",
     ("export",): "weights as safetensors",
     ("pipeline",): "every pipeline stage",

@@ -11,6 +11,7 @@
     ovd proposals        EZSD stage 2: CLIP proposals (dense anchors or the cheap mode)
     ovd targets          EZSD stage 3: CLIP embeddings of GT boxes and proposals
     ovd train            EZSD stage 4: train the detector (Detectron2)
+    ovd compress         distil a trained detector into a lighter student (TID, CID, Light-ML)
     ovd eval             generalized zero-shot AP50 / AP on novel, base and all classes
     ovd export           EZSD stage 6: the deployable artifact (safetensors + manifest)
     ovd pipeline         the whole chain on the built-in default: every stage above, cached
@@ -184,13 +185,16 @@ def cmd_clip_eval(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- detector
 
-def _detector_cfg(cfg: dict, args: argparse.Namespace):
-    """Detectron2 config of the `detector:` section, with the world's datasets to register."""
+def _detector_cfg(cfg: dict, args: argparse.Namespace, config_file: str | None = None):
+    """Detectron2 config of the `detector:` section, with the world's datasets to register.
+
+    `config_file` replaces the section's Detectron2 file (its opts still apply)."""
     from .config import REPO_ROOT
     from .train_detector import build_config
 
     section = cfg.get("detector", {})
-    config_file = args.detector_config or section.get("config") or "configs/detector/synthetic_r18_fpn.yaml"
+    config_file = (config_file or args.detector_config or section.get("config")
+                   or "configs/detector/synthetic_r18_fpn.yaml")
     path = Path(config_file)
     if not path.is_file() and (REPO_ROOT / path).is_file():
         path = REPO_ROOT / path
@@ -245,6 +249,42 @@ def cmd_train(args: argparse.Namespace) -> int:
                             num_machines=args.num_machines, machine_rank=args.machine_rank,
                             dist_url=args.dist_url)
     logger.info("weights: %s", final)
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from models.clip.model import load_clip
+
+    from .compress import launch_compression, prepare_student, teacher_config
+
+    cfg = load_config(args.config)
+    root = output_root(cfg, args)
+    teacher = Path(args.teacher or root / "detector")
+    t_cfg = teacher_config(teacher)
+    dcfg = _detector_cfg(cfg, args, config_file=args.student_config)
+    dcfg.OUTPUT_DIR = str(args.out or root / "student")
+    if args.no_distill:
+        dcfg.MODEL.OVD.DISTILL_WEIGHT = 0.0
+    elif not dcfg.DATASETS.DISTILL_TARGETS:
+        dcfg.DATASETS.DISTILL_TARGETS = str(args.targets or root / "targets")
+    _register(dcfg)
+    # The student must share the teacher's text embeddings: default to the teacher's CLIP.
+    clip_path = args.clip or t_cfg.MODEL.OVD.CLIP
+    if not args.clip and not Path(clip_path).is_dir():
+        clip_path = str(root / "clip" / "renorm")
+        if not Path(clip_path).is_dir():
+            clip_path = str(root / "clip" / "pretrained")
+    dcfg = prepare_student(dcfg, load_clip(clip_path), teacher)
+    kd = dcfg.MODEL.KD
+    logger.info("compressing %s into %s (%s backbone, FPN %d; TID %s, CID %s, Light-ML %s; region "
+                "distillation: %s) -> %s", teacher, dcfg.MODEL.META_ARCHITECTURE, dcfg.MODEL.BACKBONE.NAME,
+                dcfg.MODEL.FPN.OUT_CHANNELS, "on" if kd.TID.ENABLED else "off",
+                "on" if kd.CID.ENABLED else "off", "on" if kd.LIGHT_ML.ENABLED else "off",
+                dcfg.DATASETS.DISTILL_TARGETS if dcfg.MODEL.OVD.DISTILL_WEIGHT else "off", dcfg.OUTPUT_DIR)
+    final = launch_compression(dcfg, resume=not args.restart, num_gpus=args.num_gpus,
+                               num_machines=args.num_machines, machine_rank=args.machine_rank,
+                               dist_url=args.dist_url)
+    logger.info("student weights: %s (export it with ovd export --model-dir %s)", final, dcfg.OUTPUT_DIR)
     return 0
 
 
@@ -550,6 +590,31 @@ def build_parser() -> argparse.ArgumentParser:
     _launcher_args(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="Detectron2 KEY VALUE overrides")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compress", help="distil a trained detector into a lighter student (resumable)",
+                       description="Train a smaller open-vocabulary student (by default a "
+                                   "half-width ResNet-18 with a 64-channel FPN) from a frozen "
+                                   "teacher: the usual detection and EZSD region-distillation "
+                                   "losses plus TID feature distillation and CID region-logit and "
+                                   "box distillation, with Light-ML in the box head (MODEL.KD.*). "
+                                   "A killed run resumes from its last checkpoint; the output "
+                                   "folder exports with ovd export like a teacher's.")
+    common(p)
+    p.add_argument("--teacher", default=None,
+                   help="trained teacher: a training output folder (config.yaml + model_final.pth) "
+                        "or an export folder (default: <root>/detector)")
+    p.add_argument("--student-config", default="configs/compress/synthetic_student_r18_narrow.yaml",
+                   help="Detectron2 YAML of the student (the config's detector.opts apply too)")
+    p.add_argument("--clip", default=None,
+                   help="CLIP for the text embeddings (default: the teacher's; it must be the teacher's)")
+    p.add_argument("--targets", default=None, help="`ovd targets` folder (default: <root>/targets)")
+    p.add_argument("--no-distill", action="store_true", help="train without EZSD region distillation")
+    p.add_argument("--out", default=None, help="output folder (default: <root>/student)")
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    _launcher_args(p)
+    p.add_argument("opts", nargs=argparse.REMAINDER,
+                   help="Detectron2 KEY VALUE overrides (e.g. MODEL.KD.TID.ENABLED False)")
+    p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", help="generalized zero-shot AP50/AP on novel, base and all classes",
                        description="Evaluate a trained detector over all categories of a dataset "
