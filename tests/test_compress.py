@@ -329,6 +329,28 @@ def test_training_step_with_a_frozen_teacher():
                                                "loss_rpn_loc", "loss_distill"}
 
 
+def test_rpn_forward_with_dense_outputs_is_detectron2s_rpn_forward():
+    from models.compression.student import rpn_forward_train
+
+    torch.manual_seed(0)
+    model = build_model(_student_cfg()).train()
+    batch = _batch()
+    images = model.preprocess_image(batch)
+    gt = [x["instances"] for x in batch]
+    features = model.backbone(images.tensor)
+    with EventStorage(0):
+        torch.manual_seed(1)
+        ours, our_losses, dense = rpn_forward_train(model.proposal_generator, images, features, gt)
+        torch.manual_seed(1)
+        theirs, their_losses = model.proposal_generator(images, features, gt)
+    assert {k: v.item() for k, v in our_losses.items()} == {k: v.item() for k, v in their_losses.items()}
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a.proposal_boxes.tensor, b.proposal_boxes.tensor)
+    assert [o.shape for o in dense.objectness] == [(2, 3, 16, 16), (2, 3, 8, 8), (2, 3, 4, 4),
+                                                   (2, 3, 2, 2), (2, 3, 1, 1)]
+    assert [len(a) for a in dense.anchors] == [3 * 256, 3 * 64, 3 * 16, 3 * 4, 3]
+
+
 def test_a_teacher_of_another_width_is_refused():
     student = build_model(_student_cfg("MODEL.KD.TID.TEACHER_CHANNELS", 96))
     with pytest.raises(ValueError, match="FPN is 128 channels"):
