@@ -103,7 +103,7 @@ def region_weights(proposals: list[Instances], targets: list[Instances], *, enla
         index = same.float().argmax(dim=1)
         region = enlarge_boxes(gt, enlarge)[index]
         weights.append(centerness(p.proposal_boxes.get_centers(), region))
-        instances.append(index + offset)
+        instances.append(torch.where(same.any(dim=1), index + offset, torch.full_like(index, -1)))
         offset += len(gt)
     return instance_normalise(torch.cat(weights), torch.cat(instances))
 

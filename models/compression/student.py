@@ -251,8 +251,12 @@ class StudentRCNN(OpenVocabRCNN):
         """Hold `teacher` (moved to this model's device, frozen) for distillation.
 
         Raises:
-            ValueError: the teacher's region embeddings or FPN width do not fit this student.
+            ValueError: the student has no StudentROIHeads, or the teacher's region embeddings or
+                FPN levels do not fit it.
         """
+        if not isinstance(self.roi_heads, StudentROIHeads):
+            raise ValueError(f"distillation needs StudentROIHeads, not {type(self.roi_heads).__name__} "
+                             "(MODEL.ROI_HEADS.NAME)")
         t_pred = teacher.roi_heads.box_predictor
         if t_pred.embed_dim != self.roi_heads.box_predictor.embed_dim:
             raise ValueError(f"teacher embeds regions in {t_pred.embed_dim} dimensions, the student in "
