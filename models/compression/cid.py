@@ -28,7 +28,7 @@ from detectron2.structures import Instances
 
 
 def enlarge_boxes(boxes: torch.Tensor, factor: float) -> torch.Tensor:
-    """(N, 4) XYXY boxes scaled by `factor` about their centres."""
+    """(N, 4) XYXY boxes (pixels) scaled by `factor` about their centres."""
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
     half = (boxes[:, 2:] - boxes[:, :2]) * (factor / 2)
     return torch.cat([centres - half, centres + half], dim=1)
@@ -38,8 +38,8 @@ def centerness(points: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """FCOS centerness of points w.r.t. boxes.
 
     Args:
-        points: (N, 2) x, y.
-        boxes: (N, 4) XYXY, one per point.
+        points: (N, 2) x, y in pixels.
+        boxes: (N, 4) XYXY in pixels, one per point.
 
     Returns:
         (N,) in [0, 1]: 1 at a box's centre, 0 on or outside its border.
