@@ -56,7 +56,7 @@ class Variant:
     targets: str | None          # None, "gt", "dense" or "cheap"
     semantic_regressor: bool = False
     vocabulary: str = "base"     # "all" = oracle
-    distill_weight: float | None = None  # lambda; None = the detector config's
+    distill_weight: float = 1.0  # lambda (the paper's 1 unless a row says otherwise)
 
 
 ANALYSIS = "## Analysis"
@@ -239,9 +239,7 @@ def train_and_eval(v: Variant, cfg: dict, clip, targets_dir: Path | None, out: P
     dcfg.DATASETS.TRAIN = ("bench_train_all" if v.vocabulary == "all" else "bench_train",)
     dcfg.MODEL.OVD.TRAIN_VOCABULARY = v.vocabulary
     dcfg.MODEL.OVD.SEMANTIC_REGRESSOR = v.semantic_regressor
-    if v.distill_weight is not None:
-        dcfg.MODEL.OVD.DISTILL_WEIGHT = v.distill_weight
-    dcfg.MODEL.OVD.DISTILL_WEIGHT = dcfg.MODEL.OVD.DISTILL_WEIGHT if targets_dir else 0.0
+    dcfg.MODEL.OVD.DISTILL_WEIGHT = v.distill_weight if targets_dir else 0.0
     dcfg.DATASETS.DISTILL_TARGETS = str(targets_dir) if targets_dir else ""
     steps = tuple(int(iters * f) for f in (2 / 3, 8 / 9))
     dcfg.SOLVER.MAX_ITER = iters
