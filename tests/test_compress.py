@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from detector_testing import random_image, training_batch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.box_regression import Box2BoxTransform
@@ -246,12 +247,6 @@ def test_light_ml_inference_switch():
 
 # --------------------------------------------------------------------------- the student
 
-def _image(seed: int, size: int = 64) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {"image": torch.randint(0, 255, (3, size, size), generator=g, dtype=torch.uint8),
-            "height": size, "width": size}
-
-
 def test_student_config_builds_a_narrow_model_whose_encode_and_classify_serve():
     torch.manual_seed(0)
     model = build_model(_student_cfg("MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0)).eval()
@@ -261,7 +256,7 @@ def test_student_config_builds_a_narrow_model_whose_encode_and_classify_serve():
     predictor = model.roi_heads.box_predictor
     assert isinstance(predictor, StudentOutputLayers) and predictor.light_ml is not None
     assert model.tid.adapter.out_channels == 128 and model.cid is not None
-    inputs = [_image(1), _image(2)]
+    inputs = [random_image(1), random_image(2)]
     text = F.normalize(torch.randn(4, D), dim=1)
     with torch.inference_mode():
         regions = model.encode(inputs)
@@ -286,19 +281,7 @@ def test_narrow_backbone_is_detectron2_r18_fpn_at_full_width():
 
 
 def _batch() -> list[dict]:
-    batch = []
-    for seed in range(2):
-        d = _image(seed)
-        inst = Instances((64, 64))
-        inst.gt_boxes = Boxes(torch.tensor([[4.0, 4, 20, 20], [30, 32, 60, 62]]))
-        inst.gt_classes = torch.tensor([0, 2])
-        dist = Instances((64, 64))
-        dist.boxes = Boxes(torch.tensor([[4.0, 4, 20, 20], [10, 10, 50, 50]]))
-        dist.embeddings = F.normalize(torch.randn(2, D), dim=1)
-        dist.weights = torch.tensor([1.0, 0.4])
-        d.update(instances=inst, distill=dist)
-        batch.append(d)
-    return batch
+    return training_batch(D, (4.0, 4, 20, 20))
 
 
 def test_training_step_with_a_frozen_teacher():
@@ -448,7 +431,7 @@ def test_compress_runs_resumes_exports_and_loads(teacher_root, tmp_path, monkeyp
     trained = build_model(cfg).eval()
     DetectionCheckpointer(trained).load(str(student_dir / "model_final.pth"))
     text = exported.text_embeddings(["red ring", "blue disk"])
-    inputs = [_image(5)]
+    inputs = [random_image(5)]
     with torch.inference_mode():
         a = exported.model.encode(inputs)[0]
         b = trained.encode(inputs)[0]

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from detector_testing import random_image, training_batch
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from models.detector import TextEmbeddingClassifier, distillation_loss
@@ -38,12 +38,6 @@ def model():
     m = build_model(_cfg(**{"MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.0}))
     m.train_text = F.normalize(torch.randn(3, D), dim=1)
     return m.eval()
-
-
-def _image(seed: int, size: int = 64) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {"image": torch.randint(0, 255, (3, size, size), generator=g, dtype=torch.uint8),
-            "height": size, "width": size}
 
 
 def test_classifier_logits_hand_computed():
@@ -96,7 +90,7 @@ def test_semantic_regressor_uses_the_class_text(model):
 
 
 def test_per_call_vocabularies_are_independent(model):
-    inputs = [_image(1)]
+    inputs = [random_image(1)]
     vocab_a = F.normalize(torch.randn(4, D), dim=1)
     vocab_b = F.normalize(torch.randn(7, D), dim=1)
     with torch.inference_mode():
@@ -126,7 +120,7 @@ def test_per_call_vocabularies_are_independent(model):
 
 def test_one_encode_serves_several_vocabularies(model):
     """encode() once, classify() per vocabulary == a full forward per vocabulary."""
-    inputs = [_image(1), _image(2)]
+    inputs = [random_image(1), random_image(2)]
     vocabs = [F.normalize(torch.randn(4, D), dim=1), F.normalize(torch.randn(9, D), dim=1)]
     predictor = model.roi_heads.box_predictor
     with torch.inference_mode():
@@ -149,18 +143,7 @@ def test_training_step_has_every_loss_and_distillation_reaches_the_box_head():
     m = build_model(_cfg())
     m.train_text = F.normalize(torch.randn(3, D), dim=1)
     m.train()
-    batch = []
-    for seed in range(2):
-        d = _image(seed)
-        inst = Instances((64, 64))
-        inst.gt_boxes = Boxes(torch.tensor([[4.0, 4, 30, 30], [30, 32, 60, 62]]))
-        inst.gt_classes = torch.tensor([0, 2])
-        dist = Instances((64, 64))
-        dist.boxes = Boxes(torch.tensor([[4.0, 4, 30, 30], [10, 10, 50, 50]]))
-        dist.embeddings = F.normalize(torch.randn(2, D), dim=1)
-        dist.weights = torch.tensor([1.0, 0.4])
-        d.update(instances=inst, distill=dist)
-        batch.append(d)
+    batch = training_batch(D, (4.0, 4, 30, 30))
     with EventStorage(0):
         losses = m(batch)
     assert set(losses) == {"loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc", "loss_distill"}

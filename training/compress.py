@@ -17,7 +17,6 @@ from pathlib import Path
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
-from detectron2.engine import launch
 from detectron2.modeling import build_model
 from safetensors import safe_open
 
@@ -25,7 +24,7 @@ from models.clip.model import ClipModel
 from models.compression import StudentRCNN
 from models.detector import OpenVocabRCNN
 
-from .train_detector import TRAIN_TEXT_FILE, Trainer, build_config, prepare
+from .train_detector import TRAIN_TEXT_FILE, Trainer, build_config, launch_training, prepare
 
 logger = logging.getLogger(__name__)
 
@@ -118,28 +117,8 @@ def prepare_student(cfg: CfgNode, clip: ClipModel, teacher: str | Path) -> CfgNo
     return cfg
 
 
-def _main(cfg: CfgNode, resume: bool) -> None:
-    """One compression process (`launch` runs one per device and machine)."""
-    from detectron2.utils import comm
-    from detectron2.utils.env import seed_all_rng
-    from detectron2.utils.logger import setup_logger
-
-    from .data.coco_format import register_from_spec
-
-    for spec in cfg.DATASETS.REGISTER:
-        register_from_spec(spec, overwrite=True)
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="detectron2")
-    seed_all_rng(cfg.SEED + comm.get_rank())
-    if comm.is_main_process():
-        (Path(cfg.OUTPUT_DIR) / "config.yaml").write_text(cfg.dump())
-    trainer = CompressTrainer(cfg)
-    trainer.resume_or_load(resume=resume)
-    trainer.train()
-
-
 def launch_compression(cfg: CfgNode, *, resume: bool = True, num_gpus: int = 1, num_machines: int = 1,
                        machine_rank: int = 0, dist_url: str = "auto") -> Path:
     """Train (or resume) the student with Detectron2's launcher; returns its final weights."""
-    launch(_main, num_gpus, num_machines=num_machines, machine_rank=machine_rank,
-           dist_url=dist_url, args=(cfg, resume))
-    return Path(cfg.OUTPUT_DIR) / "model_final.pth"
+    return launch_training(cfg, resume=resume, num_gpus=num_gpus, num_machines=num_machines,
+                           machine_rank=machine_rank, dist_url=dist_url, trainer_cls=CompressTrainer)

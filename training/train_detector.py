@@ -158,15 +158,15 @@ def prepare(cfg: CfgNode, clip: ClipModel) -> CfgNode:
     return cfg
 
 
-def train(cfg: CfgNode, *, resume: bool = True) -> Path:
+def train(cfg: CfgNode, *, resume: bool = True, trainer_cls: type[Trainer] = Trainer) -> Path:
     """Run (or resume) training in this process; returns the final checkpoint path."""
-    trainer = Trainer(cfg)
+    trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=resume)
     trainer.train()
     return Path(cfg.OUTPUT_DIR) / "model_final.pth"
 
 
-def _main(cfg: CfgNode, resume: bool) -> None:
+def _main(cfg: CfgNode, resume: bool, trainer_cls: type[Trainer]) -> None:
     """One training process (`launch` runs one per device and machine)."""
     from detectron2.utils import comm
     from detectron2.utils.env import seed_all_rng
@@ -180,12 +180,15 @@ def _main(cfg: CfgNode, resume: bool) -> None:
     seed_all_rng(cfg.SEED + comm.get_rank())
     if comm.is_main_process():
         (Path(cfg.OUTPUT_DIR) / "config.yaml").write_text(cfg.dump())
-    train(cfg, resume=resume)
+    train(cfg, resume=resume, trainer_cls=trainer_cls)
 
 
 def launch_training(cfg: CfgNode, *, resume: bool = True, num_gpus: int = 1, num_machines: int = 1,
-                    machine_rank: int = 0, dist_url: str = "auto") -> Path:
-    """Train with Detectron2's launcher (one process per GPU and machine; one on a CPU)."""
+                    machine_rank: int = 0, dist_url: str = "auto",
+                    trainer_cls: type[Trainer] = Trainer) -> Path:
+    """Train with Detectron2's launcher (one process per GPU and machine; one on a CPU).
+
+    `trainer_cls` is the Trainer (sub)class each process runs, e.g. the student's."""
     launch(_main, num_gpus, num_machines=num_machines, machine_rank=machine_rank,
-           dist_url=dist_url, args=(cfg, resume))
+           dist_url=dist_url, args=(cfg, resume, trainer_cls))
     return Path(cfg.OUTPUT_DIR) / "model_final.pth"

@@ -276,12 +276,7 @@ class StudentRCNN(OpenVocabRCNN):
     def forward(self, batched_inputs: list[dict], text: torch.Tensor | None = None):
         if not self.training or self._teacher is None or (self.tid is None and self.cid is None):
             return super().forward(batched_inputs, text=text)
-        text = self.train_text if text is None else text.to(self.device)
-        images = self.preprocess_image(batched_inputs)
-        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        distill = ([x["distill"].to(self.device) for x in batched_inputs]
-                   if "distill" in batched_inputs[0] else None)
-        features = self.backbone(images.tensor)
+        text, images, gt_instances, distill, features = self.training_inputs(batched_inputs, text)
         proposals, losses, dense = rpn_forward_train(self.proposal_generator, images, features,
                                                      gt_instances)
         sampled, (logits, deltas), roi_losses = self.roi_heads.forward_with_predictions(

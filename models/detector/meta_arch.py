@@ -49,16 +49,21 @@ class OpenVocabRCNN(GeneralizedRCNN):
     def forward(self, batched_inputs: list[dict], text: torch.Tensor | None = None):
         if not self.training:
             return self.inference(batched_inputs, text=text)
+        text, images, gt_instances, distill, features = self.training_inputs(batched_inputs, text)
+        proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
+        _, detector_losses = self.roi_heads(images, features, proposals, gt_instances, text=text,
+                                            distill=distill)
+        return {**detector_losses, **proposal_losses}
+
+    def training_inputs(self, batched_inputs: list[dict], text: torch.Tensor | None):
+        """(text (C, D), ImageList, GT Instances per image, distill Instances per image or None,
+        backbone features) of a training batch, on the model's device."""
         text = self.train_text if text is None else text.to(self.device)
         images = self.preprocess_image(batched_inputs)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         distill = ([x["distill"].to(self.device) for x in batched_inputs]
                    if "distill" in batched_inputs[0] else None)
-        features = self.backbone(images.tensor)
-        proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
-        _, detector_losses = self.roi_heads(images, features, proposals, gt_instances, text=text,
-                                            distill=distill)
-        return {**detector_losses, **proposal_losses}
+        return text, images, gt_instances, distill, self.backbone(images.tensor)
 
     def inference(self, batched_inputs: list[dict], detected_instances=None,
                   do_postprocess: bool = True, *, text: torch.Tensor | None = None):

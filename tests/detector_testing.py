@@ -1,0 +1,33 @@
+"""Inputs for detector tests on 64 px random images (shared by the teacher and student tests)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from detectron2.structures import Boxes, Instances
+
+
+def random_image(seed: int, size: int = 64) -> dict:
+    """A Detectron2 input: random uint8 (3, size, size) image, original size = size."""
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randint(0, 255, (3, size, size), generator=g, dtype=torch.uint8),
+            "height": size, "width": size}
+
+
+def training_batch(embed_dim: int, first_box: tuple[float, float, float, float]) -> list[dict]:
+    """Two 64 px images, each with GT boxes (first_box: class 0, a fixed box: class 2) and two
+    distillation regions (first_box with weight 1, a larger box with weight 0.4) whose CLIP
+    embeddings are random (drawn from torch's global generator)."""
+    batch = []
+    for seed in range(2):
+        d = random_image(seed)
+        inst = Instances((64, 64))
+        inst.gt_boxes = Boxes(torch.tensor([list(first_box), [30.0, 32, 60, 62]]))
+        inst.gt_classes = torch.tensor([0, 2])
+        dist = Instances((64, 64))
+        dist.boxes = Boxes(torch.tensor([list(first_box), [10.0, 10, 50, 50]]))
+        dist.embeddings = F.normalize(torch.randn(2, embed_dim), dim=1)
+        dist.weights = torch.tensor([1.0, 0.4])
+        d.update(instances=inst, distill=dist)
+        batch.append(d)
+    return batch
