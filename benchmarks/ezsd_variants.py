@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from host_info import host_line  # noqa: E402
 
 logger = logging.getLogger("bench")
 
@@ -76,13 +75,6 @@ VARIANTS = [
 ]
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-        else platform.processor()
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-
-
 class Timed:
     """Runs a stage once and remembers its measured wall time in <folder>/timing.json; a rerun
     whose output exists returns the stored time, flagged as cached."""
@@ -98,7 +90,7 @@ class Timed:
         fn()
         seconds = time.time() - t0
         self.folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"seconds": seconds, "machine": machine()}))
+        path.write_text(json.dumps({"seconds": seconds, "machine": host_line()}))
         return seconds, False
 
 
@@ -202,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine(),
+        "machine": host_line(),
         "train_images": args.train_images,
         "iters": args.iters,
         "clip_accuracy": {k: {d: {g: round(100 * a[d][g], 1) for g in ("base", "novel", "all")}

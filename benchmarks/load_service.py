@@ -33,11 +33,9 @@ import io
 import ipaddress
 import json
 import os
-import platform
 import random
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,7 +48,10 @@ from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
+from host_info import host_info
 from PIL import Image, ImageDraw
+
+from service.launch import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -123,13 +124,6 @@ def require_loopback(url: str) -> str:
     if not loopback:
         raise SystemExit(f"refusing {url!r}: load tests target loopback addresses only")
     return url.rstrip("/")
-
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -280,28 +274,6 @@ async def run_cells(url: str, *, requests: int, time_cap_s: float, image_b64: st
 # --- report -----------------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    """CPU model and core count from /proc/cpuinfo, load average, Python and torch versions.
-
-    The load average is read before the server starts: other processes on the same cores make
-    every number slower, and the report should say so.
-    """
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
-              if line.startswith("model name")]
-    import torch
-
-    return {
-        "cpu": models[0] if models else platform.processor(),
-        "cores": len(models) or os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)),
-        "load_avg_1m_at_start": os.getloadavg()[0],
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-
-
 def markdown(report: dict) -> str:
     """The results as a markdown document: machine, command, server, table, notes."""
     m, s = report["machine"], report["server"]
@@ -355,7 +327,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @contextlib.contextmanager
 def started_server(args: argparse.Namespace, api_key: str) -> Iterator[tuple[str, dict]]:
     """Start Redis (unless --no-redis) and the service; yields (base URL, what was started)."""
-    from service.launch import ServerProcess
 
     with contextlib.ExitStack() as stack:
         model_dir, model_note = args.model_dir, str(args.model_dir)
@@ -382,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "benchmarks/load_service.py",
                           *(sys.argv[1:] if argv is None else argv)])
     image_b64 = scene_png(args.image_size, args.seed)
-    host = machine()
+    host = host_info()
     if args.url:
         stack = contextlib.nullcontext((require_loopback(args.url), {
             "target": f"{args.url} (already running)", "model": "as configured there",

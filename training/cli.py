@@ -409,7 +409,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     `ovd serve` on a free loopback port, sends one POST /v1/detect with the export's novel
     class names plus two base ones, prints the detections and draws them to a PNG."""
     import base64
-    import io
 
     import httpx
     from PIL import Image, ImageDraw
@@ -457,17 +456,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         box = [v * scale for v in d["box"]]
         draw.rectangle(box, outline=colour, width=2)
         draw.text((box[0] + 2, box[1] + 1), f"{d['label']} {d['score']:.2f}", fill=colour)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    (out / "detections.png").write_bytes(buf.getvalue())
+    image.save(out / "detections.png")
     print(f"drawn: {out / 'detections.png'}   serve it yourself: ovd serve --model-dir {model_dir}")
     return 0
-
-
-def _asdict(obj) -> dict:
-    from dataclasses import asdict
-
-    return asdict(obj)
 
 
 # --------------------------------------------------------------------------- serve
