@@ -36,7 +36,6 @@ import os
 import random
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +50,7 @@ import numpy as np
 from host_info import host_info
 from PIL import Image, ImageDraw
 
-from service.launch import ServerProcess, free_port
+from service.launch import ServerProcess, redis_process
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -129,31 +128,10 @@ def require_loopback(url: str) -> str:
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
     """Run a throwaway redis-server on a free loopback port; yields its redis:// URL."""
-    import redis
-
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         raise SystemExit("redis-server not found (scripts/install.sh installs it); or use --no-redis")
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="ovd-bench-redis-") as workdir:
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", workdir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            client = redis.Redis(host="127.0.0.1", port=port)
-            for _ in range(100):
-                with contextlib.suppress(redis.exceptions.ConnectionError):
-                    if client.ping():
-                        break
-                time.sleep(0.05)
-            else:
-                raise SystemExit(f"redis-server on port {port} did not answer PING")
-            client.close()
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+    with redis_process() as (url, _):
+        yield url
 
 
 def random_export(out: Path) -> Path:

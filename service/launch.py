@@ -1,4 +1,4 @@
-"""A real service process on a free loopback port: for tests, demos and load benchmarks.
+"""Real service (and Redis) processes on free loopback ports: for tests, demos and benchmarks.
 
     with ServerProcess("artifacts/default") as server:
         httpx.post(f"{server.url}/v1/detect", ...)
@@ -10,7 +10,9 @@ after a grace period.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +29,41 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def redis_process():
+    """A throwaway redis-server on a free loopback port, no persistence; yields (url, Popen).
+
+    Raises:
+        FileNotFoundError: redis-server is not installed.
+        RuntimeError: it did not answer PING within 5 s.
+    """
+    import redis
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise FileNotFoundError("redis-server is not installed (scripts/install.sh installs it)")
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    with tempfile.TemporaryDirectory(prefix="ovd-redis-") as workdir:
+        proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no", "--protected-mode", "yes", "--dir", workdir],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(url, socket_timeout=0.5)
+        try:
+            for _ in range(100):
+                with contextlib.suppress(redis.ConnectionError):
+                    if client.ping():
+                        break
+                time.sleep(0.05)
+            else:
+                raise RuntimeError(f"redis-server on port {port} did not answer PING")
+            yield url, proc
+        finally:
+            client.close()
+            proc.terminate()
+            proc.wait(10)
 
 
 class ServerProcess:

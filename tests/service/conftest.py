@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import subprocess
-import time
 
 import pytest
-import redis
 import torch
 import torch.nn.functional as F
 
-from service.launch import ServerProcess, free_port
+from service import launch
+from service.launch import ServerProcess
 
 CATEGORIES = [{"name": "red ring", "split": "novel"}, {"name": "blue disk", "split": "base"},
               {"name": "green cross", "split": "novel"}]
@@ -57,30 +55,11 @@ def detector(export_dir):
 
 @contextlib.contextmanager
 def redis_process():
-    """A throwaway redis-server on a free loopback port, no persistence; yields (url, Popen)."""
-    exe = shutil.which("redis-server")
-    if exe is None:
+    """service.launch.redis_process, skipping the test where redis-server is not installed."""
+    if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (scripts/install.sh installs it)")
-    port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--protected-mode", "yes"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url, socket_timeout=0.5)
-    try:
-        for _ in range(100):
-            try:
-                if client.ping():
-                    break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        else:
-            raise RuntimeError("redis-server did not start")
-        yield url, proc
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(10)
+    with launch.redis_process() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
