@@ -9,6 +9,9 @@ An export folder holds::
     manifest.json                ovd-detector/1: categories, CLIP id + hash, prompt template,
                                  input format, metrics on a named split, sha256 of every file
 
+and, after `ovd export --onnx` (models/onnx_export.py), the ONNX graphs of ONNX_FILES with their
+input/output contract under the manifest's "onnx" key.
+
 Loading checks every file against the manifest's sha256 first and reads only safetensors,
 YAML (safe loader) and JSON: nothing is unpickled.
 """
@@ -35,6 +38,12 @@ FILES = {
     "config": "detector.yaml",
     "text_encoder": "text_encoder.safetensors",
     "text_config": "text_encoder.json",
+}
+# Optional: written by `ovd export --onnx`, verified like the others when the manifest lists them.
+ONNX_FILES = {
+    "onnx_detector": "detector.onnx",
+    "onnx_encode": "detector_encode.onnx",
+    "onnx_classify": "detector_classify.onnx",
 }
 
 
@@ -157,8 +166,13 @@ def verify_export(folder: str | Path) -> dict:
         actual = sha256_file(f)
         if actual != entry["sha256"]:
             raise ExportError(f"{f} has sha256 {actual}, but the manifest says {entry['sha256']}")
-    if set(manifest.get("files", {})) != set(FILES):
-        raise ExportError(f"{path}: files {sorted(manifest.get('files', {}))}, expected {sorted(FILES)}")
+    listed = set(manifest.get("files", {}))
+    if not set(FILES) <= listed or listed - set(FILES) - set(ONNX_FILES):
+        raise ExportError(f"{path}: files {sorted(listed)}, expected {sorted(FILES)} "
+                          f"(and optionally {sorted(ONNX_FILES)})")
+    known = {**FILES, **ONNX_FILES}
+    if any(entry["file"] != known[name] for name, entry in manifest["files"].items()):
+        raise ExportError(f"{path}: unexpected file names {manifest['files']}")
     return manifest
 
 

@@ -148,7 +148,13 @@ async def _load(app: FastAPI, detector: ExportedDetector | None) -> None:
         if detector is None:
             detector = await asyncio.to_thread(load_export, settings.model_dir, device=settings.device)
         manifest = detector.manifest
-        batcher = Batcher(detector.model, max_batch_size=settings.max_batch_size,
+        model = detector.model
+        if settings.backend == "onnx":  # the same export's ONNX graphs, hash-checked
+            from models.onnx_export import load_onnx_detector
+
+            model = await asyncio.to_thread(load_onnx_detector, settings.model_dir,
+                                            threads=settings.torch_threads)
+        batcher = Batcher(model, max_batch_size=settings.max_batch_size,
                           max_wait_s=settings.max_batch_wait_ms / 1000, max_queue=settings.max_queue,
                           on_batch=metrics.observe_batch, on_queue_depth=metrics.queue_depth.set)
         batcher.start()
@@ -164,8 +170,8 @@ async def _load(app: FastAPI, detector: ExportedDetector | None) -> None:
         if settings.warmup:
             await _warmup(runtime)
         app.state.runtime = runtime
-        logger.info("model %s %s loaded from %s", manifest.get("name"), manifest.get("version"),
-                    settings.model_dir)
+        logger.info("model %s %s loaded from %s (%s backend)", manifest.get("name"),
+                    manifest.get("version"), settings.model_dir, settings.backend)
     except Exception as e:  # noqa: BLE001  reported by /readyz and /livez, and logged
         logger.exception("loading the model from %s failed", settings.model_dir)
         app.state.load_error = f"{type(e).__name__}: {e}"

@@ -75,7 +75,9 @@ class Batcher:
     """Asyncio front, one worker thread behind.
 
     Args:
-        model: OpenVocabRCNN in eval mode.
+        model: OpenVocabRCNN in eval mode, or models.onnx_export.OnnxDetector (onnxruntime):
+            anything with encode(inputs), classify(regions, text, score_thresh=,
+            max_detections=) and to_original_size(results, inputs).
         max_batch_size: images per encode call.
         max_wait_s: longest a batch waits to fill up, seconds.
         max_queue: images waiting at most; more -> Overloaded.
@@ -92,7 +94,9 @@ class Batcher:
         self.max_queue = max_queue
         self._on_batch = on_batch or (lambda size, seconds: None)
         self._on_queue_depth = on_queue_depth or (lambda depth: None)
-        self._divisor = max(int(getattr(model.backbone, "size_divisibility", 0) or 1), 1)
+        # An ONNX detector has no backbone here: it encodes image by image, padding is moot.
+        backbone = getattr(model, "backbone", None)
+        self._divisor = max(int(getattr(backbone, "size_divisibility", 0) or 1), 1)
         self._queue: deque[Job] = deque()
         self._arrived = asyncio.Event()
         self._idle = asyncio.Event()
@@ -177,7 +181,6 @@ class Batcher:
         for i, job in enumerate(batch):
             groups.setdefault(self._padded_shape(job), []).append(i)
         outcomes: list[JobResult | BaseException] = [RuntimeError("not processed")] * len(batch)
-        predictor = self.model.roi_heads.box_predictor
         with torch.inference_mode():
             for members in groups.values():
                 jobs = [batch[i] for i in members]
@@ -188,9 +191,9 @@ class Batcher:
                     self._on_batch(len(jobs), model_s)
                     for i, job, region in zip(members, jobs, regions, strict=True):
                         t1 = time.monotonic()
-                        found = predictor.classify([region], job.text.to(self.model.device),
-                                                   score_thresh=job.score_threshold,
-                                                   max_detections=job.max_detections)
+                        found = self.model.classify([region], job.text,
+                                                    score_thresh=job.score_threshold,
+                                                    max_detections=job.max_detections)
                         instances = self.model.to_original_size(found, [job.inputs])[0]["instances"]
                         outcomes[i] = JobResult(instances.to("cpu"), queue_s=started - job.enqueued,
                                                 model_s=model_s, classify_s=time.monotonic() - t1,

@@ -7,6 +7,7 @@ Every limit the service enforces is here, so an operator can see and change them
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,6 +20,9 @@ class Settings(BaseSettings):
 
     model_dir: Path = Field(Path("artifacts/default"), description="export folder (`ovd export`)")
     device: str = Field("cpu", description="torch device of the detector and the text tower")
+    backend: Literal["torch", "onnx"] = Field(
+        "torch", description="detector runtime: torch, or onnx (onnxruntime on the export's "
+                             "ONNX graphs, `ovd export --onnx`; the text tower stays torch)")
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 keeps torch's default")
     warmup: bool = Field(True, description="run one inference after loading, before /readyz is 200")
 

@@ -329,15 +329,27 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from .export import export_detector
 
-    cfg = load_config(args.config)
-    root = output_root(cfg, args)
-    model_dir = Path(args.model_dir or root / "detector")
-    out = Path(args.out or root / "export")
-    manifest = export_detector(model_dir, out, name=args.name, version=args.version, weights=args.weights,
-                               dtype=args.dtype)
+    if args.from_export:  # an existing export folder: only the ONNX graphs are added
+        if not args.onnx:
+            raise ValueError("--from-export only adds ONNX graphs: give --onnx too")
+        from models.onnx_export import export_onnx
+
+        out = Path(args.out or args.from_export)
+        manifest = export_onnx(args.from_export, out)
+    else:
+        cfg = load_config(args.config)
+        root = output_root(cfg, args)
+        model_dir = Path(args.model_dir or root / "detector")
+        out = Path(args.out or root / "export")
+        manifest = export_detector(model_dir, out, name=args.name, version=args.version,
+                                   weights=args.weights, dtype=args.dtype)
+        if args.onnx:
+            from models.onnx_export import export_onnx
+
+            export_onnx(out)
     m = verify_export(out)
     logger.info("exported %s %s to %s (%d files verified; trained on %d classes)", m["name"],
-                m["version"], out, len(m["files"]), len(m["trained_on"]["classes"]))
+                m["version"], out, len(m["files"]), len(m.get("trained_on", {}).get("classes", [])))
     logger.info("manifest: %s", manifest)
     return 0
 
@@ -395,7 +407,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
                                 dataset=None, clip=None, export=None, out=None, opts=[]))
     stage(8, f"export -> {root / 'export'}")
     cmd_export(argparse.Namespace(config=args.config, root=args.root, model_dir=None, weights=None,
-                                  out=None, name="ovd-synthetic", version="0.1.0", dtype="float32"))
+                                  out=None, name="ovd-synthetic", version="0.1.0", dtype="float32",
+                                  onnx=False, from_export=None))
     logger.info("pipeline finished in %.1f min; outputs under %s", (time.time() - t0) / 60, root)
     return 0
 
@@ -474,7 +487,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.settings import Settings
 
     settings = Settings(**({"model_dir": args.model_dir} if args.model_dir else {}))
-    verify_export(settings.model_dir)  # a missing or tampered export fails here, not in a running server
+    manifest = verify_export(settings.model_dir)  # a missing or tampered export fails here, not in a running server
+    if settings.backend == "onnx" and "onnx" not in manifest:
+        raise ValueError(f"OVD_BACKEND=onnx, but {settings.model_dir} has no ONNX graphs: "
+                         f"ovd export --onnx --from-export {settings.model_dir}")
     os.environ["OVD_MODEL_DIR"] = str(settings.model_dir)  # the app factory reads the environment
     logging.getLogger("service").setLevel(logging.INFO)
     uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port,
@@ -625,7 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the deployable detector (safetensors + manifest)",
                        description="Export a trained detector: weights as safetensors, its "
                                    "config, CLIP's text tower, and a manifest with categories, "
-                                   "CLIP id and hash, prompt template, metrics and file hashes.")
+                                   "CLIP id and hash, prompt template, metrics and file hashes. "
+                                   "--onnx adds ONNX graphs whose vocabulary is an input "
+                                   "(models/onnx_export.py); `ovd export --onnx --from-export "
+                                   "artifacts/default --out DIR` adds them to an existing export.")
     common(p)
     p.add_argument("--model-dir", default=None, help="training output (default: <root>/detector)")
     p.add_argument("--weights", default=None, help="checkpoint (default: <model-dir>/model_final.pth)")
@@ -634,6 +653,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="0.1.0", help="model version in the manifest")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="storage of the weights (float16: half the size, computed in float32)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write detector.onnx (image + text embeddings in, boxes/scores/classes "
+                        "out, any vocabulary size) and its encode/classify halves, validated "
+                        "against PyTorch with onnxruntime and listed in the manifest")
+    p.add_argument("--from-export", default=None, metavar="EXPORT",
+                   help="with --onnx: add the graphs to this existing export folder instead of "
+                        "exporting a training output (written to --out if given, a copy; "
+                        "else in place)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("pipeline", help="the whole chain on the built-in default (cached stages)",

@@ -87,6 +87,14 @@ class OpenVocabRCNN(GeneralizedRCNN):
         proposals, _ = self.proposal_generator(images, features, None)
         return self.roi_heads.encode_regions(features, proposals)
 
+    def classify(self, regions: list[RegionFeatures], text: torch.Tensor, **options) -> list[Instances]:
+        """`roi_heads.box_predictor.classify` with text moved to the model's device.
+
+        The service's batcher calls encode / classify / to_original_size, an interface that
+        models.onnx_export.OnnxDetector implements as well.
+        """
+        return self.roi_heads.box_predictor.classify(regions, text.to(self.device), **options)
+
     @staticmethod
     def to_original_size(results: list[Instances], batched_inputs: list[dict]) -> list[dict]:
         """[{"instances": ...}] with boxes rescaled to each input's "height"/"width"."""

@@ -1,0 +1,583 @@
+"""The detector as ONNX with a live vocabulary: export, validate, load, time.
+
+`ovd export --onnx` adds three graphs to an export folder (models/exported.py), each listed in
+manifest.json with its sha256 and its input/output contract (`ONNX_CONTRACT`):
+
+    detector.onnx           image (3, H, W) uint8 + text (C, D) -> boxes, scores, classes
+    detector_encode.onnx    image -> proposals, region embeddings, regression features, size
+    detector_classify.onnx  those + text -> boxes, scores, classes
+
+The text-embedding matrix is an **input** with a dynamic number of rows C, so one file serves
+any vocabulary (5, 16 or 1000 names) without re-export. The two halves mirror the PyTorch
+split `model.encode(...)` (vocabulary-free, nearly all of the cost) and
+`box_predictor.classify(regions, text)` (per vocabulary); the service's ONNX backend
+(`OVD_BACKEND=onnx`) runs them so its batcher keeps one encode per image and one classify per
+request. `detector.onnx` is the single self-contained graph for other consumers.
+
+Image contract: `image` is one image as Detectron2 takes it: (3, H, W) uint8, channels in the
+manifest's `input.format` order (RGB for the synthetic model), already resized the way
+Detectron2's test transform does (shortest edge `input.min_size_test`, longest at most
+`input.max_size_test`; a square image of the synthetic model is 256 x 256). H and W are dynamic
+axes: normalisation and padding to the backbone's size divisibility happen inside the graph.
+Boxes come out as XYXY pixels of that input image; `classes` index the rows of `text`.
+
+Exporter: `torch.onnx.export(..., dynamo=False)` (TorchScript tracing), opset 17. Detectron2
+v0.6 was written for tracing: under `torch.jit.is_tracing()` its ImageList, RPN top-k and
+pooler keep image sizes and counts as traced tensors, and torchvision registers ONNX
+symbolics for `nms` and `roi_align` (aligned RoIAlign needs opset >= 16) for this exporter
+only. The dynamo exporter (torch.export) would have to trace Detectron2's data-dependent
+shapes (nonzero, NMS, per-level index_put) as unbacked symbols, which its code was never
+written for. What tracing would freeze is rewritten here instead of patching Detectron2:
+`fast_rcnn_inference` (a Python branch on non-finite scores, per-class NMS through
+torchvision's `batched_nms`, whose `numel() == 0` branch and `boxes.max()` would be traced for
+one case, and `keep[:topk]` with a Python int) becomes `classify_regions`: one NMS over the
+flattened (proposal, class) pairs offset per class by the image size, and a rank mask for
+`max_detections`, which is a graph input like `score_threshold` (both with defaults).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from detectron2.layers.wrappers import shapes_to_tensor
+from detectron2.structures import Boxes, Instances
+from torch import nn
+
+from .clip.model import sha256_file
+from .exported import FILES, ONNX_FILES, ExportError, _atomic_write, load_export, verify_export
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+
+# Names, dtypes and shapes of every graph's inputs and outputs, written into manifest.json.
+_IMAGE = {"name": "image", "dtype": "uint8", "shape": [3, "height", "width"],
+          "meaning": "one image in the manifest's input.format channel order, 0-255, already "
+                     "resized like Detectron2's test transform (input.min_size_test / max_size_test)"}
+_TEXT = {"name": "text", "dtype": "float32", "shape": ["classes", "embed_dim"],
+         "meaning": "L2-normalised CLIP text embeddings of the vocabulary, one row per class"}
+_THRESHOLD = {"name": "score_threshold", "dtype": "float32", "shape": [], "optional": True,
+              "meaning": "keep (region, class) pairs scoring above this"}
+_MAX_DET = {"name": "max_detections", "dtype": "int64", "shape": [], "optional": True,
+            "meaning": "at most this many detections (best first)"}
+_REGIONS = [
+    {"name": "proposals", "dtype": "float32", "shape": ["regions", 4],
+     "meaning": "RPN proposals, XYXY pixels of the input image"},
+    {"name": "embeddings", "dtype": "float32", "shape": ["regions", "embed_dim"],
+     "meaning": "L2-normalised region embeddings"},
+    {"name": "reg_features", "dtype": "float32", "shape": ["regions", "branch_dim"],
+     "meaning": "regression-branch features"},
+    {"name": "image_size", "dtype": "int64", "shape": [2], "meaning": "(height, width) of the input image"},
+]
+_DETECTIONS = [
+    {"name": "boxes", "dtype": "float32", "shape": ["detections", 4],
+     "meaning": "XYXY pixels of the input image"},
+    {"name": "scores", "dtype": "float32", "shape": ["detections"], "meaning": "softmax score, best first"},
+    {"name": "classes", "dtype": "int64", "shape": ["detections"], "meaning": "row of `text`"},
+]
+ONNX_CONTRACT = {
+    "onnx_detector": {"inputs": [_IMAGE, _TEXT, _THRESHOLD, _MAX_DET], "outputs": _DETECTIONS},
+    "onnx_encode": {"inputs": [_IMAGE], "outputs": _REGIONS},
+    "onnx_classify": {"inputs": [*_REGIONS, _TEXT, _THRESHOLD, _MAX_DET], "outputs": _DETECTIONS},
+}
+
+
+class OnnxValidationError(ExportError):
+    """onnxruntime's detections differ from PyTorch's beyond the tolerance."""
+
+
+# --------------------------------------------------------------------------- traceable modules
+
+def classify_regions(predictor, proposals: torch.Tensor, embeddings: torch.Tensor,
+                     reg_features: torch.Tensor, image_size: torch.Tensor, text: torch.Tensor,
+                     score_threshold: torch.Tensor, max_detections: torch.Tensor,
+                     nms_threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`EZSDOutputLayers.classify` for one image, written so that a trace is right for any C.
+
+    Same result as Detectron2's `fast_rcnn_inference_single_image` with class-agnostic boxes
+    (up to the order of exact score ties).
+
+    Args:
+        predictor: the model's EZSDOutputLayers.
+        proposals: (R, 4) XYXY pixels. embeddings: (R, D) normalised. reg_features: (R, B).
+        image_size: (2,) int64 (height, width) that boxes are clipped to.
+        text: (C, D) normalised text embeddings.
+        score_threshold: () float; max_detections: () int64 (>= 0).
+        nms_threshold: IoU above which a lower-scoring box of the same class is dropped.
+
+    Returns:
+        boxes (N, 4) XYXY pixels, scores (N,) best first, classes (N,) rows of text.
+    """
+    logits, deltas = predictor._predict(embeddings, reg_features, text)
+    boxes = predictor.box2box_transform.apply_deltas(deltas, proposals)  # (R, 4), class-agnostic
+    scores = F.softmax(logits, dim=-1)[:, :-1]  # (R, C), background dropped
+    finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
+    size = image_size.to(boxes.dtype)
+    zero = boxes.new_zeros(())
+    x1, y1, x2, y2 = boxes.unbind(1)
+    boxes = torch.stack([torch.minimum(torch.maximum(x1, zero), size[1]),
+                         torch.minimum(torch.maximum(y1, zero), size[0]),
+                         torch.minimum(torch.maximum(x2, zero), size[1]),
+                         torch.minimum(torch.maximum(y2, zero), size[0])], dim=1)
+    # Every (region, class) pair above the threshold is a candidate, in row-major order as in
+    # Detectron2. Per-class NMS in one call: clipped boxes lie in [0, max(H, W)], so shifting
+    # class k by k * (max(H, W) + 1) separates classes without a reduction over the boxes
+    # (torchvision's batched_nms takes boxes.max(), which is undefined for zero candidates).
+    pairs = ((scores > score_threshold) & finite[:, None]).nonzero()
+    rows, classes = pairs[:, 0], pairs[:, 1]
+    boxes, scores = boxes[rows], scores[rows, classes]
+    offsets = classes.to(boxes.dtype) * (size.max() + 1)
+    keep = torchvision.ops.nms(boxes + offsets[:, None], scores, nms_threshold)
+    # keep[:max_detections] with a tensor bound: NMS returns keep best first, so mask by rank.
+    rank = torch.cumsum(torch.ones_like(keep), 0)
+    keep = keep[rank <= max_detections]
+    return boxes[keep], scores[keep], classes[keep]
+
+
+class EncodeGraph(nn.Module):
+    """image (3, H, W) uint8 -> proposals, embeddings, reg_features, image_size (model.encode)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor):
+        # OpenVocabRCNN.encode for one image, without encode_regions' split by Python-int
+        # region counts (a trace would freeze the example image's count).
+        model = self.model
+        images = model.preprocess_image([{"image": image}])
+        features = model.backbone(images.tensor)
+        proposals, _ = model.proposal_generator(images, features, None)
+        boxes = proposals[0].proposal_boxes
+        f_cls, f_reg = model.roi_heads.box_predictor.branches(model.roi_heads.box_features(features, [boxes]))
+        embeddings = model.roi_heads.box_predictor.region_embeddings(f_cls)
+        return boxes.tensor, embeddings, f_reg, shapes_to_tensor(image.shape[-2:])
+
+
+class ClassifyGraph(nn.Module):
+    """Regions of one image + text (C, D) -> boxes, scores, classes (see classify_regions)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.predictor = model.roi_heads.box_predictor
+
+    def forward(self, proposals, embeddings, reg_features, image_size, text, score_threshold,
+                max_detections):
+        return classify_regions(self.predictor, proposals, embeddings, reg_features, image_size, text,
+                                score_threshold, max_detections, self.predictor.test_nms_thresh)
+
+
+class DetectGraph(nn.Module):
+    """image (3, H, W) uint8 + text (C, D) -> boxes, scores, classes: the two halves in one."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.encode = EncodeGraph(model)
+        self.classify = ClassifyGraph(model)
+
+    def forward(self, image, text, score_threshold, max_detections):
+        return self.classify(*self.encode(image), text, score_threshold, max_detections)
+
+
+def _defaults(model) -> dict[str, np.ndarray]:
+    """The config's test score threshold and detections per image, as graph-input defaults."""
+    predictor = model.roi_heads.box_predictor
+    return {"score_threshold": np.array(predictor.test_score_thresh, np.float32),
+            "max_detections": np.array(predictor.test_topk_per_image, np.int64)}
+
+
+def _export_graph(module: nn.Module, args: tuple, path: Path, contract: dict, defaults: dict) -> None:
+    """Trace `module` into `path` with the contract's names, every named axis dynamic, and the
+    optional inputs given default values (initializers of the same name, which onnxruntime
+    lets a caller override)."""
+    import onnx
+
+    names_in = [i["name"] for i in contract["inputs"]]
+    names_out = [o["name"] for o in contract["outputs"]]
+    dynamic = {io["name"]: {k: axis for k, axis in enumerate(io["shape"]) if isinstance(axis, str)}
+               for io in contract["inputs"] + contract["outputs"]}
+    tmp = path.with_name(path.name + ".tmp")
+    with torch.no_grad():
+        torch.onnx.export(module, args, str(tmp), dynamo=False, opset_version=OPSET,
+                          input_names=names_in, output_names=names_out,
+                          dynamic_axes={k: v for k, v in dynamic.items() if v}, do_constant_folding=True)
+    graph = onnx.load(str(tmp))
+    for name, value in defaults.items():
+        if name in names_in:
+            graph.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+    onnx.checker.check_model(graph)
+    onnx.save(graph, str(tmp))
+    tmp.chmod(0o644)
+    tmp.replace(path)
+
+
+def _example_image(model, manifest: dict) -> torch.Tensor:
+    """A (3, S, S) uint8 image at the model's test size, to trace with."""
+    size = int(manifest["input"]["min_size_test"])
+    return torch.randint(0, 256, (3, size, size), generator=torch.Generator().manual_seed(0),
+                         dtype=torch.uint8)
+
+
+def write_onnx(model, out: str | Path, manifest: dict) -> dict[str, Path]:
+    """Trace the model into the three graphs of ONNX_FILES under `out`.
+
+    Args:
+        model: OpenVocabRCNN in eval mode (float32, CPU).
+        out: destination folder.
+        manifest: the export's manifest (input size, embedding size).
+
+    Returns:
+        {file key: path} of the written graphs.
+    """
+    out = Path(out)
+    image = _example_image(model, manifest)
+    text = F.normalize(torch.randn(3, int(manifest["embed_dim"]), generator=torch.Generator().manual_seed(0)),
+                       dim=1)
+    defaults = _defaults(model)
+    thresh, topk = (torch.from_numpy(defaults["score_threshold"]), torch.from_numpy(defaults["max_detections"]))
+    paths = {k: out / f for k, f in ONNX_FILES.items()}
+    # eval(): the exporter restores each wrapper's training flag afterwards, recursively, so a
+    # wrapper left in its default training mode would switch the model to training.
+    with torch.no_grad():
+        regions = EncodeGraph(model).eval()(image)
+    _export_graph(DetectGraph(model).eval(), (image, text, thresh, topk), paths["onnx_detector"],
+                  ONNX_CONTRACT["onnx_detector"], defaults)
+    _export_graph(EncodeGraph(model).eval(), (image,), paths["onnx_encode"], ONNX_CONTRACT["onnx_encode"], {})
+    _export_graph(ClassifyGraph(model).eval(), (*regions, text, thresh, topk), paths["onnx_classify"],
+                  ONNX_CONTRACT["onnx_classify"], defaults)
+    assert not model.training
+    return paths
+
+
+# --------------------------------------------------------------------------- onnxruntime
+
+def _session(path: Path, threads: int = 0):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings about unused initializers etc. are expected
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class OnnxRegions:
+    """One image encoded by detector_encode.onnx (numpy arrays, see ONNX_CONTRACT)."""
+
+    proposals: np.ndarray
+    embeddings: np.ndarray
+    reg_features: np.ndarray
+    image_size: np.ndarray
+
+
+class OnnxDetector:
+    """The exported graphs under onnxruntime (CPUExecutionProvider), with the interface the
+    service's batcher uses on an OpenVocabRCNN: `encode(batched_inputs)`, `classify(regions,
+    text, ...)`, `to_original_size(results, batched_inputs)`.
+
+    Attributes:
+        manifest: the export's manifest.
+        defaults: {"score_threshold", "max_detections"} used when a call gives None.
+    """
+
+    def __init__(self, folder: str | Path, manifest: dict, threads: int = 0):
+        self.folder, self.threads = Path(folder), threads
+        self.manifest = manifest
+        self.encoder = _session(self.folder / ONNX_FILES["onnx_encode"], threads)
+        self.classifier = _session(self.folder / ONNX_FILES["onnx_classify"], threads)
+        self.defaults = {k: manifest["onnx"]["defaults"][k] for k in ("score_threshold", "max_detections")}
+
+    @functools.cached_property
+    def detector(self):
+        """detector.onnx's session, created on first use (the service runs the two halves)."""
+        return _session(self.folder / ONNX_FILES["onnx_detector"], self.threads)
+
+    def _options(self, score_thresh: float | None, max_detections: int | None) -> dict:
+        return {"score_threshold": np.array(self.defaults["score_threshold"] if score_thresh is None
+                                            else score_thresh, np.float32),
+                "max_detections": np.array(self.defaults["max_detections"] if max_detections is None
+                                           else max_detections, np.int64)}
+
+    def detect(self, image: np.ndarray | torch.Tensor, text: np.ndarray | torch.Tensor, *,
+               score_thresh: float | None = None, max_detections: int | None = None):
+        """detector.onnx on one (3, H, W) uint8 image: (boxes (N, 4), scores (N,), classes (N,))."""
+        return tuple(self.detector.run(None, {"image": np.asarray(image, np.uint8),
+                                              "text": np.asarray(text, np.float32),
+                                              **self._options(score_thresh, max_detections)}))
+
+    def encode(self, batched_inputs: list[dict]) -> list[OnnxRegions]:
+        """detector_encode.onnx per image of Detectron2 inputs ({"image": (3, H, W) uint8})."""
+        return [OnnxRegions(*self.encoder.run(None, {"image": np.asarray(x["image"], np.uint8)}))
+                for x in batched_inputs]
+
+    def classify(self, regions: list[OnnxRegions], text: torch.Tensor, *, score_thresh: float | None = None,
+                 max_detections: int | None = None, nms_thresh: float | None = None) -> list[Instances]:
+        """detector_classify.onnx per image; Instances as `EZSDOutputLayers.classify` returns.
+
+        Raises:
+            ValueError: nms_thresh given (it is fixed in the graph).
+        """
+        if nms_thresh is not None:
+            raise ValueError("the NMS threshold is fixed in the ONNX graph")
+        text = np.asarray(text.detach().cpu().float() if isinstance(text, torch.Tensor) else text, np.float32)
+        results = []
+        for r in regions:
+            boxes, scores, classes = self.classifier.run(None, {
+                "proposals": r.proposals, "embeddings": r.embeddings, "reg_features": r.reg_features,
+                "image_size": r.image_size, "text": text, **self._options(score_thresh, max_detections)})
+            inst = Instances(tuple(int(s) for s in r.image_size))
+            inst.pred_boxes = Boxes(torch.from_numpy(boxes))
+            inst.scores = torch.from_numpy(scores)
+            inst.pred_classes = torch.from_numpy(classes)
+            results.append(inst)
+        return results
+
+    @staticmethod
+    def to_original_size(results: list[Instances], batched_inputs: list[dict]) -> list[dict]:
+        """[{"instances": ...}] rescaled to each input's "height"/"width" (as OpenVocabRCNN)."""
+        from .detector.meta_arch import OpenVocabRCNN
+
+        return OpenVocabRCNN.to_original_size(results, batched_inputs)
+
+
+def load_onnx_detector(folder: str | Path, *, threads: int = 0) -> OnnxDetector:
+    """The ONNX graphs of an export folder, every file checked against the manifest first.
+
+    Args:
+        folder: export folder written by `ovd export --onnx`.
+        threads: onnxruntime intra-op threads (0: its default).
+
+    Raises:
+        ExportError: a file fails its sha256, or the export has no ONNX graphs.
+    """
+    manifest = verify_export(folder)
+    missing = sorted(set(ONNX_FILES) - set(manifest["files"]))
+    if missing or "onnx" not in manifest:
+        raise ExportError(f"{folder} has no ONNX graphs (missing {missing}); "
+                          f"write them with `ovd export --onnx --from-export {folder}`")
+    return OnnxDetector(folder, manifest, threads)
+
+
+# --------------------------------------------------------------------------- validation
+
+def validation_images(manifest: dict, count: int = 3, seed: int = 2026) -> list[torch.Tensor]:
+    """Synthetic-world scenes at the model's test size, (3, S, S) uint8 in its input format."""
+    from training.data.synthetic import WorldConfig, detection_sample
+
+    size = int(manifest["input"]["min_size_test"])
+    cfg = WorldConfig.from_dict({"seed": seed, "image_size": size})
+    images = []
+    for i in range(count):
+        rgb, _ = detection_sample(cfg, "val", i)
+        chw = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+        images.append(chw.flip(0) if manifest["input"]["format"] == "BGR" else chw)
+    return images
+
+
+def match_detections(want: tuple, got: tuple) -> dict:
+    """Greedy one-to-one match of two detection sets, best-scoring reference first.
+
+    Args:
+        want, got: (boxes (N, 4), scores (N,), classes (N,)) as numpy arrays or tensors.
+
+    Returns:
+        {"want", "got", "matched", "max_box_diff" (px), "max_score_diff"} over matched pairs; a
+        reference detection matches the same-class detection with the closest box.
+    """
+    wb, ws, wc = (np.asarray(x, np.float64) for x in want)
+    gb, gs, gc = (np.asarray(x, np.float64) for x in got)
+    free = np.ones(len(gb), bool)
+    box_diff = score_diff = 0.0
+    matched = 0
+    for i in np.argsort(-ws, kind="stable"):
+        candidates = np.flatnonzero(free & (gc == wc[i]))
+        if not len(candidates):
+            continue
+        diffs = np.abs(gb[candidates] - wb[i]).max(1)
+        j = candidates[diffs.argmin()]
+        free[j] = False
+        matched += 1
+        box_diff = max(box_diff, float(diffs.min()))
+        score_diff = max(score_diff, abs(float(gs[j] - ws[i])))
+    return {"want": len(wb), "got": len(gb), "matched": matched, "max_box_diff": box_diff,
+            "max_score_diff": score_diff}
+
+
+def compare_with_torch(model, onnx: OnnxDetector, images: list[torch.Tensor],
+                       vocabularies: list[torch.Tensor], *, score_thresh: float | None = None,
+                       max_detections: int | None = None) -> list[dict]:
+    """onnxruntime (detector.onnx and the two halves) vs the PyTorch model, per image and
+    vocabulary. PyTorch runs Detectron2's own code: `model.encode` + `box_predictor.classify`.
+
+    Returns:
+        One `match_detections` report per (image, vocabulary, graph), with "classes" = C and
+        "graph" = "detector" or "encode+classify".
+    """
+    predictor = model.roi_heads.box_predictor
+    reports = []
+    with torch.inference_mode():
+        for image in images:
+            regions = model.encode([{"image": image}])
+            onnx_regions = onnx.encode([{"image": image.numpy()}])
+            for text in vocabularies:
+                ref = predictor.classify(regions, text, score_thresh=score_thresh,
+                                         max_detections=max_detections)[0]
+                want = (ref.pred_boxes.tensor, ref.scores, ref.pred_classes)
+                got = onnx.detect(image.numpy(), text.numpy(), score_thresh=score_thresh,
+                                  max_detections=max_detections)
+                halves = onnx.classify(onnx_regions, text, score_thresh=score_thresh,
+                                       max_detections=max_detections)[0]
+                for graph, out in (("detector", got),
+                                   ("encode+classify", (halves.pred_boxes.tensor, halves.scores,
+                                                        halves.pred_classes))):
+                    reports.append({"graph": graph, "classes": len(text), **match_detections(want, out)})
+    return reports
+
+
+def check_reports(reports: list[dict], *, box_tol: float = 1e-2, score_tol: float = 1e-3) -> dict:
+    """Raise OnnxValidationError unless every report matched all detections within tolerance.
+
+    Returns:
+        Summary: {"comparisons", "detections", "max_box_diff", "max_score_diff", tolerances}.
+    """
+    bad = [r for r in reports if not (r["want"] == r["got"] == r["matched"]
+                                      and r["max_box_diff"] <= box_tol and r["max_score_diff"] <= score_tol)]
+    if bad:
+        raise OnnxValidationError(f"onnxruntime differs from PyTorch (tolerance {box_tol} px, "
+                                  f"{score_tol} score) in {len(bad)} of {len(reports)} comparisons, "
+                                  f"first: {bad[0]}")
+    return {"comparisons": len(reports), "detections": sum(r["want"] for r in reports),
+            "vocabulary_sizes": sorted({r["classes"] for r in reports}),
+            "max_box_diff_px": max(r["max_box_diff"] for r in reports),
+            "max_score_diff": max(r["max_score_diff"] for r in reports),
+            "box_tolerance_px": box_tol, "score_tolerance": score_tol}
+
+
+def random_vocabularies(dim: int, sizes: tuple[int, ...] = (5, 16), seed: int = 0) -> list[torch.Tensor]:
+    """Random normalised (C, D) text matrices, one per size (a vocabulary is just its rows)."""
+    g = torch.Generator().manual_seed(seed)
+    return [F.normalize(torch.randn(c, dim, generator=g), dim=1) for c in sizes]
+
+
+# --------------------------------------------------------------------------- the export folder
+
+def export_onnx(source: str | Path, out: str | Path | None = None, *, images: int = 3,
+                box_tol: float = 1e-2, score_tol: float = 1e-3) -> Path:
+    """Add the ONNX graphs to an export folder, validate them, record them in its manifest.
+
+    The graphs are traced from the export's own weights (as `load_export` computes them, e.g.
+    float16-stored weights in float32). Validation: on `images` synthetic scenes, with the
+    export's categories' real text embeddings (a vocabulary of its size) and a random
+    16-class one, onnxruntime must give PyTorch's detections (same count, one-to-one by class,
+    boxes within box_tol pixels, scores within score_tol) at the config's score threshold and
+    at threshold 0.01 (many more detections). The files are listed in the manifest only after
+    validation passed, so a failed export leaves the folder verifying as before, without ONNX.
+
+    Args:
+        source: a verified export folder.
+        out: destination (default: source itself); other files are copied there first.
+
+    Returns:
+        Path of the updated manifest.json.
+
+    Raises:
+        ExportError: the source does not verify.
+        OnnxValidationError: onnxruntime and PyTorch disagree.
+    """
+    source = Path(source)
+    out = Path(out) if out is not None else source
+    exported = load_export(source)
+    manifest = copy.deepcopy(exported.manifest)
+    for key in ONNX_FILES:
+        manifest["files"].pop(key, None)
+    manifest.pop("onnx", None)
+    out.mkdir(parents=True, exist_ok=True)
+    if out.resolve() != source.resolve():
+        (out / "manifest.json").unlink(missing_ok=True)
+        for f in FILES.values():
+            shutil.copyfile(source / f, out / f)
+    # Without ONNX entries first: stale graphs of an earlier export are never trusted.
+    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+    model = exported.model
+    t0 = time.perf_counter()
+    paths = write_onnx(model, out, manifest)
+    export_s = time.perf_counter() - t0
+    manifest["onnx"] = {"opset": OPSET, "exporter": "torch.onnx.export(dynamo=False), TorchScript tracing",
+                        "runtime": "onnxruntime CPUExecutionProvider",
+                        "defaults": {k: v.item() for k, v in _defaults(model).items()},
+                        "nms_threshold": model.roi_heads.box_predictor.test_nms_thresh,
+                        "graphs": {k: {"file": ONNX_FILES[k], **ONNX_CONTRACT[k]} for k in ONNX_FILES}}
+    onnx = OnnxDetector(out, manifest)
+    names = [c["name"] for c in manifest.get("categories", [])] or ["object"]
+    vocabularies = [exported.text_embeddings(names), *random_vocabularies(int(manifest["embed_dim"]), (16,))]
+    scenes = validation_images(manifest, images)
+    reports = compare_with_torch(model, onnx, scenes, vocabularies)
+    reports += compare_with_torch(model, onnx, scenes, vocabularies, score_thresh=0.01)
+    summary = check_reports(reports, box_tol=box_tol, score_tol=score_tol)
+    manifest["onnx"]["validation"] = summary
+    manifest["files"].update({k: {"file": p.name, "sha256": sha256_file(p)} for k, p in paths.items()})
+    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+    verify_export(out)
+    logger.info("ONNX graphs written to %s in %.0f s and validated against PyTorch: %d comparisons, "
+                "%d detections, max box diff %.2g px, max score diff %.2g", out, export_s,
+                summary["comparisons"], summary["detections"], summary["max_box_diff_px"],
+                summary["max_score_diff"])
+    return out / "manifest.json"
+
+
+# --------------------------------------------------------------------------- timing
+
+def time_onnx_vs_torch(folder: str | Path, *, repeats: int = 20, classes: int = 16,
+                       threads: int = 0) -> dict:
+    """Median seconds per image of onnxruntime (detector.onnx) vs PyTorch (`model([inputs],
+    text=T)`), same process, same synthetic scenes at the export's test size.
+
+    Args:
+        folder: export folder with ONNX graphs.
+        repeats: timed runs per backend (after one warm-up run each), cycling over 4 scenes.
+        classes: vocabulary size C (random normalised text).
+        threads: intra-op threads of both backends (0: each library's default).
+
+    Returns:
+        {"torch_s", "onnx_s", "speedup", "repeats", "classes", "image_size", "threads"}.
+    """
+    exported = load_export(folder)
+    onnx = load_onnx_detector(folder, threads=threads)
+    if threads:
+        torch.set_num_threads(threads)
+    images = validation_images(exported.manifest, 4)
+    text = random_vocabularies(int(exported.manifest["embed_dim"]), (classes,))[0]
+    h, w = images[0].shape[-2:]
+
+    def run_torch(image):
+        with torch.inference_mode():
+            exported.model([{"image": image, "height": h, "width": w}], text=text)
+
+    def run_onnx(image):
+        onnx.detect(image.numpy(), text.numpy())
+
+    times = {}
+    for name, fn in (("torch", run_torch), ("onnx", run_onnx)):
+        fn(images[0])
+        samples = []
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            fn(images[i % len(images)])
+            samples.append(time.perf_counter() - t0)
+        times[name] = statistics.median(samples)
+    return {"torch_s": times["torch"], "onnx_s": times["onnx"], "speedup": times["torch"] / times["onnx"],
+            "repeats": repeats, "classes": classes, "image_size": [int(h), int(w)],
+            "threads": threads or torch.get_num_threads()}

@@ -1,0 +1,197 @@
+"""`ovd export --onnx`: one ONNX file for any vocabulary, equal to PyTorch, hash-checked,
+and served by the service with OVD_BACKEND=onnx."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.modeling import build_model
+from PIL import Image
+
+from models.clip.model import architecture_config, load_clip
+from models.exported import ExportError, load_export, verify_export, write_export
+from models.onnx_export import (
+    OnnxValidationError,
+    check_reports,
+    compare_with_torch,
+    load_onnx_detector,
+    random_vocabularies,
+)
+from training.cli import main as ovd
+from training.train_detector import build_config
+
+ARCH = "ovd-vit-tiny-64"
+CATEGORIES = [{"name": "red ring", "split": "novel"}, {"name": "blue disk", "split": "base"},
+              {"name": "green cross", "split": "novel"}]
+
+
+@pytest.fixture(scope="module")
+def plain_export(tmp_path_factory):
+    """A torch-only export of a random tiny detector (64 px; see below for why its RPN keeps
+    every proposal and its classifier runs at temperature 4)."""
+    torch.manual_seed(0)
+    clip = load_clip(ARCH)
+    # Every proposal kept (no top-k cut) and tau = 4 instead of 100: a random detector's
+    # objectness and (at tau 100, saturated) class scores tie to the last bit, and then which of
+    # the tied ones survives a cut depends on rounding. A trained model has no such ties.
+    cfg = build_config("configs/detector/synthetic_r18_fpn.yaml", [
+        "MODEL.OVD.EMBED_DIM", clip.embed_dim, "MODEL.ROI_HEADS.NUM_CLASSES", len(CATEGORIES),
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.05, "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 96,
+        "MODEL.RPN.PRE_NMS_TOPK_TEST", 2000, "MODEL.RPN.POST_NMS_TOPK_TEST", 2000])
+    model = build_model(cfg).eval()
+    model.roi_heads.box_predictor.classifier.log_temperature.data.fill_(math.log(4.0))
+    model.train_text = F.normalize(torch.randn(len(CATEGORIES), clip.embed_dim), dim=1)
+    out = tmp_path_factory.mktemp("plain")
+    write_export(out, model=model, cfg=cfg, clip=clip, clip_arch=architecture_config(ARCH),
+                 manifest_fields={"name": "ovd-test", "version": "0.0.1", "categories": CATEGORIES,
+                                  "metrics": {}})
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnx_export(plain_export, tmp_path_factory):
+    """`ovd export --onnx --from-export PLAIN --out DIR` (validated inside the command)."""
+    out = tmp_path_factory.mktemp("onnx")
+    assert ovd(["export", "--onnx", "--from-export", str(plain_export), "--out", str(out)]) == 0
+    return out
+
+
+def _images() -> list[torch.Tensor]:
+    """Random uint8 images at the test size (64) and of other sizes the resize can give."""
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+            for h, w in ((64, 64), (64, 90), (51, 64))]
+
+
+def test_manifest_lists_the_graphs_their_hashes_and_contract(onnx_export, plain_export):
+    m = verify_export(onnx_export)
+    assert set(m["files"]) >= {"detector", "onnx_detector", "onnx_encode", "onnx_classify"}
+    assert m["files"]["onnx_detector"]["file"] == "detector.onnx"
+    graph = m["onnx"]["graphs"]["onnx_detector"]
+    assert [i["name"] for i in graph["inputs"]][:2] == ["image", "text"]
+    assert [o["name"] for o in graph["outputs"]] == ["boxes", "scores", "classes"]
+    assert m["onnx"]["validation"]["max_box_diff_px"] < 1e-2
+    # The vocabulary axis of the file itself is symbolic, not the size it was traced with.
+    model = onnx.load(str(onnx_export / "detector.onnx"), load_external_data=False)
+    text = next(i for i in model.graph.input if i.name == "text")
+    assert text.type.tensor_type.shape.dim[0].dim_param == "classes"
+    assert verify_export(plain_export).get("onnx") is None  # the source was copied, not changed
+
+
+def test_one_file_serves_vocabularies_of_any_size_like_pytorch(onnx_export):
+    exported = load_export(onnx_export)
+    detector = load_onnx_detector(onnx_export)
+    vocabularies = [exported.text_embeddings([c["name"] for c in CATEGORIES]),
+                    *random_vocabularies(exported.manifest["embed_dim"], (5, 16), seed=1)]
+    reports = compare_with_torch(exported.model, detector, _images(), vocabularies)
+    summary = check_reports(reports, box_tol=1e-2, score_tol=1e-3)
+    assert summary["vocabulary_sizes"] == [3, 5, 16]
+    assert summary["detections"] > 100 and all(r["want"] > 0 for r in reports)
+    # 1000 names from the same file (scores near 1/1000 at tau 4: a threshold just above
+    # keeps the candidate pairs few).
+    big = random_vocabularies(exported.manifest["embed_dim"], (1000,), seed=2)
+    reports = compare_with_torch(exported.model, detector, _images()[:1], big, score_thresh=0.0025)
+    assert check_reports(reports)["detections"] > 0
+    # Different vocabularies give different answers, and classes index each one's rows.
+    image = _images()[0].numpy()
+    _, _, c5 = detector.detect(image, vocabularies[1].numpy())
+    _, _, c16 = detector.detect(image, vocabularies[2].numpy())
+    assert c5.max() < 5 and c16.max() >= 5
+    boxes, scores, _ = detector.detect(image, vocabularies[2].numpy(), score_thresh=0.1, max_detections=7)
+    assert len(boxes) == 7 and scores.min() > 0.1 and np.all(np.diff(scores) <= 0)
+
+
+def test_a_different_model_fails_the_comparison(onnx_export):
+    exported = load_export(onnx_export)
+    detector = load_onnx_detector(onnx_export)
+    with torch.no_grad():
+        exported.model.roi_heads.box_predictor.bbox_pred.bias.add_(0.5)  # every box moves
+    text = random_vocabularies(exported.manifest["embed_dim"], (5,))
+    with pytest.raises(OnnxValidationError, match="differs from PyTorch"):
+        check_reports(compare_with_torch(exported.model, detector, _images()[:1], text))
+
+
+def test_tampered_or_missing_graphs_are_refused(onnx_export, plain_export, tmp_path):
+    copy = tmp_path / "e"
+    shutil.copytree(onnx_export, copy)
+    graph = copy / "detector.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="sha256"):
+        load_onnx_detector(copy)
+    with pytest.raises(ExportError, match="sha256"):
+        verify_export(copy)
+    with pytest.raises(ExportError, match="no ONNX graphs"):
+        load_onnx_detector(plain_export)
+    assert ovd(["export", "--from-export", str(plain_export), "--out", str(tmp_path / "x")]) == 2
+
+
+def _png(width: int, height: int, seed: int) -> bytes:
+    rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _torch_answer(exported, data: bytes, names: list[str]) -> list[dict]:
+    """The torch model's detections of the service's input, in the API's JSON shape."""
+    from service.images import decode_image, to_model_input
+
+    cfg = exported.manifest["input"]
+    inputs = to_model_input(decode_image(data, max_pixels=10**8), input_format=cfg["format"],
+                            min_size=cfg["min_size_test"], max_size=cfg["max_size_test"])
+    with torch.inference_mode():
+        # As the service builds T: the template's embeddings rounded to float16, renormalised.
+        text = F.normalize(exported.text_embeddings(names).half().float(), dim=-1)
+        inst = exported.model([inputs], text=text)[0]["instances"]
+    return [{"box": b, "score": s, "class_index": c} for b, s, c in
+            zip(inst.pred_boxes.tensor.tolist(), inst.scores.tolist(), inst.pred_classes.tolist(),
+                strict=True)]
+
+
+def _same(got: list[dict], want: list[dict], box_tol: float = 1e-2, score_tol: float = 1e-3) -> bool:
+    free = list(got)
+    for w in want:
+        match = next((g for g in free if g["class_index"] == w["class_index"]
+                      and abs(g["score"] - w["score"]) <= score_tol
+                      and max(abs(a - b) for a, b in zip(g["box"], w["box"], strict=True)) <= box_tol),
+                     None)
+        if match is None:
+            return False
+        free.remove(match)
+    return not free
+
+
+def test_service_with_the_onnx_backend_answers_like_torch(onnx_export):
+    import httpx
+
+    from service import launch
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (scripts/install.sh installs it)")
+    exported = load_export(onnx_export)
+    names = ["red ring", "blue disk", "a thing never seen"]
+    images = [_png(80, 64, seed=1), _png(64, 64, seed=2)]  # resized to 64 x 80 and 64 x 64
+    with launch.redis_process() as (url, _), launch.ServerProcess(
+            onnx_export, env={"OVD_BACKEND": "onnx", "OVD_REDIS_URL": url, "OVD_REDIS_PREFIX": "onnx",
+                              "OVD_TORCH_THREADS": "1"}) as server:
+        answers = [httpx.post(f"{server.url}/v1/detect", timeout=60, json={
+            "image": base64.b64encode(data).decode(), "classes": names}) for data in images]
+        log = server.log()
+    assert "onnx backend" in log
+    for data, r in zip(images, answers, strict=True):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["classes"] == names and set(body["timings_ms"]) >= {"model", "classify"}
+        want = _torch_answer(exported, data, names)
+        assert want and _same(body["detections"], want), (body["detections"][:3], want[:3])
+        assert all(d["label"] == names[d["class_index"]] for d in body["detections"])
