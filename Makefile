@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo pipeline bench-ezsd bench-load test lint clean
+.PHONY: install demo pipeline bench-ezsd bench-compress bench-load bench-speed bench-onnx test lint clean
 
 install:
 	bash scripts/install.sh
@@ -18,8 +18,19 @@ pipeline: install
 bench-ezsd: install
 	$(PY) benchmarks/ezsd_variants.py
 
+bench-compress: install
+	$(PY) benchmarks/compress_students.py
+
 bench-load: install
 	$(PY) benchmarks/load_service.py
+
+# OWL-ViT / OWLv2 / Grounding DINO come from transformers (the `bench` extra).
+bench-speed: install
+	$(PY) -m pip install -q -c constraints.txt --no-build-isolation -e ".[dev,bench]"
+	$(PY) benchmarks/speed_anchors.py --profile
+
+bench-onnx: install
+	$(PY) benchmarks/onnx_runtime.py
 
 lint: install
 	$(VENV)/bin/ruff check .
