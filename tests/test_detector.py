@@ -17,7 +17,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from models.detector import TextEmbeddingClassifier, distillation_loss
-from training.evaluate import group_ap
+from training.evaluate import WithVocabulary, group_ap
 from training.train_detector import DistillDatasetMapper, build_config
 
 CONFIG = "configs/detector/synthetic_r18_fpn.yaml"
@@ -136,6 +136,29 @@ def test_one_encode_serves_several_vocabularies(model):
         assert len(few) == 2
         none = predictor.classify(regions[:1], vocabs[0], score_thresh=1.01)[0]
         assert len(none) == 0
+
+
+def test_evaluation_leaves_the_model_in_the_mode_it_found():
+    """Detectron2's inference_on_dataset restores the *wrapper's* mode on exit: an eval-mode
+    model must still be in eval mode afterwards (a benchmark timed it right after evaluating)."""
+    from detectron2.evaluation import DatasetEvaluator, inference_on_dataset
+
+    torch.manual_seed(0)
+    m = build_model(_cfg()).eval()
+    seen = []
+
+    class Count(DatasetEvaluator):
+        def process(self, inputs, outputs):
+            seen.append(len(outputs[0]["instances"]))
+
+        def evaluate(self):
+            return {}
+
+    inference_on_dataset(WithVocabulary(m, F.normalize(torch.randn(3, D), dim=1)),
+                         [[random_image(1)]], Count())
+    assert len(seen) == 1 and not m.training
+    m.train()
+    assert WithVocabulary(m, torch.zeros(1, D)).training  # and a training model stays in training
 
 
 def test_training_step_has_every_loss_and_distillation_reaches_the_box_head():

@@ -30,6 +30,9 @@ class WithVocabulary(nn.Module):
         super().__init__()
         self.model = model
         self.text = text
+        # A new Module is in training mode, and `inference_on_dataset` restores the wrapper's
+        # mode on exit, which would leave an eval-mode model in training mode after evaluation.
+        self.train(model.training)
 
     def forward(self, batched_inputs):
         return self.model(batched_inputs, text=self.text)
