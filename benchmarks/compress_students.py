@@ -17,6 +17,7 @@ difference between rows can be set against the spread between seeds):
     student + CID                 + centerness-weighted logit and box-delta distillation
     student + CID + Light-ML      + task-wise mutual lifting in the box head
     student + TID + CID + Light-ML  all three (the config's default)
+    ... zero-init gains           a diagnostic: CID + Light-ML whose lifts start at 0
 
 Columns: generalized AP50 on synth_val (novel / base / all, means over seeds, and each seed's
 AP50 all), AP on small objects (COCO "small", < 32^2 px, all classes), inference latency per
@@ -65,6 +66,7 @@ class Student:
     tid: bool
     cid: bool
     light_ml: bool
+    light_ml_zero_init: bool = False
 
 
 STUDENTS = [
@@ -73,6 +75,10 @@ STUDENTS = [
     Student("cid", "student + CID", False, True, False),
     Student("cid_lightml", "student + CID + Light-ML", False, True, True),
     Student("all", "student + TID + CID + Light-ML", True, True, True),
+    # Not a row of the issue: Light-ML whose lifts start at 0 (MODEL.KD.LIGHT_ML.ZERO_INIT), a
+    # diagnostic of why the paper's form did not help here (see the analysis).
+    Student("cid_lightml_zero", "student + CID + Light-ML, zero-init gains (diagnostic)", False, True,
+            True, light_ml_zero_init=True),
 ]
 
 
@@ -227,6 +233,7 @@ def train_student(s: Student, cfg: dict, clip, teacher: str, student_config: str
     dcfg.MODEL.KD.TID.ENABLED = s.tid
     dcfg.MODEL.KD.CID.ENABLED = s.cid
     dcfg.MODEL.KD.LIGHT_ML.ENABLED = s.light_ml
+    dcfg.MODEL.KD.LIGHT_ML.ZERO_INIT = s.light_ml_zero_init
     dcfg.SOLVER.MAX_ITER = iters
     dcfg.SOLVER.STEPS = tuple(int(iters * f) for f in (2 / 3, 8 / 9))
     dcfg.SOLVER.WARMUP_ITERS = min(dcfg.SOLVER.WARMUP_ITERS, max(iters // 6, 1))

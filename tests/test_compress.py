@@ -245,6 +245,21 @@ def test_light_ml_inference_switch():
         LightML(16, channels=3)
 
 
+def test_zero_init_light_ml_starts_as_the_identity_and_its_gains_learn():
+    torch.manual_seed(0)
+    lm = LightML(16, channels=4, zero_init=True)
+    f_cls, f_reg = torch.randn(5, 16), torch.randn(5, 16, requires_grad=True)
+    out_cls, out_reg = lm(f_cls, f_reg)
+    assert torch.equal(out_cls, f_cls) and torch.equal(out_reg, f_reg)
+    out_cls.square().sum().backward()  # a classification-side loss
+    assert lm.gains.grad[0] != 0 and lm.gains.grad[1] == 0
+    with torch.no_grad():
+        lm.gains.fill_(0.5)
+    out_cls, _ = lm(f_cls, f_reg)
+    assert not torch.equal(out_cls, f_cls)
+    assert "gains" not in dict(LightML(16, channels=4).named_parameters())  # the paper's form
+
+
 # --------------------------------------------------------------------------- the student
 
 def test_student_config_builds_a_narrow_model_whose_encode_and_classify_serve():

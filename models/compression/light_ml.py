@@ -44,8 +44,8 @@ class LightML(nn.Module):
 
         X = shuffle(concat(F_cls, F_reg))            (N, 2C, L), channels alternate cls / reg
         X_cls, X_reg = split(X)                       each (N, C, L), half of each branch
-        F_cls' = F_cls + light_conv_cls(X_cls)        (N, d)
-        F_reg' = F_reg + light_conv_reg(X_reg)        (N, d)
+        F_cls' = F_cls + g_cls * light_conv_cls(X_cls)    (N, d)
+        F_reg' = F_reg + g_reg * light_conv_reg(X_reg)    (N, d)
 
     Every output therefore depends on both branches: a loss on the classification output (e.g.
     logit distillation) produces gradients in the regression branch, and vice versa.
@@ -56,9 +56,14 @@ class LightML(nn.Module):
         kernel_size: depthwise kernel along L (odd).
         at_inference: apply the module in eval mode too; False makes it the identity at
             inference (a training-time aid only; the box head then sees un-lifted features).
+        zero_init: *(our addition; False = the paper's form, g = 1)* learnable gains g_cls,
+            g_reg that start at 0, so the module starts as the identity and the lift grows only
+            as far as the losses ask (ReZero-style). Without them a freshly initialised lift
+            adds a unit-scale, per-region normalised vector to both branches from the first step.
     """
 
-    def __init__(self, dim: int, *, channels: int = 16, kernel_size: int = 3, at_inference: bool = True):
+    def __init__(self, dim: int, *, channels: int = 16, kernel_size: int = 3, at_inference: bool = True,
+                 zero_init: bool = False):
         super().__init__()
         if channels % 2 or dim % channels:
             raise ValueError(f"Light-ML needs an even channel count dividing the branch width, "
@@ -69,6 +74,8 @@ class LightML(nn.Module):
         self.at_inference = at_inference
         self.lift_cls = LightConv1d(channels, kernel_size)
         self.lift_reg = LightConv1d(channels, kernel_size)
+        # Only created when asked for, so checkpoints of the paper's form keep their keys.
+        self.gains = nn.Parameter(torch.zeros(2)) if zero_init else None
 
     def forward(self, f_cls: torch.Tensor, f_reg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, d), (N, d) -> lifted (N, d), (N, d); the inputs unchanged when switched off."""
@@ -79,5 +86,8 @@ class LightML(nn.Module):
         x = torch.cat([f_cls.reshape(n, self.channels, length),
                        f_reg.reshape(n, self.channels, length)], dim=1)
         x_cls, x_reg = channel_shuffle(x, 2).split(self.channels, dim=1)
-        return (f_cls + self.lift_cls(x_cls).reshape(n, self.dim),
-                f_reg + self.lift_reg(x_reg).reshape(n, self.dim))
+        lift_cls = self.lift_cls(x_cls).reshape(n, self.dim)
+        lift_reg = self.lift_reg(x_reg).reshape(n, self.dim)
+        if self.gains is not None:
+            lift_cls, lift_reg = self.gains[0] * lift_cls, self.gains[1] * lift_reg
+        return f_cls + lift_cls, f_reg + lift_reg

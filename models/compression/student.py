@@ -79,24 +79,28 @@ class StudentOutputLayers(EZSDOutputLayers):
 
     Args:
         light_ml: build the Light-ML module.
-        light_ml_channels, light_ml_kernel_size, light_ml_at_inference: see LightML.
+        light_ml_channels, light_ml_kernel_size, light_ml_at_inference, light_ml_zero_init: see
+            LightML.
         **kwargs: EZSDOutputLayers arguments.
     """
 
     @configurable
     def __init__(self, input_shape, *, light_ml: bool = False, light_ml_channels: int = 16,
-                 light_ml_kernel_size: int = 3, light_ml_at_inference: bool = True, **kwargs):
+                 light_ml_kernel_size: int = 3, light_ml_at_inference: bool = True,
+                 light_ml_zero_init: bool = False, **kwargs):
         super().__init__(input_shape, **kwargs)
         branch_dim = self.cls_branch[0].out_features
         self.light_ml = (LightML(branch_dim, channels=light_ml_channels, kernel_size=light_ml_kernel_size,
-                                 at_inference=light_ml_at_inference) if light_ml else None)
+                                 at_inference=light_ml_at_inference, zero_init=light_ml_zero_init)
+                         if light_ml else None)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         args = super().from_config(cfg, input_shape)
         lm = cfg.MODEL.KD.LIGHT_ML
         args.update(light_ml=lm.ENABLED, light_ml_channels=lm.CHANNELS,
-                    light_ml_kernel_size=lm.KERNEL_SIZE, light_ml_at_inference=lm.INFERENCE)
+                    light_ml_kernel_size=lm.KERNEL_SIZE, light_ml_at_inference=lm.INFERENCE,
+                    light_ml_zero_init=lm.ZERO_INIT)
         return args
 
     def branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,4 +81,7 @@ def add_ovd_config(cfg: CN) -> CN:
     cfg.MODEL.KD.LIGHT_ML.KERNEL_SIZE = 3
     # Apply it at inference (False: a training-time aid only, the identity in eval mode).
     cfg.MODEL.KD.LIGHT_ML.INFERENCE = True
+    # Learnable gains on the two lifts, started at 0 so the module starts as the identity
+    # (our addition; False = the paper's form; see LightML and benchmarks/results/compress_students.md).
+    cfg.MODEL.KD.LIGHT_ML.ZERO_INIT = False
     return cfg
