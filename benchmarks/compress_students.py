@@ -20,10 +20,11 @@ difference between rows can be set against the spread between seeds):
     ... zero-init gains           a diagnostic: CID + Light-ML whose lifts start at 0
 
 Columns: generalized AP50 on synth_val (novel / base / all, means over seeds, and each seed's
-AP50 all), AP on small objects (COCO "small", < 32^2 px, all classes), inference latency per
-image (median over repeated single-image `model(inputs, text=T)` calls on val images, every
-model timed in the same loop so that other load on the machine hits them alike) and its ratio
-to the teacher's, parameter count, and the wall time of a training run.
+AP50 all), AP (IoU 0.5:0.95) and AP on small objects (COCO "small", < 32^2 px) over all
+classes, inference latency per image (median over repeated single-image `model(inputs,
+text=T)` calls on val images, every model timed in the same loop so that other load on the
+machine hits them alike) and its ratio to the teacher's, parameter count, and the wall time of
+a training run.
 
 Shared stages come from the pipeline root (`ovd pipeline` writes them; computed here when
 absent): the world, the pretrained CLIP and the re-normalised CLIP, which must be the CLIP the
@@ -317,15 +318,16 @@ def format_report(r: dict) -> str:
              f"Latency: median of {lat['repeats']} x {lat['images']} single-image calls "
              f"(256 px, {lat['classes']} classes, text embeddings cached, torch CPU) of the first "
              "seed's student, all models timed in one loop.", "",
-             "| model | AP50 novel | AP50 base | AP50 all | APs all | AP50 all by seed | "
+             "| model | AP50 novel | AP50 base | AP50 all | AP all | APs all | AP50 all by seed | "
              "latency ms | / teacher | params | train (mean) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         train = "—" if row["seconds"] is None else (
             f"{row['seconds'] / 60:.1f} min{' (cached)' if row['cached'] else ''}")
         by_seed = " / ".join(str(v) for v in row["all"]["AP50_runs"]) if row["seeds"] else "—"
         lines.append(f"| {row['label']} | {row['novel']['AP50']} | {row['base']['AP50']} | "
-                     f"{row['all']['AP50']} | {row['all']['APs']} | {by_seed} | {row['latency_ms']} | "
+                     f"{row['all']['AP50']} | {row['all']['AP']} | {row['all']['APs']} | {by_seed} | "
+                     f"{row['latency_ms']} | "
                      f"{row['latency_ratio']:.2f} | {row['params_m']}M | {train} |")
     lines += ["", "Stages computed for the students:", ""]
     for k, s in r["stages"].items():

@@ -270,6 +270,7 @@ def test_student_config_builds_a_narrow_model_whose_encode_and_classify_serve():
     assert {s.channels for s in model.backbone.output_shape().values()} == {64}
     predictor = model.roi_heads.box_predictor
     assert isinstance(predictor, StudentOutputLayers) and predictor.light_ml is not None
+    assert predictor.light_ml.gains is not None  # ZERO_INIT in the config
     assert model.tid.adapter.out_channels == 128 and model.cid is not None
     inputs = [random_image(1), random_image(2)]
     text = F.normalize(torch.randn(4, D), dim=1)
