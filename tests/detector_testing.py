@@ -1,4 +1,5 @@
-"""Inputs for detector tests on 64 px random images (shared by the teacher and student tests)."""
+"""Inputs for detector tests on 64 px random images (shared by the teacher and student tests),
+and a tolerance match of two detection lists (shared by the service and ONNX tests)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,24 @@ def training_batch(embed_dim: int, first_box: tuple[float, float, float, float])
         d.update(instances=inst, distill=dist)
         batch.append(d)
     return batch
+
+
+def same_detections(got: list[dict], want: list[dict], *, box_tol: float = 1e-3,
+                    score_tol: float = 1e-4) -> bool:
+    """One-to-one match of detections (same class, boxes and scores within tolerance).
+
+    For images encoded in a batch of several: batched convolutions round differently from a
+    batch of one (about 1e-5 here), which may reorder near-equal scores.
+    """
+    if len(got) != len(want):
+        return False
+    free = list(got)
+    for w in want:
+        match = next((g for g in free if g["class_index"] == w["class_index"]
+                      and abs(g["score"] - w["score"]) <= score_tol
+                      and max(abs(a - b) for a, b in zip(g["box"], w["box"], strict=True)) <= box_tol),
+                     None)
+        if match is None:
+            return False
+        free.remove(match)
+    return True

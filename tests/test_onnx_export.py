@@ -13,6 +13,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from detector_testing import same_detections
 from detectron2.modeling import build_model
 from PIL import Image
 
@@ -158,19 +159,6 @@ def _torch_answer(exported, data: bytes, names: list[str]) -> list[dict]:
                 strict=True)]
 
 
-def _same(got: list[dict], want: list[dict], box_tol: float = 1e-2, score_tol: float = 1e-3) -> bool:
-    free = list(got)
-    for w in want:
-        match = next((g for g in free if g["class_index"] == w["class_index"]
-                      and abs(g["score"] - w["score"]) <= score_tol
-                      and max(abs(a - b) for a, b in zip(g["box"], w["box"], strict=True)) <= box_tol),
-                     None)
-        if match is None:
-            return False
-        free.remove(match)
-    return not free
-
-
 def test_service_with_the_onnx_backend_answers_like_torch(onnx_export):
     import httpx
 
@@ -193,5 +181,5 @@ def test_service_with_the_onnx_backend_answers_like_torch(onnx_export):
         body = r.json()
         assert body["classes"] == names and set(body["timings_ms"]) >= {"model", "classify"}
         want = _torch_answer(exported, data, names)
-        assert want and _same(body["detections"], want), (body["detections"][:3], want[:3])
+        assert want and same_detections(body["detections"], want, box_tol=1e-2, score_tol=1e-3), (body["detections"][:3], want[:3])
         assert all(d["label"] == names[d["class_index"]] for d in body["detections"])

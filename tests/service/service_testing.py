@@ -87,24 +87,3 @@ def reference(detector, data: bytes, names: list[str], templates: list[str] | No
     return [{"box": b, "score": s, "label": names[c], "class_index": c}
             for b, s, c in zip(inst.pred_boxes.tensor.tolist(), inst.scores.tolist(),
                                inst.pred_classes.tolist(), strict=True)]
-
-
-def same_detections(got: list[dict], want: list[dict], *, box_tol: float = 1e-3,
-                    score_tol: float = 1e-4) -> bool:
-    """One-to-one match of detections (same class, boxes and scores within tolerance).
-
-    For images encoded in a batch of several: batched convolutions round differently from a
-    batch of one (about 1e-5 here), which may reorder near-equal scores.
-    """
-    if len(got) != len(want):
-        return False
-    free = list(got)
-    for w in want:
-        match = next((g for g in free if g["class_index"] == w["class_index"]
-                      and abs(g["score"] - w["score"]) <= score_tol
-                      and max(abs(a - b) for a, b in zip(g["box"], w["box"], strict=True)) <= box_tol),
-                     None)
-        if match is None:
-            return False
-        free.remove(match)
-    return True

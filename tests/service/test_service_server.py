@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 from conftest import redis_process
-from service_testing import image_bytes, reference, same_detections
+from detector_testing import same_detections
+from service_testing import image_bytes, reference
 
 from service.launch import ServerProcess
 from training.cli import main
