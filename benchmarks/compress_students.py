@@ -18,6 +18,7 @@ difference between rows can be set against the spread between seeds):
     student + CID + Light-ML      + task-wise mutual lifting in the box head
     student + TID + CID + Light-ML  all three (the config's default)
     ... zero-init gains           a diagnostic: CID + Light-ML whose lifts start at 0
+    all three, zero-init gains    what configs/compress/synthetic_student_r18_narrow.yaml trains
 
 Columns: generalized AP50 on synth_val (novel / base / all, means over seeds, and each seed's
 AP50 all), AP (IoU 0.5:0.95) and AP on small objects (COCO "small", < 32^2 px) over all
@@ -80,6 +81,8 @@ STUDENTS = [
     # diagnostic of why the paper's form did not help here (see the analysis).
     Student("cid_lightml_zero", "student + CID + Light-ML, zero-init gains (diagnostic)", False, True,
             True, light_ml_zero_init=True),
+    Student("all_zero", "student + TID + CID + Light-ML, zero-init gains (the student config)", True,
+            True, True, light_ml_zero_init=True),
 ]
 
 
