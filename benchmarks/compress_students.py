@@ -53,8 +53,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from ezsd_variants import ANALYSIS, Timed, subset_json  # noqa: E402
 from host_info import host_info, host_line  # noqa: E402
+from training_bench import Timed, pipeline_front, setup_logging, subset_json, write_markdown  # noqa: E402
 
 logger = logging.getLogger("bench")
 
@@ -106,29 +106,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="each student is trained once per seed; the table shows the mean and each "
                         "seed's AP50, so a difference can be set against the seed-to-seed spread")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for name in ("ovd", "training", "models"):
-        logging.getLogger(name).setLevel(logging.INFO)
-    logging.getLogger("detectron2").setLevel(logging.WARNING)
+    setup_logging()
 
-    from training.cli import _pretrain_config, _progress, _world_config
-    from training.clip_renorm import RenormConfig
+    from training.cli import _progress
     from training.compress import load_teacher, teacher_clip_sha256, teacher_config
-    from training.config import load_config, output_root
     from training.data.coco_format import register_ov_dataset
     from training.data.synthetic import world_datasets
-    from training.pipeline import Front
     from training.proposals import ProposalConfig, run_proposals
     from training.targets import TargetsConfig, run_targets
     from training.train_detector import build_config
 
     t_start = time.time()
     machine = host_info()
-    cfg = load_config(args.config)
-    pipeline_root = Path(args.pipeline_root) if args.pipeline_root else output_root(cfg)
-    front = Front(pipeline_root, _world_config(cfg, argparse.Namespace()),
-                  _pretrain_config(cfg, argparse.Namespace()), RenormConfig.from_config(cfg),
-                  progress=_progress)
+    cfg, front = pipeline_front(args.config, args.pipeline_root)
     root = Path(args.root)
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -213,10 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (results_dir / "compress_students.json").write_text(json.dumps(report, indent=2))
     text_report = format_report(report)
-    md = results_dir / "compress_students.md"
-    previous = md.read_text() if md.is_file() else ""
-    analysis = previous[previous.index(ANALYSIS):] if ANALYSIS in previous else ""
-    md.write_text(text_report + ("\n" + analysis if analysis else ""))
+    write_markdown(results_dir / "compress_students.md", text_report)
     print(text_report)
     return 0
 

@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from host_info import host_line  # noqa: E402
+from training_bench import Timed, pipeline_front, setup_logging, subset_json, write_markdown  # noqa: E402
 
 logger = logging.getLogger("bench")
 
@@ -58,8 +59,6 @@ class Variant:
     distill_weight: float = 1.0  # lambda (the paper's 1 unless a row says otherwise)
 
 
-ANALYSIS = "## Analysis"
-
 VARIANTS = [
     Variant("base_only", "base-only, no distillation", "raw", None),
     Variant("gt_raw", "+ GT distillation, raw CLIP (ViLD-like)", "raw", "gt"),
@@ -75,41 +74,6 @@ VARIANTS = [
 ]
 
 
-class Timed:
-    """Runs a stage once and remembers its measured wall time in <folder>/timing.json; a rerun
-    whose output exists returns the stored time, flagged as cached."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def __call__(self, fn, done: bool) -> tuple[float, bool]:
-        path = self.folder / "timing.json"
-        if done and path.is_file():
-            return json.loads(path.read_text())["seconds"], True
-        t0 = time.time()
-        fn()
-        seconds = time.time() - t0
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"seconds": seconds, "machine": host_line()}))
-        return seconds, False
-
-
-def subset_json(src: Path, dst: Path, n: int) -> Path:
-    """The first n images (by id) of a COCO json with their annotations."""
-    if dst.is_file():
-        return dst
-    data = json.loads(src.read_text())
-    images = sorted(data["images"], key=lambda im: im["id"])[:n]
-    ids = {im["id"] for im in images}
-    data["images"] = images
-    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(dst)
-    return dst
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(REPO / "configs" / "synthetic.yaml"),
@@ -121,25 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=250, help="detector iterations per row")
     p.add_argument("--variants", nargs="*", default=[v.key for v in VARIANTS])
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for name in ("ovd", "training", "models"):
-        logging.getLogger(name).setLevel(logging.INFO)
-    logging.getLogger("detectron2").setLevel(logging.WARNING)
+    setup_logging()
 
-    from training.cli import _pretrain_config, _progress, _world_config
-    from training.clip_renorm import RenormConfig
-    from training.config import load_config, output_root
+    from training.cli import _progress
     from training.data.coco_format import register_ov_dataset
-    from training.pipeline import Front, zero_shot
+    from training.pipeline import zero_shot
     from training.proposals import ProposalConfig, run_proposals
     from training.targets import TargetsConfig, run_targets
 
     t_start = time.time()
-    cfg = load_config(args.config)
-    pipeline_root = Path(args.pipeline_root) if args.pipeline_root else output_root(cfg)
-    front = Front(pipeline_root, _world_config(cfg, argparse.Namespace()),
-                  _pretrain_config(cfg, argparse.Namespace()), RenormConfig.from_config(cfg),
-                  progress=_progress)
+    cfg, front = pipeline_front(args.config, args.pipeline_root)
     root = Path(args.root)
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -206,11 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (results_dir / "ezsd_variants.json").write_text(json.dumps(report, indent=2))
     text = format_report(report)
-    md = results_dir / "ezsd_variants.md"
-    # A hand-written "## Analysis" section (what the numbers mean) survives a rerun.
-    previous = md.read_text() if md.is_file() else ""
-    analysis = previous[previous.index(ANALYSIS):] if ANALYSIS in previous else ""
-    md.write_text(text + ("\n" + analysis if analysis else ""))
+    write_markdown(results_dir / "ezsd_variants.md", text)
     print(text)
     bar_chart(rows, results_dir / "ezsd_variants_ap50.png")
     detections_figure([v for v in wanted], root, front.world_dir, clips,
