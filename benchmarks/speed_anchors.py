@@ -130,19 +130,19 @@ def timed(fn: Callable[[], object], *, repeats: int, warmup: int, budget_s: floa
     return t
 
 
-def alternating(fa: Callable[[], object], fb: Callable[[], object], *, repeats: int,
-                warmup: int) -> tuple[Timing, Timing]:
-    """Time two variants A, B as A B A B ..., so slow drifts of the machine's load hit both."""
+def alternating(*fns: Callable[[], object], repeats: int, warmup: int) -> list[Timing]:
+    """Time variants A, B, ... as A B ... A B ..., so slow drifts of the machine's load hit all
+    of them alike; one Timing per variant, in order."""
     for _ in range(warmup):
-        fa()
-        fb()
-    ta, tb = Timing(), Timing()
+        for fn in fns:
+            fn()
+    timings = [Timing() for _ in fns]
     for _ in range(repeats):
-        for fn, t in ((fa, ta), (fb, tb)):
+        for fn, t in zip(fns, timings, strict=True):
             start = time.perf_counter()
             fn()
             t.seconds.append(time.perf_counter() - start)
-    return ta, tb
+    return timings
 
 
 def _rss_bytes() -> int:
@@ -245,10 +245,9 @@ class Ours:
 
     def classify(self, regions, text: torch.Tensor) -> list:
         """Per image, as service/batcher.py does it (each request has its own vocabulary)."""
-        predictor = self.model.roi_heads.box_predictor
         out = []
         for region in regions:
-            found = predictor.classify([region], text)
+            found = self.model.classify([region], text)
             out.append(self.model.to_original_size(found, [{"height": region.image_size[0],
                                                             "width": region.image_size[1]}]))
         return out
@@ -525,15 +524,8 @@ def measure_ours(ours: Ours, args, rows: list[dict]) -> None:
         texts = [ours.text_embeddings(class_names(n)) for n in args.vocabs]
         # The vocabularies of one size are timed in turn, run by run (A B A B ...), so that their
         # ratio (what 1000 cached names cost against 10) is not a drift of the machine's load.
-        runs = [Timing() for _ in texts]
-        for _ in range(args.warmup):
-            for text in texts:
-                ours.request(inputs, text)
-        for _ in range(args.repeats):
-            for text, t in zip(texts, runs, strict=True):
-                start = time.perf_counter()
-                ours.request(inputs, text)
-                t.seconds.append(time.perf_counter() - start)
+        requests = [lambda inputs=inputs, text=text: ours.request(inputs, text) for text in texts]
+        runs = alternating(*requests, repeats=args.repeats, warmup=args.warmup)
         for n, t in zip(args.vocabs, runs, strict=True):
             rows.append(cell(ours.name, "cached text", size, n, 1, t, note="vocabularies alternated"))
             print(f"  {ours.name} {size}px {n} names: {t.ms():.1f} ms", flush=True)

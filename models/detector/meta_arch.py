@@ -71,8 +71,7 @@ class OpenVocabRCNN(GeneralizedRCNN):
         if detected_instances is not None:
             raise NotImplementedError("OpenVocabRCNN does not take precomputed boxes")
         regions = self.encode(batched_inputs)
-        text = self.train_text if text is None else text.to(self.device)
-        results = self.roi_heads.box_predictor.classify(regions, text)
+        results = self.classify(regions, self.train_text if text is None else text)
         if do_postprocess:
             return self.to_original_size(results, batched_inputs)
         return results
