@@ -48,18 +48,23 @@ def test_non_square_image_clips_each_axis_separately():
     assert torch.allclose(crop, torch.tensor([[0.0, 0.0, 40.0, 17.0]]))
 
 
-def test_min_size_floor():
+def test_min_size_floor_applies_before_the_enlargement():
+    """EZSD floors the raw box at 10 px, then enlarges: a 4 x 2 box becomes a 12 x 12 crop
+    (flooring after the enlargement would give 10 x 10)."""
     boxes = torch.tensor([[48.0, 49.0, 52.0, 51.0]])  # 4 x 2 at (50, 50)
     crop, square = square_crop_boxes(boxes, (100, 100), enlarge=1.2, min_size=10.0)
-    assert torch.allclose(crop, torch.tensor([[45.0, 45.0, 55.0, 55.0]]))
+    assert torch.allclose(crop, torch.tensor([[44.0, 44.0, 56.0, 56.0]]))
     assert torch.allclose(square, crop)
     crop, _ = square_crop_boxes(boxes, (100, 100), enlarge=1.2, min_size=2.0)
     assert torch.allclose(crop, torch.tensor([[47.6, 48.8, 52.4, 51.2]]))
+    # A box above the floor is only enlarged.
+    crop, _ = square_crop_boxes(torch.tensor([[40.0, 40.0, 60.0, 60.0]]), (100, 100), enlarge=1.2)
+    assert torch.allclose(crop, torch.tensor([[38.0, 38.0, 62.0, 62.0]]))
 
 
 # ---------------------------------------------------------------- crop_and_resize
 
-def test_constant_image_wide_box_padding_rows_are_zero():
+def test_constant_image_wide_box_padding_rows_are_black():
     rgb = (200.0, 100.0, 30.0)
     image = torch.tensor(rgb).view(3, 1, 1).expand(3, 100, 100).to(torch.uint8)
     boxes = torch.tensor([[40.0, 45.0, 60.0, 55.0]])  # crop 38..62 x 44..56, square 38..62
@@ -68,18 +73,21 @@ def test_constant_image_wide_box_padding_rows_are_zero():
     # Output row j has its centre at y = 38.5 + j: rows 6..17 lie in the crop (44..56).
     expected = _normalised(rgb).view(3, 1, 1)
     assert torch.allclose(out[0, :, 6:18, :], expected.expand(3, 12, 24), atol=1e-5)
-    assert torch.count_nonzero(out[0, :, :6, :]) == 0
-    assert torch.count_nonzero(out[0, :, 18:, :]) == 0
+    # EZSD pads with black pixels before normalising (not with CLIP's mean colour).
+    black = _normalised((0.0, 0.0, 0.0)).view(3, 1, 1)
+    assert torch.allclose(out[0, :, :6, :], black.expand(3, 6, 24), atol=1e-6)
+    assert torch.allclose(out[0, :, 18:, :], black.expand(3, 6, 24), atol=1e-6)
 
 
-def test_padding_outside_the_image_is_zero():
+def test_padding_outside_the_image_is_black():
     image = torch.full((3, 100, 100), 255, dtype=torch.uint8)
     # Crop x 0..22 (clipped at the left edge), square -1..23: the 22 px wide crop is centred,
     # one padding column each side, the left one outside the image.
     boxes = torch.tensor([[0.0, 40.0, 20.0, 60.0]])
     out = crop_and_resize(image, boxes, out_size=24, mean=MEAN, std=STD)
-    assert torch.count_nonzero(out[0, :, :, 0]) == 0
-    assert torch.count_nonzero(out[0, :, :, 23]) == 0
+    black = _normalised((0.0, 0.0, 0.0)).view(3, 1)
+    assert torch.allclose(out[0, :, :, 0], black.expand(3, 24), atol=1e-6)
+    assert torch.allclose(out[0, :, :, 23], black.expand(3, 24), atol=1e-6)
     white = _normalised((255.0,) * 3).view(3, 1, 1).expand(3, 24, 22)
     assert torch.allclose(out[0, :, :, 1:23], white, atol=1e-5)
 

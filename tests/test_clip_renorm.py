@@ -131,6 +131,9 @@ def test_renorm_writes_a_verified_checkpoint_naming_its_parent(parent, train_dat
                                            if c["split"] == "base"]
     steps = CFG.epochs * math.ceil(n / CFG.batch_size)
     assert training["steps"] == steps and len(training["epoch_losses"]) == CFG.epochs
+    # The loss used the parent's own frozen logit scale (a random open_clip CLIP: 1/0.07).
+    assert training["logit_scale"] == pytest.approx(load_clip(str(parent)).logit_scale)
+    assert training["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-5)
     assert training["final_loss"] == training["epoch_losses"][-1] > 0
     assert not (out / "resume").exists()
     assert progress.opened == [("clip renorm", steps, 0)]
@@ -153,6 +156,31 @@ def test_vision_only_leaves_the_text_tower_alone(parent, train_data, tmp_path):
     before, after = _weights(parent), _weights(out)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("visual.") and "ln_" in k for k in changed)
+
+
+def test_min_steps_sets_the_update_budget(parent, train_data, tmp_path):
+    """The budget is steps, not epochs: min_steps adds epochs until it is reached."""
+    n = _num_base_boxes(train_data[0])
+    per_epoch = math.ceil(n / CFG.batch_size)
+    cfg = replace(CFG, epochs=1, min_steps=per_epoch + 3, checkpoint_every=100)
+    clip = renorm_clip(parent, *train_data, tmp_path / "budget", cfg)
+    training = clip.manifest["training"]
+    assert training["steps"] == per_epoch + 3
+    assert len(training["epoch_losses"]) == 1  # the second epoch is not complete
+
+
+def test_flips_change_the_crops_the_model_sees(parent, train_data, full_run, tmp_path):
+    """The same run without the flip augmentation ends elsewhere (EZSD flips its crops)."""
+    renorm_clip(parent, *train_data, tmp_path / "noflip", replace(CFG, flip=False))
+    flipped, plain = _weights(full_run[1]), _weights(tmp_path / "noflip")
+    assert any(not torch.equal(flipped[k], plain[k]) for k in flipped)
+
+
+def test_logit_scale_from_the_config_overrides_the_clips(parent, train_data, full_run, tmp_path):
+    clip = renorm_clip(parent, *train_data, tmp_path / "s100", replace(CFG, logit_scale=100.0))
+    assert clip.manifest["training"]["logit_scale"] == 100.0
+    a, b = _weights(full_run[1]), _weights(tmp_path / "s100")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_trainable_parameter_names(parent):
@@ -223,15 +251,20 @@ def test_renorm_loss_by_hand():
 
     per_sample = [sum(bce(100 * c, y) for c, y in zip(cr, yr, strict=True)) / 3
                   for cr, yr in zip(cos, onehot, strict=True)]
-    assert renorm_loss(image, text, labels).item() == pytest.approx(sum(per_sample) / 2, rel=1e-5)
+    assert renorm_loss(image, text, labels, 100.0).item() == pytest.approx(sum(per_sample) / 2,
+                                                                           rel=1e-5)
     w = torch.tensor([0.5, 1.5])
     expected = (0.5 * per_sample[0] + 1.5 * per_sample[1]) / 2
-    assert renorm_loss(image, text, labels, w).item() == pytest.approx(expected, rel=1e-5)
+    assert renorm_loss(image, text, labels, 100.0, w).item() == pytest.approx(expected, rel=1e-5)
     # Sample 0: only its negative class 1 at cosine 0 costs anything, log 2.
     assert per_sample[0] == pytest.approx(math.log(2) / 3, rel=1e-6)
     # The largest term: sample 1's positive class at logit 100*s = 70.7 costs ~0; its
     # negative class 0 at the same logit costs ~70.7.
     assert per_sample[1] == pytest.approx(100 * s / 3, rel=1e-3)
+    # At another scale the same cosines cost what that scale's logits cost.
+    at_15 = [sum(bce(15 * c, y) for c, y in zip(cr, yr, strict=True)) / 3
+             for cr, yr in zip(cos, onehot, strict=True)]
+    assert renorm_loss(image, text, labels, 15.0).item() == pytest.approx(sum(at_15) / 2, rel=1e-5)
 
 
 def test_size_weights_by_hand():

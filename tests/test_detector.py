@@ -43,7 +43,7 @@ def model():
 def test_classifier_logits_hand_computed():
     clf = TextEmbeddingClassifier(2, init_temperature=100.0)
     with torch.no_grad():
-        clf.background.copy_(torch.tensor([50.0, 0.0]))  # stored as tau_0 * w_bg
+        clf.background.weight.copy_(torch.tensor([[0.5, 0.0]]))
     assert torch.allclose(clf.background_vector, torch.tensor([0.5, 0.0]))  # un-normalised
     logits = clf(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     assert torch.allclose(logits, torch.tensor([[100.0, 0.0, 50.0]]))
@@ -54,9 +54,11 @@ def test_temperature_floor():
     clf = TextEmbeddingClassifier(2, init_temperature=100.0, min_temperature=20.0)
     with torch.no_grad():
         clf.log_temperature.fill_(math.log(2.0))  # as if SGD had collapsed it
+        clf.background.weight.zero_()
     logits = clf(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]))
     assert torch.allclose(logits, torch.tensor([[20.0, 0.0]]))
     free = TextEmbeddingClassifier(2, init_temperature=2.0)
+    free.background.weight.data.zero_()
     assert torch.allclose(free(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]])),
                           torch.tensor([[2.0, 0.0]]))
 
@@ -87,6 +89,29 @@ def test_semantic_regressor_uses_the_class_text(model):
         _, db = pred(x, text_b, gt)
     assert not torch.allclose(da[:3], db[:3])
     assert torch.allclose(da[3:], db[3:])  # background rows see no text
+
+
+def test_semantic_regressor_at_test_time_uses_background_when_it_wins(model):
+    """Inference: t_y is the text of the arg-max over classes *and* background; a region that
+    background wins regresses with the zero vector (EZSD), not with its best class's text."""
+    pred = model.roi_heads.box_predictor
+    clf = pred.classifier
+    emb = F.normalize(torch.randn(6, D), dim=1)
+    f_reg = torch.randn(6, pred.bbox_pred.in_features - D)
+    text = F.normalize(torch.randn(3, D), dim=1)
+    with torch.no_grad():
+        w = clf.background.weight.clone()
+        clf.background.weight.copy_(emb[:3].sum(0, keepdim=True) * 10)  # bg wins rows 0-2
+        logits, deltas = pred._predict(emb, f_reg, text)
+        winner = logits.argmax(1)
+        bg = winner == 3
+        assert bg.any() and (~bg).any()
+        zero_text = pred.deltas(f_reg, torch.zeros(6, D))
+        own_text = pred.deltas(f_reg, text[logits[:, :3].argmax(1)])
+        clf.background.weight.copy_(w)
+    assert torch.allclose(deltas[bg], zero_text[bg])
+    assert torch.allclose(deltas[~bg], own_text[~bg])
+    assert not torch.allclose(deltas[bg], own_text[bg])
 
 
 def test_per_call_vocabularies_are_independent(model):
@@ -161,6 +186,21 @@ def test_evaluation_leaves_the_model_in_the_mode_it_found():
     assert WithVocabulary(m, torch.zeros(1, D)).training  # and a training model stays in training
 
 
+def test_evaluation_keeps_300_detections_with_no_score_floor():
+    """EZSD's generalized evaluation: 300 per image and no threshold, whatever the config's
+    test values (the synthetic config keeps 100 above 0.05 for serving)."""
+    torch.manual_seed(0)
+    m = build_model(_cfg(**{"MODEL.RPN.POST_NMS_TOPK_TEST": 200})).eval()
+    text = F.normalize(torch.randn(3, D), dim=1)
+    with torch.inference_mode():
+        served = m([random_image(1)], text=text)[0]["instances"]
+        evaluated = WithVocabulary(m, text, max_detections=300, score_thresh=0.0)(
+            [random_image(1)])[0]["instances"]
+    assert len(served) <= 100 and (served.scores > 0.05).all()
+    assert 100 < len(evaluated) <= 300
+    assert float(evaluated.scores.min()) < 0.05
+
+
 def test_training_step_has_every_loss_and_distillation_reaches_the_box_head():
     torch.manual_seed(0)
     m = build_model(_cfg())
@@ -224,7 +264,34 @@ def test_group_ap_hand_built(tmp_path):
     assert r["base"]["APs"] == pytest.approx(100.0)  # 20x20 is a small object
 
 
-def test_optimizer_exempts_temperature_and_background_from_weight_decay():
+def test_background_vector_is_an_ordinary_linear_layer():
+    """Default nn.Linear init (not zero) and a plain SGD step: one step at lr 0.1 moves w_bg by
+    0.1 x its gradient (the old tau_0-scaled storage moved it 100x less)."""
+    torch.manual_seed(0)
+    clf = TextEmbeddingClassifier(D, init_temperature=100.0)
+    w0 = clf.background_vector.detach().clone()
+    assert 0.2 < w0.norm().item() < 1.5  # uniform(+-1/sqrt(D)): norm ~ 1/sqrt(3)
+    e = F.normalize(torch.randn(8, D), dim=1)
+    loss = F.cross_entropy(clf(e, F.normalize(torch.randn(3, D), dim=1)),
+                           torch.full((8,), 3))  # every region is background
+    loss.backward()
+    grad = clf.background.weight.grad[0].clone()
+    torch.optim.SGD(clf.parameters(), lr=0.1).step()
+    assert torch.allclose(clf.background_vector - w0, -0.1 * grad, atol=1e-7)
+    assert (clf.background_vector - w0).norm() > 1e-3
+
+
+def test_version_1_background_is_loaded_as_the_same_vector():
+    """Exports up to 2026-12-01 stored background = 100 * w_bg; they still load unchanged."""
+    clf = TextEmbeddingClassifier(2, init_temperature=100.0)
+    clf.load_state_dict({"background": torch.tensor([50.0, 0.0]),
+                         "log_temperature": torch.tensor(math.log(40.0))})
+    assert torch.allclose(clf.background_vector, torch.tensor([0.5, 0.0]))
+    logits = clf(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]))
+    assert torch.allclose(logits, torch.tensor([[40.0, 20.0]]))
+
+
+def test_optimizer_exempts_temperature_but_decays_the_background_vector():
     from training.train_detector import Trainer
 
     cfg = _cfg()
@@ -233,5 +300,6 @@ def test_optimizer_exempts_temperature_and_background_from_weight_decay():
     optimizer = Trainer.build_optimizer(cfg, model)
     clf = model.roi_heads.box_predictor.classifier
     decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
-    assert decay[id(clf.log_temperature)] == 0.0 and decay[id(clf.background)] == 0.0
+    assert decay[id(clf.log_temperature)] == 0.0
+    assert decay[id(clf.background.weight)] == 1e-4
     assert decay[id(model.roi_heads.box_predictor.embed.weight)] == 1e-4

@@ -2,9 +2,14 @@
 
 A CLIP trained on web photos sees detection crops (small, blurred, hazy, cut from cluttered
 scenes) as out of domain. EZSD bridges the gap by fine-tuning only the LayerNorm gains and
-biases (parameter names containing ``ln_``) on crops of base-class ground-truth boxes, with a
-frozen logit scale: logits ``100 * <v̂, t̂_c>`` over the base classes and a sigmoid BCE against
-one-hot labels. Every other weight stays bitwise identical to the parent checkpoint.
+biases (parameter names containing ``ln_``) on crops of base-class ground-truth boxes (randomly
+flipped left-right), with the CLIP's own frozen logit scale s: logits ``s * <v̂, t̂_c>`` over
+the base classes and a sigmoid BCE against one-hot labels. Every other weight stays bitwise
+identical to the parent checkpoint.
+
+The budget is a number of optimizer steps, not the paper's 12 epochs: what transfers between a
+dataset of 800k boxes and one of 3k is how far the LayerNorm parameters move, and the run is
+judged by the detection-crop accuracy gate (training/gates.py), not by its epoch count.
 
 The run checkpoints every `checkpoint_every` steps into ``<out>/resume/`` (the trainable
 parameters, the optimizer state and ``state.json``) and, started again with the same output
@@ -25,10 +30,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as safetensors_bytes
 
@@ -43,11 +46,10 @@ from models.clip.model import (
 
 from .clip_pretrain import bf16_supported
 from .config import SectionConfig
-from .data.coco_format import SPLIT_KEY, load_coco_json
+from .data.coco_format import SPLIT_KEY, load_coco_json, read_dataset_image
 
 logger = logging.getLogger(__name__)
 
-LOGIT_SCALE = 100.0
 TUNE_CHOICES = ("vision", "vision+text")
 # Fields that change how the run is carried out but not its result; a resume may change them.
 _NOT_IDENTITY = ("checkpoint_every", "threads")
@@ -59,7 +61,9 @@ class RenormConfig(SectionConfig):
 
     Attributes:
         tune: which LayerNorms train: "vision" (LVIS recipe) or "vision+text" (COCO recipe).
-        epochs: passes over all base GT crops.
+        epochs: passes over all base GT crops (at least; see ``min_steps``).
+        min_steps: the run takes at least this many optimizer steps, adding epochs as needed
+            (the update budget that makes the LayerNorms move on a small dataset).
         batch_size: crops per step (the last step of an epoch may be smaller).
         lr: constant AdamW learning rate (EZSD: 1e-4).
         weight_decay: AdamW weight decay (applied to the LayerNorm parameters, the only ones).
@@ -67,6 +71,10 @@ class RenormConfig(SectionConfig):
         size_weighting: weight each crop by exp(-sqrt(w*h)/sqrt(W*H)) (box w, h and image
             W, H in pixels), renormalised to mean 1 per batch; favours small objects.
         enlarge: crop = GT box scaled by this about its centre (EZSD: 1.2).
+        flip: flip each crop left-right with probability 0.5 at every step (EZSD's
+            augmentation; seeded by (seed, step), so a resumed run sees the same flips).
+        logit_scale: the frozen multiplier of the cosine logits; None (the default) = the
+            CLIP's own ``logit_scale.exp()``, as EZSD's code does.
         template: prompt template for the class names.
         seed: seed of the per-epoch shuffling.
         checkpoint_every: steps between resumable checkpoints.
@@ -79,12 +87,15 @@ class RenormConfig(SectionConfig):
 
     tune: str = "vision+text"
     epochs: int = 3
+    min_steps: int = 0
     batch_size: int = 128
     lr: float = 1e-4
     weight_decay: float = 1e-4
     grad_clip: float = 0.1
     size_weighting: bool = False
     enlarge: float = 1.2
+    flip: bool = True
+    logit_scale: float | None = None
     template: str = DEFAULT_TEMPLATE
     seed: int = 0
     checkpoint_every: int = 50
@@ -96,8 +107,10 @@ class RenormConfig(SectionConfig):
         problems = []
         if self.tune not in TUNE_CHOICES:
             problems.append(f"tune {self.tune!r} not in {list(TUNE_CHOICES)}")
-        if min(self.epochs, self.batch_size, self.checkpoint_every) < 1:
-            problems.append("epochs, batch_size and checkpoint_every must be >= 1")
+        if min(self.epochs, self.batch_size, self.checkpoint_every) < 1 or self.min_steps < 0:
+            problems.append("epochs, batch_size and checkpoint_every must be >= 1, min_steps >= 0")
+        if self.logit_scale is not None and not self.logit_scale > 0:
+            problems.append(f"logit_scale {self.logit_scale} must be > 0 or null")
         if not self.lr > 0 or not self.grad_clip > 0 or self.weight_decay < 0:
             problems.append("lr and grad_clip must be > 0, weight_decay >= 0")
         if not self.enlarge > 0:
@@ -140,20 +153,21 @@ class GTCrops:
 
 
 def renorm_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor,
-                weights: torch.Tensor | None = None) -> torch.Tensor:
+                logit_scale: float, weights: torch.Tensor | None = None) -> torch.Tensor:
     """EZSD's re-normalisation loss: sigmoid BCE of fixed-scale cosine logits vs one-hot labels.
 
     Args:
         image_emb: (B, D) crop embeddings (L2-normalised here).
         text_emb: (C, D) class embeddings (L2-normalised here).
         labels: (B,) int64 class index in [0, C).
+        logit_scale: the frozen multiplier of the cosines (the CLIP's own).
         weights: optional (B,) per-sample weights (e.g. `size_weights`), used as given.
 
     Returns:
         Scalar: the BCE averaged over the C classes of each sample, then over the batch
         (weighted by `weights` when given).
     """
-    logits = LOGIT_SCALE * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
+    logits = logit_scale * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
     targets = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
     per_sample = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1)
     if weights is not None:
@@ -225,10 +239,7 @@ def base_gt_crops(clip: ClipModel, json_file: str | Path, image_root: str | Path
         anns = by_image.get(img["id"])
         if not anns:
             continue
-        path = image_root / img["file_name"]
-        if not path.is_file():
-            raise FileNotFoundError(f"{json_file}: image {path} does not exist")
-        pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+        pixels = read_dataset_image(image_root, img, json_file=json_file)
         xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)
         boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
         crops.append(clip.crop_boxes(pixels, boxes, enlarge=enlarge))
@@ -321,7 +332,8 @@ def renorm_clip(clip_dir_or_name: str | Path, json_file: str | Path, image_root:
 
     identity = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IDENTITY}
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
+    total = max(cfg.epochs * steps_per_epoch, cfg.min_steps)
+    scale = cfg.logit_scale or clip.logit_scale
     start, elapsed = 0, 0.0
     epoch_losses: list[float] = []
     epoch_sum, epoch_steps = 0.0, 0
@@ -356,12 +368,17 @@ def renorm_clip(clip_dir_or_name: str | Path, json_file: str | Path, image_root:
             perm, perm_epoch = torch.randperm(len(data), generator=gen), epoch
         idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
         labels = data.labels[idx].to(dev)
+        crops = data.crops[idx]
+        if cfg.flip:
+            flip = torch.rand(len(idx), generator=torch.Generator().manual_seed(
+                cfg.seed * 1_000_003 + 7_919 * step + 1)) < 0.5
+            crops = torch.where(flip.view(-1, 1, 1, 1), crops.flip(-1), crops)
         weights = (size_weights(data.box_wh[idx], data.image_wh[idx]).to(dev)
                    if cfg.size_weighting else None)
         with autocast():
-            image_emb = model.encode_image(data.crops[idx].to(dev))
+            image_emb = model.encode_image(crops.to(dev))
             text_emb = model.encode_text(tokens) if train_text else fixed_text
-        loss = renorm_loss(image_emb.float(), text_emb.float(), labels, weights)
+        loss = renorm_loss(image_emb.float(), text_emb.float(), labels, scale, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
@@ -393,6 +410,7 @@ def renorm_clip(clip_dir_or_name: str | Path, json_file: str | Path, image_root:
                      "crops": len(data), "classes": data.class_names},
             "trainable": {"tensors": len(names), "parameters": sum(p.numel() for p in trainable)},
             "steps": total,
+            "logit_scale": scale,
             "epoch_losses": epoch_losses,
             "final_loss": epoch_losses[-1],
             "seconds": round(seconds, 1),

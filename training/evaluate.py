@@ -23,19 +23,35 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
-class WithVocabulary(nn.Module):
-    """Binds a vocabulary to an OpenVocabRCNN so Detectron2's `inference_on_dataset` can call it."""
+#: EZSD's generalized evaluation keeps the top 300 detections per image with no score floor
+#: (AP integrates over the whole ranking; a floor only cuts its tail off).
+EVAL_MAX_DETECTIONS = 300
+EVAL_SCORE_THRESH = 0.0
 
-    def __init__(self, model: nn.Module, text: torch.Tensor):
+
+class WithVocabulary(nn.Module):
+    """Binds a vocabulary (and test-time options) to an OpenVocabRCNN so Detectron2's
+    `inference_on_dataset` can call it.
+
+    Args:
+        model: an OpenVocabRCNN (or a student of it): ``encode``/``classify``/``to_original_size``.
+        text: (C, D) normalised text embeddings.
+        **options: ``classify`` options (score_thresh, max_detections, nms_thresh).
+    """
+
+    def __init__(self, model: nn.Module, text: torch.Tensor, **options):
         super().__init__()
         self.model = model
         self.text = text
+        self.options = options
         # A new Module is in training mode, and `inference_on_dataset` restores the wrapper's
         # mode on exit, which would leave an eval-mode model in training mode after evaluation.
         self.train(model.training)
 
     def forward(self, batched_inputs):
-        return self.model(batched_inputs, text=self.text)
+        regions = self.model.encode(batched_inputs)
+        results = self.model.classify(regions, self.text, **self.options)
+        return self.model.to_original_size(results, batched_inputs)
 
 
 def group_ap(gt_json: str | Path, detections: list[dict], groups: dict[str, list[int]]) -> dict:
@@ -77,7 +93,9 @@ def group_ap(gt_json: str | Path, detections: list[dict], groups: dict[str, list
     return out
 
 
-def evaluate(cfg, model: nn.Module, dataset_name: str, text: torch.Tensor, output_dir: str | Path) -> dict:
+def evaluate(cfg, model: nn.Module, dataset_name: str, text: torch.Tensor, output_dir: str | Path,
+             *, max_detections: int = EVAL_MAX_DETECTIONS,
+             score_thresh: float = EVAL_SCORE_THRESH) -> dict:
     """Run the detector over a registered dataset with the given vocabulary and score it.
 
     Args:
@@ -86,9 +104,12 @@ def evaluate(cfg, model: nn.Module, dataset_name: str, text: torch.Tensor, outpu
         dataset_name: registered dataset with base/novel metadata (coco_format.register_ov_dataset).
         text: (C, D) text embeddings of the dataset's thing_classes, in contiguous-id order.
         output_dir: where COCOEvaluator writes its detections json, and we write metrics.json.
+        max_detections, score_thresh: detections kept per image and their score floor
+            (EZSD's generalized evaluation: 300, none), whatever the config's test values.
 
     Returns:
-        {"base": {...}, "novel": {...}, "all": {...}} as `group_ap`, plus "images" and "seconds".
+        {"base": {...}, "novel": {...}, "all": {...}} as `group_ap`, plus "images", "seconds"
+        and "max_detections"/"score_thresh".
     """
     import time
 
@@ -101,7 +122,8 @@ def evaluate(cfg, model: nn.Module, dataset_name: str, text: torch.Tensor, outpu
     model.eval()
     t0 = time.time()
     with torch.inference_mode():
-        inference_on_dataset(WithVocabulary(model, text), loader, evaluator)
+        inference_on_dataset(WithVocabulary(model, text, max_detections=max_detections,
+                                            score_thresh=score_thresh), loader, evaluator)
     seconds = time.time() - t0
     detections = json.loads((output_dir / "coco_instances_results.json").read_text())
     inverse = {v: k for k, v in meta.thing_dataset_id_to_contiguous_id.items()}
@@ -109,7 +131,8 @@ def evaluate(cfg, model: nn.Module, dataset_name: str, text: torch.Tensor, outpu
               "novel": [inverse[i] for i in meta.novel_contiguous_ids],
               "all": sorted(inverse.values())}
     result = group_ap(meta.json_file, detections, groups)
-    result.update(images=len(loader.dataset), seconds=round(seconds, 1), dataset=dataset_name)
+    result.update(images=len(loader.dataset), seconds=round(seconds, 1), dataset=dataset_name,
+                  max_detections=max_detections, score_thresh=score_thresh)
     (output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
 

@@ -8,7 +8,8 @@ For every training image (docs/methods.md, "Stage 2"):
    the whole image) are encoded once.
 2. Each anchor is cropped with no enlargement (EZSD crop: padded square, CLIP size), encoded by
    the (re-normalised) CLIP and classified over base + novel names with the prompt template;
-   logits = ``logit_scale * <v, t>`` (CLIP's 100).
+   logits = ``s * <v, t>`` with s the CLIP's own ``logit_scale.exp()`` (100 only for OpenAI's
+   CLIPs; a too-large s saturates step 3's objectness at log C and flattens its ranking).
 3. Objectness ``s = log C - H(softmax(z))``: 0 for a uniform posterior, log C for a one-hot one.
 4. Class-agnostic NMS (IoU 0.7), keep the top 1000 by ``s``.
 5. ``filter: coco``: drop proposals with IoU >= 0.3 to any base GT box of the image, re-encode the
@@ -30,7 +31,7 @@ crop pipeline (steps 2-5) on those only:
 
 * **tokens**: the image (as stored, times ``cheap_scale``) goes through CLIP's ViT to a grid of
   final patch tokens. ``cheap_prior: tiles`` (default) cuts it into windows of exactly CLIP's
-  input size (S x S, the last ones zero-padded) and encodes them as one batch, so the ViT sees
+  input size (S x S, the last ones padded black) and encodes them as one batch, so the ViT sees
   the resolution and positional embeddings it was trained on: ceil(H/S) * ceil(W/S) forwards,
   each costing one crop (16 for a 256-px image and a 64-px CLIP; 9 for a 640x480 COCO image and
   a 224-px ViT-B). ``cheap_prior: global`` is a single forward of the whole image with the
@@ -79,7 +80,7 @@ from torchvision.ops import box_iou, nms, roi_align
 from models.clip.model import DEFAULT_TEMPLATE, ClipModel, sha256_file
 
 from .config import SectionConfig, output_root
-from .data.coco_format import load_coco_json
+from .data.coco_format import load_coco_json, read_dataset_image
 from .shards import (
     ProgressFactory,
     Record,
@@ -110,7 +111,8 @@ class ProposalConfig(SectionConfig):
         filter: "coco" (base-GT IoU filter, base-class filter, keep ``keep``) or "lvis"
             (seeded random ``lvis_keep``).
         template: prompt template for the class names.
-        logit_scale: multiplier of the cosine similarities before the softmax (CLIP's 100).
+        logit_scale: multiplier of the cosine similarities before the softmax; None (the
+            default) = the CLIP's own ``logit_scale.exp()``, as EZSD's code does.
         stride: anchor grid step in pixels of the stored image.
         sizes: anchor sides sqrt(w*h) in pixels.
         ratios: anchor aspect ratios h/w.
@@ -145,7 +147,7 @@ class ProposalConfig(SectionConfig):
     mode: str = "dense"
     filter: str = "coco"
     template: str = DEFAULT_TEMPLATE
-    logit_scale: float = 100.0
+    logit_scale: float | None = None
     stride: int = 32
     sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
     ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
@@ -189,7 +191,8 @@ class ProposalConfig(SectionConfig):
                             "shard_size must be >= 1")
         if not 0 < self.nms_iou <= 1 or not 0 < self.gt_iou <= 1:
             problems.append("nms_iou and gt_iou must be in (0, 1]")
-        if self.logit_scale <= 0 or self.cheap_scale <= 0 or self.min_size < 0:
+        if (self.logit_scale is not None and self.logit_scale <= 0) or self.cheap_scale <= 0 \
+                or self.min_size < 0:
             problems.append("logit_scale and cheap_scale must be > 0, min_size >= 0")
         if problems:
             raise ValueError("proposals: " + "; ".join(problems))
@@ -260,20 +263,9 @@ class TrainingImages:
         return [int(im["id"]) for im in self.images]
 
     def read(self, image_id: int) -> torch.Tensor:
-        """The stored image as (3, H, W) uint8 RGB (EXIF orientation applied, as Detectron2).
-
-        Raises:
-            ValueError: its size differs from the json's height/width (boxes would not match).
-        """
-        from detectron2.data.detection_utils import read_image
-
-        info = self._by_id()[image_id]
-        arr = read_image(str(self.image_root / info["file_name"]), format="RGB")
-        if arr.shape[:2] != (info["height"], info["width"]):
-            raise ValueError(f"{self.image_root / info['file_name']}: stored size "
-                             f"{arr.shape[1]}x{arr.shape[0]} differs from the json's "
-                             f"{info['width']}x{info['height']} ({self.json_file})")
-        return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).contiguous()
+        """The stored image as (3, H, W) uint8 RGB (see `read_dataset_image`)."""
+        return read_dataset_image(self.image_root, self._by_id()[image_id],
+                                  json_file=self.json_file)
 
     def _by_id(self) -> dict[int, dict]:
         if not self._index:
@@ -418,7 +410,7 @@ def token_region_embeddings(clip: ClipModel, image: torch.Tensor, boxes: torch.T
         image: (3, H, W) uint8 RGB.
         boxes: (N, 4) xyxy pixels of ``image``.
         scale: the ViT sees the image resized by this factor (rounded to whole patches).
-        windows: True: S x S windows at CLIP's input size S, zero-padded at the far borders,
+        windows: True: S x S windows at CLIP's input size S, padded black at the far borders,
             encoded as a batch; False: one forward of the whole image with the positional
             embedding interpolated.
         batch_size: windows per forward.
@@ -445,12 +437,13 @@ def token_region_embeddings(clip: ClipModel, image: torch.Tensor, boxes: torch.T
                           align_corners=False)
     mean = torch.tensor(clip.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(clip.std, device=device).view(1, 3, 1, 1)
-    x = ((x - mean) / std).to(dtype)
     if windows:
         S = clip.image_size
         ny, nx = math.ceil(gh * ph / S), math.ceil(gw * pw / S)
-        # Zero padding = CLIP's mean colour after normalisation, as in the crops.
+        # Black padding before normalisation, as in the crops.
         x = F.pad(x, (0, nx * S - x.shape[-1], 0, ny * S - x.shape[-2]))
+    x = ((x - mean) / std).to(dtype)
+    if windows:
         tiles = x.unfold(2, S, S).unfold(3, S, S)  # (1, 3, ny, nx, S, S)
         tiles = tiles.permute(0, 2, 3, 1, 4, 5).reshape(ny * nx, 3, S, S)
         tok = torch.cat([_vit_tokens(visual, tiles[i:i + batch_size])
@@ -500,7 +493,7 @@ def propose_from_candidates(clip: ClipModel, image: torch.Tensor, candidates: to
     Returns:
         (record, crops): the stored tensors (module docstring) and the CLIP crops encoded.
     """
-    scale = cfg.logit_scale
+    scale = cfg.logit_scale or clip.logit_scale
     emb = encode_boxes(clip, image, candidates, enlarge=1.0, batch_size=cfg.batch_size)
     crops = len(candidates)
     s = objectness(scale * emb @ text.T) if len(emb) else torch.zeros(0)
@@ -558,7 +551,7 @@ def propose_image(clip: ClipModel, image: torch.Tensor, text: torch.Tensor, is_b
             emb, forwards = token_region_embeddings(
                 clip, image, candidates, scale=cfg.cheap_scale,
                 windows=cfg.cheap_prior == "tiles", batch_size=cfg.batch_size)
-            logits = cfg.logit_scale * emb @ text.T
+            logits = (cfg.logit_scale or clip.logit_scale) * emb @ text.T
             score = cfg.cheap_score
             if score == "auto":
                 score = "novel" if cfg.filter == "coco" else "objectness"

@@ -129,12 +129,13 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         """Detectron2's SGD (with its gradient clipping option), but without weight decay on
-        the classifier's temperature and background vector: decay would pull log tau to 0
-        (tau = 1) and w_bg to the origin (CLIP exempts its logit scale for the same reason)."""
+        the classifier's temperature: decay would pull log tau to 0 (tau = 1; CLIP exempts its
+        logit scale for the same reason). The background vector is an ordinary linear layer
+        and decays like one, as in EZSD's code."""
         params = get_default_optimizer_params(
             model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
             bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR, weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
-            overrides={"log_temperature": {"weight_decay": 0.0}, "background": {"weight_decay": 0.0}})
+            overrides={"log_temperature": {"weight_decay": 0.0}})
         return maybe_add_gradient_clipping(cfg, torch.optim.SGD)(
             params, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
             nesterov=cfg.SOLVER.NESTEROV, weight_decay=cfg.SOLVER.WEIGHT_DECAY)

@@ -1,8 +1,10 @@
-"""EZSD's CLIP crop of a box: enlarge, clip to the image, pad to a centred square, resize.
+"""EZSD's CLIP crop of a box: floor its size, enlarge, clip to the image, pad to a centred
+square with black, resize, normalise.
 
 Done for a whole batch of boxes at once with torchvision's RoIAlign, which samples (and so
 anti-aliases) every output pixel bilinearly; pixels of the square outside the clipped crop
-are set to the padding value afterwards.
+are set to black *before* normalisation, as the EZSD authors' code pads the image with zeros
+before it normalises.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ def square_crop_boxes(boxes: torch.Tensor, image_hw: tuple[int, int], *, enlarge
         image_hw: (H, W) of the image the boxes live in.
         enlarge: scale factor of the box about its centre (1.2 for GT distillation crops,
             1.0 for proposal anchors).
-        min_size: the enlarged width and height are floored at this many pixels.
+        min_size: the box's own width and height are floored at this many pixels *before* the
+            enlargement (EZSD's order: a 4 px box becomes a 10 px box, then a 12 px crop).
 
     Returns:
         crop: (N, 4) the enlarged box clipped to the image (the pixels CLIP sees).
@@ -28,8 +31,8 @@ def square_crop_boxes(boxes: torch.Tensor, image_hw: tuple[int, int], *, enlarge
     """
     H, W = image_hw
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
-    w = ((boxes[:, 2] - boxes[:, 0]) * enlarge).clamp(min=min_size)
-    h = ((boxes[:, 3] - boxes[:, 1]) * enlarge).clamp(min=min_size)
+    w = (boxes[:, 2] - boxes[:, 0]).clamp(min=min_size) * enlarge
+    h = (boxes[:, 3] - boxes[:, 1]).clamp(min=min_size) * enlarge
     crop = torch.stack([(cx - w / 2).clamp(0, W), (cy - h / 2).clamp(0, H),
                         (cx + w / 2).clamp(0, W), (cy + h / 2).clamp(0, H)], dim=1)
     side = torch.maximum(crop[:, 2] - crop[:, 0], crop[:, 3] - crop[:, 1]).clamp(min=1.0)
@@ -52,9 +55,8 @@ def crop_and_resize(image: torch.Tensor, boxes: torch.Tensor, *, out_size: int,
         sampling_ratio: RoIAlign samples per output pixel and axis.
 
     Returns:
-        (N, 3, S, S) float32, normalised. The square's padding is zero after normalisation,
-        i.e. CLIP's mean colour, so padding carries no colour signal *(our choice: the sources
-        only say "zero-padded")*.
+        (N, 3, S, S) float32, normalised. The square's padding is black before normalisation
+        (``-mean / std`` after it), as in EZSD's code.
     """
     if boxes.numel() == 0:
         return image.new_zeros((0, 3, out_size, out_size), dtype=torch.float32)
@@ -67,8 +69,7 @@ def crop_and_resize(image: torch.Tensor, boxes: torch.Tensor, *, out_size: int,
     rois = torch.cat([square.new_zeros(len(square), 1), square], dim=1)
     out = roi_align(img, rois, (out_size, out_size), spatial_scale=1.0,
                     sampling_ratio=sampling_ratio, aligned=True)
-    out = (out - m) / s
-    # Output pixel centres in image coordinates; zero what falls outside the clipped crop.
+    # Output pixel centres in image coordinates; black out what falls outside the clipped crop.
     t = (torch.arange(out_size, dtype=torch.float32, device=image.device) + 0.5) / out_size
     side = (square[:, 2] - square[:, 0]).unsqueeze(1)
     xs = square[:, 0:1] + t * side
@@ -76,4 +77,4 @@ def crop_and_resize(image: torch.Tensor, boxes: torch.Tensor, *, out_size: int,
     inside_x = (xs >= crop[:, 0:1]) & (xs <= crop[:, 2:3])
     inside_y = (ys >= crop[:, 1:2]) & (ys <= crop[:, 3:4])
     mask = (inside_y.unsqueeze(2) & inside_x.unsqueeze(1)).unsqueeze(1)
-    return out * mask
+    return (out * mask - m) / s

@@ -77,6 +77,14 @@ class ClipModel:
         return int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") \
             else int(self.encode_text(["x"]).shape[1])
 
+    @property
+    def logit_scale(self) -> float:
+        """The multiplier of cosine similarities this CLIP was trained with: its own
+        ``logit_scale.exp()`` (100 for OpenAI's CLIPs; one the project trains learns its own).
+        Softmaxes over classes must use it: a larger one makes them too sharp, a smaller one
+        too flat."""
+        return float(self.model.logit_scale.detach().exp())
+
     def encode_text(self, texts: list[str], *, batch_size: int = 512) -> torch.Tensor:
         """L2-normalised text embeddings, (len(texts), D) float32."""
         out = []

@@ -47,6 +47,13 @@ class TextEmbeddingClassifier(nn.Module):
     e is a normalised region embedding, T the normalised text embeddings of the vocabulary,
     w_bg a learnable **un-normalised** background vector, tau = exp(s) a learnable temperature.
 
+    w_bg is an ordinary ``Linear(D, 1, bias=False)`` (default init, weight decay), as in the
+    EZSD authors' code. An earlier version started it at zero and stored it scaled by
+    1 / tau_0, which cut its effective SGD step 10^4-fold: after 900 iterations its norm was
+    0.008, so the background logit was always ~0 and "background" could only win by every
+    class cosine being negative. Gradient clipping (configs/detector/synthetic_r18_fpn.yaml)
+    is what keeps the tau-scaled gradients in check.
+
     Args:
         embed_dim: D, the CLIP embedding size.
         init_temperature: initial tau (EZSD: 100, i.e. s = ln 100).
@@ -56,23 +63,26 @@ class TextEmbeddingClassifier(nn.Module):
             0 disables the floor.
     """
 
+    #: Checkpoints of version 1 stored ``background`` (D,) = tau_0 * w_bg with tau_0 = 100.
+    _version = 2
+
     def __init__(self, embed_dim: int, init_temperature: float = 100.0, min_temperature: float = 0.0):
         super().__init__()
-        self.background = nn.Parameter(torch.zeros(embed_dim))
-        # w_bg = background / init_temperature. The bg logit is tau * e.w_bg, so a raw w_bg
-        # sees tau-times larger gradients *and* moves its logit tau-times more per unit step
-        # than a linear classifier's weight: an effective learning rate ~tau^2 = 10^4 too high
-        # for SGD at lr 0.02. The rescaling changes the conditioning, not the function class.
-        # (Alone it did not make the synthetic detector train; clipping the tau-scaled
-        # gradients did, see configs/detector/synthetic_r18_fpn.yaml.)
-        self.background_scale = 1.0 / init_temperature
+        self.background = nn.Linear(embed_dim, 1, bias=False)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
         self.min_log_temperature = math.log(min_temperature) if min_temperature > 0 else -math.inf
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        old = prefix + "background"
+        if local_metadata.get("version", 1) < 2 and old in state_dict:
+            # Version 1 (shipped exports up to 2026-12-01): w_bg = background / 100.
+            state_dict[prefix + "background.weight"] = (state_dict.pop(old) / 100.0).view(1, -1)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     @property
     def background_vector(self) -> torch.Tensor:
         """w_bg (D,), un-normalised."""
-        return self.background * self.background_scale
+        return self.background.weight[0]
 
     @property
     def temperature(self) -> torch.Tensor:
@@ -81,8 +91,8 @@ class TextEmbeddingClassifier(nn.Module):
 
     def forward(self, region_embeddings: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """(N, D) normalised regions, (C, D) normalised text -> (N, C + 1) logits, bg last."""
-        background = region_embeddings @ self.background_vector
-        return self.temperature * torch.cat([region_embeddings @ text.T, background[:, None]], dim=1)
+        return self.temperature * torch.cat([region_embeddings @ text.T,
+                                             self.background(region_embeddings)], dim=1)
 
 
 def distillation_loss(region_embeddings: torch.Tensor, clip_embeddings: torch.Tensor,
@@ -179,7 +189,8 @@ class EZSDOutputLayers(FastRCNNOutputLayers):
             x: (N, ...) shared box-head features.
             text: (C, D) normalised text embeddings of this call's vocabulary.
             gt_classes: (N,) assigned classes in training (C = background); at inference None,
-                and t_y is the text of the highest-scoring foreground class.
+                and t_y is the text of the arg-max over the C classes and background (the
+                zero vector when background wins).
 
         Returns:
             logits (N, C + 1) and class-agnostic deltas (N, 4).
@@ -193,7 +204,10 @@ class EZSDOutputLayers(FastRCNNOutputLayers):
         class_text = None
         if self.semantic_regressor:
             padded = torch.cat([text, text.new_zeros(1, text.shape[1])])  # row C = background
-            labels = gt_classes if gt_classes is not None else logits[:, :-1].argmax(1)
+            # At test time: the arg-max over the C classes *and* background, so a region the
+            # classifier calls background regresses with the zero vector, as in training
+            # (EZSD's code does the same).
+            labels = gt_classes if gt_classes is not None else logits.argmax(1)
             class_text = padded[labels]
         return logits, self.deltas(f_reg, class_text)
 

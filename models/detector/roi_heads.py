@@ -70,7 +70,10 @@ class EZSDROIHeads(StandardROIHeads):
         x = self.box_features(features, [p.proposal_boxes for p in proposals])
         gt_classes = torch.cat([p.gt_classes for p in proposals])
         losses = predictor.losses(predictor(x, text, gt_classes), proposals)
-        get_event_storage().put_scalar("fast_rcnn/temperature", predictor.classifier.temperature.item())
+        classifier = predictor.classifier
+        get_event_storage().put_scalars(**{
+            "fast_rcnn/temperature": classifier.temperature.item(),
+            "fast_rcnn/background_norm": classifier.background_vector.norm().item()})
         if distill is not None and self.distill_weight > 0:
             losses["loss_distill"] = self.distill_weight * self.distillation(features, distill)
         return proposals, losses

@@ -28,6 +28,7 @@ __all__ = [
     "category_split",
     "load_coco_json",
     "parse_dataset_spec",
+    "read_dataset_image",
     "register_from_spec",
     "register_ov_dataset",
     "validate_coco_dict",
@@ -249,6 +250,41 @@ def load_coco_json(
         require_file_name=require_file_name,
         drop_degenerate_boxes=drop_degenerate_boxes,
     )
+
+
+def read_dataset_image(image_root: str | os.PathLike[str], image: Mapping[str, Any], *,
+                       json_file: str | os.PathLike[str] | None = None):
+    """The one reader of a detection dataset's image, for every stage that crops boxes.
+
+    Detectron2's reader, so the pixels are the ones the detector trains on: EXIF orientation
+    applied (a phone photo stored sideways is turned upright, as the json's boxes assume).
+
+    Args:
+        image_root: folder the image's ``file_name`` is relative to.
+        image: the json's image entry (``file_name``, ``height``, ``width``).
+        json_file: named in error messages.
+
+    Returns:
+        (3, H, W) uint8 RGB torch tensor.
+
+    Raises:
+        FileNotFoundError: no such image file.
+        ValueError: its (oriented) size differs from the json's height/width, so the boxes
+            would not match the pixels.
+    """
+    import numpy as np
+    import torch
+    from detectron2.data.detection_utils import read_image
+
+    path = Path(image_root) / image["file_name"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{json_file or 'dataset'}: image {path} does not exist")
+    arr = read_image(str(path), format="RGB")
+    if arr.shape[:2] != (image["height"], image["width"]):
+        raise ValueError(f"{path}: stored size {arr.shape[1]}x{arr.shape[0]} (EXIF orientation "
+                         f"applied) differs from the json's {image['width']}x{image['height']}"
+                         f"{f' ({json_file})' if json_file else ''}; fix the json's width/height")
+    return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).contiguous()
 
 
 def _sorted_categories(coco: Mapping[str, Any]) -> list[dict]:
