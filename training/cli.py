@@ -13,6 +13,7 @@
     ovd train            EZSD stage 4: train the detector (Detectron2)
     ovd compress         distil a trained detector into a lighter student (TID, CID, Light-ML)
     ovd eval             generalized zero-shot AP50 / AP on novel, base and all classes
+    ovd gates            did each EZSD stage do its job? (measured on held-out annotations)
     ovd export           EZSD stage 6: the deployable artifact (safetensors + manifest)
     ovd pipeline         the whole chain on the built-in default: every stage above, cached
     ovd demo             serve an export and query it with novel class names
@@ -354,6 +355,71 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- gates
+
+def _gates(cfg: dict, args: argparse.Namespace) -> dict:
+    """The gates of the run under the output root (flags override each input's default)."""
+    from .gates import HeldOut, stage_gates
+    from .proposals import ProposalConfig
+
+    root = output_root(cfg, args)
+    world_dir = root / "world"
+    det = world_dir / "detection"
+    heldout_json = getattr(args, "heldout_json", None) or det / "annotations" / "train_all.json"
+    heldout_images = getattr(args, "heldout_images", None) or det / "train"
+    eval_json = getattr(args, "eval_json", None) or det / "annotations" / "val.json"
+    eval_images = getattr(args, "eval_images", None) or det / "val"
+    heldout = HeldOut.load(heldout_json, heldout_images) if Path(heldout_json).is_file() else None
+    eval_set = HeldOut.load(eval_json, eval_images) if Path(eval_json).is_file() else None
+    return stage_gates(
+        heldout=heldout, eval_set=eval_set,
+        parent_clip=getattr(args, "parent_clip", None) or root / "clip" / "pretrained",
+        clip=getattr(args, "clip", None) or root / "clip" / "renorm",
+        proposals=getattr(args, "proposals", None) or root / "proposals",
+        targets=getattr(args, "targets", None) or root / "targets",
+        detector=getattr(args, "detector", None) or root / "detector" / "model_final.pth",
+        template=ProposalConfig.from_config(cfg).template)
+
+
+def cmd_gates(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    gates = _gates(cfg, args)
+    out = Path(args.out) if args.out else output_root(cfg, args) / "gates.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(gates, indent=2))
+    print(format_gates(gates))  # noqa: T201
+    logger.info("gates written to %s", out)
+    return 0
+
+
+def format_gates(g: dict) -> str:
+    """A short human-readable summary of `training.gates.stage_gates`' result."""
+    lines = []
+    if "renorm" in g:
+        for grp in ("base", "novel"):
+            r = g["renorm"][grp]
+            lines.append(f"renorm    {grp:<6} crop accuracy {r['acc_before']:.1%} -> {r['acc_after']:.1%}"
+                         f"  (diff {r['diff']:+.1%}, 95% CI [{r['diff_ci95'][0]:+.1%}, "
+                         f"{r['diff_ci95'][1]:+.1%}], McNemar p={r['mcnemar_p']:.2g}, n={r['n']})")
+    if "proposals" in g:
+        p = g["proposals"]
+        lo, hi = p["novel_recall50_ci95"]
+        lines.append(f"proposals {p['mode']}: novel recall@0.5 {p['novel_recall50']:.1%} "
+                     f"[{lo:.1%}, {hi:.1%}], precision {p['precision50']:.1%}, "
+                     f"{p['proposals_per_image']:.0f}/image, {p['images_per_s'] or 0:.2f} images/s; "
+                     f"grid coverage@0.5 {p['grid_coverage50']['all']:.1%}")
+    if "targets" in g:
+        t = g["targets"]
+        lines.append(f"targets   mean weight on novel objects {t['on_novel']['mean_weight']:.3f} "
+                     f"vs elsewhere {t['elsewhere']['mean_weight']:.3f}")
+    if "detector" in g:
+        d = g["detector"]
+        lines.append(f"detector  |w_bg| {d['background_norm']:.3f}, tau {d['temperature']:.1f}")
+    for key, why in g.get("skipped", {}).items():
+        lines.append(f"{key:<9} skipped: {why}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- the whole chain
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -396,6 +462,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     run_targets(renormed, train_json, train_root, root / "proposals", root / "targets",
                 TargetsConfig.from_config(cfg), overwrite=True, progress=_progress)
 
+    logger.info("gates before training:\n%s", format_gates(_gates(cfg, args)))
+
     stage(6, f"detector training -> {root / 'detector'}")
     train_args = argparse.Namespace(
         config=args.config, root=args.root, detector_config=None, opts=[], out=None,
@@ -405,6 +473,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     stage(7, "generalized zero-shot evaluation")
     cmd_eval(argparse.Namespace(config=args.config, root=args.root, model_dir=None, weights=None,
                                 dataset=None, clip=None, export=None, out=None, opts=[]))
+    gates = _gates(cfg, args)
+    (root / "gates.json").write_text(json.dumps(gates, indent=2))
+    logger.info("gates (also in %s):\n%s", root / "gates.json", format_gates(gates))
     stage(8, f"export -> {root / 'export'}")
     cmd_export(argparse.Namespace(config=args.config, root=args.root, model_dir=None, weights=None,
                                   out=None, name="ovd-synthetic", version="0.1.0", dtype="float32",
@@ -662,6 +733,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "exporting a training output (written to --out if given, a copy; "
                         "else in place)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("gates", help="did each EZSD stage do its job? (held-out annotations)",
+                       description="Measure, from a run's stage folders, what each EZSD stage is "
+                                   "for: CLIP crop accuracy before/after re-normalisation "
+                                   "(paired test), novel recall and precision of the proposals "
+                                   "and their grid's coverage, target weights on novel objects, "
+                                   "the detector's background vector and tau. Written to each "
+                                   "stage's gates.json and to --out. Works on any COCO dataset "
+                                   "whose categories carry \"split\": \"novel\".")
+    common(p)
+    p.add_argument("--heldout-json", default=None,
+                   help="ALL annotations of the training images (default: the world's "
+                        "train_all.json); read by the gates only, never by a stage")
+    p.add_argument("--heldout-images", default=None, help="image folder of --heldout-json")
+    p.add_argument("--eval-json", default=None,
+                   help="an evaluation split with all annotations, for the renorm gate "
+                        "(default: the world's val.json)")
+    p.add_argument("--eval-images", default=None, help="image folder of --eval-json")
+    p.add_argument("--parent-clip", default=None, help="CLIP before renorm (<root>/clip/pretrained)")
+    p.add_argument("--clip", default=None, help="re-normalised CLIP (<root>/clip/renorm)")
+    p.add_argument("--proposals", default=None, help="stage-2 folder (<root>/proposals)")
+    p.add_argument("--targets", default=None, help="stage-3 folder (<root>/targets)")
+    p.add_argument("--detector", default=None,
+                   help="trained weights: .pth or an export's detector.safetensors "
+                        "(<root>/detector/model_final.pth)")
+    p.add_argument("--out", default=None, help="all gates as one json (<root>/gates.json)")
+    p.set_defaults(func=cmd_gates)
 
     p = sub.add_parser("pipeline", help="the whole chain on the built-in default (cached stages)",
                        description="Run every pipeline stage on the built-in default (the "

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from models.clip.model import DEFAULT_TEMPLATE, ClipModel
 
-from .data.coco_format import load_coco_json
+from .data.coco_format import load_coco_json, read_dataset_image
 
 
 @torch.inference_mode()
@@ -44,10 +43,10 @@ def detection_gt_crops(clip: ClipModel, json_file: Path, image_root: Path, *, en
         anns = by_image.get(img["id"], [])
         if not anns:
             continue
-        pixels = torch.from_numpy(np.array(Image.open(image_root / img["file_name"]).convert("RGB")))
+        pixels = read_dataset_image(image_root, img, json_file=json_file)
         boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
                                a["bbox"][1] + a["bbox"][3]] for a in anns], dtype=torch.float32)
-        crops.append(clip.crop_boxes(pixels.permute(2, 0, 1), boxes, enlarge=enlarge))
+        crops.append(clip.crop_boxes(pixels, boxes, enlarge=enlarge))
         cats.extend(a["category_id"] for a in anns)
     return torch.cat(crops), torch.tensor(cats)
 

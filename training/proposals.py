@@ -2,10 +2,15 @@
 
 For every training image (docs/methods.md, "Stage 2"):
 
-1. Dense anchors on the stride-32 grid of the image as stored: sizes (32..512 px) x ratios
-   (h/w = 0.5, 1, 2), clipped to the image; anchors that become thinner than ``min_size`` px are
-   dropped, and exact duplicates created by clipping (every 512-px anchor of a 256-px image is
-   the whole image) are encoded once.
+1. Dense anchors on a grid of the image as stored: sizes x ratios (h/w = 0.5, 1, 2), clipped
+   to the image; anchors that become thinner than ``min_size`` px are dropped, and exact
+   duplicates created by clipping (every 512-px anchor of a 256-px image is the whole image)
+   are encoded once. The paper's grid (stride 32, sizes 32..512) is for COCO images resized to
+   1333x800; ``sizes: auto`` / ``stride: auto`` (the synthetic config) derive the grid from the
+   data instead (`AnchorGrid`): a sqrt(2) ladder of sizes over the base GT boxes' size range,
+   each size on a grid of step size / 2, like a detector's FPN anchors. On the synthetic world
+   (objects 9-57 px) the paper's grid gives 21% of novel objects an anchor at IoU >= 0.5, the
+   derived one 96% (training/gates.py measures it: ``grid_coverage50``).
 2. Each anchor is cropped with no enlargement (EZSD crop: padded square, CLIP size), encoded by
    the (re-normalised) CLIP and classified over base + novel names with the prompt template;
    logits = ``s * <v, t>`` with s the CLIP's own ``logit_scale.exp()`` (100 only for OpenAI's
@@ -113,12 +118,17 @@ class ProposalConfig(SectionConfig):
         template: prompt template for the class names.
         logit_scale: multiplier of the cosine similarities before the softmax; None (the
             default) = the CLIP's own ``logit_scale.exp()``, as EZSD's code does.
-        stride: anchor grid step in pixels of the stored image.
-        sizes: anchor sides sqrt(w*h) in pixels.
+        stride: anchor grid step in pixels of the stored image, or "auto": each size on a grid
+            of step round(size / 2).
+        sizes: anchor sides sqrt(w*h) in pixels, or "auto": a ladder of factor ``auto_step``
+            whose sizes are the centres (in log scale) of bins covering the ``auto_quantiles``
+            of the training json's base GT box sizes sqrt(w*h) (see `AnchorGrid.from_boxes`).
         ratios: anchor aspect ratios h/w.
         anchor_offset: anchor centres at (i + offset) * stride; 0.5 = cell centres *(our
             choice; mmdetection's default is 0, grid corners)*.
         min_size: anchors narrower or shorter than this after clipping are dropped, pixels.
+        auto_quantiles: ``sizes: auto``: the lower and upper quantile of base GT sizes covered.
+        auto_step: ``sizes: auto``: ratio of consecutive sizes.
         nms_iou: class-agnostic NMS IoU threshold.
         pre_filter_topk: proposals kept after NMS (1000).
         gt_iou: coco filter: proposals with IoU >= this to any base GT box are dropped.
@@ -148,11 +158,13 @@ class ProposalConfig(SectionConfig):
     filter: str = "coco"
     template: str = DEFAULT_TEMPLATE
     logit_scale: float | None = None
-    stride: int = 32
-    sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    stride: int | str = 32
+    sizes: tuple[float, ...] | str = (32, 64, 128, 256, 512)
     ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     anchor_offset: float = 0.5
     min_size: float = 4.0
+    auto_quantiles: tuple[float, float] = (0.02, 0.98)
+    auto_step: float = math.sqrt(2.0)
     nms_iou: float = 0.7
     pre_filter_topk: int = 1000
     gt_iou: float = 0.3
@@ -183,11 +195,19 @@ class ProposalConfig(SectionConfig):
             problems.append(f"precision {self.precision!r} not in {PRECISIONS}")
         if "{}" not in self.template:
             problems.append(f"template {self.template!r} has no '{{}}' for the class name")
-        if not self.sizes or min(self.sizes) <= 0 or not self.ratios or min(self.ratios) <= 0:
-            problems.append("sizes and ratios must be non-empty and positive")
-        if min(self.stride, self.pre_filter_topk, self.keep, self.lvis_keep, self.cheap_topk,
+        if self.sizes != "auto" and (isinstance(self.sizes, str) or not self.sizes
+                                     or min(self.sizes) <= 0):
+            problems.append(f"sizes {self.sizes!r} must be 'auto' or non-empty and positive")
+        if not self.ratios or min(self.ratios) <= 0:
+            problems.append("ratios must be non-empty and positive")
+        if self.stride != "auto" and (isinstance(self.stride, str) or self.stride < 1):
+            problems.append(f"stride {self.stride!r} must be 'auto' or an integer >= 1")
+        lo, hi = self.auto_quantiles
+        if not 0 <= lo < hi <= 1 or not self.auto_step > 1:
+            problems.append("auto_quantiles must be 0 <= lo < hi <= 1 and auto_step > 1")
+        if min(self.pre_filter_topk, self.keep, self.lvis_keep, self.cheap_topk,
                self.batch_size, self.shard_size) < 1:
-            problems.append("stride, pre_filter_topk, keep, lvis_keep, cheap_topk, batch_size and "
+            problems.append("pre_filter_topk, keep, lvis_keep, cheap_topk, batch_size and "
                             "shard_size must be >= 1")
         if not 0 < self.nms_iou <= 1 or not 0 < self.gt_iou <= 1:
             problems.append("nms_iou and gt_iou must be in (0, 1]")
@@ -321,12 +341,82 @@ def make_anchors(image_hw: tuple[int, int], *, stride: int = 32,
     boxes = boxes[keep].float()
     if len(boxes) == 0:
         return boxes.reshape(0, 4)
-    # Identical clipped boxes give identical crops and scores; NMS would keep one of them
-    # anyway (IoU 1), so encoding each once changes nothing but the cost.
+    return _first_unique(boxes)
+
+
+def _first_unique(boxes: torch.Tensor) -> torch.Tensor:
+    """The rows of (N, 4) boxes without repeats, first occurrences in their order.
+
+    Identical clipped boxes give identical crops and scores; NMS would keep one of them anyway
+    (IoU 1), so encoding each once changes nothing but the cost."""
+    if len(boxes) == 0:
+        return boxes
     _, inverse = torch.unique(boxes, dim=0, return_inverse=True)
     first = torch.full((int(inverse.max()) + 1,), len(boxes), dtype=torch.long)
     first = first.scatter_reduce(0, inverse, torch.arange(len(boxes)), reduce="amin")
     return boxes[first.sort().values]
+
+
+@dataclass(frozen=True)
+class AnchorGrid:
+    """The dense anchors of stage 2: sizes, each on a grid of its own step.
+
+    Attributes:
+        sizes: anchor sides sqrt(w * h), pixels.
+        strides: the grid step of each size, pixels.
+        ratios: aspect ratios h / w.
+        offset: anchor centres at (i + offset) * stride.
+        min_size: anchors thinner than this after clipping are dropped, pixels.
+    """
+
+    sizes: tuple[float, ...]
+    strides: tuple[int, ...]
+    ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    offset: float = 0.5
+    min_size: float = 4.0
+
+    @classmethod
+    def from_config(cls, cfg: ProposalConfig, base_boxes: list[torch.Tensor] | None = None
+                    ) -> AnchorGrid:
+        """The grid of a config; ``sizes: auto`` reads the base GT boxes (xyxy pixels).
+
+        Raises:
+            ValueError: ``sizes: auto`` without any base GT box to derive it from.
+        """
+        if cfg.sizes == "auto":
+            sizes = cls.sizes_from_boxes(base_boxes or [], cfg.auto_quantiles, cfg.auto_step)
+        else:
+            sizes = tuple(float(x) for x in cfg.sizes)
+        strides = tuple(max(1, round(x / 2)) if cfg.stride == "auto" else int(cfg.stride)
+                        for x in sizes)
+        return cls(sizes=sizes, strides=strides, ratios=tuple(cfg.ratios),
+                   offset=cfg.anchor_offset, min_size=cfg.min_size)
+
+    @staticmethod
+    def sizes_from_boxes(boxes: list[torch.Tensor], quantiles: tuple[float, float],
+                         step: float) -> tuple[float, ...]:
+        """A ladder s_k = lo * step^(k + 1/2), k = 0..n-1, whose bins [lo step^k, lo step^(k+1)]
+        cover [lo, hi], the quantiles of sqrt(w * h) of the boxes: every box size in that
+        range is within a factor sqrt(step) of an anchor size. Rounded to 0.1 px."""
+        wh = torch.cat([b.reshape(-1, 4) for b in boxes]) if boxes else torch.zeros(0, 4)
+        side = ((wh[:, 2] - wh[:, 0]).clamp(min=0) * (wh[:, 3] - wh[:, 1]).clamp(min=0)).sqrt()
+        side = side[side > 0]
+        if len(side) == 0:
+            raise ValueError("proposals: sizes 'auto' derives the anchor sizes from the training "
+                             "json's base GT boxes, and it has none; give sizes explicitly")
+        lo, hi = torch.quantile(side.double(), torch.tensor(quantiles, dtype=torch.float64)).tolist()
+        n = max(1, math.ceil(math.log(max(hi / lo, 1.0 + 1e-9)) / math.log(step)))
+        return tuple(round(lo * step ** (k + 0.5), 1) for k in range(n))
+
+    def anchors(self, image_hw: tuple[int, int]) -> torch.Tensor:
+        """(A, 4) float32 xyxy anchors of one image (`make_anchors` per stride, then
+        duplicates across strides removed, first occurrence kept)."""
+        parts = []
+        for stride in dict.fromkeys(self.strides):
+            sizes = tuple(x for x, s in zip(self.sizes, self.strides, strict=True) if s == stride)
+            parts.append(make_anchors(image_hw, stride=stride, sizes=sizes, ratios=self.ratios,
+                                      offset=self.offset, min_size=self.min_size))
+        return _first_unique(torch.cat(parts)) if len(parts) > 1 else parts[0]
 
 
 def objectness(logits: torch.Tensor) -> torch.Tensor:
@@ -528,9 +618,12 @@ def propose_from_candidates(clip: ClipModel, image: torch.Tensor, candidates: to
 
 
 def propose_image(clip: ClipModel, image: torch.Tensor, text: torch.Tensor, is_base: torch.Tensor,
-                  gt_boxes: torch.Tensor, cfg: ProposalConfig, image_id: int
-                  ) -> tuple[Record, dict[str, int]]:
+                  gt_boxes: torch.Tensor, cfg: ProposalConfig, image_id: int,
+                  grid: AnchorGrid | None = None) -> tuple[Record, dict[str, int]]:
     """Stage 2 for one image (dense or cheap).
+
+    ``grid`` is the dataset's anchor grid (`AnchorGrid.from_config`); None builds it from the
+    config alone (not possible for ``sizes: auto``).
 
     Returns:
         (record, stats) with stats {"anchors", "candidates", "clip_crops", "prior_forwards",
@@ -538,8 +631,7 @@ def propose_image(clip: ClipModel, image: torch.Tensor, text: torch.Tensor, is_b
         cheap prior's ViT inputs (windows, each the cost of a crop; or 1 whole image).
     """
     H, W = image.shape[-2:]
-    anchors = make_anchors((H, W), stride=cfg.stride, sizes=cfg.sizes, ratios=cfg.ratios,
-                           offset=cfg.anchor_offset, min_size=cfg.min_size)
+    anchors = (grid or AnchorGrid.from_config(cfg)).anchors((H, W))
     candidates, forwards = anchors, 0
     if cfg.mode == "cheap":
         if cfg.filter == "coco" and len(gt_boxes) and len(candidates):
@@ -598,8 +690,12 @@ def run_proposals(clip: ClipModel, json_file: str | Path, image_root: str | Path
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = TrainingImages.load(json_file, image_root, max_images=max_images)
+    grid = AnchorGrid.from_config(cfg, [b[~data.gt_crowd[i]] for i, b in data.gt.items()])
+    logger.info("proposals: anchor sizes %s px on strides %s px", list(grid.sizes),
+                list(grid.strides))
     identity = {
         "config": cfg.identity(),
+        "grid": asdict(grid),
         "clip": clip_identity(clip),
         "embed_dim": int(clip.embed_dim),
         "vocabulary": {"names": data.vocabulary, "is_base": data.is_base.tolist()},
@@ -615,7 +711,7 @@ def run_proposals(clip: ClipModel, json_file: str | Path, image_root: str | Path
     def compute(image_id: int) -> tuple[Record, dict]:
         with torch.inference_mode(), autocast(clip, cfg.precision):
             return propose_image(clip, data.read(image_id), text, data.is_base,
-                                 data.gt[image_id], cfg, image_id)
+                                 data.gt[image_id], cfg, image_id, grid)
 
     return store.run(compute, desc=f"proposals ({cfg.mode})", progress=progress)
 
@@ -716,6 +812,7 @@ def load_proposals(folder: str | Path) -> ShardReader:
 
 
 __all__ = [
+    "AnchorGrid",
     "ProposalConfig",
     "TrainingImages",
     "encode_boxes",
