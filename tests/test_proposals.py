@@ -113,6 +113,7 @@ class FakeClip:
     """Embeds a crop by a lookup of (box, enlarge): the filters can be checked by hand."""
 
     embed_dim = 3
+    logit_scale = 10.0  # the CLIP's own scale, which the stage must use (not OpenAI's 100)
 
     def __init__(self, table: dict):
         self.table = table
@@ -148,7 +149,7 @@ def test_coco_filter_drops_base_gt_overlaps_and_base_classes():
     # A: IoU 0.9 with the base box; B2: NMS-suppressed by B (IoU 0.95); C: base at 1.2x.
     assert rec["boxes"].tolist() == [list(B), list(D)]
     assert rec["classes"].tolist() == [2, 1]  # arg-max of the 1.2x re-encoding
-    probs = F.softmax(100 * F.normalize(torch.tensor([SHARP2, [0.2, 1.0, 0]]), dim=-1), dim=-1)
+    probs = F.softmax(10 * F.normalize(torch.tensor([SHARP2, [0.2, 1.0, 0]]), dim=-1), dim=-1)
     assert torch.allclose(rec["confidence"], probs.max(-1).values)
     assert rec["objectness"][0] > rec["objectness"][1]
     assert torch.allclose(rec["embeddings"].float(),
@@ -157,6 +158,33 @@ def test_coco_filter_drops_base_gt_overlaps_and_base_classes():
     assert crops == 5 + 3  # every candidate at 1.0x; B, C, D re-encoded at 1.2x
     rec1, _ = _fake_propose(ProposalConfig(keep=1))
     assert rec1["boxes"].tolist() == [list(B)]
+
+
+def test_logit_scale_is_the_clips_own_unless_configured():
+    rec, _ = _fake_propose(ProposalConfig())
+    rec100, _ = _fake_propose(ProposalConfig(logit_scale=100.0))
+    emb = F.normalize(torch.tensor([SHARP2, [0.2, 1.0, 0]]), dim=-1)
+    for r, scale in ((rec, 10.0), (rec100, 100.0)):
+        assert torch.allclose(r["confidence"], F.softmax(scale * emb, dim=-1).max(-1).values)
+    assert not torch.allclose(rec["confidence"], rec100["confidence"])
+
+
+def test_early_filter_spends_the_top_k_on_regions_that_can_survive():
+    """A part of a base object (IoU < 0.3 with its box, classified base) outranks a novel
+    region: in the paper's order it takes the top-1 and is then dropped by the base-class
+    test, leaving nothing; with early_filter the novel region is kept."""
+    P, N = (0.0, 0.0, 12.0, 12.0), (60.0, 60.0, 90.0, 90.0)
+    table = {(P, 1.0): SHARP0, (P, 1.2): SHARP0, (N, 1.0): SOFT1, (N, 1.2): SHARP1}
+    gt = torch.tensor([[0.0, 0.0, 40.0, 40.0]])  # IoU(P, gt) = 0.09
+
+    def run(cfg):
+        return propose_from_candidates(FakeClip(table), torch.zeros(3, 100, 100, dtype=torch.uint8),
+                                       torch.tensor([P, N]), torch.eye(3), IS_BASE, gt, cfg, 1)[0]
+
+    paper = run(ProposalConfig(pre_filter_topk=1))
+    early = run(ProposalConfig(pre_filter_topk=1, early_filter=True))
+    assert paper["boxes"].shape == (0, 4)
+    assert early["boxes"].tolist() == [list(N)]
 
 
 def test_lvis_mode_seeded_random_without_base_filter():

@@ -53,6 +53,15 @@ crop pipeline (steps 2-5) on those only:
 In ``coco`` filtering, anchors with IoU >= ``gt_iou`` to a base GT box are removed before the
 prior's top-K: step 5 would drop them whatever their score, so they would only waste the budget.
 
+**Early filter** *(our change of order, ``early_filter: true``)*. In the paper's order the
+top-1000 by objectness is taken before either coco test. On the synthetic world (14k anchors
+of 11-62 px per 256-px image, a CLIP trained only on object-centred captions) the most
+confident anchors are *parts of base objects*: their IoU with the whole object's box is below
+0.3, so the GT test keeps them, and their 1.2x crops are then classified as that base class and
+dropped, so nothing is left: novel recall 0.0 on 8 training images. With ``early_filter``
+both tests (IoU with base GT, arg-max class of the 1.0x crop) run on every anchor first, then
+NMS, the top-K, the 1.2x re-encoding and its base-class test as in the paper.
+
 Why this prior: it needs no training and reuses CLIP's own embedding space and vocabulary; its
 cost does not grow with the number of anchors (RoIAlign on the token grid is negligible).
 Measured on the synthetic world (20 training images, the project's tiny CLIP), the whole-image
@@ -135,6 +144,9 @@ class ProposalConfig(SectionConfig):
         keep: coco filter: proposals kept at the end (300).
         lvis_keep: lvis filter: random proposals kept (500).
         seed: lvis sampling seed (combined with the image id).
+        early_filter: coco filter: drop anchors near a base GT box or whose 1.0x crop is
+            classified base *before* NMS and the top-K (module docstring); False = the
+            paper's order.
         cheap_topk: cheap mode: anchors that get a CLIP crop.
         cheap_prior: cheap mode: "tiles" (native-size windows) or "global" (one forward of the
             whole image, positional embedding interpolated).
@@ -171,6 +183,7 @@ class ProposalConfig(SectionConfig):
     keep: int = 300
     lvis_keep: int = 500
     seed: int = 0
+    early_filter: bool = False
     cheap_topk: int = 100
     cheap_prior: str = "tiles"
     cheap_score: str = "auto"
@@ -586,7 +599,15 @@ def propose_from_candidates(clip: ClipModel, image: torch.Tensor, candidates: to
     scale = cfg.logit_scale or clip.logit_scale
     emb = encode_boxes(clip, image, candidates, enlarge=1.0, batch_size=cfg.batch_size)
     crops = len(candidates)
-    s = objectness(scale * emb @ text.T) if len(emb) else torch.zeros(0)
+    logits = scale * emb @ text.T
+    s = objectness(logits) if len(emb) else torch.zeros(0)
+    if cfg.filter == "coco" and cfg.early_filter and len(candidates):
+        # Both coco tests before the ranking, so the top-K is spent on regions that can
+        # survive them (module docstring, "early filter").
+        keep = ~is_base[logits.argmax(1)]
+        if len(gt_boxes):
+            keep &= box_iou(candidates, gt_boxes).max(dim=1).values < cfg.gt_iou
+        candidates, s = candidates[keep], s[keep]
     order = nms(candidates.float(), s, cfg.nms_iou)[:cfg.pre_filter_topk]  # sorted by s, desc
     boxes, s = candidates[order], s[order]
     if cfg.filter == "coco":
