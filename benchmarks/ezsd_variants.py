@@ -135,18 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             done=(out / "timing.json").is_file())
         target_dirs[(clip_key, kind)] = out
 
+    previous = results_dir / "ezsd_variants_v1.json"
+    before = {r["key"]: r for r in json.loads(previous.read_text())["rows"]} if previous.is_file() else {}
     rows = []
-    for v in wanted:
-        logger.info("variant %s: %s", v.key, v.label)
-        out = root / "detectors" / v.key
-        seconds, cached = Timed(out)(lambda v=v, out=out: train_and_eval(
-            v, cfg, clips[v.clip], target_dirs.get((v.clip, v.targets)), out, args.iters),
-            done=(out / "eval" / "metrics.json").is_file())
-        metrics = json.loads((out / "eval" / "metrics.json").read_text())
-        rows.append({"key": v.key, "label": v.label, "seconds": round(seconds, 1), "cached": cached,
-                     **{g: {k: round(metrics[g][k], 1) for k in ("AP50", "AP", "APs")}
-                        for g in ("novel", "base", "all")}})
-
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": host_line(),
@@ -157,11 +148,23 @@ def main(argv: list[str] | None = None) -> int:
                           for k, a in accuracy.items()},
         "stages": {k: {"seconds": round(s, 1), "cached": c} for k, (s, c) in stage_seconds.items()},
         "rows": rows,
-        "total_seconds_this_run": round(time.time() - t_start, 1),
+        "before": before,
     }
-    (results_dir / "ezsd_variants.json").write_text(json.dumps(report, indent=2))
+    for v in wanted:
+        logger.info("variant %s: %s", v.key, v.label)
+        out = root / "detectors" / v.key
+        seconds, cached = Timed(out)(lambda v=v, out=out: train_and_eval(
+            v, cfg, clips[v.clip], target_dirs.get((v.clip, v.targets)), out, args.iters),
+            done=(out / "eval" / "metrics.json").is_file())
+        metrics = json.loads((out / "eval" / "metrics.json").read_text())
+        rows.append({"key": v.key, "label": v.label, "seconds": round(seconds, 1), "cached": cached,
+                     **{g: {k: round(metrics[g][k], 1) for k in ("AP50", "AP", "APs")}
+                        for g in ("novel", "base", "all")}})
+        # Written after every row, so an interrupted run leaves its finished rows behind.
+        report["total_seconds_this_run"] = round(time.time() - t_start, 1)
+        (results_dir / "ezsd_variants.json").write_text(json.dumps(report, indent=2))
+        write_markdown(results_dir / "ezsd_variants.md", format_report(report))
     text = format_report(report)
-    write_markdown(results_dir / "ezsd_variants.md", text)
     print(text)
     bar_chart(rows, results_dir / "ezsd_variants_ap50.png")
     detections_figure([v for v in wanted], root, front.world_dir, clips,
@@ -220,13 +223,20 @@ def format_report(r: dict) -> str:
     lines += ["", "## Stages computed for the table", "", "| stage | wall time |", "|---|---|"]
     for k, s in r["stages"].items():
         lines.append(f"| {k} | {s['seconds'] / 60:.1f} min{' (cached)' if s['cached'] else ''} |")
-    lines += ["", "## Detectors (AP in %)", "",
+    lines += ["", "## Detectors (AP in %; in brackets the same row before the EZSD fixes, "
+              "`ezsd_variants_v1.json`)", "",
               "| variant | AP50 novel | AP50 base | AP50 all | AP novel | AP all | APs all | train+eval |",
               "|---|---|---|---|---|---|---|---|"]
+    before = r.get("before", {})
     for row in r["rows"]:
-        lines.append(f"| {row['label']} | {row['novel']['AP50']} | {row['base']['AP50']} | "
-                     f"{row['all']['AP50']} | {row['novel']['AP']} | {row['all']['AP']} | "
-                     f"{row['all']['APs']} | {row['seconds'] / 60:.1f} min"
+        old = before.get(row["key"])
+
+        def cell(g: str, k: str, row=row, old=old) -> str:
+            return f"{row[g][k]}" + (f" ({old[g][k]})" if old else "")
+
+        lines.append(f"| {row['label']} | {cell('novel', 'AP50')} | {cell('base', 'AP50')} | "
+                     f"{cell('all', 'AP50')} | {cell('novel', 'AP')} | {cell('all', 'AP')} | "
+                     f"{cell('all', 'APs')} | {row['seconds'] / 60:.1f} min"
                      f"{' (cached)' if row['cached'] else ''} |")
     lines += ["", f"This run took {r['total_seconds_this_run'] / 60:.1f} min (cached parts excluded)."]
     return "\n".join(lines) + "\n"

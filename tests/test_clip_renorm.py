@@ -290,6 +290,46 @@ def test_base_gt_crops(parent, train_data):
     assert torch.equal(data.image_wh, torch.tensor([[96.0, 96.0]]).expand(len(data), 2))
 
 
+def _sideways_photo(folder: Path) -> tuple[Path, torch.Tensor]:
+    """A JPEG stored 60 wide x 30 high with EXIF orientation 6 (shown rotated 90 degrees
+    clockwise: upright it is 30 wide x 60 high), its json, and the upright pixels."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    stored = (rng.random((30, 60, 3)) * 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(folder / "phone.jpg", exif=exif, quality=100)
+    upright = np.array(Image.open(folder / "phone.jpg").transpose(Image.Transpose.ROTATE_270))
+    coco = {"images": [{"id": 1, "file_name": "phone.jpg", "width": 30, "height": 60}],
+            "categories": [{"id": 1, "name": "thing", "split": "base"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 30, 20, 25]}]}
+    (folder / "phone.json").write_text(json.dumps(coco))
+    return folder / "phone.json", torch.from_numpy(upright).permute(2, 0, 1)
+
+
+def test_gt_crops_are_cut_from_the_upright_photo(parent, tmp_path):
+    """Stage 1 reads images as Detectron2 does (EXIF orientation applied), so the same box
+    crops the same pixels in every stage; a plain PIL read would crop the sideways image."""
+    from training.clip_eval import detection_gt_crops
+
+    json_file, upright = _sideways_photo(tmp_path)
+    clip = load_clip(str(parent))
+    expected = clip.crop_boxes(upright, torch.tensor([[2.0, 30.0, 22.0, 55.0]]), enlarge=1.2)
+    assert torch.allclose(base_gt_crops(clip, json_file, tmp_path).crops, expected)
+    assert torch.allclose(detection_gt_crops(clip, json_file, tmp_path)[0], expected)
+
+
+def test_json_size_that_disagrees_with_the_image_is_refused(parent, tmp_path):
+    json_file, _ = _sideways_photo(tmp_path)
+    coco = json.loads(json_file.read_text())
+    coco["images"][0].update(width=60, height=30)  # the stored, not the upright, size
+    json_file.write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match="differs from the json's 60x30"):
+        base_gt_crops(load_clip(str(parent)), json_file, tmp_path)
+
+
 def test_json_without_base_annotations_is_refused(parent, train_data, tmp_path):
     coco = json.loads(train_data[0].read_text())
     all_novel = {**coco, "categories": [{**c, "split": "novel"} for c in coco["categories"]]}
