@@ -399,3 +399,6 @@ def test_cli_runs_and_writes_before_after_tables(world, parent, tmp_path, capsys
         assert report["parent"][row]["n"] == report["renorm"][row]["n"] > 0
     printed = capsys.readouterr().out
     assert "before: parent" in printed and "after: re-normalised" in printed
+    gate = json.loads((out / "gates.json").read_text())  # the paired test on val's GT crops
+    assert gate["novel"]["n"] + gate["base"]["n"] == report["renorm"]["detection_gt_crops"]["n"]
+    assert 0 <= gate["novel"]["mcnemar_p"] <= 1 and "McNemar" in printed

@@ -271,6 +271,20 @@ def test_cheap_run_spends_at_most_topk_crops(clip, train, tmp_path):
     assert reader.complete() and reader.manifest["cost"]["per_image"]["prior_forwards"] == 1
 
 
+def test_auto_grid_follows_the_training_boxes_and_is_in_the_manifest(clip, train, tmp_path):
+    from training.proposals import AnchorGrid, TrainingImages
+
+    cfg = ProposalConfig(mode="cheap", cheap_topk=5, stride="auto", sizes="auto", shard_size=1)
+    reader = run_proposals(clip, *train, tmp_path, cfg, max_images=1)
+    data = TrainingImages.load(*train, max_images=1)  # the images the stage ran on
+    sizes = AnchorGrid.sizes_from_boxes([b for b in data.gt.values()], cfg.auto_quantiles,
+                                        cfg.auto_step)
+    grid = reader.manifest["grid"]
+    assert grid["sizes"] == list(sizes) and len(sizes) >= 2
+    assert grid["strides"] == [max(1, round(x / 2)) for x in sizes]
+    assert reader.manifest["config"]["sizes"] == "auto"
+
+
 def test_resume_after_interrupt_skips_finished_shards(clip, train, dense_run, tmp_path):
     calls = []
 

@@ -131,7 +131,8 @@ class ProposalConfig(SectionConfig):
             of step round(size / 2).
         sizes: anchor sides sqrt(w*h) in pixels, or "auto": a ladder of factor ``auto_step``
             whose sizes are the centres (in log scale) of bins covering the ``auto_quantiles``
-            of the training json's base GT box sizes sqrt(w*h) (see `AnchorGrid.from_boxes`).
+            of the base GT box sizes sqrt(w*h) of the images the stage runs on (see
+            `AnchorGrid.sizes_from_boxes`).
         ratios: anchor aspect ratios h/w.
         anchor_offset: anchor centres at (i + offset) * stride; 0.5 = cell centres *(our
             choice; mmdetection's default is 0, grid corners)*.

@@ -116,7 +116,8 @@ def image_targets(gt_boxes: torch.Tensor, gt_embeddings: torch.Tensor,
     boxes, embs = [gt_boxes.float().reshape(-1, 4)], [gt_embeddings.half()]
     weights = [torch.ones(len(gt_boxes))]
     if proposals is not None and max_proposals > 0 and len(proposals["boxes"]):
-        # Stable sort: equal objectness (it saturates at log C) keeps stage 2's order.
+        # Stable sort: ties (objectness saturates at log C under a too-sharp softmax) keep
+        # stage 2's order.
         order = torch.argsort(proposals["objectness"].float(), descending=True, stable=True)
         order = order[:max_proposals]
         boxes.append(proposals["boxes"][order].float())
