@@ -168,3 +168,21 @@ def test_detector_gate_reads_both_checkpoint_versions(tmp_path):
             {"background_norm": 5.0, "temperature": 20.0})
     with pytest.raises(ValueError, match="no text classifier"):
         detector_gate({"x": torch.zeros(1)})
+
+
+def test_renorm_gate_pairs_the_same_crops(held):
+    from models.clip.model import load_clip
+    from training.gates import renorm_gate
+
+    torch.manual_seed(0)
+    before = load_clip("ovd-vit-tiny-64")
+    torch.manual_seed(1)
+    after = load_clip("ovd-vit-tiny-64")
+    g = renorm_gate(before, after, held)
+    assert g["base"]["n"] == 1 and g["novel"]["n"] == 2  # the crowd box is no crop
+    for grp in ("base", "novel"):
+        r = g[grp]
+        assert r["diff"] == pytest.approx(r["acc_after"] - r["acc_before"])
+        assert len(r["diff_ci95_images"]) == 2
+    same = renorm_gate(before, before, held)
+    assert same["novel"]["diff"] == 0 and same["novel"]["mcnemar_p"] == 1.0

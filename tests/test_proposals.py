@@ -272,16 +272,24 @@ def test_cheap_run_spends_at_most_topk_crops(clip, train, tmp_path):
 
 
 def test_auto_grid_follows_the_training_boxes_and_is_in_the_manifest(clip, train, tmp_path):
-    from training.proposals import AnchorGrid, TrainingImages
+    import json
+
+    import numpy as np
 
     cfg = ProposalConfig(mode="cheap", cheap_topk=5, stride="auto", sizes="auto", shard_size=1)
     reader = run_proposals(clip, *train, tmp_path, cfg, max_images=1)
-    data = TrainingImages.load(*train, max_images=1)  # the images the stage ran on
-    sizes = AnchorGrid.sizes_from_boxes([b for b in data.gt.values()], cfg.auto_quantiles,
-                                        cfg.auto_step)
+    # Expected by hand: the first image's non-crowd base boxes, their 2% and 98% size quantiles,
+    # then sizes lo * sqrt(2)^(k + 1/2) until the bins cover hi.
+    coco = json.loads(train[0].read_text())
+    first = min(im["id"] for im in coco["images"])
+    base = {c["id"] for c in coco["categories"] if c.get("split", "base") == "base"}
+    sides = [math.sqrt(a["bbox"][2] * a["bbox"][3]) for a in coco["annotations"]
+             if a["image_id"] == first and a["category_id"] in base and not a.get("iscrowd")]
+    lo, hi = np.quantile(sides, [0.02, 0.98])
+    n = math.ceil(math.log(hi / lo) / math.log(math.sqrt(2)))
     grid = reader.manifest["grid"]
-    assert grid["sizes"] == list(sizes) and len(sizes) >= 2
-    assert grid["strides"] == [max(1, round(x / 2)) for x in sizes]
+    assert grid["sizes"] == pytest.approx([lo * 2 ** ((k + 0.5) / 2) for k in range(n)], abs=0.051)
+    assert grid["strides"] == [max(1, round(x / 2)) for x in grid["sizes"]]
     assert reader.manifest["config"]["sizes"] == "auto"
 
 

@@ -357,8 +357,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- gates
 
-def _gates(cfg: dict, args: argparse.Namespace) -> dict:
-    """The gates of the run under the output root (flags override each input's default)."""
+def _gates(cfg: dict, args: argparse.Namespace, *, detector: bool = True) -> dict:
+    """The gates of the run under the output root (flags override each input's default);
+    ``detector=False`` leaves the detector gate out."""
     from .gates import HeldOut, stage_gates
     from .proposals import ProposalConfig
 
@@ -377,7 +378,8 @@ def _gates(cfg: dict, args: argparse.Namespace) -> dict:
         clip=getattr(args, "clip", None) or root / "clip" / "renorm",
         proposals=getattr(args, "proposals", None) or root / "proposals",
         targets=getattr(args, "targets", None) or root / "targets",
-        detector=getattr(args, "detector", None) or root / "detector" / "model_final.pth",
+        detector=(getattr(args, "detector", None) or root / "detector" / "model_final.pth")
+        if detector else None,
         template=ProposalConfig.from_config(cfg).template)
 
 
@@ -462,7 +464,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     run_targets(renormed, train_json, train_root, root / "proposals", root / "targets",
                 TargetsConfig.from_config(cfg), overwrite=True, progress=_progress)
 
-    logger.info("gates before training:\n%s", format_gates(_gates(cfg, args)))
+    # The detector gate waits for this run's detector (a previous run's may still be there).
+    logger.info("gates before training:\n%s", format_gates(_gates(cfg, args, detector=False)))
 
     stage(6, f"detector training -> {root / 'detector'}")
     train_args = argparse.Namespace(

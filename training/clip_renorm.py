@@ -396,6 +396,8 @@ def renorm_clip(clip_dir_or_name: str | Path, json_file: str | Path, image_root:
                 "data": data_id, "epoch_losses": epoch_losses, "epoch_sum": epoch_sum,
                 "epoch_steps": epoch_steps})
     seconds = elapsed + time.time() - t0
+    if epoch_steps:  # a budget that ends inside an epoch: report its partial epoch too
+        epoch_losses.append(epoch_sum / epoch_steps)
 
     model.requires_grad_(True)
     clip.model = model.eval()

@@ -73,6 +73,8 @@ def group_ap(gt_json: str | Path, detections: list[dict], groups: dict[str, list
     if dt is None:
         return {g: {"AP50": 0.0, "AP": 0.0, "APs": 0.0, "categories": len(ids)} for g, ids in groups.items()}
     ev = COCOeval(gt, dt, "bbox")
+    # COCOeval's default keeps 100 per image; the generalized evaluation keeps up to 300.
+    ev.params.maxDets = [1, 10, EVAL_MAX_DETECTIONS]
     ev.evaluate()
     ev.accumulate()
     precision = ev.eval["precision"]  # (T iou, R recall, K cat, A area, M maxdets)

@@ -171,10 +171,11 @@ def crop_correctness(clip: ClipModel, held: HeldOut, *, template: str = DEFAULT_
     """Zero-shot correctness of a CLIP on every GT crop (1.2x) over all category names.
 
     Returns:
-        (correct (N,) bool, is_novel (N,) bool), crops in image-id then annotation order.
+        (correct (N,) bool, is_novel (N,) bool, image_id (N,) int64), crops in image-id then
+        annotation order.
     """
     text = clip.text_embeddings(held.names, template)
-    correct, novel = [], []
+    correct, novel, owner = [], [], []
     for image_id in sorted(held.images)[:max_images]:
         boxes = held.boxes[image_id]
         if not len(boxes):
@@ -185,9 +186,10 @@ def crop_correctness(clip: ClipModel, held: HeldOut, *, template: str = DEFAULT_
         labels = held.labels[image_id]
         correct.append(((emb @ text.T.to(emb.device)).argmax(1).cpu() == labels).numpy())
         novel.append(held.is_novel[labels].numpy())
+        owner.append(np.full(len(labels), image_id, dtype=np.int64))
     if not correct:
         raise ValueError(f"{held.json_file} has no annotation to crop")
-    return np.concatenate(correct), np.concatenate(novel)
+    return np.concatenate(correct), np.concatenate(novel), np.concatenate(owner)
 
 
 def renorm_gate(before: ClipModel, after: ClipModel, held: HeldOut, *,
@@ -196,13 +198,19 @@ def renorm_gate(before: ClipModel, after: ClipModel, held: HeldOut, *,
 
     Returns:
         {"base": paired_accuracy, "novel": paired_accuracy, "dataset", "template",
-        "novel_acc_before", "novel_acc_after", "base_acc_before", "base_acc_after"}.
+        "novel_acc_before", "novel_acc_after", "base_acc_before", "base_acc_after"}; each group
+        also has "diff_ci95_images", a bootstrap over images of the difference (crops of one
+        image are not independent, so this interval is the one to trust when it is wider).
     """
-    ok_b, novel = crop_correctness(before, held, template=template, max_images=max_images)
-    ok_a, _ = crop_correctness(after, held, template=template, max_images=max_images)
-    out = {"dataset": str(held.json_file), "template": template,
-           "base": paired_accuracy(ok_b[~novel], ok_a[~novel]),
-           "novel": paired_accuracy(ok_b[novel], ok_a[novel])}
+    ok_b, novel, owner = crop_correctness(before, held, template=template, max_images=max_images)
+    ok_a, _, _ = crop_correctness(after, held, template=template, max_images=max_images)
+    out = {"dataset": str(held.json_file), "template": template}
+    for group, mask in (("base", ~novel), ("novel", novel)):
+        out[group] = paired_accuracy(ok_b[mask], ok_a[mask])
+        ids, where = np.unique(owner[mask], return_inverse=True)
+        change = np.bincount(where, ok_a[mask].astype(float) - ok_b[mask], minlength=len(ids))
+        out[group]["diff_ci95_images"] = bootstrap_ratio_ci(change, np.bincount(where,
+                                                                                minlength=len(ids)))
     for g in ("base", "novel"):
         out[f"{g}_acc_before"], out[f"{g}_acc_after"] = out[g]["acc_before"], out[g]["acc_after"]
     return out
@@ -378,8 +386,8 @@ def stage_gates(*, heldout: HeldOut | None = None, eval_set: HeldOut | None = No
                 parent_clip: str | Path | None = None, clip: str | Path | None = None,
                 proposals: str | Path | None = None, targets: str | Path | None = None,
                 detector: str | Path | None = None, template: str = DEFAULT_TEMPLATE) -> dict:
-    """Every gate whose inputs are given and present; each is also written to
-    ``gates.json`` in its stage's folder.
+    """Every gate whose inputs are given and present; the renorm, proposals and targets gates
+    are also written to ``gates.json`` in their stage's folder.
 
     Args:
         heldout: all annotations of the training images (proposals, targets).
@@ -422,7 +430,8 @@ def stage_gates(*, heldout: HeldOut | None = None, eval_set: HeldOut | None = No
         else:
             missing(key, f"needs a {key} folder and a held-out json of the training images")
     if detector and Path(detector).is_file():
-        save("detector", Path(detector).parent, detector_gate(detector))
+        # Not written beside the weights: they may be an export (or a previous run's).
+        out["detector"] = detector_gate(detector)
     else:
         missing("detector", "needs a trained detector's weights")
     return out

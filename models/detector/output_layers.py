@@ -63,20 +63,24 @@ class TextEmbeddingClassifier(nn.Module):
             0 disables the floor.
     """
 
-    #: Checkpoints of version 1 stored ``background`` (D,) = tau_0 * w_bg with tau_0 = 100.
+    #: Checkpoints of version 1 stored ``background`` (D,) = tau_0 * w_bg, tau_0 the initial
+    #: temperature.
     _version = 2
 
     def __init__(self, embed_dim: int, init_temperature: float = 100.0, min_temperature: float = 0.0):
         super().__init__()
         self.background = nn.Linear(embed_dim, 1, bias=False)
+        self._v1_scale = 1.0 / init_temperature
         self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
         self.min_log_temperature = math.log(min_temperature) if min_temperature > 0 else -math.inf
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
         old = prefix + "background"
         if local_metadata.get("version", 1) < 2 and old in state_dict:
-            # Version 1 (shipped exports up to 2026-12-01): w_bg = background / 100.
-            state_dict[prefix + "background.weight"] = (state_dict.pop(old) / 100.0).view(1, -1)
+            # Version 1 (shipped exports up to 2026-12-01): w_bg = background / tau_0, computed
+            # as that version did (float32 times 1 / tau_0), so old exports give the same logits.
+            w = state_dict.pop(old).to(torch.float32) * self._v1_scale
+            state_dict[prefix + "background.weight"] = w.view(1, -1)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     @property
