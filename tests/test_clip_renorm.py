@@ -166,7 +166,8 @@ def test_min_steps_sets_the_update_budget(parent, train_data, tmp_path):
     clip = renorm_clip(parent, *train_data, tmp_path / "budget", cfg)
     training = clip.manifest["training"]
     assert training["steps"] == per_epoch + 3
-    assert len(training["epoch_losses"]) == 2  # the last one over its 3 steps only
+    # One loss per epoch begun, the last over its 3 steps only.
+    assert len(training["epoch_losses"]) == math.ceil((per_epoch + 3) / per_epoch) > 1
 
 
 def test_flips_change_the_crops_the_model_sees(parent, train_data, full_run, tmp_path):

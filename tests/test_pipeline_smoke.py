@@ -34,6 +34,14 @@ def test_pipeline_runs_and_resumes(tmp_path, caplog, capsys):
     metrics = json.loads((root / "detector/eval_synth_val/metrics.json").read_text())
     assert set(metrics) >= {"novel", "base", "all"}
     assert load_export(root / "export").model is not None
+    # The gates of every stage, measured on the world's held-out annotations.
+    gates = json.loads((root / "gates.json").read_text())
+    assert set(gates) >= {"renorm", "proposals", "targets", "detector"} and not gates["skipped"]
+    assert 0 <= gates["proposals"]["novel_recall50"] <= 1
+    assert 0 < gates["proposals"]["grid_coverage50"]["all"] <= 1
+    assert gates["detector"]["background_norm"] > 0
+    for stage in ("clip/renorm", "proposals", "targets"):
+        assert (root / stage / "gates.json").is_file(), stage
 
     caplog.clear()
     assert main(["pipeline", "--config", "configs/smoke.yaml", "--root", str(root)]) == 0

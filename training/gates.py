@@ -300,7 +300,7 @@ def proposals_gate(reader, held: HeldOut, *, iou: float = 0.5) -> dict:
     """`proposal_quality` of a stage-2 folder, with its images/s and its grid's coverage."""
     from .proposals import AnchorGrid
 
-    boxes = {i: reader[i]["boxes"] for i in reader.image_ids}
+    boxes = {i: reader[i]["boxes"] for i in reader.image_ids()}
     out = proposal_quality(boxes, held, iou=iou)
     manifest = reader.manifest
     cost = manifest.get("cost") or {}
@@ -309,7 +309,7 @@ def proposals_gate(reader, held: HeldOut, *, iou: float = 0.5) -> dict:
     out.update(mode=manifest["config"]["mode"], images_per_s=cost.get("images_per_second"),
                grid=manifest["grid"],
                grid_coverage50=grid_coverage(grid, held, iou=iou,
-                                             image_ids=[i for i in reader.image_ids
+                                             image_ids=[i for i in reader.image_ids()
                                                         if i in held.images]))
     return out
 
@@ -325,7 +325,7 @@ def targets_gate(reader, held: HeldOut, *, iou: float = 0.5) -> dict:
     """
     sums = {"on_novel": [], "elsewhere": []}
     counts = {"on_novel": [], "elsewhere": []}
-    for image_id in reader.image_ids:
+    for image_id in reader.image_ids():
         rec = reader[image_id]
         prop = ~rec["is_gt"]
         boxes, w = rec["boxes"][prop], rec["weights"][prop].double()
