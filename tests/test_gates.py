@@ -186,3 +186,26 @@ def test_renorm_gate_pairs_the_same_crops(held):
         assert len(r["diff_ci95_images"]) == 2
     same = renorm_gate(before, before, held)
     assert same["novel"]["diff"] == 0 and same["novel"]["mcnemar_p"] == 1.0
+
+
+def test_ovd_gates_on_a_users_coco_json_measures_what_it_can(held, tmp_path, capsys):
+    """`ovd gates` on any COCO dataset: the renorm gate from two CLIP folders and an eval json;
+    the stages that were not run are reported as skipped, with what they need."""
+    from models.clip.model import architecture_config, load_clip, save_clip
+    from training.cli import main
+
+    for seed, name in ((0, "before"), (1, "after")):
+        torch.manual_seed(seed)
+        save_clip(load_clip("ovd-vit-tiny-64"), tmp_path / name,
+                  model_cfg=architecture_config("ovd-vit-tiny-64"), record={"stage": "test"})
+    out = tmp_path / "g.json"
+    assert main(["gates", "--root", str(tmp_path / "run"), "--parent-clip", str(tmp_path / "before"),
+                 "--clip", str(tmp_path / "after"), "--eval-json", str(held.json_file),
+                 "--eval-images", str(held.image_root), "--heldout-json", str(held.json_file),
+                 "--heldout-images", str(held.image_root), "--out", str(out)]) == 0
+    gates = json.loads(out.read_text())
+    assert gates["renorm"]["novel"]["n"] == 2
+    assert set(gates["skipped"]) == {"proposals", "targets", "detector"}
+    assert (tmp_path / "after" / "gates.json").is_file()
+    printed = capsys.readouterr().out
+    assert "renorm    novel" in printed and "proposals skipped" in printed
