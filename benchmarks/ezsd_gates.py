@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.gates import (
         HeldOut,
         detector_gate,
+        format_gates,
         grid_coverage,
         proposal_quality,
         renorm_gate,
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     report["renorm"]["steps"] = clip.manifest["training"]["steps"]
 
     data = TrainingImages.load(train_json, image_root)
-    grid = AnchorGrid.from_config(pcfg, [b[~data.gt_crowd[i]] for i, b in data.gt.items()])
+    grid = AnchorGrid.from_config(pcfg, data.non_crowd_gt())
     paper = AnchorGrid.from_config(ProposalConfig())
     logger.info("grid coverage (%s anchors)", grid.sizes)
     proposals: dict = {
@@ -142,8 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / "ezsd_gates.json").write_text(json.dumps(report, indent=2))
-    from training.cli import format_gates
-
     print(format_gates({**report, "proposals": {**proposals["dense"],
                                                 "grid_coverage50": proposals["grid_coverage50"],
                                                 "mode": "dense"}}))

@@ -384,6 +384,8 @@ def _gates(cfg: dict, args: argparse.Namespace, *, detector: bool = True) -> dic
 
 
 def cmd_gates(args: argparse.Namespace) -> int:
+    from .gates import format_gates
+
     cfg = load_config(args.config)
     gates = _gates(cfg, args)
     out = Path(args.out) if args.out else output_root(cfg, args) / "gates.json"
@@ -394,34 +396,6 @@ def cmd_gates(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_gates(g: dict) -> str:
-    """A short human-readable summary of `training.gates.stage_gates`' result."""
-    lines = []
-    if "renorm" in g:
-        for grp in ("base", "novel"):
-            r = g["renorm"][grp]
-            lines.append(f"renorm    {grp:<6} crop accuracy {r['acc_before']:.1%} -> {r['acc_after']:.1%}"
-                         f"  (diff {r['diff']:+.1%}, 95% CI [{r['diff_ci95'][0]:+.1%}, "
-                         f"{r['diff_ci95'][1]:+.1%}], McNemar p={r['mcnemar_p']:.2g}, n={r['n']})")
-    if "proposals" in g:
-        p = g["proposals"]
-        lo, hi = p["novel_recall50_ci95"]
-        lines.append(f"proposals {p['mode']}: novel recall@0.5 {p['novel_recall50']:.1%} "
-                     f"[{lo:.1%}, {hi:.1%}], precision {p['precision50']:.1%}, "
-                     f"{p['proposals_per_image']:.0f}/image, {p['images_per_s'] or 0:.2f} images/s; "
-                     f"grid coverage@0.5 {p['grid_coverage50']['all']:.1%}")
-    if "targets" in g:
-        t = g["targets"]
-        lines.append(f"targets   mean weight on novel objects {t['on_novel']['mean_weight']:.3f} "
-                     f"vs elsewhere {t['elsewhere']['mean_weight']:.3f}")
-    if "detector" in g:
-        d = g["detector"]
-        lines.append(f"detector  |w_bg| {d['background_norm']:.3f}, tau {d['temperature']:.1f}")
-    for key, why in g.get("skipped", {}).items():
-        lines.append(f"{key:<9} skipped: {why}")
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------- the whole chain
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -429,6 +403,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     finished stage whose inputs did not change is reused, an interrupted one resumes."""
     from .clip_renorm import RenormConfig
     from .data.preview import write_preview
+    from .gates import format_gates
     from .pipeline import Front
     from .proposals import ProposalConfig, run_proposals
     from .targets import TargetsConfig, run_targets

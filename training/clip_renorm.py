@@ -470,8 +470,7 @@ def cmd_clip_renorm(args: argparse.Namespace) -> int:
     out.write_text(json.dumps({"parent": {"clip": str(parent), **before},
                                "renorm": {"clip": str(out_dir), **after}}, indent=2))
     logger.info("accuracy tables written to %s", out)
-    from .cli import format_gates
-    from .gates import HeldOut, renorm_gate
+    from .gates import HeldOut, format_gates, renorm_gate
 
     val = world_dir / "detection" / "annotations" / "val.json"
     gate = renorm_gate(load_clip(parent, args.pretrained), clip,

@@ -437,11 +437,40 @@ def stage_gates(*, heldout: HeldOut | None = None, eval_set: HeldOut | None = No
     return out
 
 
+def format_gates(g: dict) -> str:
+    """A short human-readable summary of `training.gates.stage_gates`' result."""
+    lines = []
+    if "renorm" in g:
+        for grp in ("base", "novel"):
+            r = g["renorm"][grp]
+            lines.append(f"renorm    {grp:<6} crop accuracy {r['acc_before']:.1%} -> {r['acc_after']:.1%}"
+                         f"  (diff {r['diff']:+.1%}, 95% CI [{r['diff_ci95'][0]:+.1%}, "
+                         f"{r['diff_ci95'][1]:+.1%}], McNemar p={r['mcnemar_p']:.2g}, n={r['n']})")
+    if "proposals" in g:
+        p = g["proposals"]
+        lo, hi = p["novel_recall50_ci95"]
+        lines.append(f"proposals {p['mode']}: novel recall@0.5 {p['novel_recall50']:.1%} "
+                     f"[{lo:.1%}, {hi:.1%}], precision {p['precision50']:.1%}, "
+                     f"{p['proposals_per_image']:.0f}/image, {p['images_per_s'] or 0:.2f} images/s; "
+                     f"grid coverage@0.5 {p['grid_coverage50']['all']:.1%}")
+    if "targets" in g:
+        t = g["targets"]
+        lines.append(f"targets   mean weight on novel objects {t['on_novel']['mean_weight']:.3f} "
+                     f"vs elsewhere {t['elsewhere']['mean_weight']:.3f}")
+    if "detector" in g:
+        d = g["detector"]
+        lines.append(f"detector  |w_bg| {d['background_norm']:.3f}, tau {d['temperature']:.1f}")
+    for key, why in g.get("skipped", {}).items():
+        lines.append(f"{key:<9} skipped: {why}")
+    return "\n".join(lines)
+
+
 __all__ = [
     "HeldOut",
     "bootstrap_ratio_ci",
     "crop_correctness",
     "detector_gate",
+    "format_gates",
     "grid_coverage",
     "mcnemar_exact_p",
     "paired_accuracy",

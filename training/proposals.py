@@ -301,6 +301,10 @@ class TrainingImages:
         return read_dataset_image(self.image_root, self._by_id()[image_id],
                                   json_file=self.json_file)
 
+    def non_crowd_gt(self) -> list[torch.Tensor]:
+        """Per image, the (G, 4) base GT boxes without crowd boxes (what ``sizes: auto`` reads)."""
+        return [b[~self.gt_crowd[i]] for i, b in self.gt.items()]
+
     def _by_id(self) -> dict[int, dict]:
         if not self._index:
             self._index = {int(im["id"]): im for im in self.images}
@@ -712,7 +716,7 @@ def run_proposals(clip: ClipModel, json_file: str | Path, image_root: str | Path
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = TrainingImages.load(json_file, image_root, max_images=max_images)
-    grid = AnchorGrid.from_config(cfg, [b[~data.gt_crowd[i]] for i, b in data.gt.items()])
+    grid = AnchorGrid.from_config(cfg, data.non_crowd_gt())
     logger.info("proposals: anchor sizes %s px on strides %s px", list(grid.sizes),
                 list(grid.strides))
     identity = {
