@@ -1,29 +1,36 @@
 #!/usr/bin/env python
-"""EZSD ablation on the synthetic world: which part of the method buys novel-class AP?
+"""EZSD ablation on world v2 under the protocol (training/protocol.py): which part of the
+method buys novel-class AP, per novel tier, with paired seeds and 95% intervals?
 
-    .venv/bin/python benchmarks/ezsd_variants.py            # the committed table
-    .venv/bin/python benchmarks/ezsd_variants.py --iters 60 --train-images 24 --root /tmp/b  # quick
+    .venv/bin/python benchmarks/ezsd_variants.py                      # select on val, report on test
+    .venv/bin/python benchmarks/ezsd_variants.py --max-cells 4 --commit  # a session's share
+    .venv/bin/python benchmarks/ezsd_variants.py --summary-only       # tables from finished cells
 
-Rows (same seed, schedule, training images and validation set; only the named part changes):
+Rows (same training images, schedule and seeds; only the named part changes):
 
-    base-only            base boxes, no distillation (text classifier from raw CLIP)
-    + GT distil (raw)    + L1 distillation of raw-CLIP embeddings of base GT boxes (ViLD-like)
-    + renorm CLIP        the same with the re-normalised CLIP (EZSD stage 1)
-    + proposals (dense)  + CLIP proposals on novel-looking regions (EZSD stages 2-3, the paper)
-    + semantic reg.      + the semantic regressor (full EZSD)
-    cheap proposals      full EZSD with our cheap proposal mode instead of the dense one
-    oracle               novel boxes too, no distillation: what boxes would give
-    lambda 0.1           full EZSD with a 10x smaller distillation weight (a diagnostic row)
+    base_only      base boxes, no distillation (text classifier from raw CLIP)
+    gt_raw         + L1 distillation of raw-CLIP embeddings of base GT boxes (ViLD-like)
+    gt_renorm      the same with the re-normalised CLIP (EZSD stage 1)
+    dense          + CLIP proposals on novel-looking regions, dense (EZSD stages 2-3)
+    dense_semreg   + the semantic regressor (full EZSD)
+    cheap_semreg   full EZSD with the cheap proposal mode instead of the dense one
+    oracle         novel boxes too, no distillation: what boxes would give
 
-Shared stages come from the pipeline root (`ovd pipeline` writes them; computed here when
-absent): the world, the pretrained CLIP and the re-normalised CLIP. Everything this script
-computes goes under --root and is reused on a rerun (per-stage wall times are stored when
-measured and reported with "(cached)" when reused). The detectors train on the first
---train-images base-annotated images so that the dense proposal stage (~1200 CLIP crops per
-image) fits the time budget; every row uses the same images.
+Phase 1 (`select`, val split): lambda over {0.03, 0.1, 0.3, 1} for the ViLD-like row (gt_raw,
+its lambda also serves gt_renorm) and the full-EZSD row (dense_semreg, its lambda serves
+dense and cheap_semreg), 2 seeds each, by mean novel AP50. Phase 2 (`report`, test split): 5
+seeds for the rows of the four contrasts (renorm, proposals, semantic regressor, cheap vs
+dense), 3 for base_only and oracle. Each (row, lambda, seed) model is trained once: the
+selection run of the chosen lambda is reused for the report, evaluated on test.
 
-Writes <results>/ezsd_variants.{md,json} (table), ezsd_variants_ap50.png (bar chart) and
-ezsd_variants_detections.png (val images with each row's detections; novel classes marked).
+Cells are cached in benchmarks/results/cells/ezsd_variants/<split>/<row>/seed<k>.json (with the
+recipe digest that made them) and the trained models under --root, so the table is completed
+over several sessions; --commit commits each finished cell. Shared stages (world, CLIP,
+re-normalised CLIP) come from the pipeline root (`ovd pipeline` writes them; computed here
+when absent); proposals and targets for the training subset are computed once under --root.
+
+Writes <results>/ezsd_variants.{json,md}, ezsd_variants_ap50.png (bar chart with CI
+whiskers per tier) and ezsd_variants_detections.png (test images, tier of each novel box).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +50,18 @@ import torch  # noqa: E402
 from host_info import host_line  # noqa: E402
 from training_bench import Timed, pipeline_front, setup_logging, subset_json, write_markdown  # noqa: E402
 
+from training.protocol import (  # noqa: E402
+    HEADLINE,
+    CellStore,
+    commit_cell,
+    flat_metrics,
+    paired_contrast,
+    recipe_digest,
+    summarise_row,
+)
+
 logger = logging.getLogger("bench")
+CELLS = REPO / "benchmarks" / "results" / "cells" / "ezsd_variants"
 
 
 @dataclass(frozen=True)
@@ -56,22 +74,32 @@ class Variant:
     targets: str | None          # None, "gt", "dense" or "cheap"
     semantic_regressor: bool = False
     vocabulary: str = "base"     # "all" = oracle
-    distill_weight: float = 1.0  # lambda (the paper's 1 unless a row says otherwise)
+    lambda_from: str | None = None  # which selection picks its distillation weight
 
 
 VARIANTS = [
     Variant("base_only", "base-only, no distillation", "raw", None),
-    Variant("gt_raw", "+ GT distillation, raw CLIP (ViLD-like)", "raw", "gt"),
-    Variant("gt_renorm", "+ re-normalised CLIP", "renorm", "gt"),
-    Variant("dense", "+ CLIP proposals, dense (EZSD)", "renorm", "dense"),
-    Variant("dense_semreg", "+ semantic regressor (full EZSD)", "renorm", "dense", True),
-    Variant("cheap_semreg", "full EZSD, cheap proposals", "renorm", "cheap", True),
+    Variant("gt_raw", "+ GT distillation, raw CLIP (ViLD-like)", "raw", "gt", lambda_from="vild"),
+    Variant("gt_renorm", "+ re-normalised CLIP", "renorm", "gt", lambda_from="vild"),
+    Variant("dense", "+ CLIP proposals, dense", "renorm", "dense", lambda_from="ezsd"),
+    Variant("dense_semreg", "+ semantic regressor (full EZSD)", "renorm", "dense", True, lambda_from="ezsd"),
+    Variant("cheap_semreg", "full EZSD, cheap proposals", "renorm", "cheap", True, lambda_from="ezsd"),
     Variant("oracle", "oracle: novel boxes, no distillation", "renorm", None, vocabulary="all"),
-    # Not a row of the paper: tests whether the distillation term drowns the detection losses
-    # at this short schedule (see the analysis in the results file).
-    Variant("dense_semreg_w01", "full EZSD, lambda 0.1 instead of 1", "renorm", "dense", True,
-            distill_weight=0.1),
 ]
+BY_KEY = {v.key: v for v in VARIANTS}
+LAMBDAS = (0.03, 0.1, 0.3, 1.0)
+SELECTION_ROWS = {"vild": "gt_raw", "ezsd": "dense_semreg"}
+SELECTION_SEEDS = (0, 1)
+#: (name, row A, row B): B - A is the effect of the part that B adds.
+CONTRASTS = (("renorm", "gt_raw", "gt_renorm"), ("proposals", "gt_renorm", "dense"),
+             ("semantic regressor", "dense", "dense_semreg"), ("cheap vs dense", "dense_semreg", "cheap_semreg"))
+CONTRAST_SEEDS = 5
+OTHER_SEEDS = 3
+
+
+def report_seeds(key: str) -> range:
+    in_contrast = any(key in (a, b) for _, a, b in CONTRASTS)
+    return range(CONTRAST_SEEDS if in_contrast else OTHER_SEEDS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,193 +107,350 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(REPO / "configs" / "synthetic.yaml"),
                    help="pipeline config (world, CLIP and stage settings)")
     p.add_argument("--pipeline-root", default=None, help="shared stages (default: the config's root)")
-    p.add_argument("--root", default="runs/bench/ezsd", help="this benchmark's outputs")
+    p.add_argument("--root", default="runs/bench/ezsd", help="models, proposals and targets")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--cells", default=str(CELLS), help="finished cells (commit these)")
     p.add_argument("--train-images", type=int, default=100)
-    p.add_argument("--iters", type=int, default=250, help="detector iterations per row")
-    p.add_argument("--variants", nargs="*", default=[v.key for v in VARIANTS])
+    p.add_argument("--iters", type=int, default=300, help="detector iterations per cell")
+    p.add_argument("--phase", choices=["select", "report", "all"], default="all")
+    p.add_argument("--max-cells", type=int, default=None, help="stop after this many new cells")
+    p.add_argument("--commit", action="store_true", help="git-commit each finished cell file")
+    p.add_argument("--summary-only", action="store_true", help="no training: tables from cells")
     args = p.parse_args(argv)
     setup_logging()
-
-    from training.cli import _progress
-    from training.data.coco_format import register_ov_dataset
-    from training.pipeline import zero_shot
-    from training.proposals import ProposalConfig, run_proposals
-    from training.targets import TargetsConfig, run_targets
-
-    t_start = time.time()
-    cfg, front = pipeline_front(args.config, args.pipeline_root)
-    root = Path(args.root)
-    results_dir = Path(args.results)
-    results_dir.mkdir(parents=True, exist_ok=True)
-
-    world, _ = front.world()
-    clips = {"raw": front.clip(world)[0]}
-    clips["renorm"] = front.renorm(clips["raw"])[0]
-    accuracy = {k: zero_shot(c, front.world_dir, front.clip_dir if k == "raw" else front.renorm_dir)
-                for k, c in clips.items()}
-
-    # The training subset every row uses (base boxes; all boxes for the oracle).
-    ann = front.world_dir / "detection" / "annotations"
-    image_root = front.world_dir / "detection" / "train"
-    train_json = subset_json(ann / "train_base.json", root / "data" / "train_base.json", args.train_images)
-    train_all_json = subset_json(ann / "train_all.json", root / "data" / "train_all.json", args.train_images)
-    register_ov_dataset("bench_train", train_json, image_root, overwrite=True)
-    register_ov_dataset("bench_train_all", train_all_json, image_root, overwrite=True)
-
-    # Distillation targets, computed once per kind.
-    wanted = [v for v in VARIANTS if v.key in args.variants]
-    stage_seconds: dict[str, tuple[float, bool]] = {}
-    target_dirs: dict[tuple[str, str], Path] = {}
-    tcfg = TargetsConfig.from_config(cfg)
-    for clip_key, kind in sorted({(v.clip, v.targets) for v in wanted if v.targets}):
-        clip = clips[clip_key]
-        proposals_dir = None
-        if kind in ("dense", "cheap"):
-            pcfg = ProposalConfig.from_dict({**(cfg.get("proposals") or {}), "mode": kind})
-            proposals_dir = root / f"proposals_{kind}"
-            stage_seconds[f"proposals ({kind})"] = Timed(proposals_dir)(
-                lambda pcfg=pcfg, out=proposals_dir, clip=clip: run_proposals(
-                    clip, train_json, image_root, out, pcfg, progress=_progress),
-                done=(proposals_dir / "timing.json").is_file())
-        out = root / f"targets_{clip_key}_{kind}"
-        stage_seconds[f"targets ({clip_key} CLIP, {kind})"] = Timed(out)(
-            lambda clip=clip, pdir=proposals_dir, out=out: run_targets(
-                clip, train_json, image_root, pdir, out, tcfg, progress=_progress),
-            done=(out / "timing.json").is_file())
-        target_dirs[(clip_key, kind)] = out
-
-    previous = results_dir / "ezsd_variants_v1.json"
-    before = {r["key"]: r for r in json.loads(previous.read_text())["rows"]} if previous.is_file() else {}
-    rows = []
-    report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": host_line(),
-        "train_images": args.train_images,
-        "iters": args.iters,
-        "clip_accuracy": {k: {d: {g: round(100 * a[d][g], 1) for g in ("base", "novel", "all")}
-                              for d in ("caption_crops", "detection_gt_crops")}
-                          for k, a in accuracy.items()},
-        "stages": {k: {"seconds": round(s, 1), "cached": c} for k, (s, c) in stage_seconds.items()},
-        "rows": rows,
-        "before": before,
-    }
-    for v in wanted:
-        logger.info("variant %s: %s", v.key, v.label)
-        out = root / "detectors" / v.key
-        seconds, cached = Timed(out)(lambda v=v, out=out: train_and_eval(
-            v, cfg, clips[v.clip], target_dirs.get((v.clip, v.targets)), out, args.iters),
-            done=(out / "eval" / "metrics.json").is_file())
-        metrics = json.loads((out / "eval" / "metrics.json").read_text())
-        rows.append({"key": v.key, "label": v.label, "seconds": round(seconds, 1), "cached": cached,
-                     **{g: {k: round(metrics[g][k], 1) for k in ("AP50", "AP", "APs")}
-                        for g in ("novel", "base", "all")}})
-        # Written after every row, so an interrupted run leaves its finished rows behind.
-        report["total_seconds_this_run"] = round(time.time() - t_start, 1)
-        (results_dir / "ezsd_variants.json").write_text(json.dumps(report, indent=2))
-        write_markdown(results_dir / "ezsd_variants.md", format_report(report))
-    text = format_report(report)
-    print(text)
-    bar_chart(rows, results_dir / "ezsd_variants_ap50.png")
-    detections_figure([v for v in wanted], root, front.world_dir, clips,
-                      results_dir / "ezsd_variants_detections.png")
+    bench = Bench(args)
+    if not args.summary_only:
+        bench.run_cells()
+    report = bench.summary()
+    results = Path(args.results)
+    (results / "ezsd_variants.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(results / "ezsd_variants.md", format_report(report))
+    bar_chart(report, results / "ezsd_variants_ap50.png")
+    print(format_report(report))
+    if not args.summary_only and bench.complete(report):
+        detections_figure(bench, report, results / "ezsd_variants_detections.png")
     return 0
 
 
-def train_and_eval(v: Variant, cfg: dict, clip, targets_dir: Path | None, out: Path, iters: int) -> None:
-    """Train one row's detector (Detectron2, resumable) and evaluate it on synth_val."""
-    from detectron2.data import MetadataCatalog
+class Bench:
+    """The shared stages and the cells of one ablation run."""
 
+    def __init__(self, args: argparse.Namespace):
+        from training.targets import TargetsConfig
+
+        self.args = args
+        self.root = Path(args.root)
+        self.store = CellStore(args.cells)
+        self.cfg, self.front = pipeline_front(args.config, args.pipeline_root)
+        self.world, _ = self.front.world()
+        self.clips = {"raw": self.front.clip(self.world)[0]}
+        self.clips["renorm"] = self.front.renorm(self.clips["raw"])[0]
+        self.tcfg = TargetsConfig.from_config(self.cfg)
+        ann = self.front.world_dir / "detection" / "annotations"
+        self.image_root = self.front.world_dir / "detection" / "train"
+        data = self.root / "data" / f"first{args.train_images}"
+        self.train_json = subset_json(ann / "train_base.json", data / "train_base.json", args.train_images)
+        self.train_all_json = subset_json(ann / "train_all.json", data / "train_all.json", args.train_images)
+        self.stage_seconds: dict[str, dict] = {}
+        self.new_cells = 0
+
+    # ------------------------------------------------------------------ stages
+
+    def proposals_config(self, kind: str):
+        from training.proposals import ProposalConfig
+
+        return ProposalConfig.from_dict({**(self.cfg.get("proposals") or {}), "mode": kind})
+
+    def targets_dir(self, v: Variant) -> Path | None:
+        """The row's distillation targets for the training subset, computed once per kind."""
+        if v.targets is None:
+            return None
+        from training.cli import _progress
+        from training.proposals import run_proposals
+        from training.targets import run_targets
+
+        clip = self.clips[v.clip]
+        proposals_dir = None
+        if v.targets in ("dense", "cheap"):
+            proposals_dir = self.root / f"proposals_{v.targets}_{self.args.train_images}"
+            seconds, cached = Timed(proposals_dir)(
+                lambda: run_proposals(clip, self.train_json, self.image_root, proposals_dir,
+                                      self.proposals_config(v.targets), progress=_progress),
+                done=(proposals_dir / "timing.json").is_file())
+            self.stage_seconds[f"proposals ({v.targets})"] = {"seconds": round(seconds), "cached": cached}
+        out = self.root / f"targets_{v.clip}_{v.targets}_{self.args.train_images}"
+        seconds, cached = Timed(out)(
+            lambda: run_targets(clip, self.train_json, self.image_root, proposals_dir, out, self.tcfg,
+                                progress=_progress),
+            done=(out / "timing.json").is_file())
+        self.stage_seconds[f"targets ({v.clip} CLIP, {v.targets})"] = {"seconds": round(seconds), "cached": cached}
+        return out
+
+    # ------------------------------------------------------------------ cells
+
+    def recipe(self, v: Variant, lam: float | None, seed: int, split: str) -> str:
+        from training.config import REPO_ROOT
+
+        detector_file = REPO_ROOT / (self.cfg.get("detector") or {}).get(
+            "config", "configs/detector/synthetic_r18_fpn.yaml")
+        return recipe_digest({
+            "variant": asdict(v), "lambda": lam, "seed": seed, "split": split,
+            "iters": self.args.iters, "train_images": self.args.train_images,
+            "world": self.world["fingerprint"],
+            "clip": self.clips[v.clip].manifest["weights"]["sha256"],
+            "targets": asdict(self.tcfg) if v.targets else None,
+            "proposals": asdict(self.proposals_config(v.targets)) if v.targets in ("dense", "cheap") else None,
+            "detector": [detector_file.read_text(), (detector_file.parent / "Base-OVD-RCNN-FPN.yaml").read_text(),
+                         (self.cfg.get("detector") or {}).get("opts", [])],
+        })
+
+    def model_dir(self, v: Variant, lam: float | None, seed: int) -> Path:
+        name = v.key if lam is None else f"{v.key}_lambda{lam:g}"
+        return self.root / f"models_{self.args.train_images}x{self.args.iters}" / name / f"seed{seed}"
+
+    def stored(self, v: Variant, lam: float | None, seed: int, split: str, row: str | None = None
+               ) -> dict | None:
+        """Metrics of a finished, current cell, else None."""
+        cell = self.store.get(split, row or v.key, seed, self.recipe(v, lam, seed, split))
+        return cell["metrics"] if cell else None
+
+    def cell(self, v: Variant, lam: float | None, seed: int, split: str, row: str | None = None) -> dict | None:
+        """Metrics of one cell, trained and evaluated unless already stored. None when
+        --max-cells is spent."""
+        row = row or v.key
+        done = self.stored(v, lam, seed, split, row)
+        if done is not None or (self.args.max_cells is not None and self.new_cells >= self.args.max_cells):
+            return done
+        recipe = self.recipe(v, lam, seed, split)
+        logger.info("cell %s/%s seed %d (lambda %s)", split, row, seed, lam)
+        out = self.model_dir(v, lam, seed)
+        t0 = time.time()
+        train(v, lam, seed, self, out)
+        result = evaluate_on(out, self.clips[v.clip], f"synth_{split}")
+        path = self.store.put(split, row, seed, recipe, flat_metrics(result), label=v.label,
+                              **{"lambda": lam}, iters=self.args.iters, train_images=self.args.train_images,
+                              seconds=round(time.time() - t0), machine=host_line())
+        self.new_cells += 1
+        if self.args.commit:
+            commit_cell(path, f"ezsd_variants cell {split}/{row} seed {seed}")
+        return flat_metrics(result)
+
+    def chosen_lambdas(self, run: bool) -> dict[str, float | None]:
+        """{"vild": lambda, "ezsd": lambda} by mean val novel AP50 over the selection seeds
+        (None while a selection is incomplete)."""
+        chosen: dict[str, float | None] = {}
+        for name, key in SELECTION_ROWS.items():
+            v = BY_KEY[key]
+            means = {}
+            for lam in LAMBDAS:
+                row = f"{key}_lambda{lam:g}"
+                look = self.cell if run else self.stored
+                got = [look(v, lam, s, "val", row) for s in SELECTION_SEEDS]
+                if all(g is not None for g in got):
+                    means[lam] = sum(g["ap50_novel"] for g in got) / len(got)
+            chosen[name] = max(means, key=means.get) if len(means) == len(LAMBDAS) else None
+        return chosen
+
+    def run_cells(self) -> None:
+        chosen = self.chosen_lambdas(run=self.args.phase in ("select", "all"))
+        if self.args.phase == "select":
+            return
+        for seed in range(CONTRAST_SEEDS):  # seed-major: early stops still give paired rows
+            for v in VARIANTS:
+                if seed not in report_seeds(v.key):
+                    continue
+                lam = chosen.get(v.lambda_from) if v.lambda_from else None
+                if v.lambda_from and lam is None:
+                    continue  # its lambda is not chosen yet
+                if self.cell(v, lam, seed, "test") is None:
+                    return
+
+    # ------------------------------------------------------------------ tables
+
+    def summary(self) -> dict:
+        chosen = self.chosen_lambdas(run=False)
+        selection = {}
+        for key in SELECTION_ROWS.values():
+            v = BY_KEY[key]
+            for lam in LAMBDAS:
+                row = f"{key}_lambda{lam:g}"
+                seeds = {s: m for s in SELECTION_SEEDS if (m := self.stored(v, lam, s, "val", row)) is not None}
+                if seeds:
+                    selection[row] = {"lambda": lam, **summarise_row(seeds)}
+        rows = {}
+        for v in VARIANTS:
+            lam = chosen.get(v.lambda_from) if v.lambda_from else None
+            if v.lambda_from and lam is None:
+                continue
+            current = {s: m for s in range(CONTRAST_SEEDS)
+                       if (m := self.stored(v, lam, s, "test")) is not None}
+            if current:
+                rows[v.key] = {"label": v.label, "lambda": lam, **summarise_row(current)}
+        contrasts = {}
+        for name, a, b in CONTRASTS:
+            if a in rows and b in rows:
+                per_seed = {k: {r["seed"]: r for r in rows[k]["seeds"]} for k in (a, b)}
+                contrasts[name] = {"a": a, "b": b, **paired_contrast(per_seed[a], per_seed[b])}
+        return {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "machine": host_line(),
+            "date": time.strftime("%Y-%m-%d"),
+            "protocol": "training/protocol.py: paired seeds, mean and 95% Student-t CI per row; "
+                        "per contrast the mean paired difference and its CI",
+            "train_images": self.args.train_images, "iters": self.args.iters,
+            "world": self.world["fingerprint"][:12],
+            "clip_accuracy": self.clip_accuracy(),
+            "stages": self.stage_seconds,
+            "lambda_grid": list(LAMBDAS), "chosen_lambda": chosen, "selection_val": selection,
+            "rows": rows, "contrasts": contrasts,
+        }
+
+    def clip_accuracy(self) -> dict:
+        from training.pipeline import zero_shot
+
+        dirs = {"raw": self.front.clip_dir, "renorm": self.front.renorm_dir}
+        return {k: {d: {g: round(100 * x, 1) for g, x in r.items() if g != "n"}
+                    for d, r in zero_shot(c, self.front.world_dir, dirs[k]).items()
+                    if d in ("caption_crops", "detection_gt_crops")}
+                for k, c in self.clips.items()}
+
+    def complete(self, report: dict) -> bool:
+        return all(len(report["rows"].get(v.key, {}).get("seeds", [])) >= len(report_seeds(v.key))
+                   for v in VARIANTS)
+
+
+def train(v: Variant, lam: float | None, seed: int, bench: Bench, out: Path) -> None:
+    """Train one cell's detector (Detectron2, resumable; skipped when already trained)."""
     from training.cli import _detector_cfg
-    from training.evaluate import evaluate
+    from training.data.coco_format import register_ov_dataset
     from training.train_detector import launch_training, prepare
 
-    dcfg = _detector_cfg(cfg, argparse.Namespace(config=None, root=None, detector_config=None, opts=[]))
-    dcfg.DATASETS.REGISTER = []  # registered in this process by main()
-    dcfg.DATASETS.TRAIN = ("bench_train_all" if v.vocabulary == "all" else "bench_train",)
+    if (out / "model_final.pth").is_file():
+        return
+    args = bench.args
+    dataset = f"bench_train_all_{args.train_images}" if v.vocabulary == "all" else f"bench_train_{args.train_images}"
+    register_ov_dataset(dataset, bench.train_all_json if v.vocabulary == "all" else bench.train_json,
+                        bench.image_root, overwrite=True)
+    targets_dir = bench.targets_dir(v)
+    dcfg = _detector_cfg(bench.cfg, argparse.Namespace(config=None, root=None, detector_config=None, opts=[]))
+    dcfg.DATASETS.REGISTER = []  # registered in this process
+    dcfg.DATASETS.TRAIN = (dataset,)
     dcfg.MODEL.OVD.TRAIN_VOCABULARY = v.vocabulary
     dcfg.MODEL.OVD.SEMANTIC_REGRESSOR = v.semantic_regressor
-    dcfg.MODEL.OVD.DISTILL_WEIGHT = v.distill_weight if targets_dir else 0.0
+    dcfg.MODEL.OVD.DISTILL_WEIGHT = lam if targets_dir else 0.0
     dcfg.DATASETS.DISTILL_TARGETS = str(targets_dir) if targets_dir else ""
-    steps = tuple(int(iters * f) for f in (2 / 3, 8 / 9))
-    dcfg.SOLVER.MAX_ITER = iters
-    dcfg.SOLVER.STEPS = steps
-    dcfg.SOLVER.CHECKPOINT_PERIOD = max(iters // 3, 1)
+    dcfg.SOLVER.MAX_ITER = args.iters
+    dcfg.SOLVER.STEPS = tuple(int(args.iters * f) for f in (2 / 3, 8 / 9))
+    dcfg.SOLVER.WARMUP_ITERS = min(dcfg.SOLVER.WARMUP_ITERS, args.iters // 5)
+    dcfg.SOLVER.CHECKPOINT_PERIOD = max(args.iters // 3, 1)
+    dcfg.SEED = seed  # initialisation and data order: the pairing of seeds across rows
     dcfg.OUTPUT_DIR = str(out)
-    dcfg = prepare(dcfg, clip)
-    launch_training(dcfg)
-    model = load_trained(dcfg, out)
-    names = list(MetadataCatalog.get("synth_val").thing_classes)
-    evaluate(dcfg, model, "synth_val", clip.text_embeddings(names, dcfg.MODEL.OVD.PROMPT_TEMPLATE),
-             out / "eval")
+    launch_training(prepare(dcfg, bench.clips[v.clip]))
 
 
-def load_trained(dcfg, out: Path):
+def load_trained(out: Path):
+    """(Detectron2 config, eval-mode model) of a trained cell."""
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
+    from training.train_detector import build_config
+
+    dcfg = build_config(out / "config.yaml")
     model = build_model(dcfg)
     DetectionCheckpointer(model).load(str(out / "model_final.pth"))
-    return model.eval()
+    return dcfg, model.eval()
+
+
+def evaluate_on(out: Path, clip, dataset: str) -> dict:
+    """Generalized evaluation of a trained cell on a registered split (all categories)."""
+    from detectron2.data import MetadataCatalog
+
+    from training.evaluate import evaluate
+
+    dcfg, model = load_trained(out)
+    names = list(MetadataCatalog.get(dataset).thing_classes)
+    return evaluate(dcfg, model, dataset, clip.text_embeddings(names, dcfg.MODEL.OVD.PROMPT_TEMPLATE),
+                    out / f"eval_{dataset}")
+
+
+# ---------------------------------------------------------------------- report
+
+def _mean_ci(row: dict, metric: str) -> str:
+    mean, (lo, hi) = row["mean"].get(metric), row["ci95"].get(metric, [float("nan")] * 2)
+    if mean is None:
+        return "-"
+    return f"{mean:.1f}" if lo != lo else f"{mean:.1f} [{lo:.1f}, {hi:.1f}]"
 
 
 def format_report(r: dict) -> str:
-    lines = ["# EZSD ablation on the synthetic world", "",
-             f"Command: `{r['command']}`  ", f"Machine: {r['machine']}  ",
+    lines = ["# EZSD ablation on world v2 (test split, generalized over all 20 classes)", "",
+             f"Command: `{r['command']}`  ", f"Machine: {r['machine']}  ", f"Date: {r['date']}  ",
+             f"Protocol: {r['protocol']}.  ",
              f"Detectors: {r['iters']} iterations on the first {r['train_images']} training images "
-             "(base boxes), evaluated on synth_val over all 16 classes (generalized).", "",
-             "## CLIP zero-shot crop accuracy (%)", "",
-             "| CLIP | caption crops base | novel | detection GT crops base | novel |",
-             "|---|---|---|---|---|"]
+             f"(base boxes); world {r['world']}.", "",
+             "## CLIP zero-shot crop accuracy (%)", ""]
+    tiers = ["base", "novel", "novel_comp", "novel_shape", "novel_both"]
+    lines += ["| CLIP | domain | " + " | ".join(tiers) + " |", "|---|---|" + "---|" * len(tiers)]
     for k, a in r["clip_accuracy"].items():
-        lines.append(f"| {k} | {a['caption_crops']['base']} | {a['caption_crops']['novel']} | "
-                     f"{a['detection_gt_crops']['base']} | {a['detection_gt_crops']['novel']} |")
-    lines += ["", "## Stages computed for the table", "", "| stage | wall time |", "|---|---|"]
-    for k, s in r["stages"].items():
-        lines.append(f"| {k} | {s['seconds'] / 60:.1f} min{' (cached)' if s['cached'] else ''} |")
-    lines += ["", "## Detectors (AP in %; in brackets the same row before the EZSD fixes, "
-              "`ezsd_variants_v1.json`)", "",
-              "| variant | AP50 novel | AP50 base | AP50 all | AP novel | AP all | APs all | train+eval |",
-              "|---|---|---|---|---|---|---|---|"]
-    before = r.get("before", {})
-    for row in r["rows"]:
-        old = before.get(row["key"])
-
-        def cell(g: str, k: str, row=row, old=old) -> str:
-            return f"{row[g][k]}" + (f" ({old[g][k]})" if old else "")
-
-        lines.append(f"| {row['label']} | {cell('novel', 'AP50')} | {cell('base', 'AP50')} | "
-                     f"{cell('all', 'AP50')} | {cell('novel', 'AP')} | {cell('all', 'AP')} | "
-                     f"{cell('all', 'APs')} | {row['seconds'] / 60:.1f} min"
-                     f"{' (cached)' if row['cached'] else ''} |")
-    lines += ["", f"This run took {r['total_seconds_this_run'] / 60:.1f} min (cached parts excluded)."]
+        for d, acc in a.items():
+            lines.append(f"| {k} | {d} | " + " | ".join(str(acc.get(t, "-")) for t in tiers) + " |")
+    lines += ["", f"## Lambda chosen on val (mean novel AP50 over seeds {list(SELECTION_SEEDS)})", "",
+              f"Chosen: {r['chosen_lambda']}", "", "| row | n | AP50 novel | AP50 base |", "|---|---|---|---|"]
+    for key, s in r["selection_val"].items():
+        lines.append(f"| {key} | {len(s['seeds'])} | {_mean_ci(s, 'ap50_novel')} | {_mean_ci(s, 'ap50_base')} |")
+    lines += ["", "## Rows (test; mean [95% CI] over seeds, AP in %)", "",
+              "| row | lambda | n | " + " | ".join(HEADLINE) + " |", "|---|---|---|" + "---|" * len(HEADLINE)]
+    for row in r["rows"].values():
+        lines.append(f"| {row['label']} | {row['lambda'] if row['lambda'] is not None else '-'} | "
+                     f"{len(row['seeds'])} | " + " | ".join(_mean_ci(row, m) for m in HEADLINE) + " |")
+    lines += ["", "## Contrasts (B - A, paired over seeds; a claim only where the CI excludes 0)", "",
+              "| contrast | seeds | AP50 novel | AP50 novel_both | AP novel | AP50 base |", "|---|---|---|---|---|---|"]
+    for name, c in r["contrasts"].items():
+        lines.append(f"| {name} ({c['b']} - {c['a']}) | {len(c['seeds'])} | "
+                     + " | ".join(c["verdict"][m] for m in ("ap50_novel", "ap50_novel_both", "ap_novel", "ap50_base"))
+                     + " |")
+    if r["stages"]:
+        lines += ["", "## Stages computed for the table", "", "| stage | wall time |", "|---|---|"]
+        for k, s in r["stages"].items():
+            lines.append(f"| {k} | {s['seconds'] / 60:.1f} min{' (cached)' if s['cached'] else ''} |")
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(rows: list[dict], path: Path) -> None:
+def bar_chart(report: dict, path: Path) -> None:
+    """AP50 per tier and row (test), whiskers = 95% CI over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, ax = plt.subplots(figsize=(10, 4.2))
-    x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r["novel"]["AP50"] for r in rows], 0.4, label="novel", color="#d62728")
-    ax.bar([i + 0.2 for i in x], [r["base"]["AP50"] for r in rows], 0.4, label="base", color="#1f77b4")
-    ax.set_xticks(list(x), [r["label"].replace(", ", ",\n").replace(" (", "\n(") for r in rows], fontsize=7)
-    ax.set_ylabel("AP50 (%)")
-    ax.set_title("EZSD ablation on the synthetic world (generalized, synth_val)")
-    ax.legend()
+    rows = list(report["rows"].values())
+    if not rows:
+        return
+    groups = (("ap50_novel_comp", "N-comp", "#ff9896"), ("ap50_novel_shape", "N-shape", "#d62728"),
+              ("ap50_novel_both", "N-both", "#8c1a1a"), ("ap50_base", "base", "#1f77b4"))
+    fig, ax = plt.subplots(figsize=(11, 4.4))
+    width = 0.8 / len(groups)
+    for g, (metric, label, colour) in enumerate(groups):
+        x = np.arange(len(rows)) + (g - (len(groups) - 1) / 2) * width
+        mean = np.array([r["mean"].get(metric, np.nan) for r in rows])
+        ci = np.array([r["ci95"].get(metric, [np.nan, np.nan]) for r in rows])
+        err = np.nan_to_num(np.abs(np.stack([mean - ci[:, 0], ci[:, 1] - mean])))
+        ax.bar(x, mean, width, yerr=err, capsize=2, label=label, color=colour)
+    ax.set_xticks(range(len(rows)), [r["label"].replace(", ", ",\n").replace(" (", "\n(") for r in rows],
+                  fontsize=7)
+    ax.set_ylabel("AP50 (%), test")
+    ax.set_title("EZSD ablation on world v2: mean over seeds, 95% CI whiskers")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def detections_figure(variants: list[Variant], root: Path, world_dir: Path, clips: dict, path: Path,
-                      n_images: int = 3, score: float = 0.3, max_boxes: int = 15) -> None:
-    """Rows: val images; columns: ground truth, then each variant's detections (score >= 0.3,
-    the 15 best).
-    Novel classes are drawn in red with a '*'; base classes in blue."""
+def detections_figure(bench: Bench, report: dict, path: Path, n_images: int = 3, score: float = 0.3,
+                      max_boxes: int = 15) -> None:
+    """Rows: test images; columns: ground truth, then each row's seed-0 detections (score >= 0.3,
+    the 15 best). Novel boxes are red and tagged with their tier (C/S/B); base boxes blue."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,20 +458,19 @@ def detections_figure(variants: list[Variant], root: Path, world_dir: Path, clip
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data import detection_utils as utils
 
-    from training.train_detector import build_config
+    from training.data.preview import TIER_STYLE
 
-    meta = MetadataCatalog.get("synth_val")
+    meta = MetadataCatalog.get("synth_test")
     names = list(meta.thing_classes)
-    novel = set(meta.novel_classes)
-    records = DatasetCatalog.get("synth_val")[:n_images]
+    tag = {c["name"]: TIER_STYLE[c["tier"]][1] for c in bench.world["categories"]}
+    records = DatasetCatalog.get("synth_test")[:n_images]
     images = [utils.read_image(rec["file_name"], format="RGB") for rec in records]
     columns = [("ground truth", [[(a["bbox"], names[a["category_id"]], None) for a in rec["annotations"]]
                                  for rec in records])]
-    for v in variants:  # each model is loaded once, then run on every image
-        out = root / "detectors" / v.key
-        dcfg = build_config(out / "config.yaml")
-        model = load_trained(dcfg, out)
-        text = clips[v.clip].text_embeddings(names, dcfg.MODEL.OVD.PROMPT_TEMPLATE)
+    for key, row in report["rows"].items():
+        v = BY_KEY[key]
+        dcfg, model = load_trained(bench.model_dir(v, row["lambda"], 0))
+        text = bench.clips[v.clip].text_embeddings(names, dcfg.MODEL.OVD.PROMPT_TEMPLATE)
         per_image = []
         for image in images:
             with torch.inference_mode():
@@ -296,7 +480,7 @@ def detections_figure(variants: list[Variant], root: Path, world_dir: Path, clip
             per_image.append([(b.tolist(), names[c], s) for b, c, s in
                               zip(inst.pred_boxes.tensor[keep], inst.pred_classes[keep].tolist(),
                                   inst.scores[keep].tolist(), strict=True)])
-        columns.append((v.label, per_image))
+        columns.append((row["label"], per_image))
     fig, axes = plt.subplots(n_images, len(columns), figsize=(2.6 * len(columns), 2.7 * n_images),
                              squeeze=False)
     for c, (title, per_image) in enumerate(columns):
@@ -307,16 +491,14 @@ def detections_figure(variants: list[Variant], root: Path, world_dir: Path, clip
             if r == 0:
                 ax.set_title(title, fontsize=6)
             for box, name, s in per_image[r]:
-                if s is None:  # GT is XYWH
-                    x0, y0, w, h = box
-                else:
-                    x0, y0, w, h = box[0], box[1], box[2] - box[0], box[3] - box[1]
-                colour = "#ff2020" if name in novel else "#2060ff"
+                x0, y0, w, h = box if s is None else (box[0], box[1], box[2] - box[0], box[3] - box[1])
+                colour = "#ff2020" if tag[name] else "#2060ff"
                 ax.add_patch(plt.Rectangle((x0, y0), w, h, fill=False, color=colour, lw=1))
-                label = ("*" if name in novel else "") + name + (f" {s:.2f}" if s is not None else "")
+                label = (f"[{tag[name]}] " if tag[name] else "") + name + (f" {s:.2f}" if s is not None else "")
                 ax.text(x0, y0, label, fontsize=3.5, color="white",
                         bbox={"facecolor": colour, "alpha": 0.7, "pad": 0.5, "lw": 0})
-    fig.suptitle("synth_val: red * = novel class (never boxed in training), blue = base", fontsize=8)
+    fig.suptitle("synth_test: red = novel, tagged C (N-comp), S (N-shape), B (N-both); blue = base",
+                 fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)

@@ -10,6 +10,7 @@ import pytest
 TINY_WORLD = {
     "num_train": 4,
     "num_val": 3,
+    "num_test": 2,
     "num_captions": 40,
     "num_caption_eval": 16,
     "image_size": 96,

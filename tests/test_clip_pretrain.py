@@ -201,7 +201,7 @@ def test_zero_shot_report(world, full_run):
     eval_rows = [json.loads(line) for line in
                  (world / "captions" / "eval.jsonl").read_text().splitlines()]
     report = zero_shot_report(clip, world)
-    assert report["chance"] == pytest.approx(1 / 16)
+    assert report["chance"] == pytest.approx(1 / len(val["categories"]))
     assert report["template"] == "a photo of a {}"
     _check_row(report["caption_crops"], len(eval_rows))
     _check_row(report["detection_gt_crops"], len(val["annotations"]))
@@ -213,13 +213,20 @@ def test_zero_shot_report(world, full_run):
     assert 0 < n_novel < len(labels)
     assert row["all"] == pytest.approx(
         (row["base"] * (len(labels) - n_novel) + row["novel"] * n_novel) / len(labels), abs=1e-6)
+    # The novel tiers partition novel.
+    tier_of = {c["id"]: c["tier"] for c in val["categories"]}
+    tiers = {t: sum(tier_of[c] == t for c in labels) for t in ("novel_comp", "novel_shape", "novel_both")}
+    assert sum(tiers.values()) == n_novel
+    assert row["novel"] * n_novel == pytest.approx(
+        sum(row[t] * n for t, n in tiers.items() if n), abs=1e-4)
 
     text = format_report(report, "my title")
     lines = text.splitlines()
     assert lines[0] == "my title"
     assert lines[2].startswith("caption-style crops") and lines[2].endswith(f"{len(eval_rows)}")
     assert lines[3].startswith("detection GT crops") and lines[3].endswith(f"{len(labels)}")
-    assert lines[4].startswith("chance") and "6.2%" in lines[4]
+    assert lines[4].startswith("chance") and f"{1 / len(val['categories']):.1%}" in lines[4]
+    assert lines[1].split()[1:] == ["base", "novel", "all", "novel_comp", "novel_shape", "novel_both", "n"]
     assert f"{report['caption_crops']['all']:.1%}" in lines[2]
 
 

@@ -13,7 +13,15 @@ from PIL import Image
 
 from training.data import synthetic
 from training.data.coco_format import load_coco_json, register_ov_dataset
-from training.data.shapes import CATEGORIES
+from training.data.shapes import (
+    CATEGORIES,
+    COLOURS,
+    DISTRACTOR_SHAPES,
+    HELD_OUT_COLOURS,
+    HELD_OUT_SHAPES,
+    SHAPES,
+    TIERS,
+)
 from training.data.synthetic import (
     WORLD_FORMAT,
     WorldConfig,
@@ -22,7 +30,7 @@ from training.data.synthetic import (
     world_datasets,
 )
 
-TINY = {"num_train": 4, "num_val": 3, "num_captions": 40, "num_caption_eval": 16}
+TINY = {"num_train": 4, "num_val": 3, "num_test": 2, "num_captions": 40, "num_caption_eval": 16}
 
 BASE_IDS = {c.id for c in CATEGORIES if c.split == "base"}
 NOVEL_IDS = {c.id for c in CATEGORIES if c.split == "novel"}
@@ -57,7 +65,7 @@ def test_same_config_same_world_regardless_of_workers(world, make_world):
     assert a["fingerprint"] == b["fingerprint"]
     assert a["files"] == b["files"]
     images = _image_bytes(world)
-    assert len(images) == TINY["num_train"] + TINY["num_val"]
+    assert len(images) == TINY["num_train"] + TINY["num_val"] + TINY["num_test"]
     assert images == _image_bytes(other)
     for name in ("pretrain", "eval"):
         assert np.array_equal(np.load(world / "captions" / f"{name}.npy"),
@@ -73,13 +81,14 @@ def test_other_seed_other_world(world, make_world):
 def test_world_json_records_config_and_file_hashes(world, cfg):
     w = load_world(world)
     assert w["format"] == WORLD_FORMAT
-    assert (cfg.num_train, cfg.num_val, cfg.num_captions, cfg.num_caption_eval) == tuple(
+    assert (cfg.num_train, cfg.num_val, cfg.num_test, cfg.num_captions, cfg.num_caption_eval) == tuple(
         TINY.values())
     assert cfg.seed == 0
     assert set(w["files"]) == {
         "detection/annotations/train_all.json", "detection/annotations/train_base.json",
-        "detection/annotations/val.json", "captions/pretrain.npy", "captions/pretrain.jsonl",
-        "captions/eval.npy", "captions/eval.jsonl", "detection/train/*.png", "detection/val/*.png"}
+        "detection/annotations/val.json", "detection/annotations/test.json",
+        "captions/pretrain.npy", "captions/pretrain.jsonl", "captions/eval.npy",
+        "captions/eval.jsonl", "detection/train/*.png", "detection/val/*.png", "detection/test/*.png"}
     assert all(synthetic._sha256_file(world / f) == h for f, h in w["files"].items() if "*" not in f)
 
 
@@ -109,17 +118,50 @@ def test_categories_and_split_tags(world):
     assert {c["id"] for c in novel} == NOVEL_IDS
     assert len({c["name"] for c in cats}) == len(cats)
     for c in cats:
-        assert c["name"] == NAMES[c["id"]]
+        assert c["name"] == NAMES[c["id"]] == f"{c['colour']} {c['shape']}"
+        assert c["tier"] in TIERS and (c["tier"] == "base") == (c["split"] == "base")
+
+
+def test_tiers_hold_out_attributes():
+    """The tier table's promise: held-out colours and shapes are on no base category; N-comp
+    pairs seen attributes anew, N-shape puts a seen colour on a held-out shape, N-both holds
+    out both; every tier has at least 3 classes."""
+    by_tier = {t: [c for c in CATEGORIES if c.tier == t] for t in TIERS}
+    assert all(len(cs) >= 3 for cs in by_tier.values()), {t: len(cs) for t, cs in by_tier.items()}
+    base_pairs = {(c.colour, c.shape) for c in by_tier["base"]}
+    seen_colours = {c for c, _ in base_pairs}
+    seen_shapes = {s for _, s in base_pairs}
+    assert not seen_colours & HELD_OUT_COLOURS and not seen_shapes & HELD_OUT_SHAPES
+    assert HELD_OUT_COLOURS < set(COLOURS) and HELD_OUT_SHAPES < set(SHAPES)
+    for c in by_tier["novel_comp"]:
+        assert c.colour in seen_colours and c.shape in seen_shapes and (c.colour, c.shape) not in base_pairs
+    for c in by_tier["novel_shape"]:
+        assert c.colour in seen_colours and c.shape in HELD_OUT_SHAPES
+    for c in by_tier["novel_both"]:
+        assert c.colour in HELD_OUT_COLOURS and c.shape in HELD_OUT_SHAPES
+
+
+def test_clutter_never_takes_a_held_out_attribute():
+    """Clutter colours stay CLUTTER_MIN_DISTANCE from every held-out colour, and the clutter
+    polygons are not the held-out shapes (they are no category shape at all)."""
+    rng = np.random.default_rng(0)
+    held_out = np.array([COLOURS[c] for c in HELD_OUT_COLOURS], np.float32)
+    colours = np.array([synthetic._clutter_colour(rng) for _ in range(500)], np.float32)
+    distance = np.linalg.norm(colours[:, None] - held_out[None], axis=2).min(1)
+    assert distance.min() >= synthetic.CLUTTER_MIN_DISTANCE
+    assert colours.std(0).min() > 30  # still varied
+    category_polygons = [geom for parts in SHAPES.values() for geom, _ in parts]
+    assert not any(p in category_polygons for p in DISTRACTOR_SHAPES)
 
 
 def test_annotation_files_are_valid_coco_with_ov_splits(world):
-    base, full, val = (_annotations(world, n) for n in ("train_base", "train_all", "val"))
+    base, full, val, test = (_annotations(world, n) for n in ("train_base", "train_all", "val", "test"))
     world_cats = load_world(world)["categories"]
-    for coco in (base, full, val):
+    for coco in (base, full, val, test):
         assert coco["categories"] == world_cats  # all categories, split tags included
         assert coco["info"]["format"] == WORLD_FORMAT
     assert len(base["images"]) == len(full["images"]) == TINY["num_train"]
-    assert len(val["images"]) == TINY["num_val"]
+    assert len(val["images"]) == TINY["num_val"] and len(test["images"]) == TINY["num_test"]
     assert base["images"] == full["images"]
     # Training keeps base boxes only; the oracle file has those plus the novel ones.
     assert base["annotations"]
@@ -130,10 +172,11 @@ def test_annotation_files_are_valid_coco_with_ov_splits(world):
         assert full_by_id[a["id"]] == a
     assert [a for a in full["annotations"] if a["category_id"] in BASE_IDS] == base["annotations"]
     assert len(full["annotations"]) > len(base["annotations"])
-    # Validation is annotated with everything, novel included.
+    # Validation and test are annotated with everything, novel included, and differ.
     assert {a["category_id"] for a in val["annotations"]} & NOVEL_IDS
+    assert val["annotations"][:3] != test["annotations"][:3]
     hi = WorldConfig.objects_per_image[1]
-    for coco in (full, val):
+    for coco in (full, val, test):
         per_image = np.bincount([a["image_id"] for a in coco["annotations"]],
                                 minlength=len(coco["images"]) + 1)[1:]
         assert per_image.min() >= 1 and per_image.max() <= hi
@@ -141,7 +184,7 @@ def test_annotation_files_are_valid_coco_with_ov_splits(world):
 
 def test_boxes_inside_image_with_positive_size(world, cfg):
     size = cfg.image_size
-    for name in ("train_all", "val"):
+    for name in ("train_all", "val", "test"):
         coco = _annotations(world, name)
         for img in coco["images"]:
             assert (img["width"], img["height"]) == (size, size)
@@ -189,8 +232,6 @@ def test_box_region_holds_the_object_colour(make_world):
     the annotated object is really there. A box off by a few pixels, or labelled with another
     category, fails this for most boxes. (The camera's colour cast, haze and blur are off here:
     they shift colours on purpose.)"""
-    from training.data.shapes import COLOURS
-
     world = make_world(colour_cast=0.0, haze=0.0, desaturation=0.0, blur=0.0)
 
     names = list(COLOURS)
@@ -229,9 +270,9 @@ def test_caption_corpus(world, cfg, name, count):
     assert len(rows) == count
     assert [r["index"] for r in rows] == list(range(count))
     for r in rows:
-        assert 1 <= len(r["category_ids"]) <= (1 if name == "eval" else 2)
-        for cid in r["category_ids"]:
-            assert NAMES[cid] in r["caption"], r
+        assert (0 if name == "pretrain" else 1) <= len(r["category_ids"]) <= (1 if name == "eval" else 2)
+        if name == "eval":  # evaluation crops name their one category in full
+            assert NAMES[r["category_ids"][0]] in r["caption"], r
         if len(r["category_ids"]) == 2 and r["category_ids"][0] == r["category_ids"][1]:
             assert r["caption"] == f"two {NAMES[r['category_ids'][0]]}s"
     if name == "pretrain":
@@ -246,7 +287,7 @@ def test_register_world_datasets(world):
     d2 = pytest.importorskip("detectron2.data")
     suffix = uuid.uuid4().hex[:8]
     datasets = world_datasets(world)
-    assert set(datasets) == {"synth_train", "synth_train_all", "synth_val"}
+    assert set(datasets) == {"synth_train", "synth_train_all", "synth_val", "synth_test"}
     base_names = [c.name for c in CATEGORIES if c.split == "base"]
     novel_names = [c.name for c in CATEGORIES if c.split == "novel"]
     registered = []
@@ -295,7 +336,7 @@ def test_write_preview(world, tmp_path):
 def test_write_preview_with_few_captions(make_world, tmp_path):
     from training.data.preview import write_preview
 
-    world = make_world(num_train=1, num_val=1, num_captions=5, num_caption_eval=2)
+    world = make_world(num_train=1, num_val=1, num_test=1, num_captions=5, num_caption_eval=2)
     write_preview(world, tmp_path / "preview.png")
 
 
@@ -318,3 +359,21 @@ def test_world_config_from_dict():
     assert cfg.num_train == WorldConfig().num_train
     with pytest.raises(ValueError, match="num_trian"):
         WorldConfig.from_dict({"num_trian": 3})
+
+
+def test_caption_corpus_teaches_held_out_attributes():
+    """The pretraining captions name every held-out colour and shape, in several pairings and
+    alone ("a bolt", "something cyan"), while detection scenes' base boxes never show them."""
+    cfg = WorldConfig(caption_attribute_only=0.5)
+    captions = [synthetic.caption_sample(cfg, i)[1] for i in range(400)]
+    words = [set(c.replace(".", "").split()) for c in captions]
+    for attr in HELD_OUT_COLOURS | HELD_OUT_SHAPES:
+        holding = [w for w in words if attr in w]
+        assert len(holding) >= 5, attr
+        partners = {x for w in holding for x in w} & (set(COLOURS) | set(SHAPES)) - {attr}
+        assert len(partners) >= 4, (attr, partners)
+    alone_shape = [c for c in captions if not set(c.split()) & set(COLOURS)
+                   and set(c.replace(".", "").split()) & HELD_OUT_SHAPES]
+    alone_colour = [c for c in captions if not set(c.replace(".", "").split()) & set(SHAPES)
+                    and set(c.split()) & HELD_OUT_COLOURS]
+    assert alone_shape and alone_colour

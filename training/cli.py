@@ -28,6 +28,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from tqdm import tqdm
@@ -86,7 +87,7 @@ def _paths(cfg: dict, args: argparse.Namespace) -> tuple[Path, Path]:
 def _world_config(cfg: dict, args: argparse.Namespace):
     from .data.synthetic import WorldConfig
 
-    return WorldConfig.from_config(cfg, args, ("seed", "num_train", "num_val", "num_captions",
+    return WorldConfig.from_config(cfg, args, ("seed", "num_train", "num_val", "num_test", "num_captions",
                                                "image_size"))
 
 
@@ -110,9 +111,10 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     world = json.loads(path.read_text())
     logger.info("synthetic world written to %s in %.0f s (fingerprint %s)", world_dir,
                 time.time() - t0, world["fingerprint"][:12])
-    logger.info("  detection: %d train (base boxes only) + %d val images, %d categories (%d novel)",
-                wcfg.num_train, wcfg.num_val, len(world["categories"]),
-                sum(c["split"] == "novel" for c in world["categories"]))
+    tiers = Counter(c["tier"] for c in world["categories"])
+    logger.info("  detection: %d train (base boxes only) + %d val + %d test images",
+                wcfg.num_train, wcfg.num_val, wcfg.num_test)
+    logger.info("  categories: %s", ", ".join(f"{n} {t}" for t, n in tiers.items()))
     logger.info("  captions:  %d pretraining pairs, %d held-out evaluation images",
                 wcfg.num_captions, wcfg.num_caption_eval)
     if args.preview:
@@ -484,7 +486,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     manifest = verify_export(model_dir)
     out = Path(args.out)
     world_cfg = {**(load_config(args.config).get("world") or {}), "seed": args.seed, "num_train": 1,
-                 "num_val": 1, "num_captions": 16, "num_caption_eval": 16}
+                 "num_val": 1, "num_test": 1, "num_captions": 16, "num_caption_eval": 16}
     generate_world(out / "world", WorldConfig.from_dict(world_cfg), workers=1)
     image_path = out / "world" / "detection" / "val" / "000000.png"
     novel = [c["name"] for c in manifest.get("categories", []) if c["split"] == "novel"]
@@ -570,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-train", type=int, default=None, help="training detection images")
     p.add_argument("--num-val", type=int, default=None, help="validation detection images")
+    p.add_argument("--num-test", type=int, default=None, help="test detection images")
     p.add_argument("--num-captions", type=int, default=None, help="caption-corpus pairs")
     p.add_argument("--image-size", type=int, default=None, help="detection image side, pixels")
     p.add_argument("--workers", type=int, default=2, help="render processes (output independent of it)")

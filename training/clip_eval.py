@@ -1,5 +1,5 @@
 """Zero-shot CLIP accuracy in the two domains of the world: caption-style crops and detection
-GT crops (EZSD's 1.2x crop), over base and novel categories.
+GT crops (EZSD's 1.2x crop), over base and novel categories and per novel tier.
 """
 
 from __future__ import annotations
@@ -17,14 +17,20 @@ from .data.coco_format import load_coco_json, read_dataset_image
 
 @torch.inference_mode()
 def _accuracy(clip: ClipModel, images: torch.Tensor, labels: torch.Tensor, text: torch.Tensor,
-              novel_mask: torch.Tensor) -> dict:
+              tiers: list[str]) -> dict:
+    """Top-1 accuracy of images (N, 3, S, S) against text (C, D) for labels (N,) in [0, C).
+
+    Returns accuracies in [0, 1] (nan where a group is empty) for "base", "novel", "all" and
+    each tier of `tiers` (one per class) other than base, plus the sample count "n".
+    """
     emb = clip.encode_images(images)
-    pred = (emb @ text.T).argmax(1)
-    correct = (pred == labels).float()
-    is_novel = novel_mask[labels]
-    return {"base": correct[~is_novel].mean().item() if (~is_novel).any() else float("nan"),
-            "novel": correct[is_novel].mean().item() if is_novel.any() else float("nan"),
-            "all": correct.mean().item(), "n": int(len(labels))}
+    correct = ((emb @ text.T).argmax(1) == labels).float()
+    tier_of = np.array(tiers)[labels.numpy()]
+    groups = {"base": tier_of == "base", "novel": tier_of != "base", "all": np.ones(len(labels), bool)}
+    groups.update({t: tier_of == t for t in dict.fromkeys(tiers) if t != "base"})
+    out = {k: correct[torch.from_numpy(m)].mean().item() if m.any() else float("nan")
+           for k, m in groups.items()}
+    return {**out, "n": int(len(labels))}
 
 
 def detection_gt_crops(clip: ClipModel, json_file: Path, image_root: Path, *, enlarge: float = 1.2,
@@ -58,33 +64,38 @@ def zero_shot_report(clip: ClipModel, world_dir: str | Path, *, template: str = 
 
     Returns:
         {"caption_crops": {...}, "detection_gt_crops": {...}, "chance": float}, each row with
-        accuracies in [0, 1] over base, novel and all categories and its sample count n.
+        accuracies in [0, 1] over base, novel and all categories and per novel tier (a
+        category without a tier counts as its split), and its sample count n.
     """
     world_dir = Path(world_dir)
     world = json.loads((world_dir / "world.json").read_text())
     cats = world["categories"]
     index = {c["id"]: i for i, c in enumerate(cats)}
-    novel = torch.tensor([c["split"] == "novel" for c in cats])
+    tiers = [c.get("tier", c["split"]) for c in cats]
     text = clip.text_embeddings([c["name"] for c in cats], template)
 
     cap_images = np.load(world_dir / "captions" / "eval.npy", mmap_mode="r")[:max_caption_images]
     rows = [json.loads(line) for line in (world_dir / "captions" / "eval.jsonl").read_text().splitlines()]
     cap_labels = torch.tensor([index[r["category_ids"][0]] for r in rows[:len(cap_images)]])
     caption = _accuracy(clip, clip.normalise(torch.from_numpy(np.array(cap_images))),
-                        cap_labels, text, novel)
+                        cap_labels, text, tiers)
 
     det = world_dir / "detection"
     crops, cat_ids = detection_gt_crops(clip, det / "annotations" / "val.json", det / "val",
                                         max_images=max_detection_images)
-    detection = _accuracy(clip, crops, torch.tensor([index[int(c)] for c in cat_ids]), text, novel)
+    detection = _accuracy(clip, crops, torch.tensor([index[int(c)] for c in cat_ids]), text, tiers)
     return {"caption_crops": caption, "detection_gt_crops": detection, "chance": 1.0 / len(cats),
             "template": template}
 
 
 def format_report(report: dict, title: str = "CLIP zero-shot accuracy") -> str:
-    lines = [title, f"{'domain':<22}{'base':>8}{'novel':>8}{'all':>8}{'n':>8}"]
-    for key, label in (("caption_crops", "caption-style crops"), ("detection_gt_crops", "detection GT crops")):
+    rows = (("caption_crops", "caption-style crops"), ("detection_gt_crops", "detection GT crops"))
+    columns = [k for k in report["caption_crops"] if k != "n"]
+    width = max(map(len, columns)) + 2
+    lines = [title, f"{'domain':<22}" + "".join(f"{c:>{width}}" for c in columns) + f"{'n':>8}"]
+    for key, label in rows:
         r = report[key]
-        lines.append(f"{label:<22}{r['base']:>8.1%}{r['novel']:>8.1%}{r['all']:>8.1%}{r['n']:>8d}")
-    lines.append(f"{'chance':<22}{report['chance']:>8.1%}{report['chance']:>8.1%}{report['chance']:>8.1%}")
+        lines.append(f"{label:<22}" + "".join(f"{r.get(c, float('nan')):>{width}.1%}" for c in columns)
+                     + f"{r['n']:>8d}")
+    lines.append(f"{'chance':<22}{report['chance']:>{width}.1%}")
     return "\n".join(lines)

@@ -3,7 +3,9 @@
 The detector classifies every validation region over **all** categories (base + novel) at
 once, as in the paper's generalized setting; detections go through Detectron2's
 `COCOEvaluator` (pycocotools, `use_fast_impl=False`: the compiled fast path is not built), and
-the per-category precision it computes is averaged over the base, novel and all groups.
+the per-category precision it computes is averaged over the base, novel and all groups, and
+over each novel tier when the dataset's categories carry a ``tier`` tag (the synthetic world's
+novel_comp / novel_shape / novel_both).
 """
 
 from __future__ import annotations
@@ -110,8 +112,9 @@ def evaluate(cfg, model: nn.Module, dataset_name: str, text: torch.Tensor, outpu
             (EZSD's generalized evaluation: 300, none), whatever the config's test values.
 
     Returns:
-        {"base": {...}, "novel": {...}, "all": {...}} as `group_ap`, plus "images", "seconds"
-        and "max_detections"/"score_thresh".
+        {"base": {...}, "novel": {...}, "all": {...}} as `group_ap` (plus one group per novel
+        tier where the categories are tagged), "images", "seconds" and
+        "max_detections"/"score_thresh".
     """
     import time
 
@@ -132,6 +135,7 @@ def evaluate(cfg, model: nn.Module, dataset_name: str, text: torch.Tensor, outpu
     groups = {"base": [inverse[i] for i in meta.base_contiguous_ids],
               "novel": [inverse[i] for i in meta.novel_contiguous_ids],
               "all": sorted(inverse.values())}
+    groups.update(tier_groups(meta.json_file))
     result = group_ap(meta.json_file, detections, groups)
     result.update(images=len(loader.dataset), seconds=round(seconds, 1), dataset=dataset_name,
                   max_detections=max_detections, score_thresh=score_thresh)
@@ -139,10 +143,22 @@ def evaluate(cfg, model: nn.Module, dataset_name: str, text: torch.Tensor, outpu
     return result
 
 
+def tier_groups(json_file: str | Path) -> dict[str, list[int]]:
+    """Category ids per novel tier of a COCO file whose categories carry a ``tier`` tag
+    (empty when none do). Base is not a tier group: it is the "base" group already."""
+    groups: dict[str, list[int]] = {}
+    for c in json.loads(Path(json_file).read_text())["categories"]:
+        if c.get("tier", "base") != "base":
+            groups.setdefault(c["tier"], []).append(c["id"])
+    return groups
+
+
 def format_metrics(result: dict, title: str = "generalized zero-shot detection") -> str:
     lines = [f"{title} ({result.get('dataset', '')}, {result.get('images', '?')} images)",
-             f"{'group':<8}{'AP50':>8}{'AP':>8}{'APs':>8}{'classes':>9}"]
-    for g in ("novel", "base", "all"):
+             f"{'group':<13}{'AP50':>8}{'AP':>8}{'APs':>8}{'classes':>9}"]
+    tiers = [g for g in result if g.startswith("novel_")]
+    for g in ("novel", *tiers, "base", "all"):
         r = result[g]
-        lines.append(f"{g:<8}{r['AP50']:>8.1f}{r['AP']:>8.1f}{r['APs']:>8.1f}{r['categories']:>9d}")
+        name = g if g in ("novel", "base", "all") else f"  {g}"
+        lines.append(f"{name:<13}{r['AP50']:>8.1f}{r['AP']:>8.1f}{r['APs']:>8.1f}{r['categories']:>9d}")
     return "\n".join(lines)

@@ -1,5 +1,6 @@
-"""A PNG that shows a generated world at a glance: detection scenes with their boxes (novel
-categories dashed and starred), a category legend, and caption-corpus samples with captions.
+"""A PNG that shows a generated world at a glance: detection scenes with their boxes (each
+novel tier its own line style and tag), a category legend by tier, and caption-corpus samples
+with their captions.
 """
 
 from __future__ import annotations
@@ -14,6 +15,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
+
+# Line style and tag of a box per tier; a category with no tier is drawn by its split.
+TIER_STYLE = {"base": ("-", ""), "novel": ("--", "N"), "novel_comp": ("--", "C"),
+              "novel_shape": (":", "S"), "novel_both": ("-.", "B")}
+
+
+def _tier(category: dict) -> str:
+    return category.get("tier", category["split"])
 
 
 def write_preview(world_dir: str | Path, out_png: str | Path, *, num_scenes: int = 4,
@@ -36,11 +45,11 @@ def write_preview(world_dir: str | Path, out_png: str | Path, *, num_scenes: int
         ax.imshow(Image.open(world_dir / "detection" / "val" / img_info["file_name"]))
         for a in (a for a in val["annotations"] if a["image_id"] == img_info["id"]):
             x, y, w, h = a["bbox"]
-            novel = cats[a["category_id"]]["split"] == "novel"
+            style, tag = TIER_STYLE[_tier(cats[a["category_id"]])]
             ax.add_patch(Rectangle((x, y), w, h, fill=False, lw=1.5, ec=colour[a["category_id"]],
-                                   ls="--" if novel else "-"))
-            if novel:
-                ax.text(x, y - 1, "*", color="white", fontsize=10, weight="bold")
+                                   ls=style))
+            if tag:
+                ax.text(x, y - 1, tag, color="white", fontsize=8, weight="bold")
         ax.set_title(f"val {img_info['file_name']}", fontsize=9)
         ax.axis("off")
     for k, row in enumerate(cap_rows):
@@ -49,11 +58,11 @@ def write_preview(world_dir: str | Path, out_png: str | Path, *, num_scenes: int
         ax.imshow(cap_images[k])
         ax.set_title(json.loads(row)["caption"], fontsize=7, loc="left")
         ax.axis("off")
-    handles = [Patch(fc="none", ec=colour[cid], ls="--" if c["split"] == "novel" else "-",
-                     label=f"{c['name']}{' *novel' if c['split'] == 'novel' else ''}")
-               for cid, c in sorted(cats.items())]
+    handles = [Patch(fc="none", ec=colour[cid], ls=TIER_STYLE[_tier(c)][0],
+                     label=f"{c['name']} ({_tier(c)})")
+               for cid, c in sorted(cats.items(), key=lambda kv: (list(TIER_STYLE).index(_tier(kv[1])), kv[0]))]
     fig.legend(handles=handles, loc="lower right", ncol=2, fontsize=8, frameon=False,
-               title="categories (dashed / * = novel: never boxed in training)", title_fontsize=8)
+               title="categories by tier (C/S/B tags: novel, never boxed in training)", title_fontsize=8)
     fig.suptitle("synthetic open-vocabulary world: detection scenes (top), caption corpus (bottom)")
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)

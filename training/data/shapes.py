@@ -1,8 +1,20 @@
-"""Rasterising the synthetic world's objects: category table, shape masks and object patches.
+"""Rasterising the synthetic world's objects: colours, shapes, the category table, masks and
+object patches.
 
-Every category is a plain-words name made of a colour and a shape ("red ring"). Novel
-categories reuse a colour of one base category and the shape of another, so a detector
-trained on base boxes alone cannot tell them apart without the language prior that CLIP adds.
+Every category is a plain-words name made of a colour and a shape ("red ring"). The palette
+and the shape set are split in two:
+
+* **seen** attributes appear on base boxes, on detection clutter and in captions;
+* **held-out** attributes (HELD_OUT_COLOURS, HELD_OUT_SHAPES) appear only in the caption
+  corpus ("the web") and on the unannotated novel objects of detection scenes.
+
+Novel categories come in three tiers, each tagged in the COCO json:
+
+* ``novel_comp``: a seen colour on a seen shape, a new pairing ("red ring"). Text alone can
+  transfer here, so this tier is the control;
+* ``novel_shape``: a seen colour on a held-out shape ("red clover");
+* ``novel_both``: a held-out colour on a held-out shape ("cyan bolt"). Only a region
+  embedding that learned the attribute from CLIP (distillation) can find these.
 """
 
 from __future__ import annotations
@@ -13,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+# The seen palette is kept far apart (>= ~95 RGB units from every held-out colour), so a
+# held-out colour is not a jittered, colour-cast version of a seen one.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (214, 40, 40),
     "blue": (40, 82, 214),
@@ -20,12 +34,16 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (232, 206, 40),
     "purple": (136, 58, 186),
     "orange": (240, 136, 30),
-    "cyan": (40, 196, 206),
-    "pink": (238, 128, 178),
     "white": (236, 236, 236),
     "brown": (128, 78, 40),
-    "gray": (128, 128, 128),
+    # Held-out colours: captions and novel objects only.
+    "cyan": (40, 200, 210),
+    "magenta": (232, 40, 214),
+    "black": (26, 26, 30),
 }
+HELD_OUT_COLOURS: frozenset[str] = frozenset({"cyan", "magenta", "black"})
+
+TIERS: tuple[str, ...] = ("base", "novel_comp", "novel_shape", "novel_both")
 
 
 @dataclass(frozen=True)
@@ -36,22 +54,27 @@ class Category:
         id: COCO category id (1-based).
         colour: key of COLOURS.
         shape: key of SHAPES.
-        split: "base" (boxes available in training) or "novel" (never annotated in training).
+        tier: one of TIERS; "base" categories have boxes in training, the others never do.
     """
 
     id: int
     colour: str
     shape: str
-    split: str
+    tier: str
 
     @property
     def name(self) -> str:
         return f"{self.colour} {self.shape}"
 
+    @property
+    def split(self) -> str:
+        """"base" or "novel" (the open-vocabulary split every dataset has)."""
+        return "base" if self.tier == "base" else "novel"
+
 
 CATEGORIES: tuple[Category, ...] = tuple(
-    Category(i + 1, colour, shape, split)
-    for i, (colour, shape, split) in enumerate(
+    Category(i + 1, colour, shape, tier)
+    for i, (colour, shape, tier) in enumerate(
         [
             ("red", "disk", "base"),
             ("blue", "square", "base"),
@@ -59,17 +82,20 @@ CATEGORIES: tuple[Category, ...] = tuple(
             ("yellow", "star", "base"),
             ("purple", "ring", "base"),
             ("orange", "cross", "base"),
-            ("cyan", "diamond", "base"),
-            ("pink", "heart", "base"),
             ("white", "arrow", "base"),
             ("brown", "hexagon", "base"),
-            ("gray", "crescent", "base"),
-            # Novel: colour of one base class, shape of another.
-            ("red", "ring", "novel"),
-            ("blue", "star", "novel"),
-            ("green", "cross", "novel"),
-            ("orange", "heart", "novel"),
-            ("white", "hexagon", "novel"),
+            ("purple", "diamond", "base"),
+            ("green", "heart", "base"),
+            ("yellow", "crescent", "base"),
+            ("red", "ring", "novel_comp"),
+            ("blue", "star", "novel_comp"),
+            ("orange", "heart", "novel_comp"),
+            ("red", "clover", "novel_shape"),
+            ("blue", "bowtie", "novel_shape"),
+            ("yellow", "bolt", "novel_shape"),
+            ("cyan", "clover", "novel_both"),
+            ("magenta", "bowtie", "novel_both"),
+            ("black", "bolt", "novel_both"),
         ]
     )
 )
@@ -98,11 +124,11 @@ def _heart(n: int = 48) -> list:
     return pts
 
 
-# Each shape: list of (polygon-or-"ellipse", fill) drawn in order on a [-1, 1]^2 canvas;
-# fill 0 cuts a hole (ring, crescent).
+# Each shape: (geometry, fill) parts drawn in order on a [-1, 1]^2 canvas, where geometry is a
+# polygon (list of points) or ("circle", cx, cy, r); fill 0 cuts a hole (ring, crescent).
 SHAPES: dict[str, list[tuple[object, int]]] = {
-    "disk": [("ellipse", 255)],
-    "ring": [("ellipse", 255), (("ellipse", 0.55), 0)],
+    "disk": [(("circle", 0, 0, 1), 255)],
+    "ring": [(("circle", 0, 0, 1), 255), (("circle", 0, 0, 0.55), 0)],
     "square": [([(-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)], 255)],
     "triangle": [(_regular_polygon(3, 1.0), 255)],
     "star": [(_star(), 255)],
@@ -113,8 +139,16 @@ SHAPES: dict[str, list[tuple[object, int]]] = {
     "arrow": [([(-1, -0.25), (0.2, -0.25), (0.2, -0.7), (1, 0), (0.2, 0.7), (0.2, 0.25),
                 (-1, 0.25)], 255)],
     "hexagon": [(_regular_polygon(6, 1.0, 0.0), 255)],
-    "crescent": [("ellipse", 255), (("shifted", 0.45), 0)],
+    "crescent": [(("circle", 0, 0, 1), 255), (("circle", 0.45, 0, 0.82), 0)],
+    # Held-out shapes: captions and novel objects only.
+    "clover": [(("circle", 0, -0.48, 0.5), 255), (("circle", -0.46, 0.3, 0.5), 255),
+               (("circle", 0.46, 0.3, 0.5), 255), (("circle", 0, 0, 0.3), 255)],
+    "bowtie": [([(-1, -0.85), (0, -0.12), (1, -0.85), (1, 0.85), (0, 0.12), (-1, 0.85)], 255)],
+    "bolt": [([(0.25, -1), (-0.65, 0.15), (-0.05, 0.15), (-0.3, 1), (0.65, -0.2),
+               (0.05, -0.2)], 255)],
 }
+HELD_OUT_SHAPES: frozenset[str] = frozenset({"clover", "bowtie", "bolt"})
+SEEN_COLOURS: tuple[str, ...] = tuple(c for c in COLOURS if c not in HELD_OUT_COLOURS)
 
 # Non-category shapes used as clutter.
 DISTRACTOR_SHAPES: list[list] = [
@@ -147,15 +181,10 @@ def shape_mask(shape: str, width: int, height: int, angle_deg: float) -> np.ndar
         return [(half + x * half * 0.98, half + y * half * 0.98) for x, y in points]
 
     for geom, fill in SHAPES[shape]:
-        if geom == "ellipse":
-            draw.ellipse([half * 0.02, half * 0.02, side - half * 0.02, side - half * 0.02], fill=fill)
-        elif isinstance(geom, tuple) and geom[0] == "ellipse":
-            r = geom[1] * half
-            draw.ellipse([half - r, half - r, half + r, half + r], fill=fill)
-        elif isinstance(geom, tuple) and geom[0] == "shifted":
-            r = 0.8 * half
-            c = half + geom[1] * half
-            draw.ellipse([c - r, half - r * 1.05, c + r, half + r * 1.05], fill=fill)
+        if geom[0] == "circle":
+            _, cx, cy, r = geom
+            draw.ellipse([half + (cx - r) * half * 0.98, half + (cy - r) * half * 0.98,
+                          half + (cx + r) * half * 0.98, half + (cy + r) * half * 0.98], fill=fill)
         else:
             draw.polygon(to_px(geom), fill=fill)
     if angle_deg:

@@ -4,16 +4,19 @@ Two visual domains are generated from one seed, deterministically (each sample h
 RNG seeded by (seed, domain, index), so the output does not depend on the worker count):
 
 * **Captions** ("web photos", CLIP's pretraining data): one or two large objects on varied
-  backgrounds with some clutter, and a free-text caption naming them. Every category, base
-  and novel, is named in captions, as web text names everything.
+  backgrounds with some clutter, and a free-text caption naming them. Half the objects are
+  categories; the others are any colour on any shape, held-out attributes included, and some
+  captions name only the shape ("a bolt") or only the colour ("something magenta"), as web
+  text names things.
 * **Detection** ("drone-like scenes"): many objects per image, mostly small, on textured
-  terrain with clutter, neighbours, partial occlusion, a per-image colour cast and sensor
-  noise. Annotated in COCO json with all categories; the training annotations keep base
-  categories only, while novel objects still appear in those images, unannotated (the EZSD
-  setting).
+  terrain with clutter, neighbours, partial occlusion and a camera (haze, desaturation,
+  contrast, gamma, colour cast, blur, sensor noise). Clutter never takes a held-out colour or
+  shape (shapes.py), so held-out attributes reach a detector only through novel objects,
+  which are present in training images but never annotated there (the EZSD setting).
 
-The moderate gap between the two domains (scale, context around boxes, colour statistics) is
-what CLIP re-normalisation later closes.
+Splits: ``train`` (annotated twice: base boxes only, and all boxes for the oracle), ``val``
+(every choice is made here) and ``test`` (reported numbers only). The camera is the gap
+between the two domains that CLIP re-normalisation later closes.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ from .shapes import (
     CATEGORIES,
     COLOURS,
     DISTRACTOR_SHAPES,
+    HELD_OUT_COLOURS,
+    SEEN_COLOURS,
+    SHAPES,
     Category,
     object_texture,
     polygon_mask,
@@ -44,8 +50,10 @@ from .shapes import (
 
 logger = logging.getLogger(__name__)
 
-WORLD_FORMAT = "ovd-synthetic-world/1"
-DETECTION_SPLITS = ("train", "val")
+WORLD_FORMAT = "ovd-synthetic-world/2"
+DETECTION_SPLITS = ("train", "val", "test")
+# Random clutter colours closer than this (RGB units) to a held-out colour are redrawn.
+CLUTTER_MIN_DISTANCE = 110.0
 
 
 @dataclass
@@ -55,7 +63,8 @@ class WorldConfig(SectionConfig):
     Attributes:
         seed: master seed; everything generated is a pure function of this config.
         image_size: detection image side in pixels.
-        num_train / num_val: detection images per split.
+        num_train / num_val / num_test: detection images per split (val for every choice,
+            test for reported numbers; ~3 novel objects per image).
         objects_per_image: inclusive range of objects per detection image.
         object_size: inclusive range of an object's longer side in detection images, pixels
             (sampled log-uniformly, so small objects dominate as in drone imagery).
@@ -64,10 +73,15 @@ class WorldConfig(SectionConfig):
         caption_image_size: side of caption-corpus images in pixels.
         num_captions: caption-corpus samples for CLIP pretraining.
         num_caption_eval: held-out single-object caption-style images for zero-shot accuracy.
+        caption_category_fraction: share of caption objects drawn from the category table; the
+            rest are any colour on any shape.
+        caption_attribute_only: share of single-object captions that name only the shape or
+            only the colour.
         colour_jitter: per-instance std of object colour, in 0..255 units.
         colour_cast: detection images get per-channel gains in [1 - c, 1 + c].
         haze: largest blend fraction of a detection image towards a bright haze colour.
         desaturation: largest fraction of colour saturation removed from a detection image.
+        gamma: range of the detection camera's gamma (intensity**gamma on [0, 1]).
         blur: largest Gaussian blur radius of a detection image, pixels.
         noise: range of the sensor noise std of a detection image, 0..255 units.
     """
@@ -77,7 +91,8 @@ class WorldConfig(SectionConfig):
     seed: int = 0
     image_size: int = 256
     num_train: int = 600
-    num_val: int = 150
+    num_val: int = 400
+    num_test: int = 400
     objects_per_image: tuple[int, int] = (4, 10)
     object_size: tuple[int, int] = (12, 64)
     distractors_per_image: tuple[int, int] = (6, 16)
@@ -85,16 +100,20 @@ class WorldConfig(SectionConfig):
     caption_image_size: int = 64
     num_captions: int = 30000
     num_caption_eval: int = 1600
+    caption_category_fraction: float = 0.5
+    caption_attribute_only: float = 0.2
     colour_jitter: float = 14.0
     colour_cast: float = 0.25
     haze: float = 0.3
     desaturation: float = 0.4
+    gamma: tuple[float, float] = (0.7, 1.4)
     blur: float = 0.8
     noise: tuple[float, float] = (4.0, 12.0)
 
     def __post_init__(self) -> None:
         problems = []
-        if min(self.num_train, self.num_val, self.num_captions, self.num_caption_eval) < 1:
+        if min(self.num_train, self.num_val, self.num_test, self.num_captions,
+               self.num_caption_eval) < 1:
             problems.append("every image count must be >= 1")
         if not 1 <= self.objects_per_image[0] <= self.objects_per_image[1]:
             problems.append(f"objects_per_image {self.objects_per_image} must be 1 <= lo <= hi")
@@ -107,6 +126,10 @@ class WorldConfig(SectionConfig):
             problems.append("caption_image_size must be >= 16")
         if not 0.0 <= self.max_occlusion < 1.0:
             problems.append("max_occlusion must be in [0, 1)")
+        if not (0.0 <= self.caption_category_fraction <= 1.0 and 0.0 <= self.caption_attribute_only <= 1.0):
+            problems.append("caption_category_fraction and caption_attribute_only must be in [0, 1]")
+        if not 0.0 < self.gamma[0] <= self.gamma[1]:
+            problems.append(f"gamma {self.gamma} must satisfy 0 < lo <= hi")
         if problems:
             raise ValueError("invalid world config: " + "; ".join(problems))
 
@@ -205,22 +228,32 @@ def _add_distractors(img: np.ndarray, rng: np.random.Generator, count: int,
         w, h = max(3, int(s * rng.uniform(0.5, 1.5))), max(3, int(s * rng.uniform(0.5, 1.5)))
         poly = DISTRACTOR_SHAPES[int(rng.integers(len(DISTRACTOR_SHAPES)))]
         alpha = polygon_mask(poly, w, h, rng.uniform(0, 360)) * rng.uniform(0.6, 1.0)
-        # Clutter sometimes borrows an object colour, so colour alone is not a detector.
-        rgb = (COLOURS[rng.choice(list(COLOURS))] if rng.random() < 0.4
-               else tuple(rng.uniform(30, 220, 3)))
+        # Clutter sometimes borrows a seen object colour, so colour alone is not a detector,
+        # and never looks like a held-out colour, which only novel objects may show.
+        rgb = COLOURS[SEEN_COLOURS[int(rng.integers(len(SEEN_COLOURS)))]] if rng.random() < 0.4 \
+            else _clutter_colour(rng)
         patch = object_texture(rgb, w, h, rng, 20.0)
         _paste(img, patch, alpha, int(rng.integers(-w // 2, size - w // 2)),
                int(rng.integers(-h // 2, size - h // 2)))
 
 
-def _render_object(cat: Category, long_side: int, rng: np.random.Generator,
+def _clutter_colour(rng: np.random.Generator) -> tuple[float, float, float]:
+    """A random RGB at least CLUTTER_MIN_DISTANCE from every held-out colour."""
+    held_out = np.array([COLOURS[c] for c in sorted(HELD_OUT_COLOURS)], np.float32)
+    while True:
+        rgb = rng.uniform(30, 220, 3)
+        if np.linalg.norm(held_out - rgb, axis=1).min() >= CLUTTER_MIN_DISTANCE:
+            return tuple(rgb)
+
+
+def _render_object(colour: str, shape: str, long_side: int, rng: np.random.Generator,
                    colour_jitter: float) -> tuple[np.ndarray, np.ndarray]:
     """Texture (h, w, 3) and alpha (h, w) of one object whose longer side is long_side px."""
     aspect = rng.uniform(0.8, 1.25)
     w = max(4, int(round(long_side * min(1.0, aspect))))
     h = max(4, int(round(long_side * min(1.0, 1 / aspect))))
-    alpha = shape_mask(cat.shape, w, h, rng.uniform(-30, 30))
-    return object_texture(COLOURS[cat.colour], w, h, rng, colour_jitter), alpha
+    alpha = shape_mask(shape, w, h, rng.uniform(-30, 30))
+    return object_texture(COLOURS[colour], w, h, rng, colour_jitter), alpha
 
 
 def _tight_box(alpha: np.ndarray, x: int, y: int, W: int, H: int):
@@ -256,7 +289,8 @@ def detection_sample(cfg: WorldConfig, split: str, index: int) -> tuple[np.ndarr
         if len(objects) == n:
             break
         cat = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
-        tex, alpha = _render_object(cat, int(math.exp(rng.uniform(lo, hi))), rng, cfg.colour_jitter)
+        tex, alpha = _render_object(cat.colour, cat.shape, int(math.exp(rng.uniform(lo, hi))), rng,
+                                    cfg.colour_jitter)
         h, w = alpha.shape
         x, y = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
         new_area = alpha.sum()
@@ -282,7 +316,9 @@ def detection_sample(cfg: WorldConfig, split: str, index: int) -> tuple[np.ndarr
         _paste(img, tex, alpha, x, y)
         coverage[y:y + h, x:x + w] = np.maximum(coverage[y:y + h, x:x + w], alpha)
         objects.append(SynthObject(cat, box, alpha, (y, x)))
-    # Camera and atmosphere: haze, desaturation, contrast, per-image colour cast, blur, noise.
+    # Camera and atmosphere: haze, desaturation, contrast, gamma, per-image colour cast, blur,
+    # noise. All but blur and noise are per-channel affine or monotone maps that a LayerNorm
+    # on CLIP's tokens can partly undo (re-normalisation's job).
     haze = rng.uniform(0, cfg.haze)
     img = img * (1 - haze) + haze * rng.uniform(150, 210, 3)
     grey = img.mean(-1, keepdims=True)
@@ -290,6 +326,7 @@ def detection_sample(cfg: WorldConfig, split: str, index: int) -> tuple[np.ndarr
     img = grey + (img - grey) * sat
     mean = img.mean()
     img = (img - mean) * rng.uniform(0.7, 1.0) + mean
+    img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** rng.uniform(*cfg.gamma)
     img = img * rng.uniform(1 - cfg.colour_cast, 1 + cfg.colour_cast, 3)
     if cfg.blur > 0:
         img = np.asarray(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).filter(
@@ -310,6 +347,23 @@ _PAIR_TEMPLATES = [
     "a {a} and a {b}", "a photo of a {a} and a {b}.", "a {a} next to a {b}",
     "a {b} beside a {a} on a {bg} background", "a picture with a {a} and a {b}",
 ]
+_COLOUR_ONLY_TEMPLATES = ["something {c}", "a {c} object", "a {c} thing on a {bg} background",
+                          "a photo of something {c}."]
+_SHAPE_ONLY_TEMPLATES = ["a {s}", "a photo of a {s}.", "a {s} on a {bg} background", "the shape of a {s}"]
+_SHAPE_NAMES = tuple(SHAPES)
+
+
+def _caption_object(cfg: WorldConfig, rng: np.random.Generator, categories_only: bool
+                    ) -> tuple[str, str, int | None]:
+    """(colour, shape, category id or None) of one caption object: a category, or any colour
+    on any shape (held-out attributes included)."""
+    if categories_only or rng.random() < cfg.caption_category_fraction:
+        cat = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+        return cat.colour, cat.shape, cat.id
+    colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+    shape = _SHAPE_NAMES[int(rng.integers(len(_SHAPE_NAMES)))]
+    match = [c.id for c in CATEGORIES if (c.colour, c.shape) == (colour, shape)]
+    return colour, shape, match[0] if match else None
 
 
 def caption_sample(cfg: WorldConfig, index: int, *, domain: int = 10,
@@ -320,45 +374,56 @@ def caption_sample(cfg: WorldConfig, index: int, *, domain: int = 10,
         cfg: world config.
         index: sample index within the domain.
         domain: RNG domain (10 = pretraining corpus, 11 = held-out evaluation crops).
-        single: force a single object (evaluation crops).
+        single: one category object, named in full (the evaluation crops).
 
     Returns:
         image: uint8 (caption_image_size, caption_image_size, 3).
-        caption: free text naming the objects.
-        category_ids: ids of the objects shown.
+        caption: free text naming the objects (or only an attribute of a single one).
+        category_ids: ids of the shown objects that are categories (may be empty).
     """
     rng = _rng(cfg.seed, domain, index)
     size = cfg.caption_image_size
     img, bg_word = web_background(rng, size)
     _add_distractors(img, rng, int(rng.integers(0, 4)), (3, size * 0.25))
     n = 1 if single or rng.random() < 0.7 else 2
-    cats = [CATEGORIES[int(rng.integers(len(CATEGORIES)))] for _ in range(n)]
+    objects = [_caption_object(cfg, rng, single) for _ in range(n)]
+    names = [f"{colour} {shape}" for colour, shape, _ in objects]
     if n == 1:
         frac = rng.uniform(0.45, 0.9)
-        tex, alpha = _render_object(cats[0], int(size * frac), rng, cfg.colour_jitter)
+        colour, shape, _ = objects[0]
+        tex, alpha = _render_object(colour, shape, int(size * frac), rng, cfg.colour_jitter)
         h, w = alpha.shape
         _paste(img, tex, alpha, int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1)))
-        caption = str(rng.choice(_SINGLE_TEMPLATES)).format(
-            a=cats[0].name, bg=bg_word, size="large" if frac > 0.7 else "small")
+        attribute_only = not single and rng.random() < cfg.caption_attribute_only
+        if attribute_only and rng.random() < 0.5:
+            caption = str(rng.choice(_COLOUR_ONLY_TEMPLATES)).format(c=colour, bg=bg_word)
+        elif attribute_only:
+            caption = str(rng.choice(_SHAPE_ONLY_TEMPLATES)).format(s=shape, bg=bg_word)
+        else:
+            caption = str(rng.choice(_SINGLE_TEMPLATES)).format(
+                a=names[0], bg=bg_word, size="large" if frac > 0.7 else "small")
     else:
-        for k, cat in enumerate(cats):
-            tex, alpha = _render_object(cat, int(size * rng.uniform(0.35, 0.55)), rng, cfg.colour_jitter)
+        for k, (colour, shape, _) in enumerate(objects):
+            tex, alpha = _render_object(colour, shape, int(size * rng.uniform(0.35, 0.55)), rng,
+                                        cfg.colour_jitter)
             h, w = alpha.shape
             half = size // 2
             x = int(rng.integers(k * half - w // 3, max(k * half - w // 3 + 1, (k + 1) * half - w + w // 3)))
             _paste(img, tex, alpha, int(np.clip(x, 0, size - w)), int(rng.integers(0, size - h + 1)))
-        if cats[0] == cats[1]:
-            caption = f"two {cats[0].name}s"
+        if names[0] == names[1]:
+            caption = f"two {names[0]}s"
         else:
-            caption = str(rng.choice(_PAIR_TEMPLATES)).format(a=cats[0].name, b=cats[1].name, bg=bg_word)
+            caption = str(rng.choice(_PAIR_TEMPLATES)).format(a=names[0], b=names[1], bg=bg_word)
     img = img + rng.normal(0, 2, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8), caption, [c.id for c in cats]
+    return (np.clip(img, 0, 255).astype(np.uint8), caption,
+            [cid for _, _, cid in objects if cid is not None])
 
 
 # --------------------------------------------------------------------------- writing
 
 def _categories_json() -> list[dict]:
-    return [{"id": c.id, "name": c.name, "supercategory": c.shape, "split": c.split} for c in CATEGORIES]
+    return [{"id": c.id, "name": c.name, "supercategory": c.shape, "split": c.split, "tier": c.tier,
+             "colour": c.colour, "shape": c.shape} for c in CATEGORIES]
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
@@ -408,10 +473,11 @@ def generate_world(out_dir: str | Path, cfg: WorldConfig, *, workers: int = 2,
     Layout::
 
         out_dir/world.json                          config, categories, file sha256s
-        out_dir/detection/{train,val}/000000.png
+        out_dir/detection/{train,val,test}/000000.png
         out_dir/detection/annotations/train_base.json   base boxes only (EZSD training)
         out_dir/detection/annotations/train_all.json    all boxes (oracle)
-        out_dir/detection/annotations/val.json          all boxes (generalized evaluation)
+        out_dir/detection/annotations/val.json          all boxes: every choice is made here
+        out_dir/detection/annotations/test.json         all boxes: reported numbers only
         out_dir/captions/{pretrain,eval}.npy            uint8 (N, S, S, 3)
         out_dir/captions/{pretrain,eval}.jsonl          caption + category ids per row
 
@@ -429,7 +495,7 @@ def generate_world(out_dir: str | Path, cfg: WorldConfig, *, workers: int = 2,
     files: dict[str, str] = {}
     with ctx.Pool(workers) as pool:
         per_split: dict[str, list[list[dict]]] = {}
-        for split, count in (("train", cfg.num_train), ("val", cfg.num_val)):
+        for split, count in (("train", cfg.num_train), ("val", cfg.num_val), ("test", cfg.num_test)):
             image_dir = out / "detection" / split
             image_dir.mkdir(parents=True, exist_ok=True)
             advance = progress(f"detection/{split}", count) if progress else advance_noop
@@ -470,7 +536,7 @@ def generate_world(out_dir: str | Path, cfg: WorldConfig, *, workers: int = 2,
             for o in objs:
                 anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": o["category_id"],
                              "bbox": o["bbox"], "area": o["bbox"][2] * o["bbox"][3], "iscrowd": 0})
-        variants = {"val": anns} if split == "val" else {
+        variants = {split: anns} if split != "train" else {
             "train_all": anns, "train_base": [a for a in anns if a["category_id"] in base_ids]}
         for vname, vanns in variants.items():
             path = out / "detection" / "annotations" / f"{vname}.json"
@@ -513,14 +579,15 @@ def world_datasets(world_dir: str | Path) -> dict[str, tuple[Path, Path]]:
         "synth_train": (root / "annotations" / "train_base.json", root / "train"),
         "synth_train_all": (root / "annotations" / "train_all.json", root / "train"),
         "synth_val": (root / "annotations" / "val.json", root / "val"),
+        "synth_test": (root / "annotations" / "test.json", root / "test"),
     }
 
 
 def register_world(world_dir: str | Path, *, overwrite: bool = False) -> list[str]:
     """Register a world's splits in Detectron2's DatasetCatalog / MetadataCatalog.
 
-    Names: `synth_train` (base boxes only), `synth_train_all` (oracle: all boxes) and
-    `synth_val` (all boxes), with base/novel metadata from the category split tags.
+    Names: `synth_train` (base boxes only), `synth_train_all` (oracle: all boxes), `synth_val`
+    and `synth_test` (all boxes), with base/novel metadata from the category split tags.
     """
     from .coco_format import register_ov_dataset
 
