@@ -29,6 +29,10 @@ over several sessions; --commit commits each finished cell. Shared stages (world
 re-normalised CLIP) come from the pipeline root (`ovd pipeline` writes them; computed here
 when absent); proposals and targets for the training subset are computed once under --root.
 
+The schedule check (`--phase schedule`, val, seed 0) trains base_only and gt_renorm with the
+table's schedule and with the shipped one (600 images, 900 iterations) and records whether the
+two schedules order the rows the same way.
+
 Writes <results>/ezsd_variants.{json,md}, ezsd_variants_ap50.png (bar chart with CI
 whiskers per tier) and ezsd_variants_detections.png (test images, tier of each novel box).
 """
@@ -95,6 +99,10 @@ CONTRASTS = (("renorm", "gt_raw", "gt_renorm"), ("proposals", "gt_renorm", "dens
              ("semantic regressor", "dense", "dense_semreg"), ("cheap vs dense", "dense_semreg", "cheap_semreg"))
 CONTRAST_SEEDS = 5
 OTHER_SEEDS = 3
+#: The shipped model's schedule (configs/detector/synthetic_r18_fpn.yaml on all training
+#: images), and the two rows on which the table's shorter schedule is checked against it.
+SHIPPED_SCHEDULE = (600, 900)
+SCHEDULE_ROWS = ("base_only", "gt_renorm")
 
 
 def report_seeds(key: str) -> range:
@@ -111,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--cells", default=str(CELLS), help="finished cells (commit these)")
     p.add_argument("--train-images", type=int, default=100)
-    p.add_argument("--iters", type=int, default=300, help="detector iterations per cell")
-    p.add_argument("--phase", choices=["select", "report", "all"], default="all")
+    p.add_argument("--iters", type=int, default=200, help="detector iterations per cell")
+    p.add_argument("--phase", choices=["select", "report", "schedule", "all"], default="all",
+                   help="all = select then report (the schedule check only on request)")
     p.add_argument("--max-cells", type=int, default=None, help="stop after this many new cells")
     p.add_argument("--commit", action="store_true", help="git-commit each finished cell file")
     p.add_argument("--summary-only", action="store_true", help="no training: tables from cells")
@@ -251,7 +260,34 @@ class Bench:
             chosen[name] = max(means, key=means.get) if len(means) == len(LAMBDAS) else None
         return chosen
 
+    def schedule_check(self, run: bool) -> dict:
+        """Seed-0 val metrics of SCHEDULE_ROWS under the table's and the shipped schedule,
+        and whether both order the rows alike (empty until the ViLD lambda is chosen)."""
+        lam = self.chosen_lambdas(run=False)["vild"]
+        if lam is None:
+            return {}
+        out: dict = {}
+        for images, iters in ((self.args.train_images, self.args.iters), SHIPPED_SCHEDULE):
+            bench = self if (images, iters) == (self.args.train_images, self.args.iters) else Bench(
+                argparse.Namespace(**{**vars(self.args), "train_images": images, "iters": iters}))
+            name = f"{images}x{iters}"
+            for key in SCHEDULE_ROWS:
+                v = BY_KEY[key]
+                look = bench.cell if run else bench.stored
+                m = look(v, lam if v.lambda_from else None, 0, "val", f"schedule_{name}_{key}")
+                if m is not None:
+                    out.setdefault(name, {})[key] = {k: m[k] for k in ("ap50_novel", "ap50_base", "ap_all")}
+        if len(out) == 2 and all(len(rows) == len(SCHEDULE_ROWS) for rows in out.values()):
+            a, b = SCHEDULE_ROWS
+            signs = {name: [rows[b][k] > rows[a][k] for k in ("ap50_novel", "ap50_base", "ap_all")]
+                     for name, rows in out.items()}
+            out["same_order"] = len({tuple(v) for v in signs.values()}) == 1
+        return out
+
     def run_cells(self) -> None:
+        if self.args.phase == "schedule":
+            self.schedule_check(run=True)
+            return
         chosen = self.chosen_lambdas(run=self.args.phase in ("select", "all"))
         if self.args.phase == "select":
             return
@@ -302,6 +338,7 @@ class Bench:
             "clip_accuracy": self.clip_accuracy(),
             "stages": self.stage_seconds,
             "lambda_grid": list(LAMBDAS), "chosen_lambda": chosen, "selection_val": selection,
+            "schedule_check": self.schedule_check(run=False),
             "rows": rows, "contrasts": contrasts,
         }
 
@@ -398,6 +435,11 @@ def format_report(r: dict) -> str:
               f"Chosen: {r['chosen_lambda']}", "", "| row | n | AP50 novel | AP50 base |", "|---|---|---|---|"]
     for key, s in r["selection_val"].items():
         lines.append(f"| {key} | {len(s['seeds'])} | {_mean_ci(s, 'ap50_novel')} | {_mean_ci(s, 'ap50_base')} |")
+    if r["schedule_check"]:
+        lines += ["", f"## Schedule check (val, seed 0): {list(SCHEDULE_ROWS)} under the table's and the "
+                  f"shipped schedule; same order: {r['schedule_check'].get('same_order', 'incomplete')}", "",
+                  "```", json.dumps({k: v for k, v in r["schedule_check"].items() if k != "same_order"},
+                                    indent=1), "```"]
     lines += ["", "## Rows (test; mean [95% CI] over seeds, AP in %)", "",
               "| row | lambda | n | " + " | ".join(HEADLINE) + " |", "|---|---|---|" + "---|" * len(HEADLINE)]
     for row in r["rows"].values():

@@ -148,14 +148,14 @@ def test_data_synth_writes_world_and_preview(tmp_path, caplog):
     config = _write(tmp_path / "tiny.yaml", "world:\n  num_caption_eval: 4\n  num_train: 50\n")
     out, png = tmp_path / "world", tmp_path / "p.png"
     rc = main(["data", "synth", "--config", str(config), "--out", str(out), "--num-train", "2",
-               "--num-val", "1", "--num-captions", "20", "--image-size", "64", "--workers", "1",
-               "--preview", str(png)])
+               "--num-val", "1", "--num-test", "1", "--num-captions", "20", "--image-size", "64",
+               "--workers", "1", "--preview", str(png)])
     assert rc == 0, _errors(caplog)
     world = json.loads((out / "world.json").read_text())
-    assert world["format"] == "ovd-synthetic-world/1"
+    assert world["format"] == "ovd-synthetic-world/2"
     # Flags override the file; the file overrides the defaults.
     assert world["config"]["num_train"] == 2
-    assert world["config"]["num_val"] == 1
+    assert world["config"]["num_val"] == world["config"]["num_test"] == 1
     assert world["config"]["num_captions"] == 20
     assert world["config"]["image_size"] == 64
     assert world["config"]["num_caption_eval"] == 4

@@ -15,6 +15,7 @@ from training.gates import (
     HeldOut,
     bootstrap_ratio_ci,
     detector_gate,
+    format_gates,
     grid_coverage,
     mcnemar_exact_p,
     paired_accuracy,
@@ -186,6 +187,25 @@ def test_renorm_gate_pairs_the_same_crops(held):
         assert len(r["diff_ci95_images"]) == 2
     same = renorm_gate(before, before, held)
     assert same["novel"]["diff"] == 0 and same["novel"]["mcnemar_p"] == 1.0
+    assert set(g) >= {"base", "novel"} and "novel_both" not in g  # untagged: no tier rows
+
+
+def test_renorm_gate_per_tier_where_categories_are_tagged(held):
+    """World v2 tags novel categories with tiers; the gate then reports each tier too."""
+    from models.clip.model import load_clip
+    from training.gates import renorm_gate
+
+    coco = json.loads(held.json_file.read_text())
+    coco["categories"][0]["tier"] = "base"
+    coco["categories"][1]["tier"] = "novel_both"
+    held.json_file.write_text(json.dumps(coco))
+    tagged = HeldOut.load(held.json_file, held.image_root)
+    assert tagged.tiers == ["base", "novel_both"]
+    torch.manual_seed(0)
+    clip = load_clip("ovd-vit-tiny-64")
+    g = renorm_gate(clip, clip, tagged)
+    assert g["novel_both"]["n"] == g["novel"]["n"] == 2
+    assert "novel_both" in format_gates({"renorm": g})
 
 
 def test_ovd_gates_on_a_users_coco_json_measures_what_it_can(held, tmp_path, capsys):

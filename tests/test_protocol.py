@@ -12,7 +12,14 @@ import pytest
 
 from training import protocol
 from training.evaluate import tier_groups
-from training.protocol import CellStore, flat_metrics, mean_ci, paired_contrast, recipe_digest, verdict
+from training.protocol import (
+    CellStore,
+    flat_metrics,
+    mean_ci,
+    paired_contrast,
+    recipe_digest,
+    verdict,
+)
 
 
 def test_mean_ci_is_the_student_t_interval():
@@ -96,14 +103,13 @@ def test_summarise_row_lists_seeds_with_their_metrics():
     assert lo < 12 < hi
 
 
-def test_commit_cell_commits_only_that_file(tmp_path, monkeypatch):
+def test_commit_cell_commits_only_that_file(tmp_path):
     repo = tmp_path / "repo"
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     for k, v in (("user.email", "t@t"), ("user.name", "t")):
         subprocess.run(["git", "-C", str(repo), "config", k, v], check=True)
     (repo / "other.txt").write_text("staged but not part of the cell")
     subprocess.run(["git", "-C", str(repo), "add", "other.txt"], check=True)
-    monkeypatch.setattr(protocol, "__file__", str(repo / "training" / "protocol.py"))
     cell = CellStore(repo / "cells").put("val", "row", 0, "r", {"ap50_novel": 1.0})
     assert protocol.commit_cell(cell, "cell val/row seed 0")
     files = subprocess.run(["git", "-C", str(repo), "show", "--name-only", "--format=", "HEAD"],

@@ -49,6 +49,12 @@ def export_detector(model_dir: str | Path, out_dir: str | Path, *, name: str, ve
         meta = MetadataCatalog.get(test)
         novel = set(getattr(meta, "novel_classes", []))
         categories = [{"name": n, "split": "novel" if n in novel else "base"} for n in meta.thing_classes]
+        # The synthetic world tags each novel category with its tier (N-comp / N-shape / N-both).
+        tiers = {c["name"]: c["tier"] for c in json.loads(Path(meta.json_file).read_text())["categories"]
+                 if "tier" in c} if getattr(meta, "json_file", None) else {}
+        for c in categories:
+            if c["name"] in tiers:
+                c["tier"] = tiers[c["name"]]
     metrics = {}
     for f in sorted(model_dir.glob("eval_*/metrics.json")):
         m = json.loads(f.read_text())

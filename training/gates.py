@@ -113,6 +113,8 @@ class HeldOut:
         json_file, image_root: where they come from.
         names: every category name, ordered by id (Detectron2's contiguous order).
         is_novel: (C,) bool.
+        tiers: per category its ``tier`` tag where the json has one (the synthetic world's
+            novel_comp / novel_shape / novel_both), else its split.
         images: image entries by id.
         boxes: image id -> (G, 4) float32 xyxy pixels (non-crowd).
         labels: image id -> (G,) int64 index into ``names``.
@@ -122,6 +124,7 @@ class HeldOut:
     image_root: Path
     names: list[str]
     is_novel: torch.Tensor
+    tiers: list[str]
     images: dict[int, dict]
     boxes: dict[int, torch.Tensor]
     labels: dict[int, torch.Tensor]
@@ -151,7 +154,8 @@ class HeldOut:
             labels[a["image_id"]].append(index[a["category_id"]])
         return cls(json_file=Path(json_file),
                    image_root=Path(image_root) if image_root else Path(json_file).parent,
-                   names=[c["name"] for c in cats], is_novel=is_novel, images=images,
+                   names=[c["name"] for c in cats], is_novel=is_novel,
+                   tiers=[c.get("tier", c.get(SPLIT_KEY, "base")) for c in cats], images=images,
                    boxes={i: torch.tensor(b, dtype=torch.float32).reshape(-1, 4)
                           for i, b in boxes.items()},
                    labels={i: torch.tensor(v, dtype=torch.long) for i, v in labels.items()})
@@ -171,11 +175,11 @@ def crop_correctness(clip: ClipModel, held: HeldOut, *, template: str = DEFAULT_
     """Zero-shot correctness of a CLIP on every GT crop (1.2x) over all category names.
 
     Returns:
-        (correct (N,) bool, is_novel (N,) bool, image_id (N,) int64), crops in image-id then
-        annotation order.
+        (correct (N,) bool, label (N,) int64 index into held.names, image_id (N,) int64),
+        crops in image-id then annotation order.
     """
     text = clip.text_embeddings(held.names, template)
-    correct, novel, owner = [], [], []
+    correct, label, owner = [], [], []
     for image_id in sorted(held.images)[:max_images]:
         boxes = held.boxes[image_id]
         if not len(boxes):
@@ -185,11 +189,11 @@ def crop_correctness(clip: ClipModel, held: HeldOut, *, template: str = DEFAULT_
         emb = clip.encode_images(clip.crop_boxes(pixels, boxes, enlarge=1.2))
         labels = held.labels[image_id]
         correct.append(((emb @ text.T.to(emb.device)).argmax(1).cpu() == labels).numpy())
-        novel.append(held.is_novel[labels].numpy())
+        label.append(labels.numpy())
         owner.append(np.full(len(labels), image_id, dtype=np.int64))
     if not correct:
         raise ValueError(f"{held.json_file} has no annotation to crop")
-    return np.concatenate(correct), np.concatenate(novel), np.concatenate(owner)
+    return np.concatenate(correct), np.concatenate(label), np.concatenate(owner)
 
 
 def renorm_gate(before: ClipModel, after: ClipModel, held: HeldOut, *,
@@ -198,14 +202,20 @@ def renorm_gate(before: ClipModel, after: ClipModel, held: HeldOut, *,
 
     Returns:
         {"base": paired_accuracy, "novel": paired_accuracy, "dataset", "template",
-        "novel_acc_before", "novel_acc_after", "base_acc_before", "base_acc_after"}; each group
-        also has "diff_ci95_images", a bootstrap over images of the difference (crops of one
-        image are not independent, so this interval is the one to trust when it is wider).
+        "novel_acc_before", "novel_acc_after", "base_acc_before", "base_acc_after"}, plus one
+        paired_accuracy per novel tier where the categories carry tiers; each group also has
+        "diff_ci95_images", a bootstrap over images of the difference (crops of one image are
+        not independent, so this interval is the one to trust when it is wider).
     """
-    ok_b, novel, owner = crop_correctness(before, held, template=template, max_images=max_images)
+    ok_b, label, owner = crop_correctness(before, held, template=template, max_images=max_images)
     ok_a, _, _ = crop_correctness(after, held, template=template, max_images=max_images)
     out = {"dataset": str(held.json_file), "template": template}
-    for group, mask in (("base", ~novel), ("novel", novel)):
+    novel = held.is_novel.numpy()[label]
+    tier = np.array(held.tiers)[label]
+    groups = [("base", ~novel), ("novel", novel)]
+    groups += [(t, tier == t) for t in dict.fromkeys(held.tiers) if t not in ("base", "novel")
+               and (tier == t).any()]
+    for group, mask in groups:
         out[group] = paired_accuracy(ok_b[mask], ok_a[mask])
         ids, where = np.unique(owner[mask], return_inverse=True)
         change = np.bincount(where, ok_a[mask].astype(float) - ok_b[mask], minlength=len(ids))
@@ -441,9 +451,9 @@ def format_gates(g: dict) -> str:
     """A short human-readable summary of `training.gates.stage_gates`' result."""
     lines = []
     if "renorm" in g:
-        for grp in ("base", "novel"):
+        for grp in [k for k, v in g["renorm"].items() if isinstance(v, dict) and "acc_before" in v]:
             r = g["renorm"][grp]
-            lines.append(f"renorm    {grp:<6} crop accuracy {r['acc_before']:.1%} -> {r['acc_after']:.1%}"
+            lines.append(f"renorm    {grp:<11} crop accuracy {r['acc_before']:.1%} -> {r['acc_after']:.1%}"
                          f"  (diff {r['diff']:+.1%}, 95% CI [{r['diff_ci95'][0]:+.1%}, "
                          f"{r['diff_ci95'][1]:+.1%}], McNemar p={r['mcnemar_p']:.2g}, n={r['n']})")
     if "proposals" in g:

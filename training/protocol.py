@@ -139,10 +139,11 @@ def paired_contrast(a: Mapping[int, Mapping[str, float]], b: Mapping[int, Mappin
 
 
 def commit_cell(path: Path, message: str) -> bool:
-    """`git commit` one finished cell file (nothing else), so a run that outlives its session
-    leaves every finished cell in history. Returns False (and leaves the file) when git
+    """`git commit` one finished cell file (nothing else) in the repository that holds it, so
+    a run that outlives its session leaves every finished cell in history (also when the run
+    itself executes from another checkout). Returns False (and leaves the file) when git
     refuses, e.g. outside a repository or while another commit holds the index."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = path.resolve().parent
     for _ in range(5):
         add = subprocess.run(["git", "-C", str(repo), "add", "--", str(path)], capture_output=True)
         done = add.returncode == 0 and subprocess.run(
