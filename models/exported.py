@@ -136,6 +136,7 @@ def write_export(out_dir: str | Path, *, model: OpenVocabRCNN, cfg: CfgNode, cli
         "clip": {"name": clip.name, "weights_sha256": (clip.manifest or {}).get("weights", {}).get("sha256")},
         "input": {"format": cfg.INPUT.FORMAT, "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
                   "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
+                  "size_divisibility": int(model.backbone.size_divisibility),
                   "boxes": "[x1, y1, x2, y2] pixels of the original image"},
         "files": {name: {"file": f, "sha256": sha256_file(out / f)} for name, f in FILES.items()},
     }
@@ -192,6 +193,13 @@ def load_export(folder: str | Path, *, device: str = "cpu") -> ExportedDetector:
         raise ExportError(f"{folder}: detector weights do not fit its config "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.eval()
+    return ExportedDetector(model=model, text=load_text_encoder(folder, manifest, device=device),
+                            manifest=manifest)
+
+
+def load_text_encoder(folder: str | Path, manifest: dict, *, device: str = "cpu") -> ClipModel:
+    """CLIP's text tower of a verified export (a ClipModel whose vision tower is absent)."""
+    folder = Path(folder)
     text_cfg = json.loads((folder / FILES["text_config"]).read_text())
     clip_model = open_clip.model.CLIP(**text_cfg["model_cfg"])
     missing, unexpected = clip_model.load_state_dict(load_file(str(folder / FILES["text_encoder"])),
@@ -201,7 +209,6 @@ def load_export(folder: str | Path, *, device: str = "cpu") -> ExportedDetector:
     del clip_model.visual  # never used at request time; frees its memory
     ctx = text_cfg["model_cfg"].get("text_cfg", {}).get("context_length", 77)
     pre = text_cfg["preprocess_cfg"]
-    text = ClipModel(model=clip_model.eval().to(device), tokenizer=open_clip.SimpleTokenizer(context_length=ctx),
+    return ClipModel(model=clip_model.eval().to(device), tokenizer=open_clip.SimpleTokenizer(context_length=ctx),
                      name=manifest["clip"]["name"], image_size=int(pre["size"]),
                      mean=tuple(pre["mean"]), std=tuple(pre["std"]), manifest=None)
-    return ExportedDetector(model=model, text=text, manifest=manifest)

@@ -332,18 +332,26 @@ class OnnxDetector:
         """
         if nms_thresh is not None:
             raise ValueError("the NMS threshold is fixed in the ONNX graph")
-        text = np.asarray(text.detach().cpu().float() if isinstance(text, torch.Tensor) else text, np.float32)
         results = []
         for r in regions:
-            boxes, scores, classes = self.classifier.run(None, {
-                "proposals": r.proposals, "embeddings": r.embeddings, "reg_features": r.reg_features,
-                "image_size": r.image_size, "text": text, **self._options(score_thresh, max_detections)})
+            boxes, scores, classes = self.classify_one(r, text, score_thresh, max_detections)
             inst = Instances(tuple(int(s) for s in r.image_size))
             inst.pred_boxes = Boxes(torch.from_numpy(boxes))
             inst.scores = torch.from_numpy(scores)
             inst.pred_classes = torch.from_numpy(classes)
             results.append(inst)
         return results
+
+    def classify_one(self, region: OnnxRegions, text: np.ndarray | torch.Tensor,
+                     score_thresh: float | None = None, max_detections: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """detector_classify.onnx on one encoded image: boxes (N, 4) xyxy in the resized
+        input's pixels, scores (N,), class indices (N,) into text's rows."""
+        text = np.asarray(text.detach().cpu().float() if isinstance(text, torch.Tensor) else text, np.float32)
+        return tuple(self.classifier.run(None, {
+            "proposals": region.proposals, "embeddings": region.embeddings,
+            "reg_features": region.reg_features, "image_size": region.image_size, "text": text,
+            **self._options(score_thresh, max_detections)}))
 
     @staticmethod
     def to_original_size(results: list[Instances], batched_inputs: list[dict]) -> list[dict]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 import shutil
 
 import numpy as np
@@ -13,12 +12,11 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import EXPORT_CATEGORIES as CATEGORIES
 from detector_testing import same_detections
-from detectron2.modeling import build_model
 from PIL import Image
 
-from models.clip.model import architecture_config, load_clip
-from models.exported import ExportError, load_export, verify_export, write_export
+from models.exported import ExportError, load_export, verify_export
 from models.onnx_export import (
     OnnxValidationError,
     check_reports,
@@ -27,42 +25,6 @@ from models.onnx_export import (
     random_vocabularies,
 )
 from training.cli import main as ovd
-from training.train_detector import build_config
-
-ARCH = "ovd-vit-tiny-64"
-CATEGORIES = [{"name": "red ring", "split": "novel"}, {"name": "blue disk", "split": "base"},
-              {"name": "green cross", "split": "novel"}]
-
-
-@pytest.fixture(scope="module")
-def plain_export(tmp_path_factory):
-    """A torch-only export of a random tiny detector (64 px; see below for why its RPN keeps
-    every proposal and its classifier runs at temperature 4)."""
-    torch.manual_seed(0)
-    clip = load_clip(ARCH)
-    # Every proposal kept (no top-k cut) and tau = 4 instead of 100: a random detector's
-    # objectness and (at tau 100, saturated) class scores tie to the last bit, and then which of
-    # the tied ones survives a cut depends on rounding. A trained model has no such ties.
-    cfg = build_config("configs/detector/synthetic_r18_fpn.yaml", [
-        "MODEL.OVD.EMBED_DIM", clip.embed_dim, "MODEL.ROI_HEADS.NUM_CLASSES", len(CATEGORIES),
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.05, "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 96,
-        "MODEL.RPN.PRE_NMS_TOPK_TEST", 2000, "MODEL.RPN.POST_NMS_TOPK_TEST", 2000])
-    model = build_model(cfg).eval()
-    model.roi_heads.box_predictor.classifier.log_temperature.data.fill_(math.log(4.0))
-    model.train_text = F.normalize(torch.randn(len(CATEGORIES), clip.embed_dim), dim=1)
-    out = tmp_path_factory.mktemp("plain")
-    write_export(out, model=model, cfg=cfg, clip=clip, clip_arch=architecture_config(ARCH),
-                 manifest_fields={"name": "ovd-test", "version": "0.0.1", "categories": CATEGORIES,
-                                  "metrics": {}})
-    return out
-
-
-@pytest.fixture(scope="module")
-def onnx_export(plain_export, tmp_path_factory):
-    """`ovd export --onnx --from-export PLAIN --out DIR` (validated inside the command)."""
-    out = tmp_path_factory.mktemp("onnx")
-    assert ovd(["export", "--onnx", "--from-export", str(plain_export), "--out", str(out)]) == 0
-    return out
 
 
 def _images() -> list[torch.Tensor]:

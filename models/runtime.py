@@ -1,0 +1,194 @@
+"""Detector runtimes: one protocol, a PyTorch and an onnxruntime implementation.
+
+A runtime owns everything between an RGB array and `Detections`:
+
+    inputs  = [runtime.preprocessing(rgb) for rgb in images]    # resize + format, per manifest
+    key     = runtime.preprocessing.batch_key(inputs[i])        # images that may share a batch
+    regions = runtime.encode(inputs_with_one_key)               # vocabulary-independent, costly
+    dets    = runtime.classify(regions, text, inputs, classes)  # per vocabulary, cheap
+
+so the service's batcher, the Python API (`models/api.py`), the ONNX validator and the
+benchmarks all run the detector the same way. The onnxruntime runtime loads only the ONNX
+graphs and CLIP's text tower, never the PyTorch detector.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .detections import Detections
+
+#: The size divisor of an export whose manifest predates the field (every shipped detector
+#: so far is an FPN, which pads to multiples of 32).
+DEFAULT_SIZE_DIVISIBILITY = 32
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The detector's test-time input transform, read from its manifest.
+
+    Attributes:
+        input_format: "RGB" or "BGR", the channel order the network expects.
+        min_size, max_size: Detectron2's ResizeShortestEdge test sizes, pixels.
+        size_divisibility: the backbone pads a batch to multiples of this.
+    """
+
+    input_format: str
+    min_size: int
+    max_size: int
+    size_divisibility: int = DEFAULT_SIZE_DIVISIBILITY
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> Preprocessing:
+        spec = manifest["input"]
+        return cls(str(spec["format"]), int(spec["min_size_test"]), int(spec["max_size_test"]),
+                   int(spec.get("size_divisibility", DEFAULT_SIZE_DIVISIBILITY)))
+
+    def resized_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) after the shortest-edge resize (Detectron2's rounding, exactly)."""
+        scale = self.min_size / min(height, width)
+        h, w = (self.min_size, scale * width) if height < width else (scale * height, self.min_size)
+        if max(h, w) > self.max_size:
+            shrink = self.max_size / max(h, w)
+            h, w = h * shrink, w * shrink
+        return int(h + 0.5), int(w + 0.5)
+
+    def __call__(self, rgb: np.ndarray) -> dict:
+        """Model input of one (H, W, 3) uint8 RGB image.
+
+        Returns:
+            {"image": (3, h, w) uint8 tensor in `input_format` order, "height": H, "width": W}
+            (Detectron2's input dict; height/width are the original size boxes come back in).
+        """
+        height, width = rgb.shape[:2]
+        h, w = self.resized_shape(height, width)
+        resized = rgb if (h, w) == (height, width) else np.asarray(
+            Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+        if self.input_format == "BGR":
+            resized = resized[:, :, ::-1]
+        image = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+        return {"image": image, "height": height, "width": width}
+
+    def batch_key(self, model_input: dict) -> tuple[int, int]:
+        """The padded (h, w) of an input: only inputs with one key are encoded together, since
+        the detector's GroupNorm sees the padding (a mixed batch would change detections)."""
+        _, h, w = model_input["image"].shape
+        d = max(self.size_divisibility, 1)
+        return math.ceil(h / d) * d, math.ceil(w / d) * d
+
+
+def to_original(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, model_input: dict,
+                names: Sequence[str]) -> Detections:
+    """Detections in the resized input's pixels -> `Detections` in the original image's.
+
+    Scales by original / resized size, clips to the image and drops boxes left empty, as
+    Detectron2's `detector_postprocess` does.
+    """
+    _, h, w = model_input["image"].shape
+    height, width = int(model_input["height"]), int(model_input["width"])
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4) * np.array(
+        [width / w, height / h, width / w, height / h], np.float32)
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return Detections(boxes[keep], np.asarray(scores, np.float32)[keep],
+                      np.asarray(classes, np.int64)[keep], tuple(names), (height, width))
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """What runs a detector export (see the module docstring for the call order)."""
+
+    manifest: dict
+    preprocessing: Preprocessing
+
+    def text_embeddings(self, names: Sequence[str], template: str | None = None) -> torch.Tensor:
+        """(C, D) normalised CLIP text embeddings of names in the export's prompt template."""
+
+    def encode(self, inputs: list[dict]) -> list:
+        """Per-image region features of inputs that share one batch key."""
+
+    def classify(self, regions: list, text: torch.Tensor, inputs: list[dict], names: Sequence[str], *,
+                 score_threshold: float | None = None, max_detections: int | None = None) -> list[Detections]:
+        """Detections of each encoded image against one vocabulary (text rows = names)."""
+
+
+class TorchRuntime:
+    """An export's PyTorch detector (models/exported.py)."""
+
+    def __init__(self, exported):
+        self.exported = exported
+        self.model = exported.model
+        self.manifest = exported.manifest
+        self.preprocessing = Preprocessing.from_manifest(self.manifest)
+
+    def text_embeddings(self, names: Sequence[str], template: str | None = None) -> torch.Tensor:
+        return self.exported.text_embeddings(list(names), template)
+
+    @torch.inference_mode()
+    def encode(self, inputs: list[dict]) -> list:
+        return self.model.encode(inputs)
+
+    @torch.inference_mode()
+    def classify(self, regions: list, text: torch.Tensor, inputs: list[dict], names: Sequence[str], *,
+                 score_threshold: float | None = None, max_detections: int | None = None) -> list[Detections]:
+        results = self.model.classify(regions, text, score_thresh=score_threshold,
+                                      max_detections=max_detections)
+        return [to_original(r.pred_boxes.tensor.cpu().numpy(), r.scores.cpu().numpy(),
+                            r.pred_classes.cpu().numpy(), x, names)
+                for r, x in zip(results, inputs, strict=True)]
+
+
+class OnnxRuntime:
+    """An export's ONNX graphs under onnxruntime, plus CLIP's text tower; the PyTorch detector
+    is never loaded."""
+
+    def __init__(self, graphs, text):
+        self.graphs = graphs  # models.onnx_export.OnnxDetector
+        self.text = text      # ClipModel with only the text tower
+        self.manifest = graphs.manifest
+        self.preprocessing = Preprocessing.from_manifest(self.manifest)
+
+    def text_embeddings(self, names: Sequence[str], template: str | None = None) -> torch.Tensor:
+        return self.text.text_embeddings(list(names), template or self.manifest["prompt_template"])
+
+    def encode(self, inputs: list[dict]) -> list:
+        return self.graphs.encode(inputs)
+
+    def classify(self, regions: list, text: torch.Tensor, inputs: list[dict], names: Sequence[str], *,
+                 score_threshold: float | None = None, max_detections: int | None = None) -> list[Detections]:
+        return [to_original(*self.graphs.classify_one(r, text, score_threshold, max_detections), x, names)
+                for r, x in zip(regions, inputs, strict=True)]
+
+
+BACKENDS = ("torch", "onnx")
+
+
+def load_runtime(folder: str | Path, *, backend: str = "torch", device: str = "cpu",
+                 threads: int = 0) -> Runtime:
+    """The runtime of an export folder (every file checked against its manifest first).
+
+    Args:
+        folder: an `ovd export` folder.
+        backend: "torch" (PyTorch) or "onnx" (onnxruntime; the export needs `ovd export --onnx`).
+        device: torch device of the PyTorch parts.
+        threads: onnxruntime intra-op threads (0: its default).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
+    from .exported import load_export, load_text_encoder, verify_export
+
+    if backend == "torch":
+        return TorchRuntime(load_export(folder, device=device))
+    from .onnx_export import load_onnx_detector
+
+    graphs = load_onnx_detector(folder, threads=threads)
+    return OnnxRuntime(graphs, load_text_encoder(folder, verify_export(folder), device=device))
