@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.run_cells()
     report = bench.summary()
     results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
     (results / "ezsd_variants.json").write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(results / "ezsd_variants.md", format_report(report))
     bar_chart(report, results / "ezsd_variants_ap50.png")
