@@ -152,7 +152,7 @@ class OnnxRuntime:
     is never loaded."""
 
     def __init__(self, graphs, text):
-        self.graphs = graphs  # models.onnx_export.OnnxDetector
+        self.graphs = graphs  # ovd.models.onnx_export.OnnxDetector
         self.text = text      # ClipModel with only the text tower
         self.manifest = graphs.manifest
         self.preprocessing = Preprocessing.from_manifest(self.manifest)

@@ -1,4 +1,4 @@
-"""The FastAPI app: `create_app(settings) -> FastAPI` (uvicorn: `service.app:create_app`, factory).
+"""The FastAPI app: `create_app(settings) -> FastAPI` (uvicorn: `ovd.service.app:create_app`, factory).
 
 The model is loaded in the lifespan hook, in the background: /livez answers at once, /readyz
 says 503 until the model is loaded (and warmed up), then "ready", or "degraded" while Redis
@@ -33,7 +33,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from models.exported import ExportedDetector, load_export
+from ovd.models.exported import ExportedDetector, load_export
 
 from . import schemas
 from .auth import check_api_key
@@ -150,7 +150,7 @@ async def _load(app: FastAPI, detector: ExportedDetector | None) -> None:
         manifest = detector.manifest
         model = detector.model
         if settings.backend == "onnx":  # the same export's ONNX graphs, hash-checked
-            from models.onnx_export import load_onnx_detector
+            from ovd.models.onnx_export import load_onnx_detector
 
             model = await asyncio.to_thread(load_onnx_detector, settings.model_dir,
                                             threads=settings.torch_threads)

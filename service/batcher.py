@@ -75,7 +75,7 @@ class Batcher:
     """Asyncio front, one worker thread behind.
 
     Args:
-        model: OpenVocabRCNN in eval mode, or models.onnx_export.OnnxDetector (onnxruntime):
+        model: OpenVocabRCNN in eval mode, or ovd.models.onnx_export.OnnxDetector (onnxruntime):
             anything with encode(inputs), classify(regions, text, score_thresh=,
             max_detections=) and to_original_size(results, inputs).
         max_batch_size: images per encode call.

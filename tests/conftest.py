@@ -25,7 +25,7 @@ def make_world(tmp_path_factory):
     Worlds are cached per configuration (and worker count), so tests that ask for the same
     configuration share one folder; treat it as read-only.
     """
-    from training.data.synthetic import WorldConfig, generate_world
+    from ovd.training.data.synthetic import WorldConfig, generate_world
 
     cache: dict[tuple, Path] = {}
 
@@ -57,9 +57,9 @@ def plain_export(tmp_path_factory):
     import torch.nn.functional as F
     from detectron2.modeling import build_model
 
-    from models.clip.model import architecture_config, load_clip
-    from models.exported import write_export
-    from training.train_detector import build_config
+    from ovd.models.clip.model import architecture_config, load_clip
+    from ovd.models.exported import write_export
+    from ovd.training.train_detector import build_config
 
     torch.manual_seed(0)
     clip = load_clip(EXPORT_ARCH)
@@ -83,7 +83,7 @@ def plain_export(tmp_path_factory):
 @pytest.fixture(scope="session")
 def onnx_export(plain_export, tmp_path_factory):
     """`ovd export --onnx --from-export PLAIN --out DIR` (validated inside the command)."""
-    from training.cli import main as ovd
+    from ovd.training.cli import main as ovd
 
     out = tmp_path_factory.mktemp("onnx")
     assert ovd(["export", "--onnx", "--from-export", str(plain_export), "--out", str(out)]) == 0

@@ -15,10 +15,10 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 from PIL import Image
 
-from models.api import Detector, read_image, resolve_model
-from models.detections import Detections
-from models.runtime import OnnxRuntime, Preprocessing, TorchRuntime, load_runtime, to_original
-from training.data.synthetic import WorldConfig, detection_sample
+from ovd.models.api import Detector, read_image, resolve_model
+from ovd.models.detections import Detections
+from ovd.models.runtime import OnnxRuntime, Preprocessing, TorchRuntime, load_runtime, to_original
+from ovd.training.data.synthetic import WorldConfig, detection_sample
 
 
 @pytest.fixture(scope="module")

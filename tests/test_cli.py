@@ -1,4 +1,4 @@
-"""Tests for the `ovd` command line (training.cli.main): help, exit codes, errors, data synth."""
+"""Tests for the `ovd` command line (ovd.training.cli.main): help, exit codes, errors, data synth."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from training.cli import main
+from ovd.training.cli import main
 
 # Leaf commands and the purpose each one's help should state.
 LEAVES = {

@@ -53,7 +53,7 @@ MANIFEST_FILE = "manifest.json"
 INFORMATIONAL_KEYS = ("cost", "info")
 
 Record = dict[str, torch.Tensor]
-#: `progress(desc, total, initial) -> update(n, postfix)`, as in training.clip_pretrain.
+#: `progress(desc, total, initial) -> update(n, postfix)`, as in ovd.training.clip_pretrain.
 ProgressFactory = Callable[[str, int, int], Callable[[int, dict], None]]
 
 

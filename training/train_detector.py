@@ -23,9 +23,9 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.structures import Boxes, Instances
 from safetensors.torch import save_file
 
-import models.detector  # noqa: F401  registers the detector components
-from models.clip.model import ClipModel
-from models.detector import add_ovd_config
+import ovd.models.detector  # noqa: F401  registers the detector components
+from ovd.models.clip.model import ClipModel
+from ovd.models.detector import add_ovd_config
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service import launch
-from service.launch import ServerProcess
+from ovd.service import launch
+from ovd.service.launch import ServerProcess
 
 CATEGORIES = [{"name": "red ring", "split": "novel"}, {"name": "blue disk", "split": "base"},
               {"name": "green cross", "split": "novel"}]
@@ -26,9 +26,9 @@ def export_dir(tmp_path_factory):
     """A verified export folder of a random tiny detector (read-only for tests)."""
     from detectron2.modeling import build_model
 
-    from models.clip.model import architecture_config, load_clip
-    from models.exported import write_export
-    from training.train_detector import build_config
+    from ovd.models.clip.model import architecture_config, load_clip
+    from ovd.models.exported import write_export
+    from ovd.training.train_detector import build_config
 
     torch.manual_seed(0)
     arch = "ovd-vit-tiny-64"
@@ -48,14 +48,14 @@ def export_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def detector(export_dir):
     """The export, loaded once for all in-process apps."""
-    from models.exported import load_export
+    from ovd.models.exported import load_export
 
     return load_export(export_dir)
 
 
 @contextlib.contextmanager
 def redis_process():
-    """service.launch.redis_process, skipping the test where redis-server is not installed."""
+    """ovd.service.launch.redis_process, skipping the test where redis-server is not installed."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (scripts/install.sh installs it)")
     with launch.redis_process() as server:

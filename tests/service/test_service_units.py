@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 from service_testing import image_bytes, png_claiming
 
-from service.errors import ApiError
-from service.images import decode_base64, decode_image, to_model_input
-from service.redis_store import RedisStore
-from service.settings import Settings
-from service.text_cache import CorruptEntry, TextEmbedder, decode_entry, encode_entry
-from service.vocabulary import (
+from ovd.service.errors import ApiError
+from ovd.service.images import decode_base64, decode_image, to_model_input
+from ovd.service.redis_store import RedisStore
+from ovd.service.settings import Settings
+from ovd.service.text_cache import CorruptEntry, TextEmbedder, decode_entry, encode_entry
+from ovd.service.vocabulary import (
     VocabularyRegistry,
     check_templates,
     coco_names,
