@@ -21,6 +21,7 @@ from ovd.models.clip.model import (
     sha256_file,
     verify_checkpoint,
 )
+from ovd.training.cli import build_parser
 from ovd.training.clip_renorm import (
     RenormConfig,
     base_gt_crops,
