@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,3 +189,40 @@ def test_onnx_runtime_answers_like_torch_without_the_torch_detector(plain_export
         assert x.labels == y.labels
     with pytest.raises(ValueError, match="backend"):
         load_runtime(plain_export, backend="tensorrt")
+
+
+# ---------------------------------------------------------------- ovd detect
+
+def test_ovd_detect_over_files_folders_and_globs(scene, tmp_path, monkeypatch, caplog):
+    """From a folder outside the repository: per-image JSON, COCO, drawn images; a pattern that
+    names nothing is a clear error, not a traceback."""
+    from ovd.training.cli import main
+
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    Image.fromarray(scene).save(photos / "a.png")
+    Image.fromarray(scene[:, ::-1]).save(photos / "sub" / "b.jpg", quality=95)
+    Image.fromarray(scene[:128]).save(tmp_path / "c.png")
+    (photos / "notes.txt").write_text("not an image")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["detect", str(photos), str(tmp_path / "*.png"), "--classes", "red ring", "blue star",
+                 "--threshold", "0.2", "--out", "r.json", "--draw", "drawn"]) == 0
+    report = json.loads((work / "r.json").read_text())
+    assert [Path(i["file"]).name for i in report["images"]] == ["a.png", "b.jpg", "c.png"]
+    assert report["classes"] == ["red ring", "blue star"] and report["model"]["name"]
+    assert report["images"][2]["height"] == 128
+    for image in report["images"]:
+        assert all(d["score"] >= 0.2 and d["label"] in report["classes"] for d in image["detections"])
+    assert sum(len(i["detections"]) for i in report["images"]) > 0
+    assert sorted(p.name for p in (work / "drawn").iterdir()) == ["a.png", "b.png", "c.png"]
+
+    assert main(["detect", str(photos / "a.png"), "--classes", "red ring", "--coco", "--out", "c.json"]) == 0
+    coco = json.loads((work / "c.json").read_text())
+    assert coco["categories"] == [{"id": 1, "name": "red ring"}]
+    assert all(a["image_id"] == 1 and a["category_id"] == 1 and "score" in a for a in coco["annotations"])
+
+    caplog.clear()
+    assert main(["detect", str(tmp_path / "none*.jpg"), "--classes", "x"]) == 2
+    assert "no image file found" in caplog.text
