@@ -503,7 +503,7 @@ def _add_renorm_parser(subparsers) -> None:
     p.set_defaults(func=cmd_clip_renorm)
 
 
-def default_train_data(cfg: dict, args: argparse.Namespace) -> tuple[Path, Path]:
+def _train_data(cfg: dict, args: argparse.Namespace) -> tuple[Path, Path]:
     """--train-json / --image-root, defaulting to the synthetic world's `synth_train`."""
     from .data.synthetic import world_datasets
 
@@ -535,7 +535,7 @@ def cmd_proposals(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     pcfg = ProposalConfig.from_config(cfg, args, ("mode", "filter", "batch_size"))
     root = output_root(cfg, args)
-    json_file, image_root = default_train_data(cfg, args)
+    json_file, image_root = _train_data(cfg, args)
     clip = args.clip or str(root / "clip" / "renorm")
     out = args.out or str(root / "proposals")
     launch_stage(proposals_worker, args, (clip, str(json_file), str(image_root), out,
@@ -564,7 +564,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     tcfg = TargetsConfig.from_config(cfg, args, ("max_proposals", "batch_size"))
     root = output_root(cfg, args)
-    json_file, image_root = default_train_data(cfg, args)
+    json_file, image_root = _train_data(cfg, args)
     clip = args.clip or str(root / "clip" / "renorm")
     if args.gt_only:
         proposals = None
@@ -949,11 +949,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _launcher_args(p: argparse.ArgumentParser) -> None:
-    """Detectron2 launcher flags: processes per machine, machines, this machine's rank."""
-    p.add_argument("--num-gpus", type=int, default=1, help="processes per machine (1 on a CPU)")
-    p.add_argument("--num-machines", type=int, default=1)
-    p.add_argument("--machine-rank", type=int, default=0)
-    p.add_argument("--dist-url", default="auto", help="initialisation URL of multi-machine runs")
+    """Detectron2-style launcher flags (as its `default_argument_parser`)."""
+    p.add_argument("--num-gpus", type=int, default=1,
+                   help="processes per machine: one per GPU with CUDA, else CPU processes (gloo)")
+    p.add_argument("--num-machines", type=int, default=1, help="total number of machines")
+    p.add_argument("--machine-rank", type=int, default=0, help="the rank of this machine")
+    p.add_argument("--dist-url", default="auto",
+                   help="process-group URL, e.g. tcp://host:port ('auto': a free local port, one machine)")
 
 
 def main(argv: list[str] | None = None) -> int:
