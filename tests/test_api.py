@@ -147,8 +147,8 @@ def test_detections_conversions(tmp_path):
     d = Detections(np.array([[10, 20, 50, 60], [0, 0, 5, 5]], np.float32), np.array([0.9, 0.2], np.float32),
                    np.array([1, 0]), ("red ring", "blue star"), (100, 120))
     assert d.labels == ["blue star", "red ring"] and len(d) == 2
-    assert d.to_json()[0] == {"box": [10.0, 20.0, 50.0, 60.0], "score": 0.9, "label": "blue star",
-                              "class_index": 1}
+    assert d.to_json()[0] == {"box": [10.0, 20.0, 50.0, 60.0], "score": pytest.approx(0.9),
+                              "label": "blue star", "class_index": 1}
     coco = d.to_coco(7)
     assert coco[0] == {"image_id": 7, "category_id": 2, "bbox": [10.0, 20.0, 40.0, 40.0],
                        "score": pytest.approx(0.9)}

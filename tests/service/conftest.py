@@ -47,10 +47,11 @@ def export_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def detector(export_dir):
-    """The export, loaded once for all in-process apps."""
+    """The export's PyTorch runtime, loaded once for all in-process apps."""
     from ovd.models.exported import load_export
+    from ovd.models.runtime import TorchRuntime
 
-    return load_export(export_dir)
+    return TorchRuntime(load_export(export_dir))
 
 
 @contextlib.contextmanager
