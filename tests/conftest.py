@@ -42,9 +42,6 @@ def make_world(tmp_path_factory):
 
 
 # A random tiny detector export, torch-only and with ONNX graphs (the ONNX and API tests).
-EXPORT_ARCH = "ovd-vit-tiny-64"
-EXPORT_CATEGORIES = [{"name": "red ring", "split": "novel"}, {"name": "blue disk", "split": "base"},
-                     {"name": "green cross", "split": "novel"}]
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +52,7 @@ def plain_export(tmp_path_factory):
 
     import torch
     import torch.nn.functional as F
+    from detector_testing import EXPORT_ARCH, EXPORT_CATEGORIES
     from detectron2.modeling import build_model
 
     from ovd.models.clip.model import architecture_config, load_clip

@@ -7,6 +7,11 @@ import torch
 import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
 
+# The random tiny detector export of conftest.py's `plain_export` (ONNX and API tests).
+EXPORT_ARCH = "ovd-vit-tiny-64"
+EXPORT_CATEGORIES = [{"name": "red ring", "split": "novel"}, {"name": "blue disk", "split": "base"},
+                     {"name": "green cross", "split": "novel"}]
+
 
 def random_image(seed: int, size: int = 64) -> dict:
     """A Detectron2 input: random uint8 (3, size, size) image, original size = size."""

@@ -12,7 +12,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import EXPORT_CATEGORIES as CATEGORIES
+from detector_testing import EXPORT_CATEGORIES as CATEGORIES
 from detector_testing import same_detections
 from PIL import Image
 
