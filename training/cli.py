@@ -257,7 +257,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.data import MetadataCatalog
+    from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.modeling import build_model
 
     from ovd.models.clip.model import load_clip
@@ -282,7 +282,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         def embed(names):
             return clip.text_embeddings(names, dcfg.MODEL.OVD.PROMPT_TEMPLATE)
     _register(dcfg)
-    dataset = args.dataset or (dcfg.DATASETS.TEST[0] if dcfg.DATASETS.TEST else "synth_val")
+    if args.json:  # the user's own COCO json (categories may carry "split": "base" | "novel")
+        from .data.coco_format import register_ov_dataset
+
+        json_file = Path(args.json)
+        dataset = register_ov_dataset(f"eval_{json_file.stem}", json_file,
+                                      Path(args.image_root) if args.image_root else json_file.parent,
+                                      overwrite=True)
+    else:
+        dataset = args.dataset or (dcfg.DATASETS.TEST[0] if dcfg.DATASETS.TEST else "synth_val")
+    if dataset not in DatasetCatalog.list():
+        raise ValueError(f"dataset {dataset!r} is not registered (generate the world with `ovd data "
+                         f"synth`, or evaluate your own COCO json with --json FILE --image-root DIR)")
     names = list(MetadataCatalog.get(dataset).thing_classes)
     out = Path(args.out or model_dir / f"eval_{dataset}")
     result = evaluate(dcfg, model, dataset, embed(names), out)
@@ -418,7 +429,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     # its recipe was taken on val).
     stage(7, "generalized zero-shot evaluation on synth_test")
     cmd_eval(argparse.Namespace(config=args.config, root=args.root, model_dir=None, weights=None,
-                                dataset="synth_test", clip=None, export=None, out=None, opts=[]))
+                                dataset="synth_test", json=None, image_root=None, clip=None, export=None,
+                                out=None, opts=[]))
     gates = _gates(cfg, args)
     (root / "gates.json").write_text(json.dumps(gates, indent=2))
     logger.info("gates (also in %s):\n%s", root / "gates.json", format_gates(gates))
@@ -837,6 +849,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", default=None, help="training output (default: <root>/detector)")
     p.add_argument("--weights", default=None, help="checkpoint (default: <model-dir>/model_final.pth)")
     p.add_argument("--dataset", default=None, help="registered dataset (default: DATASETS.TEST[0])")
+    p.add_argument("--json", default=None, help="evaluate on this COCO json instead (all its categories)")
+    p.add_argument("--image-root", default=None, help="its image folder (default: the json's folder)")
     p.add_argument("--clip", default=None, help="CLIP for the text embeddings (default: the training one)")
     p.add_argument("--export", default=None,
                    help="evaluate an export folder instead (its own weights and text tower; the "
