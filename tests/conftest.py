@@ -46,36 +46,15 @@ def make_world(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def plain_export(tmp_path_factory):
-    """A torch-only export of a random tiny detector (64 px; see below for why its RPN keeps
-    every proposal and its classifier runs at temperature 4)."""
-    import math
+    """A torch-only export of a random tiny detector. Its RPN keeps every proposal (no top-k
+    cut) and its classifier runs at tau = 4 instead of 100: a random detector's objectness and
+    (at tau 100, saturated) class scores tie to the last bit, and then which of the tied ones
+    survives a cut depends on rounding. A trained model has no such ties."""
+    from detector_testing import write_tiny_export
 
-    import torch
-    import torch.nn.functional as F
-    from detector_testing import EXPORT_ARCH, EXPORT_CATEGORIES
-    from detectron2.modeling import build_model
-
-    from ovd.models.clip.model import architecture_config, load_clip
-    from ovd.models.exported import write_export
-    from ovd.training.train_detector import build_config
-
-    torch.manual_seed(0)
-    clip = load_clip(EXPORT_ARCH)
-    # Every proposal kept (no top-k cut) and tau = 4 instead of 100: a random detector's
-    # objectness and (at tau 100, saturated) class scores tie to the last bit, and then which of
-    # the tied ones survives a cut depends on rounding. A trained model has no such ties.
-    cfg = build_config("configs/detector/synthetic_r18_fpn.yaml", [
-        "MODEL.OVD.EMBED_DIM", clip.embed_dim, "MODEL.ROI_HEADS.NUM_CLASSES", len(EXPORT_CATEGORIES),
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.05, "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 96,
-        "MODEL.RPN.PRE_NMS_TOPK_TEST", 2000, "MODEL.RPN.POST_NMS_TOPK_TEST", 2000])
-    model = build_model(cfg).eval()
-    model.roi_heads.box_predictor.classifier.log_temperature.data.fill_(math.log(4.0))
-    model.train_text = F.normalize(torch.randn(len(EXPORT_CATEGORIES), clip.embed_dim), dim=1)
-    out = tmp_path_factory.mktemp("plain")
-    write_export(out, model=model, cfg=cfg, clip=clip, clip_arch=architecture_config(EXPORT_ARCH),
-                 manifest_fields={"name": "ovd-test", "version": "0.0.1", "categories": EXPORT_CATEGORIES,
-                                  "metrics": {}})
-    return out
+    return write_tiny_export(tmp_path_factory.mktemp("plain"), [
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.05, "MODEL.RPN.PRE_NMS_TOPK_TEST", 2000,
+        "MODEL.RPN.POST_NMS_TOPK_TEST", 2000], temperature=4.0)
 
 
 @pytest.fixture(scope="session")
