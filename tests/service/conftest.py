@@ -15,6 +15,7 @@ import pytest
 from ovd.service import launch
 from ovd.service.launch import ServerProcess
 
+
 @pytest.fixture(scope="session")
 def export_dir(tmp_path_factory):
     """A verified export folder of a random tiny detector (read-only for tests)."""
