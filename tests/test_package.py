@@ -50,3 +50,40 @@ def test_import_ovd_is_light():
     code = "import sys, ovd; assert 'torch' not in sys.modules, 'torch'; print(ovd.__version__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def _imports(folder: Path, package: str) -> dict[str, set[str]]:
+    """module -> the modules of the same package it imports (absolute or relative, anywhere
+    in the file, lazy imports included)."""
+    import ast
+
+    modules = {}
+    for p in folder.rglob("*.py"):
+        parts = list(p.relative_to(folder).with_suffix("").parts)
+        modules[".".join([package, *(parts[:-1] if parts[-1] == "__init__" else parts)])] = p
+    edges: dict[str, set[str]] = {m: set() for m in modules}
+    for m, p in modules.items():
+        base = m.split(".") if p.name == "__init__.py" else m.split(".")[:-1]
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                stem = ".".join(base[:len(base) - node.level + 1] + [node.module or ""]) if node.level \
+                    else node.module or ""
+                names = [stem.rstrip("."), *(f"{stem.rstrip('.')}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            edges[m] |= {n for n in names if n in modules and n != m}
+    return edges
+
+
+def test_training_has_no_import_circle():
+    edges = _imports(REPO / "training", "ovd.training")
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(n == goal or (n not in seen and (seen.add(n) or reaches(n, goal, seen)))
+                   for n in edges[start])
+
+    circles = sorted(m for m in edges if reaches(m, m, set()))
+    assert not circles
+    assert not any("ovd.training.cli" in targets for m, targets in edges.items() if m != "ovd.training.cli")
