@@ -50,7 +50,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from host_info import host_info, host_line  # noqa: E402
@@ -108,13 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging()
 
-    from training.cli import _progress
-    from training.compress import load_teacher, teacher_clip_sha256, teacher_config
-    from training.data.coco_format import register_ov_dataset
-    from training.data.synthetic import world_datasets
-    from training.proposals import ProposalConfig, run_proposals
-    from training.targets import TargetsConfig, run_targets
-    from training.train_detector import build_config
+    from ovd.training.compress import load_teacher, teacher_clip_sha256, teacher_config
+    from ovd.training.data.coco_format import register_ov_dataset
+    from ovd.training.data.synthetic import world_datasets
+    from ovd.training.progress import progress as _progress
+    from ovd.training.proposals import ProposalConfig, run_proposals
+    from ovd.training.targets import TargetsConfig, run_targets
+    from ovd.training.train_detector import build_config
 
     t_start = time.time()
     machine = host_info()
@@ -211,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
 def train_student(s: Student, cfg: dict, clip, teacher: str, student_config: str, targets_dir: Path,
                   datasets: list[str], out: Path, iters: int, seed: int) -> None:
     """Train one student of a row with `ovd compress`'s trainer (Detectron2, resumable)."""
-    from training.cli import _detector_cfg
-    from training.compress import launch_compression, prepare_student
+    from ovd.training.cli import _detector_cfg
+    from ovd.training.compress import launch_compression, prepare_student
 
     dcfg = _detector_cfg(cfg, argparse.Namespace(config=None, root=None, detector_config=None, opts=[]),
                          config_file=student_config)
@@ -239,7 +238,7 @@ def load_student(out: Path):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    from training.train_detector import build_config
+    from ovd.training.train_detector import build_config
 
     dcfg = build_config(out / "config.yaml")
     dcfg.MODEL.KD.TEACHER = ""  # inference needs no teacher
@@ -252,7 +251,7 @@ def load_student(out: Path):
 def _evaluate_once(model, text: torch.Tensor, out: Path, dcfg) -> dict:
     """synth_val metrics of a model (dcfg: its Detectron2 config), computed once and stored in
     out/metrics.json."""
-    from training.evaluate import evaluate
+    from ovd.training.evaluate import evaluate
 
     path = out / "metrics.json"
     if path.is_file():

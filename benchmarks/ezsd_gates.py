@@ -33,7 +33,6 @@ from datetime import date
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from host_info import host_line  # noqa: E402
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging()
 
-    from training.gates import (
+    from ovd.training.gates import (
         HeldOut,
         detector_gate,
         format_gates,
@@ -62,14 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         renorm_gate,
         targets_gate,
     )
-    from training.proposals import (
+    from ovd.training.proposals import (
         AnchorGrid,
         ProposalConfig,
         TrainingImages,
         autocast,
         propose_image,
     )
-    from training.targets import load_targets
+    from ovd.training.targets import load_targets
 
     t_start = time.time()
     cfg, front = pipeline_front(args.config, args.pipeline_root)

@@ -48,13 +48,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from host_info import host_line  # noqa: E402
 from training_bench import Timed, pipeline_front, setup_logging, subset_json, write_markdown  # noqa: E402
 
-from training.protocol import (  # noqa: E402
+from ovd.training.protocol import (  # noqa: E402
     HEADLINE,
     CellStore,
     commit_cell,
@@ -146,7 +145,7 @@ class Bench:
     """The shared stages and the cells of one ablation run."""
 
     def __init__(self, args: argparse.Namespace):
-        from training.targets import TargetsConfig
+        from ovd.training.targets import TargetsConfig
 
         self.args = args
         self.root = Path(args.root)
@@ -167,7 +166,7 @@ class Bench:
     # ------------------------------------------------------------------ stages
 
     def proposals_config(self, kind: str):
-        from training.proposals import ProposalConfig
+        from ovd.training.proposals import ProposalConfig
 
         return ProposalConfig.from_dict({**(self.cfg.get("proposals") or {}), "mode": kind})
 
@@ -175,9 +174,9 @@ class Bench:
         """The row's distillation targets for the training subset, computed once per kind."""
         if v.targets is None:
             return None
-        from training.cli import _progress
-        from training.proposals import run_proposals
-        from training.targets import run_targets
+        from ovd.training.progress import progress as _progress
+        from ovd.training.proposals import run_proposals
+        from ovd.training.targets import run_targets
 
         clip = self.clips[v.clip]
         proposals_dir = None
@@ -199,7 +198,7 @@ class Bench:
     # ------------------------------------------------------------------ cells
 
     def recipe(self, v: Variant, lam: float | None, seed: int, split: str) -> str:
-        from training.config import REPO_ROOT
+        from ovd.training.config import REPO_ROOT
 
         detector_file = REPO_ROOT / (self.cfg.get("detector") or {}).get(
             "config", "configs/detector/synthetic_r18_fpn.yaml")
@@ -344,7 +343,7 @@ class Bench:
         }
 
     def clip_accuracy(self) -> dict:
-        from training.pipeline import zero_shot
+        from ovd.training.pipeline import zero_shot
 
         dirs = {"raw": self.front.clip_dir, "renorm": self.front.renorm_dir}
         return {k: {d: {g: round(100 * x, 1) for g, x in r.items() if g != "n"}
@@ -359,9 +358,9 @@ class Bench:
 
 def train(v: Variant, lam: float | None, seed: int, bench: Bench, out: Path) -> None:
     """Train one cell's detector (Detectron2, resumable; skipped when already trained)."""
-    from training.cli import _detector_cfg
-    from training.data.coco_format import register_ov_dataset
-    from training.train_detector import launch_training, prepare
+    from ovd.training.cli import _detector_cfg
+    from ovd.training.data.coco_format import register_ov_dataset
+    from ovd.training.train_detector import launch_training, prepare
 
     if (out / "model_final.pth").is_file():
         return
@@ -391,7 +390,7 @@ def load_trained(out: Path):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    from training.train_detector import build_config
+    from ovd.training.train_detector import build_config
 
     dcfg = build_config(out / "config.yaml")
     model = build_model(dcfg)
@@ -403,7 +402,7 @@ def evaluate_on(out: Path, clip, dataset: str) -> dict:
     """Generalized evaluation of a trained cell on a registered split (all categories)."""
     from detectron2.data import MetadataCatalog
 
-    from training.evaluate import evaluate
+    from ovd.training.evaluate import evaluate
 
     dcfg, model = load_trained(out)
     names = list(MetadataCatalog.get(dataset).thing_classes)
@@ -501,7 +500,7 @@ def detections_figure(bench: Bench, report: dict, path: Path, n_images: int = 3,
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data import detection_utils as utils
 
-    from training.data.preview import TIER_STYLE
+    from ovd.training.data.preview import TIER_STYLE
 
     meta = MetadataCatalog.get("synth_test")
     names = list(meta.thing_classes)

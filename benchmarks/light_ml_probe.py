@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from detectron2.data import DatasetCatalog
     from detectron2.data import detection_utils as utils
 
-    from training.data.synthetic import register_world
+    from ovd.training.data.synthetic import register_world
 
     register_world(args.world, overwrite=True)
     inputs = []

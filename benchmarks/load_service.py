@@ -1,7 +1,7 @@
 """Bounded load test of the detection service over loopback: latency and throughput per cell.
 
 By default the script starts its own Redis (`redis-server` on a free loopback port) and a real
-service process (`service.launch.ServerProcess`: uvicorn, the production app) on `--model-dir`.
+service process (`ovd.service.launch.ServerProcess`: uvicorn, the production app) on `--model-dir`.
 When that folder does not exist it builds a detector export with random weights (the synthetic
 R18-FPN architecture and the project's CLIP text tower) into a temporary folder and says so:
 latencies are then those of the real architecture, the detections are meaningless.
@@ -50,7 +50,7 @@ import numpy as np
 from host_info import host_info
 from PIL import Image, ImageDraw
 
-from service.launch import ServerProcess, redis_process
+from ovd.service.launch import ServerProcess, redis_process
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -140,9 +140,9 @@ def random_export(out: Path) -> Path:
     import torch.nn.functional as F
     from detectron2.modeling import build_model
 
-    from models.clip.model import architecture_config, load_clip
-    from models.exported import write_export
-    from training.train_detector import build_config
+    from ovd.models.clip.model import architecture_config, load_clip
+    from ovd.models.exported import write_export
+    from ovd.training.train_detector import build_config
 
     arch = "ovd-vit-tiny-64"
     torch.manual_seed(0)
@@ -320,7 +320,7 @@ def started_server(args: argparse.Namespace, api_key: str) -> Iterator[tuple[str
                "OVD_TORCH_THREADS": str(args.torch_threads)}
         server = stack.enter_context(ServerProcess(model_dir, env=env))
         yield server.url.rstrip("/"), {
-            "target": "started here (service.launch.ServerProcess, uvicorn)",
+            "target": "started here (ovd.service.launch.ServerProcess, uvicorn)",
             "model": model_note, "torch_threads": args.torch_threads,
             "redis": "none" if args.no_redis else "redis-server on loopback (started here)",
         }

@@ -1,10 +1,10 @@
 """onnxruntime vs PyTorch per image on the shipped detector (`python benchmarks/onnx_runtime.py`).
 
-Adds the ONNX graphs to a copy of the export (`models.onnx_export.export_onnx`, validated
+Adds the ONNX graphs to a copy of the export (`ovd.models.onnx_export.export_onnx`, validated
 against PyTorch) unless --export already has them, then times `detector.onnx` under
 onnxruntime (CPUExecutionProvider) against the PyTorch model (`model([inputs], text=T)`), in
 the same process, on synthetic scenes at the export's test size, for a 16- and a 1000-name
-vocabulary (`models.onnx_export.time_onnx_vs_torch`: median over repeats after a warm-up).
+vocabulary (`ovd.models.onnx_export.time_onnx_vs_torch`: median over repeats after a warm-up).
 Results go to stdout and to benchmarks/results/onnx_runtime.md.
 """
 
@@ -18,7 +18,8 @@ from pathlib import Path
 
 from host_info import host_info, host_line
 
-from models.onnx_export import export_onnx, time_onnx_vs_torch
+from ovd.models.onnx_export import export_onnx, time_onnx_vs_torch
+from ovd.models.registry import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -54,7 +55,7 @@ def report(rows: list[dict], host: dict, export: str, manifest: dict, command: s
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--export", default="artifacts/default", help="export folder (ONNX added to a copy if absent)")
+    p.add_argument("--export", default=str(DEFAULT_MODEL), help="export folder (ONNX added to a copy if absent)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per runtime and vocabulary")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads of both (0: library defaults)")
     p.add_argument("--out", default=str(RESULTS / "onnx_runtime.md"))

@@ -6,7 +6,7 @@ vocabulary sizes, on the CPU, one model at a time:
 1. **Anchors.** Per-image latency (median and p95 over repeated runs after warm-up), images/s at
    the best of a few batch sizes, and peak memory of
 
-   * our teacher (`--teacher`, the shipped export, `models.exported.load_export`),
+   * our teacher (`--teacher`, the shipped export, `ovd.models.exported.load_export`),
    * our student (`--student` export folder; without it the architecture of
      configs/compress/synthetic_student_r18_narrow.yaml with **random weights**),
    * OWL-ViT B/32, OWLv2 B/16 and Grounding DINO tiny, built with Hugging Face `transformers`
@@ -258,7 +258,7 @@ class Ours:
 
 
 def load_teacher(folder: Path) -> Ours:
-    from models.exported import load_export
+    from ovd.models.exported import load_export
 
     export = load_export(folder)
     return Ours("ours: teacher", export.model, export.text_embeddings,
@@ -269,14 +269,14 @@ def load_teacher(folder: Path) -> Ours:
 
 def load_student(folder: Path | None, text_embeddings) -> Ours:
     if folder is not None:
-        from models.exported import load_export
+        from ovd.models.exported import load_export
 
         export = load_export(folder)
         return Ours("ours: student", export.model, export.text_embeddings, f"export {folder}")
     from detectron2.modeling import build_model
 
-    import models.detector  # noqa: F401  registers the detector components
-    from training.train_detector import build_config
+    import ovd.models.detector  # noqa: F401  registers the detector components
+    from ovd.training.train_detector import build_config
 
     torch.manual_seed(0)
     cfg = build_config(STUDENT_CONFIG, ["MODEL.DEVICE", "cpu"])
@@ -753,8 +753,8 @@ def section_train(args, report: dict) -> None:
     from detectron2.structures import Boxes, Instances
     from detectron2.utils.events import EventStorage
 
-    import models.detector  # noqa: F401
-    from training.train_detector import Trainer, build_config
+    import ovd.models.detector  # noqa: F401
+    from ovd.training.train_detector import Trainer, build_config
 
     torch.manual_seed(0)
     cfg = build_config(TEACHER_CONFIG, ["MODEL.DEVICE", "cpu"])
@@ -800,8 +800,8 @@ def section_train(args, report: dict) -> None:
 
 
 def section_proposals(args, report: dict) -> None:
-    from models.clip.model import load_clip
-    from training.proposals import ProposalConfig, propose_image
+    from ovd.models.clip.model import load_clip
+    from ovd.training.proposals import ProposalConfig, propose_image
 
     if (RENORM_CLIP / "manifest.json").exists():
         clip, clip_note = load_clip(str(RENORM_CLIP)), str(RENORM_CLIP.relative_to(ROOT))

@@ -18,18 +18,19 @@ ANALYSIS = "## Analysis"
 def setup_logging() -> None:
     """INFO from the project's loggers, warnings only from Detectron2's."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for name in ("ovd", "training", "models"):
+    for name in ("ovd",):
         logging.getLogger(name).setLevel(logging.INFO)
     logging.getLogger("detectron2").setLevel(logging.WARNING)
 
 
 def pipeline_front(config: str, pipeline_root: str | None):
-    """(pipeline config dict, training.pipeline.Front) of a pipeline config file; the front's
+    """(pipeline config dict, ovd.training.pipeline.Front) of a pipeline config file; the front's
     root is `pipeline_root`, default the config's own output root."""
-    from training.cli import _pretrain_config, _progress, _world_config
-    from training.clip_renorm import RenormConfig
-    from training.config import load_config, output_root
-    from training.pipeline import Front
+    from ovd.training.cli import _pretrain_config, _world_config
+    from ovd.training.clip_renorm import RenormConfig
+    from ovd.training.config import load_config, output_root
+    from ovd.training.pipeline import Front
+    from ovd.training.progress import progress as _progress
 
     cfg = load_config(config)
     root = Path(pipeline_root) if pipeline_root else output_root(cfg)

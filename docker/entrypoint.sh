@@ -2,7 +2,7 @@
 # Container entrypoint: refuse to start `ovd serve` without a model export, then exec the command.
 #
 # The service itself verifies every file of the export against the sha256 in its manifest when it
-# loads (models.exported.load_export); this check only turns a forgotten or empty volume mount into
+# loads (ovd.models.exported.load_export); this check only turns a forgotten or empty volume mount into
 # one clear line and exit status 78 (EX_CONFIG) instead of a traceback after the imports.
 set -eu
 

@@ -23,13 +23,10 @@ import torch
 from PIL import Image, ImageOps
 
 from .detections import Detections
+from .registry import REGISTERED
 from .runtime import Runtime, load_runtime
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
-
-#: Models known by name (`Detector.load("default")`): folders of the repository checkout.
-REGISTERED = {"default": Path(__file__).resolve().parents[1] / "artifacts" / "default"}
-
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """An export folder from a registered name or a path, with a message naming the fix."""
@@ -78,7 +75,7 @@ class Detector:
     """An open-vocabulary detector: `detector(images, classes)` -> `Detections`.
 
     Args:
-        runtime: a `models.runtime.Runtime` (use `Detector.load`).
+        runtime: a `ovd.models.runtime.Runtime` (use `Detector.load`).
         text_cache: vocabularies whose text embeddings are kept (a new name costs one CLIP
             text encoding, ~0.2 ms on a CPU core, once).
     """

@@ -55,7 +55,7 @@ class Detections:
 
     def to_json(self) -> list[dict]:
         """[{"box": [x1, y1, x2, y2], "score", "label", "class_index"}, ...] (the service's shape)."""
-        return [{"box": [round(float(v), 2) for v in box], "score": round(float(score), 4),
+        return [{"box": [float(v) for v in box], "score": float(score),
                  "label": self.classes[int(c)], "class_index": int(c)}
                 for box, score, c in zip(self.boxes, self.scores, self.class_indices, strict=True)]
 

@@ -179,7 +179,7 @@ def verify_export(folder: str | Path) -> dict:
 
 def load_export(folder: str | Path, *, device: str = "cpu") -> ExportedDetector:
     """Load a verified export folder (see module docstring)."""
-    import models.detector  # noqa: F401  registers the detector components
+    import ovd.models.detector  # noqa: F401  registers the detector components
 
     folder = Path(folder)
     manifest = verify_export(folder)

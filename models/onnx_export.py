@@ -383,7 +383,7 @@ def load_onnx_detector(folder: str | Path, *, threads: int = 0) -> OnnxDetector:
 
 def validation_images(manifest: dict, count: int = 3, seed: int = 2026) -> list[torch.Tensor]:
     """Synthetic-world scenes at the model's test size, (3, S, S) uint8 in its input format."""
-    from training.data.synthetic import WorldConfig, detection_sample
+    from ovd.training.data.synthetic import WorldConfig, detection_sample
 
     size = int(manifest["input"]["min_size_test"])
     cfg = WorldConfig.from_dict({"seed": seed, "image_size": size})

@@ -109,6 +109,7 @@ class Runtime(Protocol):
 
     manifest: dict
     preprocessing: Preprocessing
+    text: object  # the export's CLIP text tower (ovd.models.clip.model.ClipModel)
 
     def text_embeddings(self, names: Sequence[str], template: str | None = None) -> torch.Tensor:
         """(C, D) normalised CLIP text embeddings of names in the export's prompt template."""
@@ -127,11 +128,12 @@ class TorchRuntime:
     def __init__(self, exported):
         self.exported = exported
         self.model = exported.model
+        self.text = exported.text
         self.manifest = exported.manifest
         self.preprocessing = Preprocessing.from_manifest(self.manifest)
 
     def text_embeddings(self, names: Sequence[str], template: str | None = None) -> torch.Tensor:
-        return self.exported.text_embeddings(list(names), template)
+        return self.text.text_embeddings(list(names), template or self.manifest["prompt_template"])
 
     @torch.inference_mode()
     def encode(self, inputs: list[dict]) -> list:
@@ -152,7 +154,7 @@ class OnnxRuntime:
     is never loaded."""
 
     def __init__(self, graphs, text):
-        self.graphs = graphs  # models.onnx_export.OnnxDetector
+        self.graphs = graphs  # ovd.models.onnx_export.OnnxDetector
         self.text = text      # ClipModel with only the text tower
         self.manifest = graphs.manifest
         self.preprocessing = Preprocessing.from_manifest(self.manifest)

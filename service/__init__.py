@@ -1,4 +1,4 @@
-"""The detection service: a FastAPI app around an exported detector (see `service.app`).
+"""The detection service: a FastAPI app around an exported detector (see `ovd.service.app`).
 
 One module per concern: settings (OVD_* environment), errors (the JSON error type), images
 (decode + limits), vocabulary (names, built-ins, registry), redis_store (the Redis connection

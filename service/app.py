@@ -1,4 +1,4 @@
-"""The FastAPI app: `create_app(settings) -> FastAPI` (uvicorn: `service.app:create_app`, factory).
+"""The FastAPI app: `create_app(settings) -> FastAPI` (uvicorn: `ovd.service.app:create_app`, factory).
 
 The model is loaded in the lifespan hook, in the background: /livez answers at once, /readyz
 says 503 until the model is loaded (and warmed up), then "ready", or "degraded" while Redis
@@ -33,13 +33,13 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from models.exported import ExportedDetector, load_export
+from ovd.models.runtime import Runtime, load_runtime
 
 from . import schemas
 from .auth import check_api_key
 from .batcher import Batcher, Job, Overloaded
 from .errors import ApiError
-from .images import decode_base64, decode_image, to_model_input
+from .images import decode_base64, decode_image
 from .metrics import Metrics, MetricsMiddleware
 from .redis_store import RedisStore
 from .settings import Settings
@@ -58,10 +58,10 @@ STATIC = Path(__file__).parent / "static"
 
 
 @dataclass
-class Runtime:
+class Serving:
     """What the detection routes need once the model is loaded."""
 
-    detector: ExportedDetector
+    detector: Runtime
     batcher: Batcher
     text: TextEmbedder
     vocabularies: VocabularyRegistry
@@ -139,22 +139,17 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 # --------------------------------------------------------------------------- lifespan
 
-async def _load(app: FastAPI, detector: ExportedDetector | None) -> None:
-    """Load (or take) the detector, build the runtime, warm it up, then publish it."""
+async def _load(app: FastAPI, detector: Runtime | None) -> None:
+    """Load (or take) the detector runtime, build batcher and text cache, warm up, publish."""
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
     store: RedisStore | None = app.state.store
     try:
-        if detector is None:
-            detector = await asyncio.to_thread(load_export, settings.model_dir, device=settings.device)
+        if detector is None:  # every file checked against the manifest; onnx never loads torch's detector
+            detector = await asyncio.to_thread(load_runtime, settings.model_dir, backend=settings.backend,
+                                               device=settings.device, threads=settings.torch_threads)
         manifest = detector.manifest
-        model = detector.model
-        if settings.backend == "onnx":  # the same export's ONNX graphs, hash-checked
-            from models.onnx_export import load_onnx_detector
-
-            model = await asyncio.to_thread(load_onnx_detector, settings.model_dir,
-                                            threads=settings.torch_threads)
-        batcher = Batcher(model, max_batch_size=settings.max_batch_size,
+        batcher = Batcher(detector, max_batch_size=settings.max_batch_size,
                           max_wait_s=settings.max_batch_wait_ms / 1000, max_queue=settings.max_queue,
                           on_batch=metrics.observe_batch, on_queue_depth=metrics.queue_depth.set)
         batcher.start()
@@ -166,10 +161,10 @@ async def _load(app: FastAPI, detector: ExportedDetector | None) -> None:
             on_lookup=lambda layer, result: metrics.text_cache.labels(layer, result).inc())
         names = [c["name"] for c in manifest.get("categories", [])]
         vocabularies = VocabularyRegistry(names, store=store, prefix=settings.redis_prefix)
-        runtime = Runtime(detector, batcher, text, vocabularies)
+        serving = Serving(detector, batcher, text, vocabularies)
         if settings.warmup:
-            await _warmup(runtime)
-        app.state.runtime = runtime
+            await _warmup(serving)
+        app.state.runtime = serving
         logger.info("model %s %s loaded from %s (%s backend)", manifest.get("name"),
                     manifest.get("version"), settings.model_dir, settings.backend)
     except Exception as e:  # noqa: BLE001  reported by /readyz and /livez, and logged
@@ -177,17 +172,15 @@ async def _load(app: FastAPI, detector: ExportedDetector | None) -> None:
         app.state.load_error = f"{type(e).__name__}: {e}"
 
 
-async def _warmup(runtime: Runtime) -> None:
+async def _warmup(serving: Serving) -> None:
     """One inference on a blank image, so the first request does not pay for lazy init."""
-    cfg = runtime.manifest["input"]
-    size = int(cfg["min_size_test"])
-    inputs = to_model_input(np.zeros((size, size, 3), np.uint8), input_format=cfg["format"],
-                            min_size=size, max_size=int(cfg["max_size_test"]))
-    text = torch.nn.functional.normalize(torch.ones(1, runtime.text.dim), dim=-1)
-    await asyncio.gather(*runtime.batcher.submit([Job(inputs, text)]))
+    size = serving.detector.preprocessing.min_size
+    inputs = serving.detector.preprocessing(np.zeros((size, size, 3), np.uint8))
+    text = torch.nn.functional.normalize(torch.ones(1, serving.text.dim), dim=-1)
+    await asyncio.gather(*serving.batcher.submit([Job(inputs, text, ("warm-up",))]))
 
 
-def _lifespan(detector: ExportedDetector | None):
+def _lifespan(detector: Runtime | None):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         settings: Settings = app.state.settings
@@ -204,10 +197,10 @@ def _lifespan(detector: ExportedDetector | None):
         finally:
             if not loader.done():
                 loader.cancel()
-            runtime: Runtime | None = app.state.runtime
-            if runtime is not None:
-                await runtime.batcher.close(settings.shutdown_timeout_s)
-                await runtime.text.flush()
+            serving: Serving | None = app.state.runtime
+            if serving is not None:
+                await serving.batcher.close(settings.shutdown_timeout_s)
+                await serving.text.flush()
             if app.state.store is not None:
                 await app.state.store.close()
             logger.info("shut down")
@@ -217,7 +210,7 @@ def _lifespan(detector: ExportedDetector | None):
 
 # --------------------------------------------------------------------------- request parsing
 
-def _runtime(request: Request) -> Runtime:
+def _runtime(request: Request) -> Serving:
     runtime = request.app.state.runtime
     if runtime is None:
         raise ApiError(503, "model_not_ready", request.app.state.load_error or "the model is loading",
@@ -225,7 +218,7 @@ def _runtime(request: Request) -> Runtime:
     return runtime
 
 
-RuntimeDep = Annotated[Runtime, Depends(_runtime)]
+RuntimeDep = Annotated[Serving, Depends(_runtime)]
 
 
 def _validation_error(e: ValidationError) -> ApiError:
@@ -288,7 +281,7 @@ async def _parse_detect(request: Request, *, batch: bool) -> tuple[list[bytes], 
                    "send application/json (base64 images) or multipart/form-data (files)")
 
 
-async def _resolve_vocabulary(runtime: Runtime, opts: schemas.DetectOptions,
+async def _resolve_vocabulary(runtime: Serving, opts: schemas.DetectOptions,
                               settings: Settings) -> tuple[list[str], list[str]]:
     """(names, templates) of a request: its own classes or a named vocabulary."""
     if opts.classes and opts.vocabulary:
@@ -310,9 +303,8 @@ async def _resolve_vocabulary(runtime: Runtime, opts: schemas.DetectOptions,
     return names, templates
 
 
-def _decode_all(data: list[bytes], runtime: Runtime, max_pixels: int) -> list[tuple[dict, float]]:
+def _decode_all(data: list[bytes], runtime: Serving, max_pixels: int) -> list[tuple[dict, float]]:
     """Decode + preprocess each image (worker thread); per image (model input, seconds)."""
-    cfg = runtime.manifest["input"]
     out = []
     for i, blob in enumerate(data):
         t0 = time.perf_counter()
@@ -322,13 +314,12 @@ def _decode_all(data: list[bytes], runtime: Runtime, max_pixels: int) -> list[tu
             if len(data) > 1:
                 e.message = f"image {i}: {e.message}"
             raise
-        inputs = to_model_input(rgb, input_format=cfg["format"], min_size=int(cfg["min_size_test"]),
-                                max_size=int(cfg["max_size_test"]))
+        inputs = runtime.detector.preprocessing(rgb)
         out.append((inputs, time.perf_counter() - t0))
     return out
 
 
-async def _detect(request: Request, runtime: Runtime, *, batch: bool) -> list[dict]:
+async def _detect(request: Request, runtime: Serving, *, batch: bool) -> list[dict]:
     """Everything of a detect request after auth: parse, decode, text, batch, respond."""
     start = time.perf_counter()
     settings: Settings = request.app.state.settings
@@ -339,8 +330,8 @@ async def _detect(request: Request, runtime: Runtime, *, batch: bool) -> list[di
     text = await runtime.text.text_matrix(names, templates)
     text_s = time.perf_counter() - t_text
     try:
-        futures = runtime.batcher.submit([Job(inputs, text, opts.score_threshold, opts.max_detections)
-                                          for inputs, _ in decoded])
+        futures = runtime.batcher.submit([Job(inputs, text, tuple(names), opts.score_threshold,
+                                              opts.max_detections) for inputs, _ in decoded])
     except Overloaded as e:
         raise ApiError(503, "overloaded", f"the server is busy: {e}", headers={"Retry-After": "1"}) from e
     results = await asyncio.gather(*futures)
@@ -349,16 +340,12 @@ async def _detect(request: Request, runtime: Runtime, *, batch: bool) -> list[di
     metrics: Metrics = request.app.state.metrics
     out = []
     for (inputs, decode_s), res in zip(decoded, results, strict=True):
-        inst = res.instances
-        metrics.detections.observe(len(inst))
-        detections = [{"box": box, "score": score, "label": names[c], "class_index": c}
-                      for box, score, c in zip(inst.pred_boxes.tensor.tolist(), inst.scores.tolist(),
-                                               inst.pred_classes.tolist(), strict=True)]
+        metrics.detections.observe(len(res.detections))
         out.append({
             "model": {"name": str(manifest.get("name")), "version": str(manifest.get("version"))},
             "image": {"width": inputs["width"], "height": inputs["height"]},
             "classes": names,
-            "detections": detections,
+            "detections": res.detections.to_json(),
             "timings_ms": {"decode": 1000 * decode_s, "text": 1000 * text_s, "queue": 1000 * res.queue_s,
                            "model": 1000 * res.model_s, "classify": 1000 * res.classify_s,
                            "total": total_ms},
@@ -403,12 +390,13 @@ ERRORS = {status: {"model": schemas.ErrorResponse, "description": text} for stat
 
 # --------------------------------------------------------------------------- the app
 
-def create_app(settings: Settings | None = None, *, detector: ExportedDetector | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, detector: Runtime | None = None) -> FastAPI:
     """Build the service.
 
     Args:
         settings: configuration; default: read from the environment (OVD_*).
-        detector: an already loaded export (tests share one); default: load `settings.model_dir`.
+        detector: an already loaded detector runtime (tests share one); default: load
+            `settings.model_dir` with `settings.backend`.
     """
     settings = settings or Settings()
     metrics = Metrics(settings.max_batch_size)

@@ -1,23 +1,22 @@
-"""Server-side batching: many requests, one `model.encode` per batch, one vocabulary each.
+"""Server-side batching: many requests, one `runtime.encode` per batch, one vocabulary each.
 
 Requests wait in a bounded queue; a batch is taken when `max_batch_size` images are waiting
 or the oldest has waited `max_batch_wait`, whichever comes first (while the model is busy,
 the queue fills and the next batch leaves at once). The batch runs in one worker thread, so
 the event loop never blocks on torch:
 
-    regions = model.encode(images)                    # ~all of the cost, shared
-    for each request: classify(its regions, its text) # two small matmuls + NMS, per vocabulary
+    regions = runtime.encode(images)                    # ~all of the cost, shared
+    for each request: runtime.classify(its regions, ...) # two small matmuls + NMS, per vocabulary
 
-Images are encoded together only when they pad to the same size. Detectron2 pads a batch to
-its largest image, and the detector's GroupNorm sees the padding, so mixing sizes would make
-a request's detections depend on which other requests it was batched with.
+Images are encoded together only when they share the runtime's batch key (their padded size):
+the detector's GroupNorm sees the padding, so mixing sizes would make a request's detections
+depend on which other requests it was batched with.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,7 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-from detectron2.structures import Instances
+
+from ovd.models.detections import Detections
+from ovd.models.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +40,16 @@ class Job:
     """One image to detect in, with its request's vocabulary.
 
     Attributes:
-        inputs: Detectron2 input {"image": (3, h, w) uint8, "height": H, "width": W}.
-        text: (C, D) normalised text embeddings; pred_classes index its rows.
+        inputs: the runtime's preprocessed input {"image": (3, h, w) uint8, "height": H, "width": W}.
+        text: (C, D) normalised text embeddings; class indices index its rows.
+        classes: the C names of those rows.
         score_threshold: minimum score, or None for the model's test threshold.
         max_detections: at most this many detections, or None for the model's default.
     """
 
     inputs: dict
     text: torch.Tensor
+    classes: tuple[str, ...]
     score_threshold: float | None = None
     max_detections: int | None = None
     future: asyncio.Future | None = field(default=None, repr=False)
@@ -58,13 +61,12 @@ class JobResult:
     """Detections of one job and where its time went (seconds).
 
     Attributes:
-        instances: pred_boxes (N, 4) XYXY pixels of the original image, scores (N,),
-            pred_classes (N,) rows of the job's text.
+        detections: boxes in pixels of the original image, class indices into the job's text.
         queue_s: waiting for a batch. model_s: the batch's encode call (shared).
         classify_s: this job's classification. batch_size: images in its encode call.
     """
 
-    instances: Instances
+    detections: Detections
     queue_s: float
     model_s: float
     classify_s: float
@@ -75,9 +77,7 @@ class Batcher:
     """Asyncio front, one worker thread behind.
 
     Args:
-        model: OpenVocabRCNN in eval mode, or models.onnx_export.OnnxDetector (onnxruntime):
-            anything with encode(inputs), classify(regions, text, score_thresh=,
-            max_detections=) and to_original_size(results, inputs).
+        runtime: the detector runtime (ovd.models.runtime: PyTorch or onnxruntime).
         max_batch_size: images per encode call.
         max_wait_s: longest a batch waits to fill up, seconds.
         max_queue: images waiting at most; more -> Overloaded.
@@ -85,18 +85,15 @@ class Batcher:
         on_queue_depth: callback(depth) whenever the queue changes (metrics).
     """
 
-    def __init__(self, model, *, max_batch_size: int, max_wait_s: float, max_queue: int,
+    def __init__(self, runtime: Runtime, *, max_batch_size: int, max_wait_s: float, max_queue: int,
                  on_batch: Callable[[int, float], None] | None = None,
                  on_queue_depth: Callable[[int], None] | None = None):
-        self.model = model
+        self.runtime = runtime
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self._on_batch = on_batch or (lambda size, seconds: None)
         self._on_queue_depth = on_queue_depth or (lambda depth: None)
-        # An ONNX detector has no backbone here: it encodes image by image, padding is moot.
-        backbone = getattr(model, "backbone", None)
-        self._divisor = max(int(getattr(backbone, "size_divisibility", 0) or 1), 1)
         self._queue: deque[Job] = deque()
         self._arrived = asyncio.Event()
         self._idle = asyncio.Event()
@@ -171,37 +168,30 @@ class Batcher:
             if not self._queue:
                 self._idle.set()
 
-    def _padded_shape(self, job: Job) -> tuple[int, int]:
-        _, h, w = job.inputs["image"].shape
-        return (math.ceil(h / self._divisor) * self._divisor, math.ceil(w / self._divisor) * self._divisor)
-
     def _process(self, batch: list[Job], started: float) -> list[JobResult | BaseException]:
         """Runs in the worker thread: encode each same-size group once, classify per job."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, job in enumerate(batch):
-            groups.setdefault(self._padded_shape(job), []).append(i)
+            groups.setdefault(self.runtime.preprocessing.batch_key(job.inputs), []).append(i)
         outcomes: list[JobResult | BaseException] = [RuntimeError("not processed")] * len(batch)
-        with torch.inference_mode():
-            for members in groups.values():
-                jobs = [batch[i] for i in members]
-                try:
-                    t0 = time.monotonic()
-                    regions = self.model.encode([j.inputs for j in jobs])
-                    model_s = time.monotonic() - t0
-                    self._on_batch(len(jobs), model_s)
-                    for i, job, region in zip(members, jobs, regions, strict=True):
-                        t1 = time.monotonic()
-                        found = self.model.classify([region], job.text,
-                                                    score_thresh=job.score_threshold,
-                                                    max_detections=job.max_detections)
-                        instances = self.model.to_original_size(found, [job.inputs])[0]["instances"]
-                        outcomes[i] = JobResult(instances.to("cpu"), queue_s=started - job.enqueued,
-                                                model_s=model_s, classify_s=time.monotonic() - t1,
-                                                batch_size=len(jobs))
-                except Exception as e:  # noqa: BLE001  delivered to the waiting requests
-                    logger.exception("inference failed for a batch of %d images", len(jobs))
-                    for i in members:
-                        outcomes[i] = e
+        for members in groups.values():
+            jobs = [batch[i] for i in members]
+            try:
+                t0 = time.monotonic()
+                regions = self.runtime.encode([j.inputs for j in jobs])
+                model_s = time.monotonic() - t0
+                self._on_batch(len(jobs), model_s)
+                for i, job, region in zip(members, jobs, regions, strict=True):
+                    t1 = time.monotonic()
+                    (found,) = self.runtime.classify([region], job.text, [job.inputs], job.classes,
+                                                     score_threshold=job.score_threshold,
+                                                     max_detections=job.max_detections)
+                    outcomes[i] = JobResult(found, queue_s=started - job.enqueued, model_s=model_s,
+                                            classify_s=time.monotonic() - t1, batch_size=len(jobs))
+            except Exception as e:  # noqa: BLE001  delivered to the waiting requests
+                logger.exception("inference failed for a batch of %d images", len(jobs))
+                for i in members:
+                    outcomes[i] = e
         return outcomes
 
     async def close(self, timeout_s: float = 30.0) -> None:

@@ -16,8 +16,6 @@ import struct
 import warnings
 
 import numpy as np
-import torch
-from detectron2.data import transforms as T
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ApiError
@@ -108,22 +106,3 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         except (OSError, ValueError, SyntaxError, struct.error, EOFError) as e:
             raise ApiError(400, "corrupt_image", f"the image could not be decoded: {e}") from e
     return np.asarray(rgb, dtype=np.uint8)
-
-
-def to_model_input(rgb: np.ndarray, *, input_format: str, min_size: int, max_size: int) -> dict:
-    """Detectron2 input of one image, preprocessed as in evaluation.
-
-    Args:
-        rgb: (H, W, 3) uint8 RGB.
-        input_format: the export's INPUT.FORMAT ("RGB" or "BGR").
-        min_size, max_size: ResizeShortestEdge test sizes of the export.
-
-    Returns:
-        {"image": (3, h, w) uint8 tensor in `input_format` order, "height": H, "width": W}.
-    """
-    height, width = rgb.shape[:2]
-    resized = T.ResizeShortestEdge(min_size, max_size).get_transform(rgb).apply_image(rgb)
-    if input_format == "BGR":
-        resized = resized[:, :, ::-1]
-    image = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-    return {"image": image, "height": height, "width": width}

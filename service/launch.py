@@ -102,7 +102,7 @@ class ServerProcess:
         Raises:
             RuntimeError: the process exited or was not ready in time (with its log).
         """
-        cmd = [sys.executable, "-m", "training.cli", "serve", "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "ovd.training.cli", "serve", "--host", "127.0.0.1",
                "--port", str(self.port), "--model-dir", str(self.model_dir)]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,

@@ -12,13 +12,16 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ovd.models.registry import DEFAULT_MODEL
+
 
 class Settings(BaseSettings):
     """Configuration of one service process (environment variables `OVD_<FIELD>`)."""
 
     model_config = SettingsConfigDict(env_prefix="OVD_", extra="ignore")
 
-    model_dir: Path = Field(Path("artifacts/default"), description="export folder (`ovd export`)")
+    model_dir: Path = Field(DEFAULT_MODEL, description="export folder (`ovd export`; default: the "
+                                                       "shipped model of the repository checkout)")
     device: str = Field("cpu", description="torch device of the detector and the text tower")
     backend: Literal["torch", "onnx"] = Field(
         "torch", description="detector runtime: torch, or onnx (onnxruntime on the export's "

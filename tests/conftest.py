@@ -25,7 +25,7 @@ def make_world(tmp_path_factory):
     Worlds are cached per configuration (and worker count), so tests that ask for the same
     configuration share one folder; treat it as read-only.
     """
-    from training.data.synthetic import WorldConfig, generate_world
+    from ovd.training.data.synthetic import WorldConfig, generate_world
 
     cache: dict[tuple, Path] = {}
 
@@ -42,48 +42,25 @@ def make_world(tmp_path_factory):
 
 
 # A random tiny detector export, torch-only and with ONNX graphs (the ONNX and API tests).
-EXPORT_ARCH = "ovd-vit-tiny-64"
-EXPORT_CATEGORIES = [{"name": "red ring", "split": "novel"}, {"name": "blue disk", "split": "base"},
-                     {"name": "green cross", "split": "novel"}]
 
 
 @pytest.fixture(scope="session")
 def plain_export(tmp_path_factory):
-    """A torch-only export of a random tiny detector (64 px; see below for why its RPN keeps
-    every proposal and its classifier runs at temperature 4)."""
-    import math
+    """A torch-only export of a random tiny detector. Its RPN keeps every proposal (no top-k
+    cut) and its classifier runs at tau = 4 instead of 100: a random detector's objectness and
+    (at tau 100, saturated) class scores tie to the last bit, and then which of the tied ones
+    survives a cut depends on rounding. A trained model has no such ties."""
+    from detector_testing import write_tiny_export
 
-    import torch
-    import torch.nn.functional as F
-    from detectron2.modeling import build_model
-
-    from models.clip.model import architecture_config, load_clip
-    from models.exported import write_export
-    from training.train_detector import build_config
-
-    torch.manual_seed(0)
-    clip = load_clip(EXPORT_ARCH)
-    # Every proposal kept (no top-k cut) and tau = 4 instead of 100: a random detector's
-    # objectness and (at tau 100, saturated) class scores tie to the last bit, and then which of
-    # the tied ones survives a cut depends on rounding. A trained model has no such ties.
-    cfg = build_config("configs/detector/synthetic_r18_fpn.yaml", [
-        "MODEL.OVD.EMBED_DIM", clip.embed_dim, "MODEL.ROI_HEADS.NUM_CLASSES", len(EXPORT_CATEGORIES),
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.05, "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 96,
-        "MODEL.RPN.PRE_NMS_TOPK_TEST", 2000, "MODEL.RPN.POST_NMS_TOPK_TEST", 2000])
-    model = build_model(cfg).eval()
-    model.roi_heads.box_predictor.classifier.log_temperature.data.fill_(math.log(4.0))
-    model.train_text = F.normalize(torch.randn(len(EXPORT_CATEGORIES), clip.embed_dim), dim=1)
-    out = tmp_path_factory.mktemp("plain")
-    write_export(out, model=model, cfg=cfg, clip=clip, clip_arch=architecture_config(EXPORT_ARCH),
-                 manifest_fields={"name": "ovd-test", "version": "0.0.1", "categories": EXPORT_CATEGORIES,
-                                  "metrics": {}})
-    return out
+    return write_tiny_export(tmp_path_factory.mktemp("plain"), [
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.05, "MODEL.RPN.PRE_NMS_TOPK_TEST", 2000,
+        "MODEL.RPN.POST_NMS_TOPK_TEST", 2000], temperature=4.0)
 
 
 @pytest.fixture(scope="session")
 def onnx_export(plain_export, tmp_path_factory):
     """`ovd export --onnx --from-export PLAIN --out DIR` (validated inside the command)."""
-    from training.cli import main as ovd
+    from ovd.training.cli import main as ovd
 
     out = tmp_path_factory.mktemp("onnx")
     assert ovd(["export", "--onnx", "--from-export", str(plain_export), "--out", str(out)]) == 0

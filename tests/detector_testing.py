@@ -7,6 +7,10 @@ import torch
 import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
 
+# The categories of the random tiny detector exports (`write_tiny_export`).
+EXPORT_CATEGORIES = [{"name": "red ring", "split": "novel"}, {"name": "blue disk", "split": "base"},
+                     {"name": "green cross", "split": "novel"}]
+
 
 def random_image(seed: int, size: int = 64) -> dict:
     """A Detectron2 input: random uint8 (3, size, size) image, original size = size."""
@@ -53,3 +57,31 @@ def same_detections(got: list[dict], want: list[dict], *, box_tol: float = 1e-3,
             return False
         free.remove(match)
     return True
+
+
+def write_tiny_export(out, opts: list, *, temperature: float | None = None):
+    """Export a random tiny detector (64-96 px inputs, EXPORT_CATEGORIES, ovd-vit-tiny-64's
+    text tower, torch seed 0) to `out`, with extra Detectron2 KEY VALUE `opts`; `temperature`
+    replaces the classifier's tau. Returns out."""
+    import math
+
+    from detectron2.modeling import build_model
+
+    from ovd.models.clip.model import architecture_config, load_clip
+    from ovd.models.exported import write_export
+    from ovd.training.train_detector import build_config
+
+    torch.manual_seed(0)
+    arch = "ovd-vit-tiny-64"
+    clip = load_clip(arch)
+    cfg = build_config("configs/detector/synthetic_r18_fpn.yaml", [
+        "MODEL.OVD.EMBED_DIM", clip.embed_dim, "MODEL.ROI_HEADS.NUM_CLASSES", len(EXPORT_CATEGORIES),
+        "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 96, *opts])
+    model = build_model(cfg).eval()
+    if temperature is not None:
+        model.roi_heads.box_predictor.classifier.log_temperature.data.fill_(math.log(temperature))
+    model.train_text = F.normalize(torch.randn(len(EXPORT_CATEGORIES), clip.embed_dim), dim=1)
+    write_export(out, model=model, cfg=cfg, clip=clip, clip_arch=architecture_config(arch),
+                 manifest_fields={"name": "ovd-test", "version": "0.0.1", "categories": EXPORT_CATEGORIES,
+                                  "metrics": {}})
+    return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,10 +16,10 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 from PIL import Image
 
-from models.api import Detector, read_image, resolve_model
-from models.detections import Detections
-from models.runtime import OnnxRuntime, Preprocessing, TorchRuntime, load_runtime, to_original
-from training.data.synthetic import WorldConfig, detection_sample
+from ovd.models.api import Detector, read_image, resolve_model
+from ovd.models.detections import Detections
+from ovd.models.runtime import OnnxRuntime, Preprocessing, TorchRuntime, load_runtime, to_original
+from ovd.training.data.synthetic import WorldConfig, detection_sample
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +147,8 @@ def test_detections_conversions(tmp_path):
     d = Detections(np.array([[10, 20, 50, 60], [0, 0, 5, 5]], np.float32), np.array([0.9, 0.2], np.float32),
                    np.array([1, 0]), ("red ring", "blue star"), (100, 120))
     assert d.labels == ["blue star", "red ring"] and len(d) == 2
-    assert d.to_json()[0] == {"box": [10.0, 20.0, 50.0, 60.0], "score": 0.9, "label": "blue star",
-                              "class_index": 1}
+    assert d.to_json()[0] == {"box": [10.0, 20.0, 50.0, 60.0], "score": pytest.approx(0.9),
+                              "label": "blue star", "class_index": 1}
     coco = d.to_coco(7)
     assert coco[0] == {"image_id": 7, "category_id": 2, "bbox": [10.0, 20.0, 40.0, 40.0],
                        "score": pytest.approx(0.9)}
@@ -188,3 +189,40 @@ def test_onnx_runtime_answers_like_torch_without_the_torch_detector(plain_export
         assert x.labels == y.labels
     with pytest.raises(ValueError, match="backend"):
         load_runtime(plain_export, backend="tensorrt")
+
+
+# ---------------------------------------------------------------- ovd detect
+
+def test_ovd_detect_over_files_folders_and_globs(scene, tmp_path, monkeypatch, caplog):
+    """From a folder outside the repository: per-image JSON, COCO, drawn images; a pattern that
+    names nothing is a clear error, not a traceback."""
+    from ovd.training.cli import main
+
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    Image.fromarray(scene).save(photos / "a.png")
+    Image.fromarray(scene[:, ::-1]).save(photos / "sub" / "b.jpg", quality=95)
+    Image.fromarray(scene[:128]).save(tmp_path / "c.png")
+    (photos / "notes.txt").write_text("not an image")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["detect", str(photos), str(tmp_path / "*.png"), "--classes", "red ring", "blue star",
+                 "--threshold", "0.2", "--out", "r.json", "--draw", "drawn"]) == 0
+    report = json.loads((work / "r.json").read_text())
+    assert [Path(i["file"]).name for i in report["images"]] == ["a.png", "b.jpg", "c.png"]
+    assert report["classes"] == ["red ring", "blue star"] and report["model"]["name"]
+    assert report["images"][2]["height"] == 128
+    for image in report["images"]:
+        assert all(d["score"] >= 0.2 and d["label"] in report["classes"] for d in image["detections"])
+    assert sum(len(i["detections"]) for i in report["images"]) > 0
+    assert sorted(p.name for p in (work / "drawn").iterdir()) == ["a.png", "b.png", "c.png"]
+
+    assert main(["detect", str(photos / "a.png"), "--classes", "red ring", "--coco", "--out", "c.json"]) == 0
+    coco = json.loads((work / "c.json").read_text())
+    assert coco["categories"] == [{"id": 1, "name": "red ring"}]
+    assert all(a["image_id"] == 1 and a["category_id"] == 1 and "score" in a for a in coco["annotations"])
+
+    caplog.clear()
+    assert main(["detect", str(tmp_path / "none*.jpg"), "--classes", "x"]) == 2
+    assert "no image file found" in caplog.text

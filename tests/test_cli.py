@@ -1,4 +1,4 @@
-"""Tests for the `ovd` command line (training.cli.main): help, exit codes, errors, data synth."""
+"""Tests for the `ovd` command line (ovd.training.cli.main): help, exit codes, errors, data synth."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from training.cli import main
+from ovd.training.cli import main
 
 # Leaf commands and the purpose each one's help should state.
 LEAVES = {
@@ -197,3 +198,24 @@ def test_preview_of_missing_world(tmp_path, caplog):
                  "--out", str(tmp_path / "p.png")]) == 2
     assert "world.json" in _errors(caplog)
     assert not (tmp_path / "p.png").exists()
+
+
+def test_eval_an_export_on_a_users_coco_json(plain_export, tmp_path, monkeypatch, capsys):
+    """`ovd eval --export DIR --json FILE`: a user's own COCO json (no world, no registration),
+    from a folder outside the repository; an unregistered dataset is a clear error."""
+    rng = np.random.default_rng(0)
+    images, anns = [], []
+    for i in (1, 2):
+        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "width": 80, "height": 64})
+        anns.append({"id": i, "image_id": i, "category_id": i, "bbox": [10, 10, 30, 20], "area": 600,
+                     "iscrowd": 0})
+    coco = {"images": images, "annotations": anns,
+            "categories": [{"id": 1, "name": "red ring", "split": "novel"}, {"id": 2, "name": "blue disk"}]}
+    (tmp_path / "mine.json").write_text(json.dumps(coco))
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--export", str(plain_export), "--json", "mine.json", "--out", "ev"]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["images"] == 2 and set(metrics) >= {"novel", "base", "all"}
+    assert "generalized zero-shot detection" in capsys.readouterr().out
+    assert main(["eval", "--export", str(plain_export), "--dataset", "nothing_here"]) == 2

@@ -1,11 +1,11 @@
-"""Tests for models.clip.crops: EZSD crop geometry and the RoIAlign crop-and-resize."""
+"""Tests for ovd.models.clip.crops: EZSD crop geometry and the RoIAlign crop-and-resize."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from models.clip.crops import crop_and_resize, square_crop_boxes
+from ovd.models.clip.crops import crop_and_resize, square_crop_boxes
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)

@@ -1,4 +1,4 @@
-"""Tests for models.clip.model: loading by name, file and folder; save/verify round trip."""
+"""Tests for ovd.models.clip.model: loading by name, file and folder; save/verify round trip."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models.clip.model import (
+from ovd.models.clip.model import (
     CONFIG_FILE,
     MANIFEST_FILE,
     MANIFEST_FORMAT,

@@ -1,4 +1,4 @@
-"""Tests for training.clip_pretrain (checkpoint, manifest, resume) and training.clip_eval."""
+"""Tests for ovd.training.clip_pretrain (checkpoint, manifest, resume) and ovd.training.clip_eval."""
 
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.clip.model import WEIGHTS_FILE, load_clip, verify_checkpoint
-from training.clip_eval import format_report, zero_shot_report
-from training.clip_pretrain import (
+from ovd.models.clip.model import WEIGHTS_FILE, load_clip, verify_checkpoint
+from ovd.training.clip_eval import format_report, zero_shot_report
+from ovd.training.clip_pretrain import (
     CaptionCorpus,
     PretrainConfig,
     _lr_at,
     augment,
     pretrain_clip,
 )
-from training.data.coco_format import load_coco_json
+from ovd.training.data.coco_format import load_coco_json
 
 CFG = PretrainConfig(steps=4, batch_size=16, checkpoint_every=2, warmup_steps=1, threads=1)
 NUM_CAPTIONS = 64

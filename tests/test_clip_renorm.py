@@ -1,4 +1,4 @@
-"""Tests for training.clip_renorm (EZSD stage 1: LayerNorm-only CLIP fine-tuning)."""
+"""Tests for ovd.training.clip_renorm (EZSD stage 1: LayerNorm-only CLIP fine-tuning)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.clip.model import (
+from ovd.models.clip.model import (
     WEIGHTS_FILE,
     architecture_config,
     load_clip,
@@ -21,16 +21,16 @@ from models.clip.model import (
     sha256_file,
     verify_checkpoint,
 )
-from training.clip_renorm import (
+from ovd.training.cli import build_parser
+from ovd.training.clip_renorm import (
     RenormConfig,
     base_gt_crops,
-    register_cli,
     renorm_clip,
     renorm_loss,
     size_weights,
     trainable_parameter_names,
 )
-from training.data.synthetic import world_datasets
+from ovd.training.data.synthetic import world_datasets
 
 ARCH = "ovd-vit-tiny-64"
 # lr well above the paper's 1e-4 so that every LayerNorm moves visibly in a few steps.
@@ -313,7 +313,7 @@ def _sideways_photo(folder: Path) -> tuple[Path, torch.Tensor]:
 def test_gt_crops_are_cut_from_the_upright_photo(parent, tmp_path):
     """Stage 1 reads images as Detectron2 does (EXIF orientation applied), so the same box
     crops the same pixels in every stage; a plain PIL read would crop the sideways image."""
-    from training.clip_eval import detection_gt_crops
+    from ovd.training.clip_eval import detection_gt_crops
 
     json_file, upright = _sideways_photo(tmp_path)
     clip = load_clip(str(parent))
@@ -368,15 +368,14 @@ def test_config_from_dict_and_validation():
 
 # ---------------------------------------------------------------- command line
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ovd clip")
-    register_cli(parser.add_subparsers(dest="clip_command", required=True))
-    return parser
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """`ovd clip ARGV`, parsed by the real command line."""
+    return build_parser().parse_args(["clip", *argv])
 
 
 def test_cli_help(capsys):
     with pytest.raises(SystemExit) as info:
-        _parser().parse_args(["renorm", "--help"])
+        _parse(["renorm", "--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "LayerNorm" in out and "--train-json" in out and "--tune" in out
@@ -387,7 +386,7 @@ def test_cli_runs_and_writes_before_after_tables(world, parent, tmp_path, capsys
     (root / "clip").mkdir(parents=True)
     (root / "world").symlink_to(world)
     (root / "clip" / "pretrained").symlink_to(parent)
-    args = _parser().parse_args(["renorm", "--root", str(root), "--epochs", "1",
+    args = _parse(["renorm", "--root", str(root), "--epochs", "1",
                                  "--tune", "vision", "--threads", "1"])
     assert args.func(args) == 0
     out = root / "clip" / "renorm"

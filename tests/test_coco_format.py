@@ -1,4 +1,4 @@
-"""Tests for training.data.coco_format: validation, base/novel split and registration."""
+"""Tests for ovd.training.data.coco_format: validation, base/novel split and registration."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from training.data.coco_format import (
+from ovd.training.data.coco_format import (
     DatasetFormatError,
     category_split,
     load_coco_json,

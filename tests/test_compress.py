@@ -16,8 +16,13 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from models.compression import LightML, StudentOutputLayers, StudentRCNN, TaskIntegrationDistiller
-from models.compression.cid import (
+from ovd.models.compression import (
+    LightML,
+    StudentOutputLayers,
+    StudentRCNN,
+    TaskIntegrationDistiller,
+)
+from ovd.models.compression.cid import (
     centerness,
     enlarge_boxes,
     instance_normalise,
@@ -25,8 +30,8 @@ from models.compression.cid import (
     logit_kd_loss,
     region_weights,
 )
-from models.compression.light_ml import channel_shuffle
-from models.compression.tid import (
+from ovd.models.compression.light_ml import channel_shuffle
+from ovd.models.compression.tid import (
     KEY,
     LOW,
     WEAK,
@@ -35,7 +40,7 @@ from models.compression.tid import (
     localisation_score,
     select_areas,
 )
-from training.train_detector import build_config
+from ovd.training.train_detector import build_config
 
 STUDENT = "configs/compress/synthetic_student_r18_narrow.yaml"
 TEACHER = "configs/detector/synthetic_r18_fpn.yaml"
@@ -288,7 +293,7 @@ def test_student_config_builds_a_narrow_model_whose_encode_and_classify_serve():
 def test_narrow_backbone_is_detectron2_r18_fpn_at_full_width():
     from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
 
-    from models.compression.backbone import build_narrow_resnet_fpn_backbone
+    from ovd.models.compression.backbone import build_narrow_resnet_fpn_backbone
 
     cfg = build_config(TEACHER)
     ours = build_narrow_resnet_fpn_backbone(cfg, ShapeSpec(channels=3)).state_dict()
@@ -329,7 +334,7 @@ def test_training_step_with_a_frozen_teacher():
 
 
 def test_rpn_forward_with_dense_outputs_is_detectron2s_rpn_forward():
-    from models.compression.student import rpn_forward_train
+    from ovd.models.compression.student import rpn_forward_train
 
     torch.manual_seed(0)
     model = build_model(_student_cfg()).train()
@@ -366,11 +371,11 @@ def teacher_root(make_world, tmp_path_factory):
     untrained) teacher saved as a training output folder, as `ovd train` would leave it."""
     from detectron2.checkpoint import DetectionCheckpointer
 
-    from models.clip.model import architecture_config, load_clip, save_clip
-    from training.data.coco_format import register_from_spec
-    from training.data.synthetic import world_datasets
-    from training.targets import TargetsConfig, run_targets
-    from training.train_detector import prepare
+    from ovd.models.clip.model import architecture_config, load_clip, save_clip
+    from ovd.training.data.coco_format import register_from_spec
+    from ovd.training.data.synthetic import world_datasets
+    from ovd.training.targets import TargetsConfig, run_targets
+    from ovd.training.train_detector import prepare
 
     root = tmp_path_factory.mktemp("compress")
     world = make_world(num_train=4, image_size=64)
@@ -401,9 +406,9 @@ RUN = ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.WAR
 def test_compress_runs_resumes_exports_and_loads(teacher_root, tmp_path, monkeypatch):
     from detectron2.checkpoint import DetectionCheckpointer
 
-    from models.exported import load_export
-    from training.cli import main
-    from training.compress import CompressTrainer
+    from ovd.models.exported import load_export
+    from ovd.training.cli import main
+    from ovd.training.compress import CompressTrainer
 
     root = teacher_root
     student_dir = root / "student"
@@ -455,7 +460,7 @@ def test_compress_runs_resumes_exports_and_loads(teacher_root, tmp_path, monkeyp
     assert torch.equal(a.proposals, b.proposals) and torch.allclose(a.embeddings, b.embeddings)
     assert len(found) > 0 and int(found.pred_classes.max()) < 2
     # An export can be a teacher too (same CLIP recorded in both).
-    from training.compress import load_teacher, teacher_clip_sha256
+    from ovd.training.compress import load_teacher, teacher_clip_sha256
 
     assert isinstance(load_teacher(tmp_path / "export"), StudentRCNN)
     assert teacher_clip_sha256(tmp_path / "export") == teacher_clip_sha256(root / "detector") != ""

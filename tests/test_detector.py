@@ -16,9 +16,9 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from models.detector import TextEmbeddingClassifier, distillation_loss
-from training.evaluate import WithVocabulary, group_ap
-from training.train_detector import DistillDatasetMapper, build_config
+from ovd.models.detector import TextEmbeddingClassifier, distillation_loss
+from ovd.training.evaluate import WithVocabulary, group_ap
+from ovd.training.train_detector import DistillDatasetMapper, build_config
 
 CONFIG = "configs/detector/synthetic_r18_fpn.yaml"
 D = 16
@@ -298,7 +298,7 @@ def test_shipped_version_1_export_gives_the_background_vector_it_was_trained_wit
 
     from safetensors.torch import load_file
 
-    from models.exported import load_export
+    from ovd.models.exported import load_export
 
     folder = Path(__file__).resolve().parents[1] / "artifacts" / "default"
     raw = load_file(str(folder / "detector.safetensors"))
@@ -317,7 +317,7 @@ def test_version_1_conversion_uses_the_configured_initial_temperature():
 
 
 def test_optimizer_exempts_temperature_but_decays_the_background_vector():
-    from training.train_detector import Trainer
+    from ovd.training.train_detector import Trainer
 
     cfg = _cfg()
     cfg.SOLVER.WEIGHT_DECAY = 1e-4

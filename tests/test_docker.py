@@ -249,7 +249,7 @@ def test_compose_detector_waits_for_a_healthy_redis_and_mounts_the_model_read_on
         assert "stop_grace_period" in svc
     assert detector["depends_on"]["redis"]["condition"] == "service_healthy"
     # Docker's SIGKILL must not cut the service's own graceful shutdown short.
-    from service.settings import Settings
+    from ovd.service.settings import Settings
 
     grace_s = int(detector["stop_grace_period"].removesuffix("s"))
     assert grace_s > Settings.model_fields["shutdown_timeout_s"].default

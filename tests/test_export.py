@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from detectron2.modeling import build_model
 
-from models.clip.model import architecture_config, load_clip
-from models.exported import ExportError, load_export, verify_export, write_export
-from training.train_detector import build_config
+from ovd.models.clip.model import architecture_config, load_clip
+from ovd.models.exported import ExportError, load_export, verify_export, write_export
+from ovd.training.train_detector import build_config
 
 ARCH = "ovd-vit-tiny-64"
 

@@ -1,4 +1,4 @@
-"""The stage gates (training.gates) and the data-derived anchor grid they judge."""
+"""The stage gates (ovd.training.gates) and the data-derived anchor grid they judge."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.gates import (
+from ovd.training.gates import (
     HeldOut,
     bootstrap_ratio_ci,
     detector_gate,
@@ -22,7 +22,7 @@ from training.gates import (
     proposal_quality,
     wilson_ci,
 )
-from training.proposals import AnchorGrid, ProposalConfig
+from ovd.training.proposals import AnchorGrid, ProposalConfig
 
 
 def test_wilson_and_mcnemar_by_hand():
@@ -172,8 +172,8 @@ def test_detector_gate_reads_both_checkpoint_versions(tmp_path):
 
 
 def test_renorm_gate_pairs_the_same_crops(held):
-    from models.clip.model import load_clip
-    from training.gates import renorm_gate
+    from ovd.models.clip.model import load_clip
+    from ovd.training.gates import renorm_gate
 
     torch.manual_seed(0)
     before = load_clip("ovd-vit-tiny-64")
@@ -192,8 +192,8 @@ def test_renorm_gate_pairs_the_same_crops(held):
 
 def test_renorm_gate_per_tier_where_categories_are_tagged(held):
     """World v2 tags novel categories with tiers; the gate then reports each tier too."""
-    from models.clip.model import load_clip
-    from training.gates import renorm_gate
+    from ovd.models.clip.model import load_clip
+    from ovd.training.gates import renorm_gate
 
     coco = json.loads(held.json_file.read_text())
     coco["categories"][0]["tier"] = "base"
@@ -211,8 +211,8 @@ def test_renorm_gate_per_tier_where_categories_are_tagged(held):
 def test_ovd_gates_on_a_users_coco_json_measures_what_it_can(held, tmp_path, capsys):
     """`ovd gates` on any COCO dataset: the renorm gate from two CLIP folders and an eval json;
     the stages that were not run are reported as skipped, with what they need."""
-    from models.clip.model import architecture_config, load_clip, save_clip
-    from training.cli import main
+    from ovd.models.clip.model import architecture_config, load_clip, save_clip
+    from ovd.training.cli import main
 
     for seed, name in ((0, "before"), (1, "after")):
         torch.manual_seed(seed)

@@ -12,19 +12,19 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import EXPORT_CATEGORIES as CATEGORIES
+from detector_testing import EXPORT_CATEGORIES as CATEGORIES
 from detector_testing import same_detections
 from PIL import Image
 
-from models.exported import ExportError, load_export, verify_export
-from models.onnx_export import (
+from ovd.models.exported import ExportError, load_export, verify_export
+from ovd.models.onnx_export import (
     OnnxValidationError,
     check_reports,
     compare_with_torch,
     load_onnx_detector,
     random_vocabularies,
 )
-from training.cli import main as ovd
+from ovd.training.cli import main as ovd
 
 
 def _images() -> list[torch.Tensor]:
@@ -107,11 +107,15 @@ def _png(width: int, height: int, seed: int) -> bytes:
 
 def _torch_answer(exported, data: bytes, names: list[str]) -> list[dict]:
     """The torch model's detections of the service's input, in the API's JSON shape."""
-    from service.images import decode_image, to_model_input
+    from detectron2.data import transforms as T
 
+    from ovd.service.images import decode_image
+
+    rgb = decode_image(data, max_pixels=10**8)
     cfg = exported.manifest["input"]
-    inputs = to_model_input(decode_image(data, max_pixels=10**8), input_format=cfg["format"],
-                            min_size=cfg["min_size_test"], max_size=cfg["max_size_test"])
+    resized = T.ResizeShortestEdge(cfg["min_size_test"], cfg["max_size_test"]).get_transform(rgb).apply_image(rgb)
+    inputs = {"image": torch.from_numpy(resized.transpose(2, 0, 1).copy()), "height": rgb.shape[0],
+              "width": rgb.shape[1]}
     with torch.inference_mode():
         # As the service builds T: the template's embeddings rounded to float16, renormalised.
         text = F.normalize(exported.text_embeddings(names).half().float(), dim=-1)
@@ -124,7 +128,7 @@ def _torch_answer(exported, data: bytes, names: list[str]) -> list[dict]:
 def test_service_with_the_onnx_backend_answers_like_torch(onnx_export):
     import httpx
 
-    from service import launch
+    from ovd.service import launch
 
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (scripts/install.sh installs it)")

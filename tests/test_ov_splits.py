@@ -1,4 +1,4 @@
-"""Tests for training.data.ov_splits: OV-COCO 48/17 and OV-LVIS f+c/r split builders."""
+"""Tests for ovd.training.data.ov_splits: OV-COCO 48/17 and OV-LVIS f+c/r split builders."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from training.data import ov_splits
-from training.data.coco_format import DatasetFormatError, category_split, load_coco_json
-from training.data.ov_splits import (
+from ovd.training.data import ov_splits
+from ovd.training.data.coco_format import DatasetFormatError, category_split, load_coco_json
+from ovd.training.data.ov_splits import (
     OV_COCO_BASE,
     OV_COCO_NOVEL,
     OV_COCO_UNUSED,
@@ -348,7 +348,7 @@ def test_build_split_cli_rejects_unknown(coco_instances: Path, tmp_path: Path) -
 
 def test_registered_ov_coco_train(coco_instances: Path, tmp_path: Path) -> None:
     d2_data = pytest.importorskip("detectron2.data")
-    from training.data.coco_format import register_ov_dataset
+    from ovd.training.data.coco_format import register_ov_dataset
 
     path = build_ov_coco(coco_instances, tmp_path, split="train")
     name = f"test_ov_coco_{uuid.uuid4().hex[:8]}"

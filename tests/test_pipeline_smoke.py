@@ -9,8 +9,8 @@ import logging
 
 import pytest
 
-from models.exported import load_export, verify_export
-from training.cli import main
+from ovd.models.exported import load_export, verify_export
+from ovd.training.cli import main
 
 
 @pytest.fixture(autouse=True)

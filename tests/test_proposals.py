@@ -1,8 +1,7 @@
-"""Tests for training.proposals (EZSD stage 2) and training.shards (sharded, resumable storage)."""
+"""Tests for ovd.training.proposals (EZSD stage 2) and ovd.training.shards (sharded, resumable storage)."""
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import pickle
@@ -12,17 +11,17 @@ import torch
 import torch.nn.functional as F
 from detectron2.utils import comm
 
-from training.proposals import (
+from ovd.training.cli import build_parser
+from ovd.training.proposals import (
     ProposalConfig,
     load_proposals,
     make_anchors,
     objectness,
     propose_from_candidates,
-    register_cli,
     run_proposals,
     token_region_embeddings,
 )
-from training.shards import ShardReader, ShardStore, shard_name
+from ovd.training.shards import ShardReader, ShardStore, shard_name
 
 # Few anchors per image keep every full run to a few dozen tiny-ViT crops.
 FAST = {"sizes": (32, 64), "ratios": (1.0, 2.0), "shard_size": 1}
@@ -30,7 +29,7 @@ FAST = {"sizes": (32, 64), "ratios": (1.0, 2.0), "shard_size": 1}
 
 def _tiny_clip(folder):
     """A seeded random ovd-vit-tiny-64 saved as a project checkpoint folder, loaded back."""
-    from models.clip.model import architecture_config, load_clip, save_clip
+    from ovd.models.clip.model import architecture_config, load_clip, save_clip
 
     torch.manual_seed(0)
     clip = load_clip("ovd-vit-tiny-64")
@@ -45,7 +44,7 @@ def clip(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def train(make_world):
-    from training.data.synthetic import world_datasets
+    from ovd.training.data.synthetic import world_datasets
 
     json_file, image_root = world_datasets(make_world(num_train=3, image_size=64))["synth_train"]
     return json_file, image_root
@@ -212,7 +211,7 @@ def test_token_region_embeddings_shapes(clip):
 
 
 def test_window_tokens_equal_encoding_the_window_alone(clip):
-    from training.proposals import _vit_tokens
+    from ovd.training.proposals import _vit_tokens
 
     torch.manual_seed(0)
     img = torch.randint(0, 255, (3, 64, 128), dtype=torch.uint8)
@@ -384,19 +383,14 @@ def test_shard_store_and_reader_units(tmp_path):
 
 
 def test_register_cli_parses():
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    register_cli(sub)
-    args = parser.parse_args(["proposals", "--mode", "cheap", "--max-images", "20", "--num-gpus",
+    args = build_parser().parse_args(["proposals", "--mode", "cheap", "--max-images", "20", "--num-gpus",
                               "2", "--dist-url", "tcp://127.0.0.1:1234", "--overwrite"])
     assert (args.mode, args.max_images, args.num_gpus, args.overwrite) == ("cheap", 20, 2, True)
     assert args.func.__name__ == "cmd_proposals"
 
 
 def test_cli_command_runs_in_process(clip, train, tmp_path):
-    parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["proposals", "--clip", _clip_dir(clip),
+    args = build_parser().parse_args(["proposals", "--clip", _clip_dir(clip),
                               "--train-json", str(train[0]), "--image-root", str(train[1]),
                               "--out", str(tmp_path), "--mode", "cheap", "--max-images", "1"])
     assert args.func(args) == 0

@@ -1,4 +1,4 @@
-"""Tests for the measurement protocol (training.protocol): intervals, paired contrasts, the
+"""Tests for the measurement protocol (ovd.training.protocol): intervals, paired contrasts, the
 verdict's wording, and the resumable cell store."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from training import protocol
-from training.evaluate import tier_groups
-from training.protocol import (
+from ovd.training import protocol
+from ovd.training.evaluate import tier_groups
+from ovd.training.protocol import (
     CellStore,
     flat_metrics,
     mean_ci,

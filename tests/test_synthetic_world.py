@@ -1,5 +1,5 @@
 """Tests for the synthetic world: determinism, COCO validity, boxes, captions, registration,
-preview and the loader's errors (training.data.synthetic / shapes / preview)."""
+preview and the loader's errors (ovd.training.data.synthetic / shapes / preview)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.data import synthetic
-from training.data.coco_format import load_coco_json, register_ov_dataset
-from training.data.shapes import (
+from ovd.training.data import synthetic
+from ovd.training.data.coco_format import load_coco_json, register_ov_dataset
+from ovd.training.data.shapes import (
     CATEGORIES,
     COLOURS,
     DISTRACTOR_SHAPES,
@@ -22,7 +22,7 @@ from training.data.shapes import (
     SHAPES,
     TIERS,
 )
-from training.data.synthetic import (
+from ovd.training.data.synthetic import (
     WORLD_FORMAT,
     WorldConfig,
     detection_sample,
@@ -323,7 +323,7 @@ def test_register_world_datasets(world):
 # ---------------------------------------------------------------- preview
 
 def test_write_preview(world, tmp_path):
-    from training.data.preview import write_preview
+    from ovd.training.data.preview import write_preview
 
     out = write_preview(world, tmp_path / "sub" / "preview.png")
     assert out == tmp_path / "sub" / "preview.png"
@@ -334,7 +334,7 @@ def test_write_preview(world, tmp_path):
 
 
 def test_write_preview_with_few_captions(make_world, tmp_path):
-    from training.data.preview import write_preview
+    from ovd.training.data.preview import write_preview
 
     world = make_world(num_train=1, num_val=1, num_test=1, num_captions=5, num_caption_eval=2)
     write_preview(world, tmp_path / "preview.png")

@@ -1,20 +1,24 @@
-"""Tests for training.targets (EZSD stage 3: distillation targets per training image)."""
+"""Tests for ovd.training.targets (EZSD stage 3: distillation targets per training image)."""
 
 from __future__ import annotations
-
-import argparse
 
 import pytest
 import torch
 
-from training.proposals import TrainingImages, clip_identity
-from training.shards import ShardStore
-from training.targets import TargetsConfig, image_targets, load_targets, register_cli, run_targets
+from ovd.training.cli import build_parser
+from ovd.training.proposals import TrainingImages, clip_identity
+from ovd.training.shards import ShardStore
+from ovd.training.targets import (
+    TargetsConfig,
+    image_targets,
+    load_targets,
+    run_targets,
+)
 
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    from models.clip.model import architecture_config, load_clip, save_clip
+    from ovd.models.clip.model import architecture_config, load_clip, save_clip
 
     torch.manual_seed(0)
     model = load_clip("ovd-vit-tiny-64")
@@ -25,7 +29,7 @@ def clip(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def train(make_world):
-    from training.data.synthetic import world_datasets
+    from ovd.training.data.synthetic import world_datasets
 
     json_file, image_root = world_datasets(make_world(num_train=3, image_size=64))["synth_train"]
     return json_file, image_root
@@ -58,7 +62,7 @@ def test_targets_gt_and_capped_proposals(clip, train, tmp_path):
     proposals, data = _fake_proposals(tmp_path / "p", clip, train)
     reader = run_targets(clip, *train, proposals, tmp_path / "t", TargetsConfig(max_proposals=4))
     assert reader.complete() and load_targets(tmp_path / "t") is not None
-    from training.proposals import load_proposals
+    from ovd.training.proposals import load_proposals
 
     props = load_proposals(proposals)
     for n_props, image_id in zip((5, 0, 3), data.image_ids, strict=True):
@@ -95,7 +99,7 @@ def test_targets_gt_only(clip, train, tmp_path):
 
 
 def test_targets_refuse_foreign_proposals(clip, train, tmp_path):
-    from models.clip.model import load_clip
+    from ovd.models.clip.model import load_clip
 
     proposals, _ = _fake_proposals(tmp_path / "p", clip, train)
     torch.manual_seed(1)
@@ -126,9 +130,7 @@ def test_image_targets_unit():
 
 
 def test_register_cli_parses():
-    parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["targets", "--gt-only", "--max-proposals", "50"])
+    args = build_parser().parse_args(["targets", "--gt-only", "--max-proposals", "50"])
     assert args.gt_only and args.max_proposals == 50 and args.func.__name__ == "cmd_targets"
     with pytest.raises(ValueError, match="unknown targets config keys"):
         TargetsConfig.from_dict({"max_props": 1})

@@ -29,54 +29,18 @@ import os
 import sys
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
-from tqdm import tqdm
+from ovd.models.registry import DEFAULT_MODEL
 
-from . import clip_renorm, proposals, targets
 from .config import DEFAULT_CONFIG, load_config, output_root
+from .progress import progress as _progress
 
 logger = logging.getLogger("ovd")
 
 
 # --------------------------------------------------------------------------- helpers
-
-def _progress(desc: str, total: int, initial: int = 0):
-    """Progress with ETA; returns `advance(n, postfix=None)`.
-
-    A terminal gets a tqdm bar; a log file (CI, docker logs) gets a line at most every 30 s
-    with the rate and the ETA, so a long stage is never silent.
-    """
-    if sys.stderr.isatty():
-        bar = tqdm(total=total, initial=initial, desc=desc, unit="it", dynamic_ncols=True,
-                   mininterval=1.0, file=sys.stderr)
-
-        def advance(n: int, postfix: dict | None = None) -> None:
-            if postfix:
-                bar.set_postfix(postfix, refresh=False)
-            bar.update(n)
-            if bar.n >= bar.total:
-                bar.close()
-
-        return advance
-
-    state = {"n": initial, "t0": time.time(), "last": time.time()}
-
-    def advance_log(n: int, postfix: dict | None = None) -> None:
-        state["n"] += n
-        now = time.time()
-        if now - state["last"] < 30 and state["n"] < total:
-            return
-        state["last"] = now
-        rate = (state["n"] - initial) / max(now - state["t0"], 1e-9)
-        eta = (total - state["n"]) / rate if rate > 0 else float("inf")
-        extra = " ".join(f"{k}={v}" for k, v in (postfix or {}).items())
-        logger.info("%s: %d/%d (%.1f it/s, ETA %s) %s", desc, state["n"], total, rate,
-                    time.strftime("%M:%S", time.gmtime(eta)) if eta < 3600 else f"{eta / 60:.0f} min",
-                    extra)
-
-    return advance_log
-
 
 def _paths(cfg: dict, args: argparse.Namespace) -> tuple[Path, Path]:
     """(world folder, pretrained CLIP folder) under the output root."""
@@ -175,7 +139,7 @@ def _report(clip, world_dir: Path, clip_dir: Path) -> dict:
 
 
 def cmd_clip_eval(args: argparse.Namespace) -> int:
-    from models.clip.model import load_clip
+    from ovd.models.clip.model import load_clip
 
     cfg = load_config(args.config)
     world_dir = Path(args.world) if args.world else _paths(cfg, args)[0]
@@ -225,7 +189,7 @@ def _register(dcfg) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from models.clip.model import load_clip
+    from ovd.models.clip.model import load_clip
 
     from .train_detector import launch_training, prepare
 
@@ -256,7 +220,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from models.clip.model import load_clip
+    from ovd.models.clip.model import load_clip
 
     from .compress import launch_compression, prepare_student, teacher_config
 
@@ -293,11 +257,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.data import MetadataCatalog
+    from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.modeling import build_model
 
-    from models.clip.model import load_clip
-    from models.exported import load_export
+    from ovd.models.clip.model import load_clip
+    from ovd.models.exported import load_export
 
     from .evaluate import evaluate, format_metrics
     from .train_detector import build_config
@@ -318,7 +282,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         def embed(names):
             return clip.text_embeddings(names, dcfg.MODEL.OVD.PROMPT_TEMPLATE)
     _register(dcfg)
-    dataset = args.dataset or (dcfg.DATASETS.TEST[0] if dcfg.DATASETS.TEST else "synth_val")
+    if args.json:  # the user's own COCO json (categories may carry "split": "base" | "novel")
+        from .data.coco_format import register_ov_dataset
+
+        json_file = Path(args.json)
+        dataset = register_ov_dataset(f"eval_{json_file.stem}", json_file,
+                                      Path(args.image_root) if args.image_root else json_file.parent,
+                                      overwrite=True)
+    else:
+        dataset = args.dataset or (dcfg.DATASETS.TEST[0] if dcfg.DATASETS.TEST else "synth_val")
+    if dataset not in DatasetCatalog.list():
+        raise ValueError(f"dataset {dataset!r} is not registered (generate the world with `ovd data "
+                         f"synth`, or evaluate your own COCO json with --json FILE --image-root DIR)")
     names = list(MetadataCatalog.get(dataset).thing_classes)
     out = Path(args.out or model_dir / f"eval_{dataset}")
     result = evaluate(dcfg, model, dataset, embed(names), out)
@@ -328,14 +303,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from models.exported import verify_export
+    from ovd.models.exported import verify_export
 
     from .export import export_detector
 
     if args.from_export:  # an existing export folder: only the ONNX graphs are added
         if not args.onnx:
             raise ValueError("--from-export only adds ONNX graphs: give --onnx too")
-        from models.onnx_export import export_onnx
+        from ovd.models.onnx_export import export_onnx
 
         out = Path(args.out or args.from_export)
         manifest = export_onnx(args.from_export, out)
@@ -347,7 +322,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         manifest = export_detector(model_dir, out, name=args.name, version=args.version,
                                    weights=args.weights, dtype=args.dtype)
         if args.onnx:
-            from models.onnx_export import export_onnx
+            from ovd.models.onnx_export import export_onnx
 
             export_onnx(out)
     m = verify_export(out)
@@ -454,7 +429,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     # its recipe was taken on val).
     stage(7, "generalized zero-shot evaluation on synth_test")
     cmd_eval(argparse.Namespace(config=args.config, root=args.root, model_dir=None, weights=None,
-                                dataset="synth_test", clip=None, export=None, out=None, opts=[]))
+                                dataset="synth_test", json=None, image_root=None, clip=None, export=None,
+                                out=None, opts=[]))
     gates = _gates(cfg, args)
     (root / "gates.json").write_text(json.dumps(gates, indent=2))
     logger.info("gates (also in %s):\n%s", root / "gates.json", format_gates(gates))
@@ -463,6 +439,195 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
                                   out=None, name="ovd-synthetic", version="0.1.0", dtype="float32",
                                   onnx=False, from_export=None))
     logger.info("pipeline finished in %.1f min; outputs under %s", (time.time() - t0) / 60, root)
+    return 0
+
+
+# --------------------------------------------------------------------------- stages 1-3
+
+def cmd_clip_renorm(args: argparse.Namespace) -> int:
+    """`ovd clip renorm`: train, then print and save the before/after zero-shot tables."""
+    from ovd.models.clip.model import load_clip
+
+    from .clip_eval import format_report, zero_shot_report
+    from .clip_renorm import RenormConfig, renorm_clip
+    from .data.synthetic import world_datasets
+
+    cfg = load_config(args.config)
+    root = output_root(cfg, args)
+    world_dir = Path(args.world) if args.world else root / "world"
+    parent = args.clip or str(root / "clip" / "pretrained")
+    out_dir = Path(args.out) if args.out else root / "clip" / "renorm"
+    default_json, default_images = world_datasets(world_dir)["synth_train"]
+    json_file = Path(args.train_json) if args.train_json else default_json
+    image_root = Path(args.image_root) if args.image_root else default_images
+    rcfg = RenormConfig.from_config(cfg, args, ("tune", "epochs", "batch_size", "threads"))
+
+    clip = renorm_clip(parent, json_file, image_root, out_dir, rcfg, progress=_progress,
+                       pretrained=args.pretrained)
+    training = clip.manifest["training"]
+    logger.info("re-normalised CLIP written to %s (%s) in %.0f s; loss per epoch %s", out_dir,
+                clip.manifest["weights"]["sha256"][:12], training["seconds"],
+                ", ".join(f"{v:.4f}" for v in training["epoch_losses"]))
+    before = zero_shot_report(load_clip(parent, args.pretrained), world_dir, template=rcfg.template)
+    after = zero_shot_report(clip, world_dir, template=rcfg.template)
+    print(format_report(before, f"before: parent {parent}"))
+    print(format_report(after, f"after: re-normalised ({rcfg.tune} LayerNorms) {out_dir}"))
+    out = out_dir / "zero_shot.json"
+    out.write_text(json.dumps({"parent": {"clip": str(parent), **before},
+                               "renorm": {"clip": str(out_dir), **after}}, indent=2))
+    logger.info("accuracy tables written to %s", out)
+    from .gates import HeldOut, format_gates, renorm_gate
+
+    val = world_dir / "detection" / "annotations" / "val.json"
+    gate = renorm_gate(load_clip(parent, args.pretrained), clip,
+                       HeldOut.load(val, world_dir / "detection" / "val"), template=rcfg.template)
+    (out_dir / "gates.json").write_text(json.dumps(gate, indent=2))
+    print(format_gates({"renorm": gate}))
+    return 0
+
+
+def _add_renorm_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "renorm", help="stage 1: tune only CLIP's LayerNorms on base GT crops (resumable)",
+        description="EZSD stage 1: fine-tune only the LayerNorm gains and biases of a CLIP on "
+                    "crops of base-class ground-truth boxes (sigmoid BCE over base classes, "
+                    "frozen logit scale), then print the zero-shot accuracy before and after.")
+    p.add_argument("--config", default=None,
+                   help="pipeline config YAML (default: "
+                        f"{DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])})")
+    p.add_argument("--root", default=None, help="output root folder (overrides paths.root)")
+    p.add_argument("--clip", default=None,
+                   help="parent: checkpoint folder or open_clip model name "
+                        "(default: <root>/clip/pretrained)")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or file")
+    p.add_argument("--world", default=None,
+                   help="world folder for the defaults and the evaluation (default: <root>/world)")
+    p.add_argument("--train-json", default=None,
+                   help="training json, base boxes used (default: the world's train_base.json)")
+    p.add_argument("--image-root", default=None,
+                   help="its image folder (default: the world's detection/train)")
+    p.add_argument("--out", default=None, help="checkpoint folder (default: <root>/clip/renorm)")
+    p.add_argument("--tune", default=None,
+                   help="LayerNorms to train: vision or vision+text (default from config: vision+text)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.set_defaults(func=cmd_clip_renorm)
+
+
+def _train_data(cfg: dict, args: argparse.Namespace) -> tuple[Path, Path]:
+    """--train-json / --image-root, defaulting to the synthetic world's `synth_train`."""
+    from .data.synthetic import world_datasets
+
+    json_file, image_root = world_datasets(output_root(cfg, args) / "world")["synth_train"]
+    return (Path(args.train_json) if args.train_json else json_file,
+            Path(args.image_root) if args.image_root else image_root)
+
+
+def _stage_args(p: argparse.ArgumentParser) -> None:
+    """Flags of the sharded stages (proposals, targets): config, data, CLIP, output, launcher."""
+    p.add_argument("--config", default=None, help="pipeline config YAML (default: configs/synthetic.yaml)")
+    p.add_argument("--root", default=None, help="output root folder (overrides paths.root)")
+    p.add_argument("--clip", default=None,
+                   help="CLIP checkpoint folder or open_clip name (default: <root>/clip/renorm)")
+    p.add_argument("--train-json", default=None,
+                   help="COCO training json, base boxes only (default: the world's synth_train)")
+    p.add_argument("--image-root", default=None, help="image folder of --train-json")
+    p.add_argument("--max-images", type=int, default=None, help="only the first N images by id")
+    p.add_argument("--batch-size", type=int, default=None, help="CLIP crops per forward")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute an output folder that holds a run with another config")
+    _launcher_args(p)
+
+
+def cmd_proposals(args: argparse.Namespace) -> int:
+    from .proposals import ProposalConfig, proposals_worker
+    from .shards import launch_stage
+
+    cfg = load_config(args.config)
+    pcfg = ProposalConfig.from_config(cfg, args, ("mode", "filter", "batch_size"))
+    root = output_root(cfg, args)
+    json_file, image_root = _train_data(cfg, args)
+    clip = args.clip or str(root / "clip" / "renorm")
+    out = args.out or str(root / "proposals")
+    launch_stage(proposals_worker, args, (clip, str(json_file), str(image_root), out,
+                                           asdict(pcfg), args.max_images, args.overwrite))
+    return 0
+
+
+def _add_proposals_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "proposals", help="EZSD stage 2: CLIP proposals of the training images (resumable)",
+        description="EZSD stage 2: score dense anchors (or, --mode cheap, the top-K of a "
+                    "one-forward ViT token prior) with CLIP over base+novel names, objectness "
+                    "log C - H, NMS, base-GT and base-class filters; sharded safetensors "
+                    "output, resumable, split across processes with --num-gpus/--num-machines.")
+    _stage_args(p)
+    p.add_argument("--out", default=None, help="output shard folder (default: <root>/proposals)")
+    p.add_argument("--mode", default=None, help="dense (the paper) or cheap (top-K token prior)")
+    p.add_argument("--filter", default=None, help="coco or lvis filtering")
+    p.set_defaults(func=cmd_proposals)
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from .shards import launch_stage
+    from .targets import TargetsConfig, targets_worker
+
+    cfg = load_config(args.config)
+    tcfg = TargetsConfig.from_config(cfg, args, ("max_proposals", "batch_size"))
+    root = output_root(cfg, args)
+    json_file, image_root = _train_data(cfg, args)
+    clip = args.clip or str(root / "clip" / "renorm")
+    if args.gt_only:
+        proposals = None
+    else:
+        proposals = args.proposals or str(root / "proposals")
+    out = args.out or str(root / ("targets_gt" if args.gt_only else "targets"))
+    launch_stage(targets_worker, args, (clip, str(json_file), str(image_root), proposals, out,
+                                         asdict(tcfg), args.max_images, args.overwrite))
+    return 0
+
+
+def _add_targets_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "targets", help="EZSD stage 3: CLIP distillation targets per training image (resumable)",
+        description="EZSD stage 3: CLIP embeddings of base GT boxes (1.2x crops, weight 1) and "
+                    "of up to --max-proposals stage-2 proposals (weight = confidence), stored "
+                    "per image in sharded safetensors; resumable, split across processes.")
+    _stage_args(p)
+    p.add_argument("--proposals", default=None,
+                   help="stage-2 folder (default: <root>/proposals)")
+    p.add_argument("--gt-only", action="store_true",
+                   help="no proposals: GT targets only (the ViLD-like variant)")
+    p.add_argument("--max-proposals", type=int, default=None, help="proposals per image (200)")
+    p.add_argument("--out", default=None,
+                   help="output shard folder (default: <root>/targets, <root>/targets_gt with "
+                        "--gt-only)")
+    p.set_defaults(func=cmd_targets)
+
+
+# --------------------------------------------------------------------------- detect
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from ovd.models.api import Detector
+    from ovd.models.batch_detect import detect_files, expand_inputs
+
+    files = expand_inputs(args.inputs)
+    detector = Detector.load(args.model_dir, backend=args.backend)
+    advance = _progress("detect", len(files))
+    report = detect_files(detector, files, args.classes, threshold=args.threshold,
+                          max_detections=args.max_detections, batch_size=args.batch_size,
+                          coco=args.coco, draw_dir=Path(args.draw) if args.draw else None,
+                          progress=advance)
+    text = json.dumps(report, indent=1)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+        found = len(report["annotations"]) if args.coco else sum(len(i["detections"]) for i in report["images"])
+        logger.info("%d detections in %d images written to %s%s", found, len(files), args.out,
+                    f"; drawn images in {args.draw}" if args.draw else "")
+    else:
+        print(text)
     return 0
 
 
@@ -479,8 +644,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import httpx
     from PIL import Image, ImageDraw
 
-    from models.exported import verify_export
-    from service.launch import ServerProcess
+    from ovd.models.exported import verify_export
+    from ovd.service.launch import ServerProcess
 
     from .data.synthetic import WorldConfig, generate_world
 
@@ -530,14 +695,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- serve
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """The detection service: uvicorn running `service.app:create_app`. Settings other than
+    """The detection service: uvicorn running `ovd.service.app:create_app`. Settings other than
     the flags come from OVD_* environment variables (service/settings.py)."""
     import math
 
     import uvicorn
 
-    from models.exported import verify_export
-    from service.settings import Settings
+    from ovd.models.exported import verify_export
+    from ovd.service.settings import Settings
 
     settings = Settings(**({"model_dir": args.model_dir} if args.model_dir else {}))
     manifest = verify_export(settings.model_dir)  # a missing or tampered export fails here, not in a running server
@@ -546,7 +711,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          f"ovd export --onnx --from-export {settings.model_dir}")
     os.environ["OVD_MODEL_DIR"] = str(settings.model_dir)  # the app factory reads the environment
     logging.getLogger("service").setLevel(logging.INFO)
-    uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port,
+    uvicorn.run("ovd.service.app:create_app", factory=True, host=args.host, port=args.port,
                 workers=args.workers, timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s))
     return 0
 
@@ -628,10 +793,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world", default=None)
     p.add_argument("--out", default=None, help="where to write zero_shot.json for a named model")
     p.set_defaults(func=cmd_clip_eval)
-    clip_renorm.register_cli(csub)
+    _add_renorm_parser(csub)
 
-    proposals.register_cli(sub)
-    targets.register_cli(sub)
+    _add_proposals_parser(sub)
+    _add_targets_parser(sub)
 
     p = sub.add_parser("train", help="train the open-vocabulary detector (Detectron2, resumable)",
                        description="Train the EZSD detector: Faster R-CNN whose box head embeds "
@@ -684,6 +849,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", default=None, help="training output (default: <root>/detector)")
     p.add_argument("--weights", default=None, help="checkpoint (default: <model-dir>/model_final.pth)")
     p.add_argument("--dataset", default=None, help="registered dataset (default: DATASETS.TEST[0])")
+    p.add_argument("--json", default=None, help="evaluate on this COCO json instead (all its categories)")
+    p.add_argument("--image-root", default=None, help="its image folder (default: the json's folder)")
     p.add_argument("--clip", default=None, help="CLIP for the text embeddings (default: the training one)")
     p.add_argument("--export", default=None,
                    help="evaluate an export folder instead (its own weights and text tower; the "
@@ -758,13 +925,29 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with novel class names, print and draw the detections.")
     p.add_argument("--config", default=None, help="pipeline config whose world: section renders "
                    "the scene (default: configs/synthetic.yaml)")
-    p.add_argument("--model-dir", default="artifacts/default", help="export folder")
+    p.add_argument("--model-dir", default=str(DEFAULT_MODEL), help="export folder (default: the shipped model)")
     p.add_argument("--classes", nargs="*", default=None,
                    help="class names (default: the export's novel classes and two base ones)")
     p.add_argument("--score-threshold", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=2026, help="scene seed (training used 0)")
-    p.add_argument("--out", default="runs/demo", help="scene and drawing folder")
+    p.add_argument("--out", default="runs/demo", help="scene and drawing folder (relative to the working directory)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("detect", help="detect classes named in plain words in image files",
+                       description="Run a detector export over image files, folders or glob "
+                                   "patterns; write per-image JSON (or COCO with --coco) and, with "
+                                   "--draw, each image with its boxes.")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR_OR_GLOB")
+    p.add_argument("--classes", nargs="+", required=True, help='class names, e.g. "red ring" forklift')
+    p.add_argument("--model-dir", default="default", help="export folder or registered name (default: the shipped model)")
+    p.add_argument("--threshold", type=float, default=0.3, help="lowest score kept, 0..1")
+    p.add_argument("--max-detections", type=int, default=100, help="per image")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument("--out", default=None, metavar="JSON", help="results file (default: print to stdout)")
+    p.add_argument("--coco", action="store_true", help="COCO layout: images, categories, annotations with scores")
+    p.add_argument("--draw", default=None, metavar="DIR", help="write each image with its boxes here (PNG)")
+    p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("serve", help="run the detection service (FastAPI + uvicorn)",
                        description="Serve an exported detector over HTTP: POST /v1/detect, a web "
@@ -773,18 +956,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-dir", default=None,
-                   help="export folder (default: $OVD_MODEL_DIR, else artifacts/default)")
+                   help="export folder (default: $OVD_MODEL_DIR, else the shipped model)")
     p.add_argument("--workers", type=int, default=1, help="processes, each holding its own model")
     p.set_defaults(func=cmd_serve)
     return parser
 
 
 def _launcher_args(p: argparse.ArgumentParser) -> None:
-    """Detectron2 launcher flags: processes per machine, machines, this machine's rank."""
-    p.add_argument("--num-gpus", type=int, default=1, help="processes per machine (1 on a CPU)")
-    p.add_argument("--num-machines", type=int, default=1)
-    p.add_argument("--machine-rank", type=int, default=0)
-    p.add_argument("--dist-url", default="auto", help="initialisation URL of multi-machine runs")
+    """Detectron2-style launcher flags (as its `default_argument_parser`)."""
+    p.add_argument("--num-gpus", type=int, default=1,
+                   help="processes per machine: one per GPU with CUDA, else CPU processes (gloo)")
+    p.add_argument("--num-machines", type=int, default=1, help="total number of machines")
+    p.add_argument("--machine-rank", type=int, default=0, help="the rank of this machine")
+    p.add_argument("--dist-url", default="auto",
+                   help="process-group URL, e.g. tcp://host:port ('auto': a free local port, one machine)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -793,7 +978,7 @@ def main(argv: list[str] | None = None) -> int:
     # the project's own loggers and Detectron2's training log stay at INFO.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for name in ("ovd", "training", "models", "detectron2"):
+    for name in ("ovd", "detectron2"):
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.clip.model import DEFAULT_TEMPLATE, ClipModel
+from ovd.models.clip.model import DEFAULT_TEMPLATE, ClipModel
 
 from .data.coco_format import load_coco_json, read_dataset_image
 

@@ -3,7 +3,7 @@
 open_clip's own CLIP module and contrastive loss (`ClipLoss`), AdamW with warm-up and cosine
 decay. The run checkpoints every `checkpoint_every` steps into `<out>/resume/` and, when started
 again with the same output folder, continues from there (a killed run loses at most that many
-steps). The result is a project CLIP folder (see models.clip.model) whose manifest records the
+steps). The result is a project CLIP folder (see ovd.models.clip.model) whose manifest records the
 architecture, the sha256 of the weights and the fingerprint of the training data.
 """
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from models.clip.model import ClipModel, architecture_config, load_clip, save_clip
+from ovd.models.clip.model import ClipModel, architecture_config, load_clip, save_clip
 
 from .config import SectionConfig
 

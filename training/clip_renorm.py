@@ -14,12 +14,11 @@ judged by the detection-crop accuracy gate (training/gates.py), not by its epoch
 The run checkpoints every `checkpoint_every` steps into ``<out>/resume/`` (the trainable
 parameters, the optimizer state and ``state.json``) and, started again with the same output
 folder, continues from there with the same result as an uninterrupted run. The result is a
-project CLIP folder (see models.clip.model) whose manifest names its parent by sha256.
+project CLIP folder (see ovd.models.clip.model) whose manifest names its parent by sha256.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as safetensors_bytes
 
-from models.clip.model import (
+from ovd.models.clip.model import (
     DEFAULT_TEMPLATE,
     ClipModel,
     architecture_config,
@@ -437,77 +436,3 @@ def _save_resume(resume_dir: Path, params: dict, names: list[str], optimizer, st
     os.replace(resume_dir / "state.json.tmp", resume_dir / "state.json")
 
 
-# --------------------------------------------------------------------------- command line
-
-def cmd_clip_renorm(args: argparse.Namespace) -> int:
-    """`ovd clip renorm`: train, then print and save the before/after zero-shot tables."""
-    from .cli import _progress
-    from .clip_eval import format_report, zero_shot_report
-    from .config import load_config, output_root
-    from .data.synthetic import world_datasets
-
-    cfg = load_config(args.config)
-    root = output_root(cfg, args)
-    world_dir = Path(args.world) if args.world else root / "world"
-    parent = args.clip or str(root / "clip" / "pretrained")
-    out_dir = Path(args.out) if args.out else root / "clip" / "renorm"
-    default_json, default_images = world_datasets(world_dir)["synth_train"]
-    json_file = Path(args.train_json) if args.train_json else default_json
-    image_root = Path(args.image_root) if args.image_root else default_images
-    rcfg = RenormConfig.from_config(cfg, args, ("tune", "epochs", "batch_size", "threads"))
-
-    clip = renorm_clip(parent, json_file, image_root, out_dir, rcfg, progress=_progress,
-                       pretrained=args.pretrained)
-    training = clip.manifest["training"]
-    logger.info("re-normalised CLIP written to %s (%s) in %.0f s; loss per epoch %s", out_dir,
-                clip.manifest["weights"]["sha256"][:12], training["seconds"],
-                ", ".join(f"{v:.4f}" for v in training["epoch_losses"]))
-    before = zero_shot_report(load_clip(parent, args.pretrained), world_dir, template=rcfg.template)
-    after = zero_shot_report(clip, world_dir, template=rcfg.template)
-    print(format_report(before, f"before: parent {parent}"))  # noqa: T201
-    print(format_report(after, f"after: re-normalised ({rcfg.tune} LayerNorms) {out_dir}"))  # noqa: T201
-    out = out_dir / "zero_shot.json"
-    out.write_text(json.dumps({"parent": {"clip": str(parent), **before},
-                               "renorm": {"clip": str(out_dir), **after}}, indent=2))
-    logger.info("accuracy tables written to %s", out)
-    from .gates import HeldOut, format_gates, renorm_gate
-
-    val = world_dir / "detection" / "annotations" / "val.json"
-    gate = renorm_gate(load_clip(parent, args.pretrained), clip,
-                       HeldOut.load(val, world_dir / "detection" / "val"), template=rcfg.template)
-    (out_dir / "gates.json").write_text(json.dumps(gate, indent=2))
-    print(format_gates({"renorm": gate}))  # noqa: T201
-    return 0
-
-
-def register_cli(subparsers) -> argparse.ArgumentParser:
-    """Add `renorm` to the subparsers of the `ovd clip` group; returns its parser."""
-    from .config import DEFAULT_CONFIG
-
-    p = subparsers.add_parser(
-        "renorm", help="stage 1: tune only CLIP's LayerNorms on base GT crops (resumable)",
-        description="EZSD stage 1: fine-tune only the LayerNorm gains and biases of a CLIP on "
-                    "crops of base-class ground-truth boxes (sigmoid BCE over base classes, "
-                    "frozen logit scale), then print the zero-shot accuracy before and after.")
-    p.add_argument("--config", default=None,
-                   help="pipeline config YAML (default: "
-                        f"{DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])})")
-    p.add_argument("--root", default=None, help="output root folder (overrides paths.root)")
-    p.add_argument("--clip", default=None,
-                   help="parent: checkpoint folder or open_clip model name "
-                        "(default: <root>/clip/pretrained)")
-    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or file")
-    p.add_argument("--world", default=None,
-                   help="world folder for the defaults and the evaluation (default: <root>/world)")
-    p.add_argument("--train-json", default=None,
-                   help="training json, base boxes used (default: the world's train_base.json)")
-    p.add_argument("--image-root", default=None,
-                   help="its image folder (default: the world's detection/train)")
-    p.add_argument("--out", default=None, help="checkpoint folder (default: <root>/clip/renorm)")
-    p.add_argument("--tune", choices=TUNE_CHOICES, default=None,
-                   help="LayerNorms to train (default from config: vision+text)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.set_defaults(func=cmd_clip_renorm)
-    return p

@@ -20,9 +20,9 @@ from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 from safetensors import safe_open
 
-from models.clip.model import ClipModel
-from models.compression import StudentRCNN
-from models.detector import OpenVocabRCNN
+from ovd.models.clip.model import ClipModel
+from ovd.models.compression import StudentRCNN
+from ovd.models.detector import OpenVocabRCNN
 
 from .train_detector import TRAIN_TEXT_FILE, Trainer, build_config, launch_training, prepare
 
@@ -62,7 +62,7 @@ def load_teacher(folder: str | Path, *, device: str = "cpu") -> OpenVocabRCNN:
     config.yaml + model_final.pth."""
     folder = Path(folder)
     if (folder / "manifest.json").is_file():
-        from models.exported import load_export
+        from ovd.models.exported import load_export
 
         return load_export(folder, device=device).model
     cfg = teacher_config(folder)

@@ -11,8 +11,8 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from safetensors import safe_open
 
-from models.clip.model import architecture_config, load_clip
-from models.exported import write_export
+from ovd.models.clip.model import architecture_config, load_clip
+from ovd.models.exported import write_export
 
 from .train_detector import TRAIN_TEXT_FILE, build_config
 

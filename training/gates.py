@@ -33,7 +33,7 @@ import torch
 from scipy.stats import binomtest
 from torchvision.ops import box_iou
 
-from models.clip.model import DEFAULT_TEMPLATE, ClipModel
+from ovd.models.clip.model import DEFAULT_TEMPLATE, ClipModel
 
 from .data.coco_format import SPLIT_KEY, load_coco_json, read_dataset_image
 
@@ -234,7 +234,7 @@ def grid_coverage(grid, held: HeldOut, *, iou: float = 0.5,
     dense proposals can reach (an object no anchor fits cannot be proposed).
 
     Args:
-        grid: a training.proposals.AnchorGrid.
+        grid: a ovd.training.proposals.AnchorGrid.
         held: all annotations.
         image_ids: the images to count (default all).
 
@@ -367,7 +367,7 @@ def detector_gate(weights: str | Path | dict) -> dict:
         weights: a Detectron2 checkpoint (.pth, ``{"model": state}``), an export's
             ``detector.safetensors``, or a state dict.
     """
-    from models.detector.output_layers import TextEmbeddingClassifier
+    from ovd.models.detector.output_layers import TextEmbeddingClassifier
 
     if not isinstance(weights, dict):
         path = Path(weights)
@@ -412,7 +412,7 @@ def stage_gates(*, heldout: HeldOut | None = None, eval_set: HeldOut | None = No
     """
     import json
 
-    from models.clip.model import load_clip
+    from ovd.models.clip.model import load_clip
 
     from .proposals import load_proposals
     from .targets import load_targets
@@ -448,7 +448,7 @@ def stage_gates(*, heldout: HeldOut | None = None, eval_set: HeldOut | None = No
 
 
 def format_gates(g: dict) -> str:
-    """A short human-readable summary of `training.gates.stage_gates`' result."""
+    """A short human-readable summary of `ovd.training.gates.stage_gates`' result."""
     lines = []
     if "renorm" in g:
         for grp in [k for k, v in g["renorm"].items() if isinstance(v, dict) and "acc_before" in v]:

@@ -12,7 +12,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from models.clip.model import ClipCheckpointError, ClipModel, load_clip
+from ovd.models.clip.model import ClipCheckpointError, ClipModel, load_clip
 
 from .clip_pretrain import PretrainConfig, pretrain_clip
 from .clip_renorm import RenormConfig, renorm_clip
@@ -35,7 +35,7 @@ class Front:
         root: output root (world/, clip/pretrained/, clip/renorm/ below it).
         world_cfg, pretrain_cfg, renorm_cfg: the stage configs.
         workers: processes for world generation.
-        progress: progress reporter factory (see training.shards.ProgressFactory).
+        progress: progress reporter factory (see ovd.training.shards.ProgressFactory).
     """
 
     root: Path

@@ -22,7 +22,7 @@ For every training image (docs/methods.md, "Stage 2"):
    ``filter: lvis``: no base filter; a random 500 of the NMS survivors, seeded by
    (seed, image_id) only (so independent of ranks, shards and resumes), re-encoded at 1.2x.
 
-Stored per image (see training.shards): ``boxes`` (K, 4) float32 xyxy pixels of the stored
+Stored per image (see ovd.training.shards): ``boxes`` (K, 4) float32 xyxy pixels of the stored
 image, ``objectness`` (K,) float32 nats (step 3, 1.0x crop), ``confidence`` (K,) float32 = max
 probability of the 1.2x re-encoding, ``classes`` (K,) int64 index into the manifest's
 vocabulary (all categories ordered by id = Detectron2's contiguous ids), ``embeddings`` (K, D)
@@ -78,7 +78,6 @@ the candidates that got a crop, the CLIP crops encoded, the prior's ViT inputs
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -91,17 +90,15 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou, nms, roi_align
 
-from models.clip.model import DEFAULT_TEMPLATE, ClipModel, sha256_file
+from ovd.models.clip.model import DEFAULT_TEMPLATE, ClipModel, sha256_file
 
-from .config import SectionConfig, output_root
+from .config import SectionConfig
 from .data.coco_format import load_coco_json, read_dataset_image
 from .shards import (
     ProgressFactory,
     Record,
     ShardReader,
     ShardStore,
-    add_launcher_args,
-    launch_stage,
     stage_device,
 )
 
@@ -693,7 +690,7 @@ def run_proposals(clip: ClipModel, json_file: str | Path, image_root: str | Path
                   overwrite: bool = False, progress: ProgressFactory | None = None) -> ShardReader:
     """Compute (or resume) the CLIP proposals of a training set into a shard folder.
 
-    Runs the shards of this process's rank (``detectron2.utils.comm``); see training.shards.
+    Runs the shards of this process's rank (``detectron2.utils.comm``); see ovd.training.shards.
 
     Args:
         clip: the (re-normalised) CLIP, on this process's device.
@@ -744,31 +741,6 @@ def run_proposals(clip: ClipModel, json_file: str | Path, image_root: str | Path
 
 # --------------------------------------------------------------------------- CLI
 
-def default_train_data(cfg: dict, args: argparse.Namespace) -> tuple[Path, Path]:
-    """--train-json / --image-root, defaulting to the synthetic world's `synth_train`."""
-    from .data.synthetic import world_datasets
-
-    json_file, image_root = world_datasets(output_root(cfg, args) / "world")["synth_train"]
-    return (Path(args.train_json) if args.train_json else json_file,
-            Path(args.image_root) if args.image_root else image_root)
-
-
-def add_common_args(p: argparse.ArgumentParser) -> None:
-    """--config/--root (as training.cli's `common`), data, CLIP, output and launcher flags."""
-    p.add_argument("--config", default=None, help="pipeline config YAML (default: configs/synthetic.yaml)")
-    p.add_argument("--root", default=None, help="output root folder (overrides paths.root)")
-    p.add_argument("--clip", default=None,
-                   help="CLIP checkpoint folder or open_clip name (default: <root>/clip/renorm)")
-    p.add_argument("--train-json", default=None,
-                   help="COCO training json, base boxes only (default: the world's synth_train)")
-    p.add_argument("--image-root", default=None, help="image folder of --train-json")
-    p.add_argument("--max-images", type=int, default=None, help="only the first N images by id")
-    p.add_argument("--batch-size", type=int, default=None, help="CLIP crops per forward")
-    p.add_argument("--overwrite", action="store_true",
-                   help="recompute an output folder that holds a run with another config")
-    add_launcher_args(p)
-
-
 def _setup_worker_logging() -> None:
     # Spawned workers start with an unconfigured root logger.
     if not logging.getLogger().handlers:
@@ -776,13 +748,13 @@ def _setup_worker_logging() -> None:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _proposals_worker(clip_path: str, json_file: str, image_root: str, out: str, cfg: dict,
+def proposals_worker(clip_path: str, json_file: str, image_root: str, out: str, cfg: dict,
                       max_images: int | None, overwrite: bool) -> None:
     from detectron2.utils import comm
 
-    from models.clip.model import load_clip
+    from ovd.models.clip.model import load_clip
 
-    from .cli import _progress
+    from .progress import progress as _progress
 
     _setup_worker_logging()
     clip = load_clip(clip_path, device=stage_device())
@@ -793,36 +765,6 @@ def _proposals_worker(clip_path: str, json_file: str, image_root: str, out: str,
         cost = reader.manifest.get("cost", {})
         logger.info("proposals written to %s: %s", out, json.dumps(cost.get("per_image", {})))
         logger.info("  %.3f images/s (sum of shard times)", cost.get("images_per_second") or 0)
-
-
-def cmd_proposals(args: argparse.Namespace) -> int:
-    from .config import load_config
-
-    cfg = load_config(args.config)
-    pcfg = ProposalConfig.from_config(cfg, args, ("mode", "filter", "batch_size"))
-    root = output_root(cfg, args)
-    json_file, image_root = default_train_data(cfg, args)
-    clip = args.clip or str(root / "clip" / "renorm")
-    out = args.out or str(root / "proposals")
-    launch_stage(_proposals_worker, args, (clip, str(json_file), str(image_root), out,
-                                           asdict(pcfg), args.max_images, args.overwrite))
-    return 0
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add `ovd proposals` to the top-level subcommands (sets ``func=cmd_proposals``)."""
-    p = subparsers.add_parser(
-        "proposals", help="EZSD stage 2: CLIP proposals of the training images (resumable)",
-        description="EZSD stage 2: score dense anchors (or, --mode cheap, the top-K of a "
-                    "one-forward ViT token prior) with CLIP over base+novel names, objectness "
-                    "log C - H, NMS, base-GT and base-class filters; sharded safetensors "
-                    "output, resumable, split across processes with --num-gpus/--num-machines.")
-    add_common_args(p)
-    p.add_argument("--out", default=None, help="output shard folder (default: <root>/proposals)")
-    p.add_argument("--mode", choices=MODES, default=None, help="dense (paper) or cheap (top-K prior)")
-    p.add_argument("--filter", choices=FILTERS, default=None, help="coco or lvis filtering")
-    p.set_defaults(func=cmd_proposals)
-    return p
 
 
 def load_proposals(folder: str | Path) -> ShardReader:
@@ -847,7 +789,6 @@ __all__ = [
     "objectness",
     "propose_from_candidates",
     "propose_image",
-    "register_cli",
     "run_proposals",
     "token_region_embeddings",
 ]

@@ -38,7 +38,7 @@ HEADLINE = ("ap50_novel_comp", "ap50_novel_shape", "ap50_novel_both", "ap50_nove
 
 
 def flat_metrics(result: Mapping) -> dict[str, float]:
-    """`training.evaluate.evaluate`'s nested result -> {"ap50_novel": 31.2, "ap_novel": ...}."""
+    """`ovd.training.evaluate.evaluate`'s nested result -> {"ap50_novel": 31.2, "ap_novel": ...}."""
     out = {}
     for group, r in result.items():
         if isinstance(r, Mapping) and "AP50" in r:

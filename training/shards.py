@@ -53,7 +53,7 @@ MANIFEST_FILE = "manifest.json"
 INFORMATIONAL_KEYS = ("cost", "info")
 
 Record = dict[str, torch.Tensor]
-#: `progress(desc, total, initial) -> update(n, postfix)`, as in training.clip_pretrain.
+#: `progress(desc, total, initial) -> update(n, postfix)`, as in ovd.training.clip_pretrain.
 ProgressFactory = Callable[[str, int, int], Callable[[int, dict], None]]
 
 
@@ -409,18 +409,6 @@ class ShardReader:
 
 
 # --------------------------------------------------------------------------- launching
-
-def add_launcher_args(parser: argparse.ArgumentParser) -> None:
-    """detectron2-style launcher flags (`default_argument_parser`)."""
-    parser.add_argument("--num-gpus", type=int, default=1,
-                        help="processes per machine: one per GPU when CUDA is available, else CPU "
-                             "processes (gloo); each takes the shards k with k %% world == rank")
-    parser.add_argument("--num-machines", type=int, default=1, help="total number of machines")
-    parser.add_argument("--machine-rank", type=int, default=0, help="the rank of this machine")
-    parser.add_argument("--dist-url", default="auto",
-                        help="initialisation URL of the process group, e.g. tcp://host:port "
-                             "('auto': a free local port, single machine only)")
-
 
 def launch_stage(main_func: Callable, args: argparse.Namespace, func_args: tuple = ()) -> None:
     """Run ``main_func(*func_args)`` in ``num_gpus * num_machines`` processes.

@@ -4,12 +4,12 @@ For every training image (docs/methods.md, "Stage 3"):
 
 * each **base GT box** (non-crowd; base categories only, even if the json annotates more) is
   cropped 1.2x (EZSD crop), encoded by the CLIP and L2-normalised; weight 1;
-* the **CLIP proposals** of stage 2 (training.proposals), at most ``max_proposals`` (200) per
+* the **CLIP proposals** of stage 2 (ovd.training.proposals), at most ``max_proposals`` (200) per
   image, the highest by objectness, with the embedding stage 2 stored (the same 1.2x crop, the
   same CLIP: nothing is encoded twice); weight = the proposal's confidence (max class
   probability of that crop).
 
-Stored per image (training.shards), GT rows first::
+Stored per image (ovd.training.shards), GT rows first::
 
     boxes      (N, 4) float32  xyxy pixels of the stored image
     embeddings (N, D) float16  L2-normalised CLIP embeddings (targets t̂ of L_dist)
@@ -23,7 +23,6 @@ The detector's training mapper reads them with :func:`load_targets`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -31,16 +30,14 @@ from pathlib import Path
 
 import torch
 
-from models.clip.model import ClipModel
+from ovd.models.clip.model import ClipModel
 
-from .config import SectionConfig, output_root
+from .config import SectionConfig
 from .proposals import (
     TrainingImages,
     _setup_worker_logging,
-    add_common_args,
     autocast,
     clip_identity,
-    default_train_data,
     encode_boxes,
     load_proposals,
 )
@@ -50,7 +47,6 @@ from .shards import (
     Record,
     ShardReader,
     ShardStore,
-    launch_stage,
     sha256_json,
     stage_device,
 )
@@ -228,13 +224,13 @@ def load_targets(folder: str | Path) -> ShardReader:
 
 # --------------------------------------------------------------------------- CLI
 
-def _targets_worker(clip_path: str, json_file: str, image_root: str, proposals: str | None,
+def targets_worker(clip_path: str, json_file: str, image_root: str, proposals: str | None,
                     out: str, cfg: dict, max_images: int | None, overwrite: bool) -> None:
     from detectron2.utils import comm
 
-    from models.clip.model import load_clip
+    from ovd.models.clip.model import load_clip
 
-    from .cli import _progress
+    from .progress import progress as _progress
 
     _setup_worker_logging()
     clip = load_clip(clip_path, device=stage_device())
@@ -246,42 +242,4 @@ def _targets_worker(clip_path: str, json_file: str, image_root: str, proposals: 
                     json.dumps(reader.manifest.get("cost", {}).get("per_image", {})))
 
 
-def cmd_targets(args: argparse.Namespace) -> int:
-    from .config import load_config
-
-    cfg = load_config(args.config)
-    tcfg = TargetsConfig.from_config(cfg, args, ("max_proposals", "batch_size"))
-    root = output_root(cfg, args)
-    json_file, image_root = default_train_data(cfg, args)
-    clip = args.clip or str(root / "clip" / "renorm")
-    if args.gt_only:
-        proposals = None
-    else:
-        proposals = args.proposals or str(root / "proposals")
-    out = args.out or str(root / ("targets_gt" if args.gt_only else "targets"))
-    launch_stage(_targets_worker, args, (clip, str(json_file), str(image_root), proposals, out,
-                                         asdict(tcfg), args.max_images, args.overwrite))
-    return 0
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add `ovd targets` to the top-level subcommands (sets ``func=cmd_targets``)."""
-    p = subparsers.add_parser(
-        "targets", help="EZSD stage 3: CLIP distillation targets per training image (resumable)",
-        description="EZSD stage 3: CLIP embeddings of base GT boxes (1.2x crops, weight 1) and "
-                    "of up to --max-proposals stage-2 proposals (weight = confidence), stored "
-                    "per image in sharded safetensors; resumable, split across processes.")
-    add_common_args(p)
-    p.add_argument("--proposals", default=None,
-                   help="stage-2 folder (default: <root>/proposals)")
-    p.add_argument("--gt-only", action="store_true",
-                   help="no proposals: GT targets only (the ViLD-like variant)")
-    p.add_argument("--max-proposals", type=int, default=None, help="proposals per image (200)")
-    p.add_argument("--out", default=None,
-                   help="output shard folder (default: <root>/targets, <root>/targets_gt with "
-                        "--gt-only)")
-    p.set_defaults(func=cmd_targets)
-    return p
-
-
-__all__ = ["TargetsConfig", "image_targets", "load_targets", "register_cli", "run_targets"]
+__all__ = ["TargetsConfig", "image_targets", "load_targets", "run_targets", "targets_worker"]

@@ -18,14 +18,15 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, hooks, launch
+from detectron2.modeling import build_model
 from detectron2.solver import get_default_optimizer_params
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.structures import Boxes, Instances
 from safetensors.torch import save_file
 
-import models.detector  # noqa: F401  registers the detector components
-from models.clip.model import ClipModel
-from models.detector import add_ovd_config
+import ovd.models.detector  # noqa: F401  registers the detector components
+from ovd.models.clip.model import ClipModel
+from ovd.models.detector import add_ovd_config
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,14 @@ class Trainer(DefaultTrainer):
         mapper = DistillDatasetMapper(cfg, class_map=class_map, targets=targets,
                                       max_proposals=cfg.DATASETS.DISTILL_MAX_PROPOSALS)
         return build_detection_train_loader(cfg, mapper=mapper)
+
+    @classmethod
+    def build_model(cls, cfg):
+        """Detectron2's model, its architecture dump logged at DEBUG instead of INFO (hundreds
+        of lines in every training log otherwise; `ovd -v` shows it)."""
+        model = build_model(cfg)
+        logging.getLogger(__name__).debug("Model:\n%s", model)
+        return model
 
     @classmethod
     def build_optimizer(cls, cfg, model):

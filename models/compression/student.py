@@ -22,9 +22,9 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
-from models.detector.meta_arch import OpenVocabRCNN
-from models.detector.output_layers import EZSDOutputLayers
-from models.detector.roi_heads import EZSDROIHeads
+from ovd.models.detector.meta_arch import OpenVocabRCNN
+from ovd.models.detector.output_layers import EZSDOutputLayers
+from ovd.models.detector.roi_heads import EZSDROIHeads
 
 from .cid import CenternessInstanceDistiller
 from .light_ml import LightML

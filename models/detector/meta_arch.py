@@ -90,7 +90,7 @@ class OpenVocabRCNN(GeneralizedRCNN):
         """`roi_heads.box_predictor.classify` with text moved to the model's device.
 
         The service's batcher calls encode / classify / to_original_size, an interface that
-        models.onnx_export.OnnxDetector implements as well.
+        ovd.models.onnx_export.OnnxDetector implements as well.
         """
         return self.roi_heads.box_predictor.classify(regions, text.to(self.device), **options)
 

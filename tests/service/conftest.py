@@ -11,51 +11,31 @@ import contextlib
 import shutil
 
 import pytest
-import torch
-import torch.nn.functional as F
 
-from service import launch
-from service.launch import ServerProcess
-
-CATEGORIES = [{"name": "red ring", "split": "novel"}, {"name": "blue disk", "split": "base"},
-              {"name": "green cross", "split": "novel"}]
+from ovd.service import launch
+from ovd.service.launch import ServerProcess
 
 
 @pytest.fixture(scope="session")
 def export_dir(tmp_path_factory):
     """A verified export folder of a random tiny detector (read-only for tests)."""
-    from detectron2.modeling import build_model
+    from detector_testing import write_tiny_export
 
-    from models.clip.model import architecture_config, load_clip
-    from models.exported import write_export
-    from training.train_detector import build_config
-
-    torch.manual_seed(0)
-    arch = "ovd-vit-tiny-64"
-    clip = load_clip(arch)
-    cfg = build_config("configs/detector/synthetic_r18_fpn.yaml", [
-        "MODEL.OVD.EMBED_DIM", clip.embed_dim, "MODEL.ROI_HEADS.NUM_CLASSES", len(CATEGORIES),
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 96])
-    model = build_model(cfg).eval()
-    model.train_text = F.normalize(torch.randn(len(CATEGORIES), clip.embed_dim), dim=1)
-    out = tmp_path_factory.mktemp("export")
-    write_export(out, model=model, cfg=cfg, clip=clip, clip_arch=architecture_config(arch),
-                 manifest_fields={"name": "ovd-test", "version": "0.0.1", "categories": CATEGORIES,
-                                  "metrics": {}})
-    return out
+    return write_tiny_export(tmp_path_factory.mktemp("export"), ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0])
 
 
 @pytest.fixture(scope="session")
 def detector(export_dir):
-    """The export, loaded once for all in-process apps."""
-    from models.exported import load_export
+    """The export's PyTorch runtime, loaded once for all in-process apps."""
+    from ovd.models.exported import load_export
+    from ovd.models.runtime import TorchRuntime
 
-    return load_export(export_dir)
+    return TorchRuntime(load_export(export_dir))
 
 
 @contextlib.contextmanager
 def redis_process():
-    """service.launch.redis_process, skipping the test where redis-server is not installed."""
+    """ovd.service.launch.redis_process, skipping the test where redis-server is not installed."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (scripts/install.sh installs it)")
     with launch.redis_process() as server:

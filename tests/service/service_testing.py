@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from service.settings import Settings
+from ovd.service.settings import Settings
 
 
 def make_settings(export_dir, **overrides) -> Settings:
@@ -27,7 +27,7 @@ def running_app(detector, export_dir, **overrides):
     """A TestClient of create_app(...) with its lifespan running and the model ready."""
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from ovd.service.app import create_app
 
     app = create_app(make_settings(export_dir, **overrides), detector=detector)
     with TestClient(app, raise_server_exceptions=False) as client:
@@ -63,11 +63,15 @@ def reference(detector, data: bytes, names: list[str], templates: list[str] | No
     T is built as the service documents it: per-template CLIP embeddings rounded to float16,
     averaged, renormalised.
     """
-    from service.images import decode_image, to_model_input
+    from detectron2.data import transforms as T
 
+    from ovd.service.images import decode_image
+
+    rgb = decode_image(data, max_pixels=10**8)
     cfg = detector.manifest["input"]
-    inputs = to_model_input(decode_image(data, max_pixels=10**8), input_format=cfg["format"],
-                            min_size=cfg["min_size_test"], max_size=cfg["max_size_test"])
+    resized = T.ResizeShortestEdge(cfg["min_size_test"], cfg["max_size_test"]).get_transform(rgb).apply_image(rgb)
+    inputs = {"image": torch.from_numpy(resized.transpose(2, 0, 1).copy()), "height": rgb.shape[0],
+              "width": rgb.shape[1]}
     templates = templates or [detector.manifest["prompt_template"]]
     with torch.inference_mode():
         per = torch.stack([detector.text.encode_text([t.replace("{}", n) for n in names])

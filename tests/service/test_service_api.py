@@ -13,7 +13,7 @@ import pytest
 import redis
 from service_testing import image_bytes, make_settings, png_claiming, reference, running_app
 
-from service.app import create_app
+from ovd.service.app import create_app
 
 NAMES = ["red ring", "blue disk", "a thing never seen"]
 

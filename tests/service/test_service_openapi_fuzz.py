@@ -18,8 +18,8 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from service.app import create_app
-from service.settings import Settings
+from ovd.service.app import create_app
+from ovd.service.settings import Settings
 
 SCHEMA = schemathesis.openapi.from_dict(create_app(Settings(model_dir="unused")).openapi())
 OPERATIONS = [r.ok() for r in SCHEMA.get_all_operations()]

@@ -13,8 +13,8 @@ from conftest import redis_process
 from detector_testing import same_detections
 from service_testing import image_bytes, reference
 
-from service.launch import ServerProcess
-from training.cli import main
+from ovd.service.launch import ServerProcess
+from ovd.training.cli import main
 
 
 def _b64(data: bytes) -> str:

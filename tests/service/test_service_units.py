@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 from service_testing import image_bytes, png_claiming
 
-from service.errors import ApiError
-from service.images import decode_base64, decode_image, to_model_input
-from service.redis_store import RedisStore
-from service.settings import Settings
-from service.text_cache import CorruptEntry, TextEmbedder, decode_entry, encode_entry
-from service.vocabulary import (
+from ovd.service.errors import ApiError
+from ovd.service.images import decode_base64, decode_image
+from ovd.service.redis_store import RedisStore
+from ovd.service.settings import Settings
+from ovd.service.text_cache import CorruptEntry, TextEmbedder, decode_entry, encode_entry
+from ovd.service.vocabulary import (
     VocabularyRegistry,
     check_templates,
     coco_names,
@@ -99,7 +99,8 @@ def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("OVD_REDIS_URL", "redis://127.0.0.1:1/0")
     s = Settings()
     assert s.max_batch_size == 3 and s.api_key_list == ["k1", "k2"] and s.redis_url.endswith(":1/0")
-    assert str(s.model_dir) == "artifacts/default"
+    # The shipped model, by absolute path: serving works from any working directory.
+    assert s.model_dir.is_absolute() and s.model_dir.parts[-2:] == ("artifacts", "default")
     monkeypatch.setenv("OVD_MAX_BATCH_SIZE", "0")
     with pytest.raises(ValueError):
         Settings()
@@ -358,11 +359,3 @@ def test_base64_strict_with_optional_data_url():
         assert (info.value.status, info.value.code) == (400, "invalid_base64")
 
 
-def test_model_input_is_resized_like_evaluation():
-    rgb = np.zeros((50, 100, 3), np.uint8)
-    rgb[..., 0] = 255
-    x = to_model_input(rgb, input_format="RGB", min_size=64, max_size=96)
-    assert x["image"].shape == (3, 48, 96) and (x["height"], x["width"]) == (50, 100)
-    assert x["image"].dtype == torch.uint8 and x["image"][0].float().mean() == 255
-    bgr = to_model_input(rgb, input_format="BGR", min_size=64, max_size=96)
-    assert bgr["image"][2].float().mean() == 255 and bgr["image"][0].float().mean() == 0

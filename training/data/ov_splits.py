@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from training.data.coco_format import SPLIT_KEY, DatasetFormatError, load_coco_json
+from ovd.training.data.coco_format import SPLIT_KEY, DatasetFormatError, load_coco_json
 
 logger = logging.getLogger(__name__)
 

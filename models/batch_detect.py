@@ -1,0 +1,107 @@
+"""Detection over image files: what `ovd detect` runs (the command is a thin layer over this).
+
+    files = expand_inputs(["photos/", "extra/*.jpg", "one.png"])
+    report = detect_files(detector, files, ["red ring", "forklift"], draw_dir=Path("drawn"))
+    Path("results.json").write_text(json.dumps(report))
+
+Two output shapes: per-image JSON (the default) and COCO ("images", "categories",
+"annotations" with a "score" each: load it with pycocotools' `COCO`, or take its
+"annotations" as a results list for `COCO.loadRes` against a ground truth that uses the same
+category ids).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .api import Detector, read_image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def expand_inputs(patterns: Sequence[str | Path]) -> list[Path]:
+    """Image files named by paths, folders (their image files, recursively) and glob patterns,
+    in the given order, each file once.
+
+    Raises:
+        FileNotFoundError: a pattern that names nothing (listing every such pattern).
+    """
+    files: list[Path] = []
+    empty = []
+    for pattern in map(str, patterns):
+        path = Path(pattern)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.is_file():
+            found = [path]
+        else:
+            found = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        if not found:
+            empty.append(pattern)
+        files.extend(found)
+    if empty:
+        raise FileNotFoundError(f"no image file found for {empty} (give files, folders or quoted "
+                                f"glob patterns such as 'photos/*.jpg')")
+    return list(dict.fromkeys(f.resolve() for f in files))
+
+
+def detect_files(detector: Detector, files: Sequence[Path], classes: Sequence[str], *,
+                 threshold: float = 0.3, max_detections: int = 100, batch_size: int = 4,
+                 coco: bool = False, draw_dir: Path | None = None,
+                 progress: Callable[[int], None] | None = None) -> dict:
+    """Run the detector over files, `batch_size` at a time.
+
+    Args:
+        detector: a loaded `Detector`.
+        files: image paths (see `expand_inputs`).
+        classes: class names in plain words.
+        threshold, max_detections: as `Detector.__call__`.
+        coco: COCO-style output instead of per-image JSON.
+        draw_dir: where to write each image with its boxes drawn (PNG, same stem), if given.
+        progress: called with the number of images finished after each batch.
+
+    Returns:
+        {"model", "classes", "images": [{"file", "width", "height", "detections": [...]}]} or,
+        with coco=True, {"images", "categories", "annotations"} (category id = class index + 1).
+    """
+    if draw_dir is not None:
+        draw_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for start in range(0, len(files), batch_size):
+        chunk = list(files[start:start + batch_size])
+        pixels = [read_image(f) for f in chunk]
+        found = detector(pixels, classes, threshold=threshold, max_detections=max_detections,
+                         batch_size=batch_size)
+        for k, (f, rgb, d) in enumerate(zip(chunk, pixels, found, strict=True)):
+            image_id = start + k + 1
+            height, width = d.image_size
+            if coco:
+                images.append({"id": image_id, "file_name": str(f), "width": width, "height": height})
+                for a in d.to_coco(image_id):
+                    annotations.append({"id": len(annotations) + 1, **a,
+                                        "area": a["bbox"][2] * a["bbox"][3], "iscrowd": 0})
+            else:
+                images.append({"file": str(f), "width": width, "height": height, "detections": d.to_json()})
+            if draw_dir is not None:
+                d.draw(rgb).save(_drawn_path(draw_dir, f, files))
+        if progress:
+            progress(len(chunk))
+    manifest = detector.manifest
+    model = {"name": manifest.get("name"), "version": manifest.get("version")}
+    if coco:
+        return {"info": {"description": "ovd detect", "model": model}, "images": images,
+                "categories": [{"id": i + 1, "name": c} for i, c in enumerate(classes)],
+                "annotations": annotations}
+    return {"model": model, "classes": list(classes), "threshold": threshold, "images": images}
+
+
+def _drawn_path(draw_dir: Path, file: Path, files: Sequence[Path]) -> Path:
+    """draw_dir/<stem>.png, or <parent>_<stem>.png when two inputs share a stem."""
+    stems = [f.stem for f in files]
+    name = file.stem if stems.count(file.stem) == 1 else f"{file.parent.name}_{file.stem}"
+    return draw_dir / f"{name}.png"

@@ -1,0 +1,14 @@
+"""Detector exports known by name, so no command or API call depends on the working directory.
+
+`ovd.Detector.load("default")`, `ovd serve` and `ovd demo` without `--model-dir` use the
+shipped model of the repository checkout. Light on purpose (no torch): settings and the CLI
+parser read it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO_ROOT / "artifacts" / "default"
+REGISTERED: dict[str, Path] = {"default": DEFAULT_MODEL}
