@@ -113,8 +113,13 @@ def write_export(out_dir: str | Path, *, model: OpenVocabRCNN, cfg: CfgNode, cli
     (out / "manifest.json").unlink(missing_ok=True)  # an interrupted export never verifies
     _save_tensors(out / FILES["detector"],
                   {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, dtype)
+    # A CLIP loaded from a folder is named by its path; the export records the folder's name
+    # (and the weights' sha256), never a path of the machine that built it.
+    clip_name = Path(clip.name).name if "/" in clip.name or "\\" in clip.name else clip.name
     cfg = cfg.clone()
     cfg.defrost()
+    cfg.OUTPUT_DIR = ""
+    cfg.MODEL.OVD.CLIP = clip_name
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.OVD.TRAIN_TEXT_EMBEDDINGS = ""
     cfg.DATASETS.REGISTER = []
@@ -133,7 +138,7 @@ def write_export(out_dir: str | Path, *, model: OpenVocabRCNN, cfg: CfgNode, cli
         "prompt_template": cfg.MODEL.OVD.PROMPT_TEMPLATE,
         "embed_dim": cfg.MODEL.OVD.EMBED_DIM,
         "weights_dtype": dtype,
-        "clip": {"name": clip.name, "weights_sha256": (clip.manifest or {}).get("weights", {}).get("sha256")},
+        "clip": {"name": clip_name, "weights_sha256": (clip.manifest or {}).get("weights", {}).get("sha256")},
         "input": {"format": cfg.INPUT.FORMAT, "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
                   "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
                   "size_divisibility": int(model.backbone.size_divisibility),

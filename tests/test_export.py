@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.modeling import build_model
 
-from ovd.models.clip.model import architecture_config, load_clip
+from ovd.models.clip.model import architecture_config, load_clip, save_clip
 from ovd.models.exported import ExportError, load_export, verify_export, write_export
 from ovd.training.train_detector import build_config
 
@@ -114,3 +114,21 @@ def test_float16_export_is_half_the_size_and_close_to_float32(exported, tmp_path
     with pytest.raises(ValueError, match="dtype"):
         write_export(tmp_path / "bad", model=model, cfg=cfg, clip=clip, clip_arch=architecture_config(ARCH),
                      manifest_fields={}, dtype="int8")
+
+
+def test_export_records_no_path_of_the_build_machine(exported, tmp_path):
+    """A CLIP loaded from a folder is recorded by the folder's name; no absolute path or
+    output folder of the machine that exported it reaches the manifest or detector.yaml."""
+    out, model, clip = exported
+    folder = tmp_path / "deep" / "renorm"
+    save_clip(clip, folder, model_cfg=architecture_config(ARCH), record={"name": "renorm"})
+    named = load_clip(str(folder))
+    cfg = build_config("configs/detector/synthetic_r18_fpn.yaml", [
+        "MODEL.OVD.EMBED_DIM", clip.embed_dim, "MODEL.ROI_HEADS.NUM_CLASSES", 2, "OUTPUT_DIR", str(tmp_path)])
+    export = tmp_path / "export"
+    write_export(export, model=model, cfg=cfg, clip=named, clip_arch=architecture_config(ARCH),
+                 manifest_fields={"name": "t", "version": "0", "categories": [], "metrics": {}})
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert manifest["clip"]["name"] == "renorm"
+    for f in ("manifest.json", "detector.yaml"):
+        assert str(tmp_path) not in (export / f).read_text(), f
