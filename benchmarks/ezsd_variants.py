@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phase", choices=["select", "report", "schedule", "all"], default="all",
                    help="all = select then report (the schedule check only on request)")
     p.add_argument("--max-cells", type=int, default=None, help="stop after this many new cells")
+    p.add_argument("--rows", nargs="+", choices=[v.key for v in VARIANTS], default=None,
+                   help="report only these rows (default: all; rows whose lambda is not chosen yet wait)")
     p.add_argument("--commit", action="store_true", help="git-commit each finished cell file")
     p.add_argument("--summary-only", action="store_true", help="no training: tables from cells")
     args = p.parse_args(argv)
@@ -293,7 +295,7 @@ class Bench:
             return
         for seed in range(CONTRAST_SEEDS):  # seed-major: early stops still give paired rows
             for v in VARIANTS:
-                if seed not in report_seeds(v.key):
+                if seed not in report_seeds(v.key) or (self.args.rows and v.key not in self.args.rows):
                     continue
                 lam = chosen.get(v.lambda_from) if v.lambda_from else None
                 if v.lambda_from and lam is None:
