@@ -50,6 +50,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from host_info import host_line  # noqa: E402
 from training_bench import Timed, pipeline_front, setup_logging, subset_json, write_markdown  # noqa: E402
 
@@ -211,7 +212,9 @@ class Bench:
             "clip": self.clips[v.clip].manifest["weights"]["sha256"],
             "targets": asdict(self.tcfg) if v.targets else None,
             "proposals": asdict(self.proposals_config(v.targets)) if v.targets in ("dense", "cheap") else None,
-            "detector": [detector_file.read_text(), (detector_file.parent / "Base-OVD-RCNN-FPN.yaml").read_text(),
+            # Parsed, so a comment edit does not make every finished cell stale.
+            "detector": [yaml.safe_load(detector_file.read_text()),
+                         yaml.safe_load((detector_file.parent / "Base-OVD-RCNN-FPN.yaml").read_text()),
                          (self.cfg.get("detector") or {}).get("opts", [])],
         })
 
