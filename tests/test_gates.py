@@ -20,6 +20,7 @@ from ovd.training.gates import (
     mcnemar_exact_p,
     paired_accuracy,
     proposal_quality,
+    top_confusions,
     wilson_ci,
 )
 from ovd.training.proposals import AnchorGrid, ProposalConfig
@@ -229,3 +230,14 @@ def test_ovd_gates_on_a_users_coco_json_measures_what_it_can(held, tmp_path, cap
     assert (tmp_path / "after" / "gates.json").is_file()
     printed = capsys.readouterr().out
     assert "renorm    novel" in printed and "proposals skipped" in printed
+
+
+def test_top_confusions_counts_errors_by_pair():
+    names = ["red disk", "red ring", "black bolt"]
+    label = np.array([0, 0, 0, 1, 1, 2, 0])
+    predicted = np.array([2, 2, 0, 2, 0, 2, 1])
+    assert top_confusions(predicted, label, names) == [
+        ["red disk", "black bolt", 2], ["red disk", "red ring", 1], ["red ring", "red disk", 1],
+        ["red ring", "black bolt", 1]]
+    assert top_confusions(predicted, label, names, k=1) == [["red disk", "black bolt", 2]]
+    assert top_confusions(label, label, names) == []

@@ -170,16 +170,16 @@ class HeldOut:
 # --------------------------------------------------------------------------- stage 1
 
 @torch.inference_mode()
-def crop_correctness(clip: ClipModel, held: HeldOut, *, template: str = DEFAULT_TEMPLATE,
-                     max_images: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-shot correctness of a CLIP on every GT crop (1.2x) over all category names.
+def crop_predictions(clip: ClipModel, held: HeldOut, *, template: str = DEFAULT_TEMPLATE,
+                     max_images: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Zero-shot class of a CLIP for every GT crop (1.2x) over all category names.
 
     Returns:
-        (correct (N,) bool, label (N,) int64 index into held.names, image_id (N,) int64),
-        crops in image-id then annotation order.
+        (predicted (N,) int64 and label (N,) int64, both indices into held.names, image_id
+        (N,) int64), crops in image-id then annotation order.
     """
     text = clip.text_embeddings(held.names, template)
-    correct, label, owner = [], [], []
+    predicted, label, owner = [], [], []
     for image_id in sorted(held.images)[:max_images]:
         boxes = held.boxes[image_id]
         if not len(boxes):
@@ -188,12 +188,21 @@ def crop_correctness(clip: ClipModel, held: HeldOut, *, template: str = DEFAULT_
                                     json_file=held.json_file)
         emb = clip.encode_images(clip.crop_boxes(pixels, boxes, enlarge=1.2))
         labels = held.labels[image_id]
-        correct.append(((emb @ text.T.to(emb.device)).argmax(1).cpu() == labels).numpy())
+        predicted.append((emb @ text.T.to(emb.device)).argmax(1).cpu().numpy())
         label.append(labels.numpy())
         owner.append(np.full(len(labels), image_id, dtype=np.int64))
-    if not correct:
+    if not predicted:
         raise ValueError(f"{held.json_file} has no annotation to crop")
-    return np.concatenate(correct), np.concatenate(label), np.concatenate(owner)
+    return np.concatenate(predicted), np.concatenate(label), np.concatenate(owner)
+
+
+def top_confusions(predicted: np.ndarray, label: np.ndarray, names: list[str], k: int = 5) -> list:
+    """The k most frequent errors as [true name, predicted name, count]: what a class is
+    mistaken for (a name that attracts many classes points at a confound)."""
+    wrong = predicted != label
+    pairs, counts = np.unique(np.stack([label[wrong], predicted[wrong]], 1), axis=0, return_counts=True)
+    order = np.argsort(-counts, kind="stable")[:k]
+    return [[names[int(pairs[i, 0])], names[int(pairs[i, 1])], int(counts[i])] for i in order]
 
 
 def renorm_gate(before: ClipModel, after: ClipModel, held: HeldOut, *,
@@ -206,10 +215,14 @@ def renorm_gate(before: ClipModel, after: ClipModel, held: HeldOut, *,
         paired_accuracy per novel tier where the categories carry tiers; each group also has
         "diff_ci95_images", a bootstrap over images of the difference (crops of one image are
         not independent, so this interval is the one to trust when it is wider).
+        "confusions_before" / "confusions_after": the most frequent errors (`top_confusions`).
     """
-    ok_b, label, owner = crop_correctness(before, held, template=template, max_images=max_images)
-    ok_a, _, _ = crop_correctness(after, held, template=template, max_images=max_images)
-    out = {"dataset": str(held.json_file), "template": template}
+    pred_b, label, owner = crop_predictions(before, held, template=template, max_images=max_images)
+    pred_a, _, _ = crop_predictions(after, held, template=template, max_images=max_images)
+    ok_b, ok_a = pred_b == label, pred_a == label
+    out = {"dataset": str(held.json_file), "template": template,
+           "confusions_before": top_confusions(pred_b, label, held.names),
+           "confusions_after": top_confusions(pred_a, label, held.names)}
     novel = held.is_novel.numpy()[label]
     tier = np.array(held.tiers)[label]
     groups = [("base", ~novel), ("novel", novel)]
@@ -456,6 +469,9 @@ def format_gates(g: dict) -> str:
             lines.append(f"renorm    {grp:<11} crop accuracy {r['acc_before']:.1%} -> {r['acc_after']:.1%}"
                          f"  (diff {r['diff']:+.1%}, 95% CI [{r['diff_ci95'][0]:+.1%}, "
                          f"{r['diff_ci95'][1]:+.1%}], McNemar p={r['mcnemar_p']:.2g}, n={r['n']})")
+        if g["renorm"].get("confusions_after"):
+            lines.append("renorm    most frequent errors after: " + ", ".join(
+                f"{t} -> {p} ({n})" for t, p, n in g["renorm"]["confusions_after"][:3]))
     if "proposals" in g:
         p = g["proposals"]
         lo, hi = p["novel_recall50_ci95"]
@@ -478,7 +494,7 @@ def format_gates(g: dict) -> str:
 __all__ = [
     "HeldOut",
     "bootstrap_ratio_ci",
-    "crop_correctness",
+    "crop_predictions",
     "detector_gate",
     "format_gates",
     "grid_coverage",
@@ -489,5 +505,6 @@ __all__ = [
     "renorm_gate",
     "stage_gates",
     "targets_gate",
+    "top_confusions",
     "wilson_ci",
 ]
