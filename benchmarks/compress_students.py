@@ -55,6 +55,8 @@ import torch  # noqa: E402
 from host_info import host_info, host_line  # noqa: E402
 from training_bench import Timed, pipeline_front, setup_logging, subset_json, write_markdown  # noqa: E402
 
+from ovd.training.layout import final_weights  # noqa: E402
+
 logger = logging.getLogger("bench")
 
 
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             sec, was_cached = Timed(out)(lambda s=s, out=out, seed=seed: train_student(
                 s, cfg, clip, args.teacher, args.student_config, targets_dir, datasets, out,
                 args.iters, seed),
-                done=(out / "model_final.pth").is_file())
+                done=final_weights(out).is_file())
             model = load_student(out)
             if seed == args.seeds[0]:
                 models[s.key] = model  # the first seed's student is the one timed
@@ -210,11 +212,11 @@ def main(argv: list[str] | None = None) -> int:
 def train_student(s: Student, cfg: dict, clip, teacher: str, student_config: str, targets_dir: Path,
                   datasets: list[str], out: Path, iters: int, seed: int) -> None:
     """Train one student of a row with `ovd compress`'s trainer (Detectron2, resumable)."""
-    from ovd.training.cli import _detector_cfg
     from ovd.training.compress import launch_compression, prepare_student
+    from ovd.training.layout import RunLayout
+    from ovd.training.train_detector import detector_config
 
-    dcfg = _detector_cfg(cfg, argparse.Namespace(config=None, root=None, detector_config=None, opts=[]),
-                         config_file=student_config)
+    dcfg = detector_config(cfg, RunLayout.of(cfg), config_file=student_config)
     # Registered in this process by main(); recorded so that the output folder exports
     # (`ovd export --model-dir`) and evaluates in a new process.
     dcfg.DATASETS.REGISTER = datasets
@@ -244,7 +246,7 @@ def load_student(out: Path):
     dcfg.MODEL.KD.TEACHER = ""  # inference needs no teacher
     dcfg.MODEL.OVD.TRAIN_TEXT_EMBEDDINGS = ""  # nor the training vocabulary (text comes per call)
     model = build_model(dcfg)
-    DetectionCheckpointer(model).load(str(out / "model_final.pth"))
+    DetectionCheckpointer(model).load(str(final_weights(out)))
     return model.eval()
 
 

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         renorm_gate,
         targets_gate,
     )
+    from ovd.training.layout import final_weights
     from ovd.training.proposals import (
         AnchorGrid,
         ProposalConfig,
@@ -131,10 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                                        / max(proposals["dense"]["novel_recall50"], 1e-9))
     report["proposals"] = proposals
 
-    root = front.root
-    if (root / "targets" / "manifest.json").is_file():
-        report["targets"] = targets_gate(load_targets(root / "targets"), heldout)
-    weights = root / "detector" / "model_final.pth"
+    if (front.layout.targets() / "manifest.json").is_file():
+        report["targets"] = targets_gate(load_targets(front.layout.targets()), heldout)
+    weights = final_weights(front.layout.detector)
     if weights.is_file():
         report["detector"] = detector_gate(weights)
     report["seconds"] = round(time.time() - t_start, 1)

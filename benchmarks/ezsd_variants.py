@@ -54,6 +54,7 @@ import yaml  # noqa: E402
 from host_info import host_line  # noqa: E402
 from training_bench import Timed, pipeline_front, setup_logging, subset_json, write_markdown  # noqa: E402
 
+from ovd.training.layout import eval_dir, final_weights  # noqa: E402
 from ovd.training.protocol import (  # noqa: E402
     HEADLINE,
     CellStore,
@@ -363,18 +364,17 @@ class Bench:
 
 def train(v: Variant, lam: float | None, seed: int, bench: Bench, out: Path) -> None:
     """Train one cell's detector (Detectron2, resumable; skipped when already trained)."""
-    from ovd.training.cli import _detector_cfg
     from ovd.training.data.coco_format import register_ov_dataset
-    from ovd.training.train_detector import launch_training, prepare
+    from ovd.training.train_detector import detector_config, launch_training, prepare
 
-    if (out / "model_final.pth").is_file():
+    if final_weights(out).is_file():
         return
     args = bench.args
     dataset = f"bench_train_all_{args.train_images}" if v.vocabulary == "all" else f"bench_train_{args.train_images}"
     register_ov_dataset(dataset, bench.train_all_json if v.vocabulary == "all" else bench.train_json,
                         bench.image_root, overwrite=True)
     targets_dir = bench.targets_dir(v)
-    dcfg = _detector_cfg(bench.cfg, argparse.Namespace(config=None, root=None, detector_config=None, opts=[]))
+    dcfg = detector_config(bench.cfg, bench.front.layout)
     dcfg.DATASETS.REGISTER = []  # registered in this process
     dcfg.DATASETS.TRAIN = (dataset,)
     dcfg.MODEL.OVD.TRAIN_VOCABULARY = v.vocabulary
@@ -399,7 +399,7 @@ def load_trained(out: Path):
 
     dcfg = build_config(out / "config.yaml")
     model = build_model(dcfg)
-    DetectionCheckpointer(model).load(str(out / "model_final.pth"))
+    DetectionCheckpointer(model).load(str(final_weights(out)))
     return dcfg, model.eval()
 
 
@@ -412,7 +412,7 @@ def evaluate_on(out: Path, clip, dataset: str) -> dict:
     dcfg, model = load_trained(out)
     names = list(MetadataCatalog.get(dataset).thing_classes)
     return evaluate(dcfg, model, dataset, clip.text_embeddings(names, dcfg.MODEL.OVD.PROMPT_TEMPLATE),
-                    out / f"eval_{dataset}")
+                    eval_dir(out, dataset))
 
 
 # ---------------------------------------------------------------------- report

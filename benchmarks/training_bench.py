@@ -4,7 +4,6 @@ results file whose hand-written analysis survives a rerun."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -26,17 +25,18 @@ def setup_logging() -> None:
 def pipeline_front(config: str, pipeline_root: str | None):
     """(pipeline config dict, ovd.training.pipeline.Front) of a pipeline config file; the front's
     root is `pipeline_root`, default the config's own output root."""
-    from ovd.training.cli import _pretrain_config, _world_config
+    from ovd.training.clip_pretrain import PretrainConfig
     from ovd.training.clip_renorm import RenormConfig
-    from ovd.training.config import load_config, output_root
+    from ovd.training.config import load_config
+    from ovd.training.data.synthetic import WorldConfig
+    from ovd.training.layout import RunLayout
     from ovd.training.pipeline import Front
-    from ovd.training.progress import progress as _progress
+    from ovd.training.progress import progress
 
     cfg = load_config(config)
-    root = Path(pipeline_root) if pipeline_root else output_root(cfg)
-    return cfg, Front(root, _world_config(cfg, argparse.Namespace()),
-                      _pretrain_config(cfg, argparse.Namespace()), RenormConfig.from_config(cfg),
-                      progress=_progress)
+    layout = RunLayout(Path(pipeline_root)) if pipeline_root else RunLayout.of(cfg)
+    return cfg, Front(layout, WorldConfig.from_config(cfg), PretrainConfig.from_config(cfg),
+                      RenormConfig.from_config(cfg), progress=progress)
 
 
 class Timed:

@@ -34,19 +34,14 @@ from pathlib import Path
 
 from ovd.models.registry import DEFAULT_MODEL
 
-from .config import DEFAULT_CONFIG, load_config, output_root
+from .config import DEFAULT_CONFIG, load_config
+from .layout import RunLayout, eval_dir, final_weights
 from .progress import progress as _progress
 
 logger = logging.getLogger("ovd")
 
 
 # --------------------------------------------------------------------------- helpers
-
-def _paths(cfg: dict, args: argparse.Namespace) -> tuple[Path, Path]:
-    """(world folder, pretrained CLIP folder) under the output root."""
-    root = output_root(cfg, args)
-    return root / "world", root / "clip" / "pretrained"
-
 
 def _world_config(cfg: dict, args: argparse.Namespace):
     from .data.synthetic import WorldConfig
@@ -68,7 +63,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     from .data.synthetic import generate_world
 
     cfg = load_config(args.config)
-    world_dir = Path(args.out) if args.out else _paths(cfg, args)[0]
+    world_dir = Path(args.out) if args.out else RunLayout.of(cfg, args).world
     wcfg = _world_config(cfg, args)
     t0 = time.time()
     path = generate_world(world_dir, wcfg, workers=args.workers, progress=_progress)
@@ -117,7 +112,8 @@ def cmd_clip_pretrain(args: argparse.Namespace) -> int:
     from .clip_pretrain import pretrain_clip
 
     cfg = load_config(args.config)
-    world_dir, clip_dir = _paths(cfg, args)
+    layout = RunLayout.of(cfg, args)
+    world_dir, clip_dir = layout.world, layout.clip_pretrained
     world_dir = Path(args.world) if args.world else world_dir
     clip_dir = Path(args.out) if args.out else clip_dir
     pcfg = _pretrain_config(cfg, args)
@@ -142,8 +138,8 @@ def cmd_clip_eval(args: argparse.Namespace) -> int:
     from ovd.models.clip.model import load_clip
 
     cfg = load_config(args.config)
-    world_dir = Path(args.world) if args.world else _paths(cfg, args)[0]
-    clip_path = args.clip or str(_paths(cfg, args)[1])
+    world_dir = Path(args.world) if args.world else RunLayout.of(cfg, args).world
+    clip_path = args.clip or str(RunLayout.of(cfg, args).clip_pretrained)
     clip = load_clip(clip_path, args.pretrained)
     out_dir = Path(clip_path) if Path(clip_path).is_dir() else Path(args.out or ".")
     _report(clip, world_dir, out_dir)
@@ -153,32 +149,11 @@ def cmd_clip_eval(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- detector
 
 def _detector_cfg(cfg: dict, args: argparse.Namespace, config_file: str | None = None):
-    """Detectron2 config of the `detector:` section, with the world's datasets to register.
+    """`detector_config` of the pipeline config with this command's flags."""
+    from .train_detector import detector_config
 
-    `config_file` replaces the section's Detectron2 file (its opts still apply)."""
-    from .config import REPO_ROOT
-    from .train_detector import build_config
-
-    section = cfg.get("detector", {})
-    config_file = (config_file or args.detector_config or section.get("config")
-                   or "configs/detector/synthetic_r18_fpn.yaml")
-    path = Path(config_file)
-    if not path.is_file() and (REPO_ROOT / path).is_file():
-        path = REPO_ROOT / path
-    dcfg = build_config(path, list(section.get("opts", [])) + list(args.opts or []))
-    if not dcfg.DATASETS.REGISTER:
-        dcfg.DATASETS.REGISTER = _world_specs(cfg, args)
-    return dcfg
-
-
-def _world_specs(cfg: dict, args: argparse.Namespace) -> list[str]:
-    """DATASETS.REGISTER entries of the config's synthetic world, if it has been generated."""
-    from .data.synthetic import world_datasets
-
-    world_dir = _paths(cfg, args)[0]
-    if not (world_dir / "world.json").is_file():
-        return []
-    return [f"{name}={json_file}:{root}" for name, (json_file, root) in world_datasets(world_dir).items()]
+    return detector_config(cfg, RunLayout.of(cfg, args), config_file=config_file or args.detector_config,
+                           opts=args.opts or [])
 
 
 def _register(dcfg) -> None:
@@ -194,18 +169,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train_detector import launch_training, prepare
 
     cfg = load_config(args.config)
-    root = output_root(cfg, args)
+    layout = RunLayout.of(cfg, args)
     dcfg = _detector_cfg(cfg, args)
-    dcfg.OUTPUT_DIR = str(args.out or root / "detector")
+    dcfg.OUTPUT_DIR = str(args.out or layout.detector)
     dcfg.MODEL.OVD.TRAIN_VOCABULARY = args.vocabulary
     if args.no_distill:
         dcfg.MODEL.OVD.DISTILL_WEIGHT = 0.0
     elif not dcfg.DATASETS.DISTILL_TARGETS:
-        dcfg.DATASETS.DISTILL_TARGETS = str(args.targets or root / "targets")
+        dcfg.DATASETS.DISTILL_TARGETS = str(args.targets or layout.targets())
     _register(dcfg)
-    clip_path = args.clip or str(root / "clip" / "renorm")
+    clip_path = args.clip or str(layout.clip_renorm)
     if not Path(clip_path).is_dir():
-        clip_path = str(root / "clip" / "pretrained")
+        clip_path = str(layout.clip_pretrained)
     clip = load_clip(clip_path)
     dcfg = prepare(dcfg, clip)
     logger.info("training %s on %s (vocabulary: %d %s classes, CLIP %s, distillation: %s) -> %s",
@@ -225,22 +200,22 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .compress import launch_compression, prepare_student, teacher_config
 
     cfg = load_config(args.config)
-    root = output_root(cfg, args)
-    teacher = Path(args.teacher or root / "detector")
+    layout = RunLayout.of(cfg, args)
+    teacher = Path(args.teacher or layout.detector)
     t_cfg = teacher_config(teacher)
     dcfg = _detector_cfg(cfg, args, config_file=args.student_config)
-    dcfg.OUTPUT_DIR = str(args.out or root / "student")
+    dcfg.OUTPUT_DIR = str(args.out or layout.student)
     if args.no_distill:
         dcfg.MODEL.OVD.DISTILL_WEIGHT = 0.0
     elif not dcfg.DATASETS.DISTILL_TARGETS:
-        dcfg.DATASETS.DISTILL_TARGETS = str(args.targets or root / "targets")
+        dcfg.DATASETS.DISTILL_TARGETS = str(args.targets or layout.targets())
     _register(dcfg)
     # The student must share the teacher's text embeddings: default to the teacher's CLIP.
     clip_path = args.clip or t_cfg.MODEL.OVD.CLIP
     if not args.clip and not Path(clip_path).is_dir():
-        clip_path = str(root / "clip" / "renorm")
+        clip_path = str(layout.clip_renorm)
         if not Path(clip_path).is_dir():
-            clip_path = str(root / "clip" / "pretrained")
+            clip_path = str(layout.clip_pretrained)
     dcfg = prepare_student(dcfg, load_clip(clip_path), teacher)
     kd = dcfg.MODEL.KD
     logger.info("compressing %s into %s (%s backbone, FPN %d; TID %s, CID %s, Light-ML %s; region "
@@ -263,6 +238,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ovd.models.clip.model import load_clip
     from ovd.models.exported import load_export
 
+    from .data.synthetic import world_specs
     from .evaluate import evaluate, format_metrics
     from .train_detector import build_config
 
@@ -271,12 +247,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         exported = load_export(args.export)
         model, embed, model_dir = exported.model, exported.text_embeddings, Path(args.export)
         dcfg = build_config(model_dir / "detector.yaml", args.opts)
-        dcfg.DATASETS.REGISTER = _world_specs(cfg, args)  # an export names no dataset files
+        dcfg.DATASETS.REGISTER = world_specs(RunLayout.of(cfg, args).world)  # an export names no dataset files
     else:
-        model_dir = Path(args.model_dir or output_root(cfg, args) / "detector")
+        model_dir = Path(args.model_dir or RunLayout.of(cfg, args).detector)
         dcfg = build_config(model_dir / "config.yaml", args.opts)
         model = build_model(dcfg)
-        DetectionCheckpointer(model).load(args.weights or str(model_dir / "model_final.pth"))
+        DetectionCheckpointer(model).load(args.weights or str(final_weights(model_dir)))
         clip = load_clip(args.clip or dcfg.MODEL.OVD.CLIP)
 
         def embed(names):
@@ -295,7 +271,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"dataset {dataset!r} is not registered (generate the world with `ovd data "
                          f"synth`, or evaluate your own COCO json with --json FILE --image-root DIR)")
     names = list(MetadataCatalog.get(dataset).thing_classes)
-    out = Path(args.out or model_dir / f"eval_{dataset}")
+    out = Path(args.out or eval_dir(model_dir, dataset))
     result = evaluate(dcfg, model, dataset, embed(names), out)
     print(format_metrics(result, f"generalized zero-shot detection, {model_dir.name}"))
     logger.info("metrics written to %s", out / "metrics.json")
@@ -316,9 +292,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         manifest = export_onnx(args.from_export, out)
     else:
         cfg = load_config(args.config)
-        root = output_root(cfg, args)
-        model_dir = Path(args.model_dir or root / "detector")
-        out = Path(args.out or root / "export")
+        layout = RunLayout.of(cfg, args)
+        model_dir = Path(args.model_dir or layout.detector)
+        out = Path(args.out or layout.export)
         manifest = export_detector(model_dir, out, name=args.name, version=args.version,
                                    weights=args.weights, dtype=args.dtype)
         if args.onnx:
@@ -340,8 +316,8 @@ def _gates(cfg: dict, args: argparse.Namespace, *, detector: bool = True) -> dic
     from .gates import HeldOut, stage_gates
     from .proposals import ProposalConfig
 
-    root = output_root(cfg, args)
-    world_dir = root / "world"
+    layout = RunLayout.of(cfg, args)
+    world_dir = layout.world
     det = world_dir / "detection"
     heldout_json = getattr(args, "heldout_json", None) or det / "annotations" / "train_all.json"
     heldout_images = getattr(args, "heldout_images", None) or det / "train"
@@ -351,11 +327,11 @@ def _gates(cfg: dict, args: argparse.Namespace, *, detector: bool = True) -> dic
     eval_set = HeldOut.load(eval_json, eval_images) if Path(eval_json).is_file() else None
     return stage_gates(
         heldout=heldout, eval_set=eval_set,
-        parent_clip=getattr(args, "parent_clip", None) or root / "clip" / "pretrained",
-        clip=getattr(args, "clip", None) or root / "clip" / "renorm",
-        proposals=getattr(args, "proposals", None) or root / "proposals",
-        targets=getattr(args, "targets", None) or root / "targets",
-        detector=(getattr(args, "detector", None) or root / "detector" / "model_final.pth")
+        parent_clip=getattr(args, "parent_clip", None) or layout.clip_pretrained,
+        clip=getattr(args, "clip", None) or layout.clip_renorm,
+        proposals=getattr(args, "proposals", None) or layout.proposals,
+        targets=getattr(args, "targets", None) or layout.targets(),
+        detector=(getattr(args, "detector", None) or final_weights(layout.detector))
         if detector else None,
         template=ProposalConfig.from_config(cfg).template)
 
@@ -365,7 +341,7 @@ def cmd_gates(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     gates = _gates(cfg, args)
-    out = Path(args.out) if args.out else output_root(cfg, args) / "gates.json"
+    out = Path(args.out) if args.out else RunLayout.of(cfg, args).gates
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(gates, indent=2))
     print(format_gates(gates))  # noqa: T201
@@ -386,8 +362,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from .targets import TargetsConfig, run_targets
 
     cfg = load_config(args.config)
-    root = output_root(cfg, args)
-    front = Front(root, _world_config(cfg, args), _pretrain_config(cfg, args),
+    layout = RunLayout.of(cfg, args)
+    front = Front(layout, _world_config(cfg, args), _pretrain_config(cfg, args),
                   RenormConfig.from_config(cfg), workers=args.workers, progress=_progress)
     renorm_dir = front.renorm_dir
     t0 = time.time()
@@ -409,17 +385,17 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     _report(renormed, front.world_dir, renorm_dir)
 
     pcfg = ProposalConfig.from_config(cfg)
-    stage(4, f"CLIP proposals ({pcfg.mode} mode) -> {root / 'proposals'}")
-    run_proposals(renormed, train_json, train_root, root / "proposals", pcfg, overwrite=True,
+    stage(4, f"CLIP proposals ({pcfg.mode} mode) -> {layout.proposals}")
+    run_proposals(renormed, train_json, train_root, layout.proposals, pcfg, overwrite=True,
                   progress=_progress)
-    stage(5, f"distillation targets -> {root / 'targets'}")
-    run_targets(renormed, train_json, train_root, root / "proposals", root / "targets",
+    stage(5, f"distillation targets -> {layout.targets()}")
+    run_targets(renormed, train_json, train_root, layout.proposals, layout.targets(),
                 TargetsConfig.from_config(cfg), overwrite=True, progress=_progress)
 
     # The detector gate waits for this run's detector (a previous run's may still be there).
     logger.info("gates before training:\n%s", format_gates(_gates(cfg, args, detector=False)))
 
-    stage(6, f"detector training -> {root / 'detector'}")
+    stage(6, f"detector training -> {layout.detector}")
     train_args = argparse.Namespace(
         config=args.config, root=args.root, detector_config=None, opts=[], out=None,
         vocabulary="base", no_distill=False, targets=None, clip=str(renorm_dir), restart=False,
@@ -432,13 +408,13 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
                                 dataset="synth_test", json=None, image_root=None, clip=None, export=None,
                                 out=None, opts=[]))
     gates = _gates(cfg, args)
-    (root / "gates.json").write_text(json.dumps(gates, indent=2))
-    logger.info("gates (also in %s):\n%s", root / "gates.json", format_gates(gates))
-    stage(8, f"export -> {root / 'export'}")
+    layout.gates.write_text(json.dumps(gates, indent=2))
+    logger.info("gates (also in %s):\n%s", layout.gates, format_gates(gates))
+    stage(8, f"export -> {layout.export}")
     cmd_export(argparse.Namespace(config=args.config, root=args.root, model_dir=None, weights=None,
                                   out=None, name="ovd-synthetic", version="0.1.0", dtype="float32",
                                   onnx=False, from_export=None))
-    logger.info("pipeline finished in %.1f min; outputs under %s", (time.time() - t0) / 60, root)
+    logger.info("pipeline finished in %.1f min; outputs under %s", (time.time() - t0) / 60, layout.root)
     return 0
 
 
@@ -453,10 +429,10 @@ def cmd_clip_renorm(args: argparse.Namespace) -> int:
     from .data.synthetic import world_datasets
 
     cfg = load_config(args.config)
-    root = output_root(cfg, args)
-    world_dir = Path(args.world) if args.world else root / "world"
-    parent = args.clip or str(root / "clip" / "pretrained")
-    out_dir = Path(args.out) if args.out else root / "clip" / "renorm"
+    layout = RunLayout.of(cfg, args)
+    world_dir = Path(args.world) if args.world else layout.world
+    parent = args.clip or str(layout.clip_pretrained)
+    out_dir = Path(args.out) if args.out else layout.clip_renorm
     default_json, default_images = world_datasets(world_dir)["synth_train"]
     json_file = Path(args.train_json) if args.train_json else default_json
     image_root = Path(args.image_root) if args.image_root else default_images
@@ -519,7 +495,7 @@ def _train_data(cfg: dict, args: argparse.Namespace) -> tuple[Path, Path]:
     """--train-json / --image-root, defaulting to the synthetic world's `synth_train`."""
     from .data.synthetic import world_datasets
 
-    json_file, image_root = world_datasets(output_root(cfg, args) / "world")["synth_train"]
+    json_file, image_root = world_datasets(RunLayout.of(cfg, args).world)["synth_train"]
     return (Path(args.train_json) if args.train_json else json_file,
             Path(args.image_root) if args.image_root else image_root)
 
@@ -546,10 +522,10 @@ def cmd_proposals(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     pcfg = ProposalConfig.from_config(cfg, args, ("mode", "filter", "batch_size"))
-    root = output_root(cfg, args)
+    layout = RunLayout.of(cfg, args)
     json_file, image_root = _train_data(cfg, args)
-    clip = args.clip or str(root / "clip" / "renorm")
-    out = args.out or str(root / "proposals")
+    clip = args.clip or str(layout.clip_renorm)
+    out = args.out or str(layout.proposals)
     launch_stage(proposals_worker, args, (clip, str(json_file), str(image_root), out,
                                            asdict(pcfg), args.max_images, args.overwrite))
     return 0
@@ -575,14 +551,14 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     tcfg = TargetsConfig.from_config(cfg, args, ("max_proposals", "batch_size"))
-    root = output_root(cfg, args)
+    layout = RunLayout.of(cfg, args)
     json_file, image_root = _train_data(cfg, args)
-    clip = args.clip or str(root / "clip" / "renorm")
+    clip = args.clip or str(layout.clip_renorm)
     if args.gt_only:
         proposals = None
     else:
-        proposals = args.proposals or str(root / "proposals")
-    out = args.out or str(root / ("targets_gt" if args.gt_only else "targets"))
+        proposals = args.proposals or str(layout.proposals)
+    out = args.out or str(layout.targets(args.gt_only))
     launch_stage(targets_worker, args, (clip, str(json_file), str(image_root), proposals, out,
                                          asdict(tcfg), args.max_images, args.overwrite))
     return 0

@@ -24,6 +24,7 @@ from ovd.models.clip.model import ClipModel
 from ovd.models.compression import StudentRCNN
 from ovd.models.detector import OpenVocabRCNN
 
+from .layout import final_weights
 from .train_detector import TRAIN_TEXT_FILE, Trainer, build_config, launch_training, prepare
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def load_teacher(folder: str | Path, *, device: str = "cpu") -> OpenVocabRCNN:
     cfg.MODEL.OVD.TRAIN_TEXT_EMBEDDINGS = ""  # the vocabulary comes with every call
     cfg.MODEL.WEIGHTS = ""
     model = build_model(cfg)
-    weights = folder / "model_final.pth"
+    weights = final_weights(folder)
     if not weights.is_file():
         raise FileNotFoundError(f"teacher {folder} has no model_final.pth (is its training finished?)")
     DetectionCheckpointer(model).load(str(weights))

@@ -37,11 +37,6 @@ def load_config(path: str | Path | None) -> dict:
     return cfg
 
 
-def output_root(cfg: dict, args=None) -> Path:
-    """Every stage's output root: the --root flag, else the config's paths.root."""
-    return Path(getattr(args, "root", None) or cfg.get("paths", {}).get("root", "runs/synthetic"))
-
-
 class SectionConfig:
     """Mixin of the stage config dataclasses: `from_dict` builds one from its YAML section,
     refusing unknown keys (a typo must not silently fall back to a default)."""

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from ovd.models.clip.model import architecture_config, load_clip
 from ovd.models.exported import write_export
 
+from .layout import eval_metrics, final_weights
 from .train_detector import TRAIN_TEXT_FILE, build_config
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def export_detector(model_dir: str | Path, out_dir: str | Path, *, name: str, ve
     for spec in cfg.DATASETS.REGISTER:
         register_from_spec(spec, overwrite=True)
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(str(weights or model_dir / "model_final.pth"))
+    DetectionCheckpointer(model).load(str(weights or final_weights(model_dir)))
     clip = load_clip(cfg.MODEL.OVD.CLIP)
     arch = (clip.manifest or {}).get("architecture") or architecture_config(cfg.MODEL.OVD.CLIP)
     with safe_open(str(model_dir / TRAIN_TEXT_FILE), "pt") as f:
@@ -56,7 +57,7 @@ def export_detector(model_dir: str | Path, out_dir: str | Path, *, name: str, ve
             if c["name"] in tiers:
                 c["tier"] = tiers[c["name"]]
     metrics = {}
-    for f in sorted(model_dir.glob("eval_*/metrics.json")):
+    for f in eval_metrics(model_dir):
         m = json.loads(f.read_text())
         metrics[m.get("dataset", f.parent.name)] = {k: m[k] for k in ("novel", "base", "all", "images")
                                                       if k in m}

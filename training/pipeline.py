@@ -17,6 +17,7 @@ from ovd.models.clip.model import ClipCheckpointError, ClipModel, load_clip
 from .clip_pretrain import PretrainConfig, pretrain_clip
 from .clip_renorm import RenormConfig, renorm_clip
 from .data.synthetic import WorldConfig, generate_world, load_world, register_world, world_datasets
+from .layout import RunLayout
 from .shards import ProgressFactory
 
 logger = logging.getLogger(__name__)
@@ -32,13 +33,13 @@ class Front:
     """The first three stages under one output root.
 
     Attributes:
-        root: output root (world/, clip/pretrained/, clip/renorm/ below it).
+        layout: the run folder (world/, clip/pretrained/, clip/renorm/ below its root).
         world_cfg, pretrain_cfg, renorm_cfg: the stage configs.
         workers: processes for world generation.
         progress: progress reporter factory (see ovd.training.shards.ProgressFactory).
     """
 
-    root: Path
+    layout: RunLayout
     world_cfg: WorldConfig
     pretrain_cfg: PretrainConfig
     renorm_cfg: RenormConfig
@@ -46,16 +47,20 @@ class Front:
     progress: ProgressFactory | None = None
 
     @property
+    def root(self) -> Path:
+        return self.layout.root
+
+    @property
     def world_dir(self) -> Path:
-        return self.root / "world"
+        return self.layout.world
 
     @property
     def clip_dir(self) -> Path:
-        return self.root / "clip" / "pretrained"
+        return self.layout.clip_pretrained
 
     @property
     def renorm_dir(self) -> Path:
-        return self.root / "clip" / "renorm"
+        return self.layout.clip_renorm
 
     def world(self) -> tuple[dict, bool]:
         """(world.json contents, reused?); registers the world's Detectron2 datasets."""

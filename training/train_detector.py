@@ -28,6 +28,8 @@ import ovd.models.detector  # noqa: F401  registers the detector components
 from ovd.models.clip.model import ClipModel
 from ovd.models.detector import add_ovd_config
 
+from .layout import final_weights
+
 logger = logging.getLogger(__name__)
 
 TRAIN_TEXT_FILE = "text_train.safetensors"
@@ -61,6 +63,29 @@ def build_config(config_file: str | Path, opts: list[str] | None = None) -> CfgN
     add_ovd_config(cfg)
     cfg.merge_from_file(str(config_file))
     cfg.merge_from_list(list(opts or []))
+    return cfg
+
+
+def detector_config(pipeline_cfg: dict, layout, *, config_file: str | Path | None = None,
+                    opts: list | tuple = ()) -> CfgNode:
+    """The Detectron2 config of a pipeline config's `detector:` section (its file and KEY VALUE
+    opts, then `opts`), with the run's synthetic world registered when it exists.
+
+    Args:
+        pipeline_cfg: the pipeline config (training/config.py's load_config).
+        layout: the run's training.layout.RunLayout.
+        config_file: replaces the section's Detectron2 file (its opts still apply).
+    """
+    from .config import REPO_ROOT
+    from .data.synthetic import world_specs
+
+    section = pipeline_cfg.get("detector") or {}
+    path = Path(config_file or section.get("config") or "configs/detector/synthetic_r18_fpn.yaml")
+    if not path.is_file() and (REPO_ROOT / path).is_file():
+        path = REPO_ROOT / path
+    cfg = build_config(path, list(section.get("opts", [])) + list(opts))
+    if not cfg.DATASETS.REGISTER:
+        cfg.DATASETS.REGISTER = world_specs(layout.world)
     return cfg
 
 
@@ -173,7 +198,7 @@ def train(cfg: CfgNode, *, resume: bool = True, trainer_cls: type[Trainer] = Tra
     trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=resume)
     trainer.train()
-    return Path(cfg.OUTPUT_DIR) / "model_final.pth"
+    return final_weights(cfg.OUTPUT_DIR)
 
 
 def _main(cfg: CfgNode, resume: bool, trainer_cls: type[Trainer]) -> None:
@@ -201,4 +226,4 @@ def launch_training(cfg: CfgNode, *, resume: bool = True, num_gpus: int = 1, num
     `trainer_cls` is the Trainer (sub)class each process runs, e.g. the student's."""
     launch(_main, num_gpus, num_machines=num_machines, machine_rank=machine_rank,
            dist_url=dist_url, args=(cfg, resume, trainer_cls))
-    return Path(cfg.OUTPUT_DIR) / "model_final.pth"
+    return final_weights(cfg.OUTPUT_DIR)
