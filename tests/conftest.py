@@ -46,15 +46,19 @@ def make_world(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def plain_export(tmp_path_factory):
-    """A torch-only export of a random tiny detector. Its RPN keeps every proposal (no top-k
-    cut) and its classifier runs at tau = 4 instead of 100: a random detector's objectness and
-    (at tau 100, saturated) class scores tie to the last bit, and then which of the tied ones
-    survives a cut depends on rounding. A trained model has no such ties."""
+    """A torch-only export of a random tiny detector whose outputs do not hinge on float noise:
+    its RPN keeps every proposal (no top-k cut), neither the RPN nor the box head suppresses
+    (NMS IoU 1), and its classifier runs at tau = 4 instead of 100. A random detector's
+    objectness and (at tau 100, saturated) class scores tie to the last bit, and which of two
+    tied overlapping boxes an NMS keeps then depends on rounding (it changed with the images of
+    world v2). A trained model has no such ties; the export's own validation still compares
+    every detection, and the top-k cut at the end is handled there."""
     from detector_testing import write_tiny_export
 
     return write_tiny_export(tmp_path_factory.mktemp("plain"), [
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.05, "MODEL.RPN.PRE_NMS_TOPK_TEST", 2000,
-        "MODEL.RPN.POST_NMS_TOPK_TEST", 2000], temperature=4.0)
+        "MODEL.RPN.POST_NMS_TOPK_TEST", 2000, "MODEL.RPN.NMS_THRESH", 1.0,
+        "MODEL.ROI_HEADS.NMS_THRESH_TEST", 1.0], temperature=4.0)
 
 
 @pytest.fixture(scope="session")
