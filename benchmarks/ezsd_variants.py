@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="all = select then report (the schedule check only on request)")
     p.add_argument("--max-cells", type=int, default=None, help="stop after this many new cells")
     p.add_argument("--rows", nargs="+", choices=[v.key for v in VARIANTS], default=None,
-                   help="report only these rows (default: all; rows whose lambda is not chosen yet wait)")
+                   help="only these rows: in select, only the selections these rows name (gt_raw, "
+                        "dense_semreg); in report, only these rows (rows whose lambda is not chosen yet wait)")
     p.add_argument("--commit", action="store_true", help="git-commit each finished cell file")
     p.add_argument("--summary-only", action="store_true", help="no training: tables from cells")
     args = p.parse_args(argv)
@@ -257,9 +258,10 @@ class Bench:
         for name, key in SELECTION_ROWS.items():
             v = BY_KEY[key]
             means = {}
+            wanted = run and (not self.args.rows or key in self.args.rows)
             for lam in LAMBDAS:
                 row = f"{key}_lambda{lam:g}"
-                look = self.cell if run else self.stored
+                look = self.cell if wanted else self.stored
                 got = [look(v, lam, s, "val", row) for s in SELECTION_SEEDS]
                 if all(g is not None for g in got):
                     means[lam] = sum(g["ap50_novel"] for g in got) / len(got)
