@@ -23,20 +23,17 @@ def setup_logging() -> None:
 
 
 def pipeline_front(config: str, pipeline_root: str | None):
-    """(pipeline config dict, ovd.training.pipeline.Front) of a pipeline config file; the front's
-    root is `pipeline_root`, default the config's own output root."""
-    from ovd.training.clip_pretrain import PretrainConfig
-    from ovd.training.clip_renorm import RenormConfig
+    """(pipeline config dict, ovd.training.pipeline.Pipeline) of a pipeline config file; its
+    root is `pipeline_root`, default the config's own output root. The benchmarks use its
+    first stages (world, CLIP, re-normalised CLIP) with their reuse rules."""
     from ovd.training.config import load_config
-    from ovd.training.data.synthetic import WorldConfig
     from ovd.training.layout import RunLayout
-    from ovd.training.pipeline import Front
+    from ovd.training.pipeline import Pipeline
     from ovd.training.progress import progress
 
     cfg = load_config(config)
     layout = RunLayout(Path(pipeline_root)) if pipeline_root else RunLayout.of(cfg)
-    return cfg, Front(layout, WorldConfig.from_config(cfg), PretrainConfig.from_config(cfg),
-                      RenormConfig.from_config(cfg), progress=progress)
+    return cfg, Pipeline(cfg, layout, progress=progress)
 
 
 class Timed:

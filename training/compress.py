@@ -123,3 +123,46 @@ def launch_compression(cfg: CfgNode, *, resume: bool = True, num_gpus: int = 1, 
     """Train (or resume) the student with Detectron2's launcher; returns its final weights."""
     return launch_training(cfg, resume=resume, num_gpus=num_gpus, num_machines=num_machines,
                            machine_rank=machine_rank, dist_url=dist_url, trainer_cls=CompressTrainer)
+
+
+def run_compression(pipeline_cfg: dict, layout, *, teacher: str | Path | None = None,
+                    student_config: str | Path | None = None, clip: str | None = None,
+                    targets: str | Path | None = None, distill: bool = True, opts: list | tuple = (),
+                    out: str | Path | None = None, resume: bool = True, **launcher) -> tuple[Path, Path]:
+    """Train the run's compressed student (`ovd compress` calls this).
+
+    Args:
+        pipeline_cfg, layout: the pipeline config and its run folder (training/layout.py).
+        teacher: a training output folder or an export (default: the run's detector/).
+        student_config: the student's Detectron2 YAML (the config's detector.opts apply too).
+        clip: CLIP of the text embeddings (default: the teacher's, which it must be).
+        targets, distill: EZSD region distillation as in `run_training`.
+        opts, out, resume, launcher: as in `run_training` (out defaults to the run's student/).
+
+    Returns:
+        (final weights, output folder).
+    """
+    from ovd.models.clip.model import load_clip
+
+    from .train_detector import detector_config, register_datasets
+
+    teacher = Path(teacher or layout.detector)
+    dcfg = detector_config(pipeline_cfg, layout, config_file=student_config, opts=opts)
+    dcfg.OUTPUT_DIR = str(out or layout.student)
+    if not distill:
+        dcfg.MODEL.OVD.DISTILL_WEIGHT = 0.0
+    elif not dcfg.DATASETS.DISTILL_TARGETS:
+        dcfg.DATASETS.DISTILL_TARGETS = str(targets or layout.targets())
+    register_datasets(dcfg)
+    # The student must share the teacher's text embeddings: default to the teacher's CLIP.
+    clip_path = clip or teacher_config(teacher).MODEL.OVD.CLIP
+    if not clip and not Path(clip_path).is_dir():
+        clip_path = str(layout.clip_renorm if layout.clip_renorm.is_dir() else layout.clip_pretrained)
+    dcfg = prepare_student(dcfg, load_clip(clip_path), teacher)
+    kd = dcfg.MODEL.KD
+    logger.info("compressing %s into %s (%s backbone, FPN %d; TID %s, CID %s, Light-ML %s; region "
+                "distillation: %s) -> %s", teacher, dcfg.MODEL.META_ARCHITECTURE, dcfg.MODEL.BACKBONE.NAME,
+                dcfg.MODEL.FPN.OUT_CHANNELS, "on" if kd.TID.ENABLED else "off",
+                "on" if kd.CID.ENABLED else "off", "on" if kd.LIGHT_ML.ENABLED else "off",
+                dcfg.DATASETS.DISTILL_TARGETS if dcfg.MODEL.OVD.DISTILL_WEIGHT else "off", dcfg.OUTPUT_DIR)
+    return launch_compression(dcfg, resume=resume, **launcher), Path(dcfg.OUTPUT_DIR)

@@ -143,6 +143,69 @@ def evaluate(cfg, model: nn.Module, dataset_name: str, text: torch.Tensor, outpu
     return result
 
 
+def evaluate_folder(folder: str | Path, *, dataset: str | None = None, json_file: str | Path | None = None,
+                    image_root: str | Path | None = None, weights: str | Path | None = None,
+                    clip: str | None = None, opts: list | tuple = (), out: str | Path | None = None,
+                    world: str | Path | None = None) -> tuple[dict, Path]:
+    """Evaluate a training output folder or an export folder (one with manifest.json: its own
+    weights, e.g. float16, and text tower) on a registered dataset or a COCO json.
+
+    Args:
+        folder: the model folder (config.yaml + weights) or the export.
+        dataset: registered dataset name (default: the config's DATASETS.TEST[0], else synth_val).
+        json_file, image_root: the user's COCO json instead (categories may carry "split":
+            "base" | "novel"); images default to the json's folder.
+        weights, clip: a training folder's checkpoint and text CLIP (defaults: its
+            model_final.pth and the CLIP it trained with).
+        opts: Detectron2 KEY VALUE overrides.
+        out: results folder (default: <folder>/eval_<dataset>).
+        world: a synthetic world folder whose splits to register (an export names no dataset
+            files).
+
+    Returns:
+        (metrics as `evaluate`, results folder).
+    """
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import build_model
+
+    from ovd.models.clip.model import load_clip
+    from ovd.models.exported import load_export
+
+    from .data.synthetic import world_specs
+    from .layout import eval_dir, final_weights
+    from .train_detector import build_config, register_datasets
+
+    folder = Path(folder)
+    if (folder / "manifest.json").is_file():
+        exported = load_export(folder)
+        model, embed = exported.model, exported.text_embeddings
+        cfg = build_config(folder / "detector.yaml", opts)
+        cfg.DATASETS.REGISTER = world_specs(world) if world else []
+    else:
+        cfg = build_config(folder / "config.yaml", opts)
+        model = build_model(cfg)
+        DetectionCheckpointer(model).load(str(weights or final_weights(folder)))
+        text_clip = load_clip(clip or cfg.MODEL.OVD.CLIP)
+
+        def embed(names):
+            return text_clip.text_embeddings(names, cfg.MODEL.OVD.PROMPT_TEMPLATE)
+    register_datasets(cfg)
+    if json_file:
+        from .data.coco_format import register_ov_dataset
+
+        json_file = Path(json_file)
+        dataset = register_ov_dataset(f"eval_{json_file.stem}", json_file,
+                                      Path(image_root) if image_root else json_file.parent, overwrite=True)
+    dataset = dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "synth_val")
+    if dataset not in DatasetCatalog.list():
+        raise ValueError(f"dataset {dataset!r} is not registered (generate the world with `ovd data "
+                         f"synth`, or evaluate your own COCO json with --json FILE --image-root DIR)")
+    names = list(MetadataCatalog.get(dataset).thing_classes)
+    out = Path(out or eval_dir(folder, dataset))
+    return evaluate(cfg, model, dataset, embed(names), out), out
+
+
 def tier_groups(json_file: str | Path) -> dict[str, list[int]]:
     """Category ids per novel tier of a COCO file whose categories carry a ``tier`` tag
     (empty when none do). Base is not a tier group: it is the "base" group already."""

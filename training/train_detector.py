@@ -89,6 +89,56 @@ def detector_config(pipeline_cfg: dict, layout, *, config_file: str | Path | Non
     return cfg
 
 
+def register_datasets(cfg: CfgNode) -> None:
+    """Register, in this process, the datasets a detector config names in DATASETS.REGISTER."""
+    from .data.coco_format import register_from_spec
+
+    for spec in cfg.DATASETS.REGISTER:
+        register_from_spec(spec, overwrite=True)
+
+
+def run_training(pipeline_cfg: dict, layout, *, clip: str | Path | None = None,
+                 targets: str | Path | None = None, distill: bool = True, vocabulary: str = "base",
+                 config_file: str | Path | None = None, opts: list | tuple = (),
+                 out: str | Path | None = None, resume: bool = True, **launcher) -> Path:
+    """Train the run's detector (stage 4): `ovd train` and the pipeline both call this.
+
+    Args:
+        pipeline_cfg, layout: the pipeline config and its run folder (training/layout.py).
+        clip: CLIP of the text classifier (default: the run's re-normalised CLIP, else its
+            pretrained one).
+        targets: `ovd targets` folder (default: the run's targets/, unless the Detectron2
+            config names one); ignored with ``distill=False``.
+        vocabulary: "base" (open-vocabulary) or "all" (the oracle).
+        config_file, opts: the Detectron2 file replacing the config's and KEY VALUE overrides.
+        out: output folder (default: the run's detector/).
+        resume: continue from the folder's last checkpoint.
+        launcher: num_gpus, num_machines, machine_rank, dist_url (Detectron2's launcher).
+
+    Returns:
+        Path of the final weights.
+    """
+    from ovd.models.clip.model import load_clip
+
+    dcfg = detector_config(pipeline_cfg, layout, config_file=config_file, opts=opts)
+    dcfg.OUTPUT_DIR = str(out or layout.detector)
+    dcfg.MODEL.OVD.TRAIN_VOCABULARY = vocabulary
+    if not distill:
+        dcfg.MODEL.OVD.DISTILL_WEIGHT = 0.0
+    elif not dcfg.DATASETS.DISTILL_TARGETS:
+        dcfg.DATASETS.DISTILL_TARGETS = str(targets or layout.targets())
+    register_datasets(dcfg)
+    clip_path = Path(clip or layout.clip_renorm)
+    if clip is None and not clip_path.is_dir():
+        clip_path = layout.clip_pretrained
+    dcfg = prepare(dcfg, load_clip(str(clip_path)))
+    logger.info("training %s on %s (vocabulary: %d %s classes, CLIP %s, distillation: %s) -> %s",
+                dcfg.MODEL.META_ARCHITECTURE, dcfg.DATASETS.TRAIN[0], dcfg.MODEL.ROI_HEADS.NUM_CLASSES,
+                vocabulary, clip_path, dcfg.DATASETS.DISTILL_TARGETS if dcfg.MODEL.OVD.DISTILL_WEIGHT
+                else "off", dcfg.OUTPUT_DIR)
+    return launch_training(dcfg, resume=resume, **launcher)
+
+
 class DistillDatasetMapper(DatasetMapper):
     """DatasetMapper that (1) maps dataset classes to rows of the training vocabulary,
     dropping boxes of classes outside it, and (2) attaches the image's distillation regions,
@@ -207,10 +257,7 @@ def _main(cfg: CfgNode, resume: bool, trainer_cls: type[Trainer]) -> None:
     from detectron2.utils.env import seed_all_rng
     from detectron2.utils.logger import setup_logger
 
-    from .data.coco_format import register_from_spec
-
-    for spec in cfg.DATASETS.REGISTER:
-        register_from_spec(spec, overwrite=True)
+    register_datasets(cfg)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="detectron2")
     seed_all_rng(cfg.SEED + comm.get_rank())
     if comm.is_main_process():

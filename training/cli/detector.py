@@ -1,0 +1,205 @@
+"""The detector's commands: `ovd train` (EZSD stage 4), `ovd compress` (TID, CID, Light-ML),
+`ovd eval`, `ovd export` (stage 6) and `ovd detect` (an export over image files)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from ..progress import progress
+from .options import launcher, launcher_parent, run_of, run_parent
+
+logger = logging.getLogger("ovd")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..train_detector import run_training
+
+    cfg, layout = run_of(args)
+    final = run_training(cfg, layout, clip=args.clip, targets=args.targets, distill=not args.no_distill,
+                         vocabulary=args.vocabulary, config_file=args.detector_config, opts=args.opts or [],
+                         out=args.out, resume=not args.restart, **launcher(args))
+    logger.info("weights: %s", final)
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from ..compress import run_compression
+
+    cfg, layout = run_of(args)
+    final, out = run_compression(cfg, layout, teacher=args.teacher, student_config=args.student_config,
+                                 clip=args.clip, targets=args.targets, distill=not args.no_distill,
+                                 opts=args.opts or [], out=args.out, resume=not args.restart,
+                                 **launcher(args))
+    logger.info("student weights: %s (export it with ovd export --model-dir %s)", final, out)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..evaluate import evaluate_folder, format_metrics
+
+    _, layout = run_of(args)
+    folder = Path(args.export or args.model_dir or layout.detector)
+    result, out = evaluate_folder(folder, dataset=args.dataset, json_file=args.json, image_root=args.image_root,
+                                  weights=args.weights, clip=args.clip, opts=args.opts or [], out=args.out,
+                                  world=layout.world)
+    print(format_metrics(result, f"generalized zero-shot detection, {folder.name}"))
+    logger.info("metrics written to %s", out / "metrics.json")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ovd.models.exported import verify_export
+
+    if args.from_export:  # an existing export folder: only the ONNX graphs are added
+        if not args.onnx:
+            raise ValueError("--from-export only adds ONNX graphs: give --onnx too")
+        from ovd.models.onnx_export import export_onnx
+
+        out = Path(args.out or args.from_export)
+        manifest = export_onnx(args.from_export, out)
+    else:
+        from ..export import export_detector
+
+        _, layout = run_of(args)
+        out = Path(args.out or layout.export)
+        manifest = export_detector(args.model_dir or layout.detector, out, name=args.name,
+                                   version=args.version, weights=args.weights, dtype=args.dtype)
+        if args.onnx:
+            from ovd.models.onnx_export import export_onnx
+
+            export_onnx(out)
+    m = verify_export(out)
+    logger.info("exported %s %s to %s (%d files verified; trained on %d classes)", m["name"],
+                m["version"], out, len(m["files"]), len(m.get("trained_on", {}).get("classes", [])))
+    logger.info("manifest: %s", manifest)
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from ovd.models.api import Detector
+    from ovd.models.batch_detect import detect_files, expand_inputs
+
+    files = expand_inputs(args.inputs)
+    detector = Detector.load(args.model_dir, backend=args.backend)
+    report = detect_files(detector, files, args.classes, threshold=args.threshold,
+                          max_detections=args.max_detections, batch_size=args.batch_size,
+                          coco=args.coco, draw_dir=Path(args.draw) if args.draw else None,
+                          progress=progress("detect", len(files)))
+    text = json.dumps(report, indent=1)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+        found = len(report["annotations"]) if args.coco else sum(len(i["detections"]) for i in report["images"])
+        logger.info("%d detections in %d images written to %s%s", found, len(files), args.out,
+                    f"; drawn images in {args.draw}" if args.draw else "")
+    else:
+        print(text)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add train, compress, eval, export and detect to the `ovd` sub-command table."""
+    trains = [run_parent(), launcher_parent()]
+    p = sub.add_parser("train", parents=trains,
+                       help="train the open-vocabulary detector (Detectron2, resumable)",
+                       description="Train the EZSD detector: Faster R-CNN whose box head embeds "
+                                   "regions into CLIP space, classified against text embeddings, "
+                                   "with region distillation from `ovd targets`. A killed run "
+                                   "resumes from its last checkpoint.")
+    p.add_argument("--detector-config", default=None,
+                   help="Detectron2 YAML (default: the config's detector.config)")
+    p.add_argument("--clip", default=None, help="CLIP for the text embeddings (default: <root>/clip/renorm)")
+    p.add_argument("--targets", default=None, help="`ovd targets` folder (default: <root>/targets)")
+    p.add_argument("--no-distill", action="store_true", help="train without region distillation")
+    p.add_argument("--vocabulary", choices=["base", "all"], default="base",
+                   help="classes with boxes in training: base (open-vocabulary) or all (oracle)")
+    p.add_argument("--out", default=None, help="output folder (default: <root>/detector)")
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="Detectron2 KEY VALUE overrides")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compress", parents=trains,
+                       help="distil a trained detector into a lighter student (resumable)",
+                       description="Train a smaller open-vocabulary student (by default a "
+                                   "half-width ResNet-18 with a 64-channel FPN) from a frozen "
+                                   "teacher: the usual detection and EZSD region-distillation "
+                                   "losses plus TID feature distillation and CID region-logit and "
+                                   "box distillation, with Light-ML in the box head (MODEL.KD.*). "
+                                   "A killed run resumes from its last checkpoint; the output "
+                                   "folder exports with ovd export like a teacher's.")
+    p.add_argument("--teacher", default=None,
+                   help="trained teacher: a training output folder (config.yaml + model_final.pth) "
+                        "or an export folder (default: <root>/detector)")
+    p.add_argument("--student-config", default="configs/compress/synthetic_student_r18_narrow.yaml",
+                   help="Detectron2 YAML of the student (the config's detector.opts apply too)")
+    p.add_argument("--clip", default=None,
+                   help="CLIP for the text embeddings (default: the teacher's; it must be the teacher's)")
+    p.add_argument("--targets", default=None, help="`ovd targets` folder (default: <root>/targets)")
+    p.add_argument("--no-distill", action="store_true", help="train without EZSD region distillation")
+    p.add_argument("--out", default=None, help="output folder (default: <root>/student)")
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("opts", nargs=argparse.REMAINDER,
+                   help="Detectron2 KEY VALUE overrides (e.g. MODEL.KD.TID.ENABLED False)")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("eval", parents=[run_parent()],
+                       help="generalized zero-shot AP50/AP on novel, base and all classes",
+                       description="Evaluate a trained detector over all categories of a dataset "
+                                   "(COCOEvaluator / pycocotools), averaged over novel, base, all.")
+    p.add_argument("--model-dir", default=None, help="training output (default: <root>/detector)")
+    p.add_argument("--weights", default=None, help="checkpoint (default: <model-dir>/model_final.pth)")
+    p.add_argument("--dataset", default=None, help="registered dataset (default: DATASETS.TEST[0])")
+    p.add_argument("--json", default=None, help="evaluate on this COCO json instead (all its categories)")
+    p.add_argument("--image-root", default=None, help="its image folder (default: the json's folder)")
+    p.add_argument("--clip", default=None, help="CLIP for the text embeddings (default: the training one)")
+    p.add_argument("--export", default=None,
+                   help="evaluate an export folder instead (its own weights and text tower; the "
+                        "dataset is registered from the config's world)")
+    p.add_argument("--out", default=None, help="output folder (default: <model-dir>/eval_<dataset>)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="Detectron2 KEY VALUE overrides")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", parents=[run_parent()],
+                       help="write the deployable detector (safetensors + manifest)",
+                       description="Export a trained detector: weights as safetensors, its "
+                                   "config, CLIP's text tower, and a manifest with categories, "
+                                   "CLIP id and hash, prompt template, metrics and file hashes. "
+                                   "--onnx adds ONNX graphs whose vocabulary is an input "
+                                   "(models/onnx_export.py); `ovd export --onnx --from-export "
+                                   "artifacts/default --out DIR` adds them to an existing export.")
+    p.add_argument("--model-dir", default=None, help="training output (default: <root>/detector)")
+    p.add_argument("--weights", default=None, help="checkpoint (default: <model-dir>/model_final.pth)")
+    p.add_argument("--out", default=None, help="export folder (default: <root>/export)")
+    p.add_argument("--name", default="ovd-synthetic", help="model name in the manifest")
+    p.add_argument("--version", default="0.1.0", help="model version in the manifest")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="storage of the weights (float16: half the size, computed in float32)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write detector.onnx (image + text embeddings in, boxes/scores/classes "
+                        "out, any vocabulary size) and its encode/classify halves, validated "
+                        "against PyTorch with onnxruntime and listed in the manifest")
+    p.add_argument("--from-export", default=None, metavar="EXPORT",
+                   help="with --onnx: add the graphs to this existing export folder instead of "
+                        "exporting a training output (written to --out if given, a copy; "
+                        "else in place)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("detect", help="detect classes named in plain words in image files",
+                       description="Run a detector export over image files, folders or glob "
+                                   "patterns; write per-image JSON (or COCO with --coco) and, with "
+                                   "--draw, each image with its boxes.")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR_OR_GLOB")
+    p.add_argument("--classes", nargs="+", required=True, help='class names, e.g. "red ring" forklift')
+    p.add_argument("--model-dir", default="default",
+                   help="export folder or registered name (default: the shipped model)")
+    p.add_argument("--threshold", type=float, default=0.3, help="lowest score kept, 0..1")
+    p.add_argument("--max-detections", type=int, default=100, help="per image")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument("--out", default=None, metavar="JSON", help="results file (default: print to stdout)")
+    p.add_argument("--coco", action="store_true", help="COCO layout: images, categories, annotations with scores")
+    p.add_argument("--draw", default=None, metavar="DIR", help="write each image with its boxes here (PNG)")
+    p.set_defaults(func=cmd_detect)
