@@ -1,4 +1,5 @@
-"""Helpers of the service tests: in-process apps, test images, the model's own answers."""
+"""Helpers of the service tests: in-process apps sharing one loaded detector, test images, the
+model's own answers."""
 
 from __future__ import annotations
 
@@ -13,7 +14,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ovd.service.serving import ServingRuntime
 from ovd.service.settings import Settings
+
+
+class PreloadedRuntime(ServingRuntime):
+    """A serving runtime that serves an already loaded detector (the tests share one) instead of
+    loading `settings.model_dir`; everything else (batcher, cache, Redis, warm-up) is real."""
+
+    def __init__(self, settings: Settings, detector):
+        super().__init__(settings)
+        self.detector = detector
+
+    def load_detector(self):
+        return self.detector
 
 
 def make_settings(export_dir, **overrides) -> Settings:
@@ -29,7 +43,7 @@ def running_app(detector, export_dir, **overrides):
 
     from ovd.service.app import create_app
 
-    app = create_app(make_settings(export_dir, **overrides), detector=detector)
+    app = create_app(runtime=PreloadedRuntime(make_settings(export_dir, **overrides), detector))
     with TestClient(app, raise_server_exceptions=False) as client:
         for _ in range(200):
             if client.get("/readyz").status_code == 200:

@@ -1,0 +1,207 @@
+"""/v1/detect and /v1/detect/batch (API key when configured): parse, decode, embed, batch, answer.
+
+A request is read as JSON (base64 images) or a multipart form (files), its vocabulary resolved
+(its own class names, or a named vocabulary), its images decoded and preprocessed in a worker
+thread, its text embedded through the cache, and its images queued to the shared batcher; the
+whole request is bounded by `request_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from . import schemas
+from .batcher import Job, Overloaded
+from .deps import API_KEY_REQUIRED, MetricsDep, ModelDep, SettingsDep
+from .errors import ApiError
+from .images import decode_base64, decode_image
+from .metrics import Metrics
+from .schemas import ERROR_RESPONSES
+from .serving import ServedModel
+from .settings import Settings
+from .vocabulary import check_templates, normalise_names, split_form_names
+
+router = APIRouter()
+
+
+def _detect_body(model: type, multipart_file: str, *, batch: bool) -> dict:
+    """OpenAPI requestBody of a detect route: JSON with base64, or a multipart form with files."""
+    file_schema = {"type": "string", "format": "binary"}
+    form = {
+        "type": "object", "required": [multipart_file],
+        "properties": {
+            multipart_file: {"type": "array", "items": file_schema} if batch else file_schema,
+            "classes": {"type": "array", "items": {"type": "string"},
+                        "description": "repeat the field, or separate names by commas/newlines"},
+            "vocabulary": {"type": "string"},
+            "template": {"type": "array", "items": {"type": "string"}},
+            "score_threshold": {"type": "number", "minimum": 0, "maximum": 1},
+            "max_detections": {"type": "integer", "minimum": 1},
+        },
+    }
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": model.model_json_schema()},
+        "multipart/form-data": {"schema": form}}}}
+
+
+@router.post("/v1/detect", tags=["detect"], dependencies=API_KEY_REQUIRED,
+             response_model=schemas.DetectResponse, responses=ERROR_RESPONSES,
+             openapi_extra=_detect_body(schemas.DetectRequest, "image", batch=False),
+             summary="detect the given classes in one image")
+async def detect(request: Request, model: ModelDep, settings: SettingsDep, metrics: MetricsDep):
+    return (await _with_timeout(_detect(request, model, settings, metrics, batch=False),
+                                settings.request_timeout_s))[0]
+
+
+@router.post("/v1/detect/batch", tags=["detect"], dependencies=API_KEY_REQUIRED,
+             response_model=schemas.BatchDetectResponse, responses=ERROR_RESPONSES,
+             openapi_extra=_detect_body(schemas.BatchDetectRequest, "images", batch=True),
+             summary="detect the given classes in several images")
+async def detect_batch(request: Request, model: ModelDep, settings: SettingsDep, metrics: MetricsDep):
+    return {"results": await _with_timeout(_detect(request, model, settings, metrics, batch=True),
+                                           settings.request_timeout_s)}
+
+
+async def _with_timeout(coro, timeout: float):
+    try:
+        return await asyncio.wait_for(coro, timeout)
+    except asyncio.TimeoutError as e:
+        raise ApiError(504, "timeout", f"the request took longer than {timeout:g} s") from e
+
+
+async def _detect(request: Request, model: ServedModel, settings: Settings, metrics: Metrics, *,
+                  batch: bool) -> list[dict]:
+    """Everything of a detect request after auth: parse, decode, text, batch, respond."""
+    start = time.perf_counter()
+    data, opts = await _parse_detect(request, settings, batch=batch)
+    names, templates = await _resolve_vocabulary(model, opts, settings)
+    decoded = await asyncio.to_thread(_decode_all, data, model, settings.max_image_pixels)
+    t_text = time.perf_counter()
+    text = await model.text.text_matrix(names, templates)
+    text_s = time.perf_counter() - t_text
+    try:
+        futures = model.batcher.submit([Job(inputs, text, tuple(names), opts.score_threshold,
+                                            opts.max_detections) for inputs, _ in decoded])
+    except Overloaded as e:
+        raise ApiError(503, "overloaded", f"the server is busy: {e}", headers={"Retry-After": "1"}) from e
+    results = await asyncio.gather(*futures)
+    total_ms = 1000 * (time.perf_counter() - start)
+    manifest = model.manifest
+    out = []
+    for (inputs, decode_s), res in zip(decoded, results, strict=True):
+        metrics.detections.observe(len(res.detections))
+        out.append({
+            "model": {"name": str(manifest.get("name")), "version": str(manifest.get("version"))},
+            "image": {"width": inputs["width"], "height": inputs["height"]},
+            "classes": names,
+            "detections": res.detections.to_json(),
+            "timings_ms": {"decode": 1000 * decode_s, "text": 1000 * text_s, "queue": 1000 * res.queue_s,
+                           "model": 1000 * res.model_s, "classify": 1000 * res.classify_s,
+                           "total": total_ms},
+        })
+    return out
+
+
+def _validation_error(e: ValidationError) -> ApiError:
+    first = e.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "body"
+    return ApiError(422, "invalid_request", f"{where}: {first['msg']}")
+
+
+async def _parse_detect(request: Request, settings: Settings, *,
+                        batch: bool) -> tuple[list[bytes], schemas.DetectOptions]:
+    """Image bytes and options from a JSON body (base64) or a multipart form (files)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        try:
+            raw = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from e
+        try:
+            req = (schemas.BatchDetectRequest if batch else schemas.DetectRequest).model_validate(raw)
+        except ValidationError as e:
+            raise _validation_error(e) from e
+        encoded = req.images if batch else [req.image]
+        if len(encoded) > settings.max_images_per_request:
+            raise ApiError(422, "too_many_images",
+                           f"{len(encoded)} images; the limit is {settings.max_images_per_request}")
+        return [decode_base64(s) for s in encoded], schemas.DetectOptions.model_validate(
+            req.model_dump(exclude={"image", "images"}))
+    if ctype == "multipart/form-data":
+        try:
+            form = await request.form(max_files=settings.max_images_per_request + 1,
+                                      max_fields=4 * settings.max_classes + 100)
+        except MultiPartException as e:
+            raise ApiError(400, "invalid_form", f"the multipart body could not be parsed: {e.message}") from e
+        field = "images" if batch else "image"
+        files = form.getlist(field)
+        if not files:
+            raise ApiError(422, "missing_image", f"no `{field}` file in the form")
+        if any(not isinstance(f, UploadFile) for f in files):
+            raise ApiError(422, "missing_image", f"`{field}` must be a file upload, not a text field")
+        if len(files) > settings.max_images_per_request:
+            raise ApiError(422, "too_many_images",
+                           f"{len(files)} images; the limit is {settings.max_images_per_request}")
+        data = [await f.read() for f in files]
+        texts = {k: [v for v in form.getlist(k) if isinstance(v, str)]
+                 for k in ("classes", "template", "templates", "vocabulary", "score_threshold",
+                           "max_detections")}
+        fields: dict = {}
+        if texts["classes"]:
+            fields["classes"] = split_form_names(texts["classes"])
+        if texts["template"] or texts["templates"]:
+            fields["templates"] = texts["template"] + texts["templates"]
+        for k in ("vocabulary", "score_threshold", "max_detections"):
+            if texts[k] and texts[k][0].strip():
+                fields[k] = texts[k][0].strip()
+        try:
+            return data, schemas.DetectOptions.model_validate(fields)
+        except ValidationError as e:
+            raise _validation_error(e) from e
+    raise ApiError(415, "unsupported_media_type",
+                   "send application/json (base64 images) or multipart/form-data (files)")
+
+
+async def _resolve_vocabulary(model: ServedModel, opts: schemas.DetectOptions,
+                              settings: Settings) -> tuple[list[str], list[str]]:
+    """(names, templates) of a request: its own classes or a named vocabulary."""
+    if opts.classes and opts.vocabulary:
+        raise ApiError(422, "classes_and_vocabulary", "send `classes` or `vocabulary`, not both")
+    templates = opts.templates
+    if opts.vocabulary:
+        vocab = await model.vocabularies.get(opts.vocabulary)
+        names = vocab.names
+        templates = templates or vocab.templates
+    else:
+        names = normalise_names(opts.classes or [], max_classes=settings.max_classes,
+                                max_chars=settings.max_class_name_chars)
+    templates = check_templates(templates or [model.manifest["prompt_template"]],
+                                max_templates=settings.max_templates,
+                                max_chars=settings.max_class_name_chars)
+    if opts.max_detections is not None and opts.max_detections > settings.max_detections_limit:
+        raise ApiError(422, "invalid_request",
+                       f"max_detections {opts.max_detections} exceeds {settings.max_detections_limit}")
+    return names, templates
+
+
+def _decode_all(data: list[bytes], model: ServedModel, max_pixels: int) -> list[tuple[dict, float]]:
+    """Decode + preprocess each image (worker thread); per image (model input, seconds)."""
+    out = []
+    for i, blob in enumerate(data):
+        t0 = time.perf_counter()
+        try:
+            rgb = decode_image(blob, max_pixels=max_pixels)
+        except ApiError as e:
+            if len(data) > 1:
+                e.message = f"image {i}: {e.message}"
+            raise
+        inputs = model.detector.preprocessing(rgb)
+        out.append((inputs, time.perf_counter() - t0))
+    return out
