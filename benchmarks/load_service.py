@@ -50,7 +50,7 @@ import numpy as np
 from host_info import host_info
 from PIL import Image, ImageDraw
 
-from ovd.service.launch import ServerProcess, redis_process
+from ovd.service.launch import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -130,6 +130,9 @@ def redis_server() -> Iterator[str]:
     """Run a throwaway redis-server on a free loopback port; yields its redis:// URL."""
     if shutil.which("redis-server") is None:
         raise SystemExit("redis-server not found (scripts/install.sh installs it); or use --no-redis")
+    sys.path.append(str(ROOT / "tests"))  # the tests' throwaway Redis: tests/redis_testing.py
+    from redis_testing import redis_process
+
     with redis_process() as (url, _):
         yield url
 

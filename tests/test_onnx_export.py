@@ -127,15 +127,14 @@ def _torch_answer(exported, data: bytes, names: list[str]) -> list[dict]:
 
 def test_service_with_the_onnx_backend_answers_like_torch(onnx_export):
     import httpx
+    from redis_testing import redis_process_or_skip
 
-    from ovd.service import launch
+    from ovd.service.launch import ServerProcess
 
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (scripts/install.sh installs it)")
     exported = load_export(onnx_export)
     names = ["red ring", "blue disk", "a thing never seen"]
     images = [_png(80, 64, seed=1), _png(64, 64, seed=2)]  # resized to 64 x 80 and 64 x 64
-    with launch.redis_process() as (url, _), launch.ServerProcess(
+    with redis_process_or_skip() as (url, _), ServerProcess(
             onnx_export, env={"OVD_BACKEND": "onnx", "OVD_REDIS_URL": url, "OVD_REDIS_PREFIX": "onnx",
                               "OVD_TORCH_THREADS": "1"}) as server:
         answers = [httpx.post(f"{server.url}/v1/detect", timeout=60, json={

@@ -7,12 +7,9 @@ the model's own `model(inputs, text=T)`, never with stored numbers.
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-
 import pytest
+from redis_testing import redis_process_or_skip
 
-from ovd.service import launch
 from ovd.service.launch import ServerProcess
 
 
@@ -33,19 +30,10 @@ def detector(export_dir):
     return TorchRuntime(load_export(export_dir))
 
 
-@contextlib.contextmanager
-def redis_process():
-    """ovd.service.launch.redis_process, skipping the test where redis-server is not installed."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (scripts/install.sh installs it)")
-    with launch.redis_process() as server:
-        yield server
-
-
 @pytest.fixture(scope="session")
 def redis_url():
     """URL of a redis-server shared by the session's tests (use distinct key prefixes)."""
-    with redis_process() as (url, _):
+    with redis_process_or_skip() as (url, _):
         yield url
 
 
@@ -57,5 +45,3 @@ def server(export_dir, redis_url):
                                         "OVD_MAX_BODY_BYTES": str(2 * 2**20),
                                         "OVD_MAX_BATCH_WAIT_MS": "50"}) as s:
         yield s
-
-

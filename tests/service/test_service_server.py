@@ -9,8 +9,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from conftest import redis_process
 from detector_testing import same_detections
+from redis_testing import redis_process_or_skip
 from service_testing import image_bytes, reference
 
 from ovd.service.launch import ServerProcess
@@ -81,7 +81,7 @@ def test_body_limit_and_a_good_request_on_the_real_server(server):
 
 
 def test_redis_killed_mid_test_loses_no_request(export_dir):
-    with redis_process() as (redis_url, redis_proc), \
+    with redis_process_or_skip() as (redis_url, redis_proc), \
             ServerProcess(export_dir, env={"OVD_REDIS_URL": redis_url, "OVD_REDIS_TIMEOUT_S": "0.2"}) as server:
         assert httpx.get(f"{server.url}/readyz").json()["redis"] == "ok"
         png = _b64(image_bytes(64, 64, seed=3))
