@@ -79,8 +79,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- serve
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """The detection service: uvicorn running `ovd.service.app:create_app`. Settings other than
-    the flags come from OVD_* environment variables (service/settings.py)."""
+    """The detection service: uvicorn running the app of `ovd.service.app.create_app`. Settings
+    other than the flags come from OVD_* environment variables (service/settings.py)."""
     import math
 
     import uvicorn
@@ -93,10 +93,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.backend == "onnx" and "onnx" not in manifest:
         raise ValueError(f"OVD_BACKEND=onnx, but {settings.model_dir} has no ONNX graphs: "
                          f"ovd export --onnx --from-export {settings.model_dir}")
-    os.environ["OVD_MODEL_DIR"] = str(settings.model_dir)  # the app factory reads the environment
-    logging.getLogger("service").setLevel(logging.INFO)
-    uvicorn.run("ovd.service.app:create_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers, timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s))
+    options = dict(host=args.host, port=args.port,
+                   timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s))
+    if args.workers == 1:
+        from ovd.service.app import create_app
+
+        uvicorn.run(create_app(settings), **options)
+    else:
+        # Each worker is a fresh (spawned) interpreter that imports the app by name and calls the
+        # factory without arguments, so its Settings can only come from the environment: the
+        # --model-dir flag travels as OVD_MODEL_DIR, like every other setting.
+        os.environ["OVD_MODEL_DIR"] = str(settings.model_dir)
+        uvicorn.run("ovd.service.app:create_app", factory=True, workers=args.workers, **options)
     return 0
 
 
