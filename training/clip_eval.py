@@ -12,7 +12,7 @@ import torch
 
 from ovd.models.clip.model import DEFAULT_TEMPLATE, ClipModel
 
-from .data.coco_format import load_coco_json, read_dataset_image
+from .data.detection_set import DetectionSet
 
 
 @torch.inference_mode()
@@ -40,21 +40,15 @@ def detection_gt_crops(clip: ClipModel, json_file: Path, image_root: Path, *, en
     Returns:
         crops: (N, 3, S, S) normalised; category_ids: (N,) COCO category ids.
     """
-    coco = load_coco_json(json_file)
-    by_image: dict[int, list[dict]] = {}
-    for a in coco["annotations"]:
-        by_image.setdefault(a["image_id"], []).append(a)
-    crops, cats = [], []
-    for img in coco["images"][:max_images]:
-        anns = by_image.get(img["id"], [])
-        if not anns:
-            continue
-        pixels = read_dataset_image(image_root, img, json_file=json_file)
-        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
-                               a["bbox"][1] + a["bbox"][3]] for a in anns], dtype=torch.float32)
-        crops.append(clip.crop_boxes(pixels, boxes, enlarge=enlarge))
-        cats.extend(a["category_id"] for a in anns)
-    return torch.cat(crops), torch.tensor(cats)
+    data = DetectionSet.load(json_file, image_root, max_images=max_images)
+    crops, labels = [], []
+    for image_id in data.image_ids:
+        boxes, index = data.annotations(image_id, crowd=True)
+        if len(boxes):
+            crops.append(clip.crop_boxes(data.read(image_id), boxes, enlarge=enlarge))
+            labels.append(index)
+    ids = torch.tensor([c["id"] for c in data.categories])
+    return torch.cat(crops), ids[torch.cat(labels)]
 
 
 def zero_shot_report(clip: ClipModel, world_dir: str | Path, *, template: str = DEFAULT_TEMPLATE,

@@ -45,7 +45,7 @@ from ovd.models.clip.model import (
 
 from .clip_pretrain import bf16_supported
 from .config import SectionConfig
-from .data.coco_format import SPLIT_KEY, load_coco_json, read_dataset_image
+from .data.detection_set import DetectionSet
 
 logger = logging.getLogger(__name__)
 
@@ -222,38 +222,27 @@ def base_gt_crops(clip: ClipModel, json_file: str | Path, image_root: str | Path
         DatasetFormatError: invalid json. FileNotFoundError: missing image root or image.
         ValueError: no base-class annotation to train on.
     """
-    json_file, image_root = Path(json_file), Path(image_root)
-    coco = load_coco_json(json_file)
-    if not image_root.is_dir():
-        raise FileNotFoundError(f"image root {image_root} is not a folder")
-    base = sorted((c for c in coco["categories"] if c.get(SPLIT_KEY, "base") == "base"),
-                  key=lambda c: c["id"])
-    index = {c["id"]: i for i, c in enumerate(base)}
-    by_image: dict[int, list[dict]] = {}
-    for a in coco["annotations"]:
-        if a["category_id"] in index and not a.get("iscrowd", 0):
-            by_image.setdefault(a["image_id"], []).append(a)
+    data = DetectionSet.load(json_file, image_root, max_images=max_images)
+    is_base = ~data.is_novel
+    base_index = torch.cumsum(is_base.long(), 0) - 1  # contiguous index -> index among the base
     crops, labels, box_wh, image_wh = [], [], [], []
-    for img in coco["images"][:max_images]:
-        anns = by_image.get(img["id"])
-        if not anns:
+    for image_id in data.image_ids:
+        boxes, index = data.annotations(image_id, is_base)  # crowd boxes left out
+        if not len(boxes):
             continue
-        pixels = read_dataset_image(image_root, img, json_file=json_file)
-        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)
-        boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+        pixels = data.read(image_id)
         crops.append(clip.crop_boxes(pixels, boxes, enlarge=enlarge))
-        labels.extend(index[a["category_id"]] for a in anns)
-        box_wh.append(xywh[:, 2:])
-        image_wh.append(torch.tensor([[pixels.shape[2], pixels.shape[1]]],
-                                     dtype=torch.float32).expand(len(anns), 2))
+        labels.append(base_index[index])
+        box_wh.append(boxes[:, 2:] - boxes[:, :2])
+        image_wh.append(torch.tensor([[pixels.shape[2], pixels.shape[1]]], dtype=torch.float32).expand(len(boxes), 2))
     if not crops:
         scope = f" in its first {max_images} images" if max_images is not None else ""
         raise ValueError(f"{json_file} has no annotations of base categories{scope} "
-                         f"({len(base)} base of {len(coco['categories'])} categories, "
-                         f"{len(coco['annotations'])} annotations): nothing to re-normalise on")
-    return GTCrops(crops=torch.cat(crops), labels=torch.tensor(labels, dtype=torch.int64),
-                   box_wh=torch.cat(box_wh), image_wh=torch.cat(image_wh),
-                   class_names=[c["name"] for c in base], num_images=len(crops))
+                         f"({int(is_base.sum())} base of {len(data.categories)} categories, "
+                         f"{sum(len(v) for v in data.labels.values())} annotations): nothing to re-normalise on")
+    return GTCrops(crops=torch.cat(crops), labels=torch.cat(labels), box_wh=torch.cat(box_wh),
+                   image_wh=torch.cat(image_wh), class_names=[n for n, b in zip(data.names, is_base, strict=True) if b],
+                   num_images=len(crops))
 
 
 def _parent(clip_dir_or_name: str | Path, pretrained: str | None, device) -> tuple[ClipModel, dict,

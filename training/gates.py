@@ -35,7 +35,8 @@ from torchvision.ops import box_iou
 
 from ovd.models.clip.model import DEFAULT_TEMPLATE, ClipModel
 
-from .data.coco_format import SPLIT_KEY, load_coco_json, read_dataset_image
+from .data.coco_format import read_dataset_image
+from .data.detection_set import DetectionSet
 
 logger = logging.getLogger(__name__)
 
@@ -136,29 +137,15 @@ class HeldOut:
         Raises:
             ValueError: no category is marked ``"split": "novel"`` (nothing to measure).
         """
-        coco = load_coco_json(json_file)
-        cats = sorted(coco["categories"], key=lambda c: c["id"])
-        index = {c["id"]: i for i, c in enumerate(cats)}
-        is_novel = torch.tensor([c.get(SPLIT_KEY, "base") == "novel" for c in cats])
+        data = DetectionSet.load(json_file, image_root)
+        is_novel = data.is_novel
         if not is_novel.any():
             raise ValueError(f"{json_file}: no category has \"split\": \"novel\"; the gates "
                              "measure novel objects, so they need a json that marks them")
-        images = {int(im["id"]): im for im in coco["images"]}
-        boxes: dict[int, list] = {i: [] for i in images}
-        labels: dict[int, list] = {i: [] for i in images}
-        for a in coco["annotations"]:
-            if a.get("iscrowd", 0):
-                continue
-            x, y, w, h = a["bbox"]
-            boxes[a["image_id"]].append([x, y, x + w, y + h])
-            labels[a["image_id"]].append(index[a["category_id"]])
-        return cls(json_file=Path(json_file),
-                   image_root=Path(image_root) if image_root else Path(json_file).parent,
-                   names=[c["name"] for c in cats], is_novel=is_novel,
-                   tiers=[c.get("tier", c.get(SPLIT_KEY, "base")) for c in cats], images=images,
-                   boxes={i: torch.tensor(b, dtype=torch.float32).reshape(-1, 4)
-                          for i, b in boxes.items()},
-                   labels={i: torch.tensor(v, dtype=torch.long) for i, v in labels.items()})
+        kept = {i: data.annotations(i) for i in data.image_ids}  # crowd boxes left out
+        return cls(json_file=data.json_file, image_root=data.image_root, names=data.names,
+                   is_novel=is_novel, tiers=data.tiers, images={i: data.image(i) for i in data.image_ids},
+                   boxes={i: b for i, (b, _) in kept.items()}, labels={i: v for i, (_, v) in kept.items()})
 
     def novel_boxes(self, image_id: int) -> torch.Tensor:
         """(G_novel, 4) xyxy novel boxes of one image (empty for an unknown image)."""

@@ -93,7 +93,7 @@ from torchvision.ops import box_iou, nms, roi_align
 from ovd.models.clip.model import DEFAULT_TEMPLATE, ClipModel, sha256_file
 
 from .config import SectionConfig
-from .data.coco_format import load_coco_json, read_dataset_image
+from .data.detection_set import DetectionSet
 from .shards import (
     ProgressFactory,
     Record,
@@ -258,36 +258,22 @@ class TrainingImages:
     images: list[dict]
     gt: dict[int, torch.Tensor]
     gt_crowd: dict[int, torch.Tensor]
-    _index: dict[int, dict] = field(default_factory=dict, repr=False)
+    data: DetectionSet = field(repr=False)
 
     @classmethod
     def load(cls, json_file: str | Path, image_root: str | Path, *,
              max_images: int | None = None) -> TrainingImages:
         """Read and validate a training json (its first ``max_images`` images by id)."""
-        coco = load_coco_json(json_file)
-        cats = sorted(coco["categories"], key=lambda c: c["id"])
-        base_ids = {c["id"] for c in cats if c.get("split", "base") != "novel"}
-        images = sorted(coco["images"], key=lambda im: im["id"])
-        if max_images is not None:
-            images = images[:max(0, int(max_images))]
-        boxes: dict[int, list] = {im["id"]: [] for im in images}
-        crowd: dict[int, list] = {im["id"]: [] for im in images}
-        for a in coco["annotations"]:
-            # "Filter with base-only GT": a json that also annotates novel classes (an oracle
-            # split) must not leak them into stage 2/3.
-            if a["image_id"] in boxes and a["category_id"] in base_ids:
-                x, y, w, h = a["bbox"]
-                boxes[a["image_id"]].append([x, y, x + w, y + h])
-                crowd[a["image_id"]].append(bool(a.get("iscrowd", 0)))
+        data = DetectionSet.load(json_file, image_root, max_images=max_images)
+        # "Filter with base-only GT": a json that also annotates novel classes (an oracle
+        # split) must not leak them into stage 2/3.
+        is_base = ~data.is_novel
+        base = {i: is_base[data.labels[i]] for i in data.image_ids}
         return cls(
-            json_file=Path(json_file), image_root=Path(image_root),
-            json_sha256=sha256_file(json_file),
-            vocabulary=[c["name"] for c in cats],
-            is_base=torch.tensor([c["id"] in base_ids for c in cats], dtype=torch.bool),
-            images=images,
-            gt={i: torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for i, b in boxes.items()},
-            gt_crowd={i: torch.tensor(c, dtype=torch.bool) for i, c in crowd.items()},
-        )
+            json_file=data.json_file, image_root=data.image_root, json_sha256=sha256_file(json_file),
+            vocabulary=data.names, is_base=is_base, images=data.images,
+            gt={i: data.boxes[i][keep] for i, keep in base.items()},
+            gt_crowd={i: data.crowd[i][keep] for i, keep in base.items()}, data=data)
 
     @property
     def image_ids(self) -> list[int]:
@@ -295,17 +281,11 @@ class TrainingImages:
 
     def read(self, image_id: int) -> torch.Tensor:
         """The stored image as (3, H, W) uint8 RGB (see `read_dataset_image`)."""
-        return read_dataset_image(self.image_root, self._by_id()[image_id],
-                                  json_file=self.json_file)
+        return self.data.read(image_id)
 
     def non_crowd_gt(self) -> list[torch.Tensor]:
         """Per image, the (G, 4) base GT boxes without crowd boxes (what ``sizes: auto`` reads)."""
         return [b[~self.gt_crowd[i]] for i, b in self.gt.items()]
-
-    def _by_id(self) -> dict[int, dict]:
-        if not self._index:
-            self._index = {int(im["id"]): im for im in self.images}
-        return self._index
 
 
 def clip_identity(clip: ClipModel) -> dict:
