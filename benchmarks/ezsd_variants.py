@@ -40,6 +40,7 @@ whiskers per tier) and ezsd_variants_detections.png (test images, tier of each n
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -203,10 +204,6 @@ class Bench:
     # ------------------------------------------------------------------ cells
 
     def recipe(self, v: Variant, lam: float | None, seed: int, split: str) -> str:
-        from ovd.training.config import REPO_ROOT
-
-        detector_file = REPO_ROOT / (self.cfg.get("detector") or {}).get(
-            "config", "configs/detector/synthetic_r18_fpn.yaml")
         return recipe_digest({
             "variant": asdict(v), "lambda": lam, "seed": seed, "split": split,
             "iters": self.args.iters, "train_images": self.args.train_images,
@@ -214,11 +211,20 @@ class Bench:
             "clip": self.clips[v.clip].manifest["weights"]["sha256"],
             "targets": asdict(self.tcfg) if v.targets else None,
             "proposals": asdict(self.proposals_config(v.targets)) if v.targets in ("dense", "cheap") else None,
-            # Parsed, so a comment edit does not make every finished cell stale.
-            "detector": [yaml.safe_load(detector_file.read_text()),
-                         yaml.safe_load((detector_file.parent / "Base-OVD-RCNN-FPN.yaml").read_text()),
-                         (self.cfg.get("detector") or {}).get("opts", [])],
+            "detector": self.detector_recipe,
         })
+
+    @functools.cached_property
+    def detector_recipe(self) -> list:
+        """The detector's Detectron2 files, parsed (so a comment edit does not make every
+        finished cell stale), and the config's opts."""
+        from ovd.training.config import REPO_ROOT
+
+        section = self.cfg.get("detector") or {}
+        detector_file = REPO_ROOT / section.get("config", "configs/detector/synthetic_r18_fpn.yaml")
+        return [yaml.safe_load(detector_file.read_text()),
+                yaml.safe_load((detector_file.parent / "Base-OVD-RCNN-FPN.yaml").read_text()),
+                section.get("opts", [])]
 
     def model_dir(self, v: Variant, lam: float | None, seed: int) -> Path:
         name = v.key if lam is None else f"{v.key}_lambda{lam:g}"

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from .detections import Detections
 from .registry import REGISTERED
-from .runtime import Runtime, load_runtime
+from .runtime import Runtime, batches, load_runtime
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
@@ -138,15 +138,10 @@ class Detector:
         text = self.text_embeddings(classes, template)
         inputs = [self.runtime.preprocessing(read_image(x)) for x in batch]
         out: list[Detections | None] = [None] * len(inputs)
-        groups: dict[tuple, list[int]] = {}
-        for i, x in enumerate(inputs):
-            groups.setdefault(self.runtime.preprocessing.batch_key(x), []).append(i)
-        for members in groups.values():
-            for start in range(0, len(members), batch_size):
-                chunk = members[start:start + batch_size]
-                regions = self.runtime.encode([inputs[i] for i in chunk])
-                found = self.runtime.classify(regions, text, [inputs[i] for i in chunk], classes,
-                                              score_threshold=threshold, max_detections=max_detections)
-                for i, d in zip(chunk, found, strict=True):
-                    out[i] = d
+        for chunk in batches(self.runtime.preprocessing, inputs, batch_size):
+            regions = self.runtime.encode([inputs[i] for i in chunk])
+            found = self.runtime.classify(regions, text, [inputs[i] for i in chunk], classes,
+                                          score_threshold=threshold, max_detections=max_detections)
+            for i, d in zip(chunk, found, strict=True):
+                out[i] = d
         return out[0] if single else out

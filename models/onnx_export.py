@@ -1,4 +1,4 @@
-"""The detector as ONNX with a live vocabulary: export, validate, load, time.
+"""The detector as ONNX with a live vocabulary: export, validate, load.
 
 `ovd export --onnx` adds three graphs to an export folder (models/exported.py), each listed in
 manifest.json with its sha256 and its input/output contract (`ONNX_CONTRACT`):
@@ -42,8 +42,8 @@ import functools
 import json
 import logging
 import shutil
-import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -381,18 +381,45 @@ def load_onnx_detector(folder: str | Path, *, threads: int = 0) -> OnnxDetector:
 
 # --------------------------------------------------------------------------- validation
 
-def validation_images(manifest: dict, count: int = 3, seed: int = 2026) -> list[torch.Tensor]:
-    """Synthetic-world scenes at the model's test size, (3, S, S) uint8 in its input format."""
-    from ovd.training.data.synthetic import WorldConfig, detection_sample
+def drawn_scenes(size: int, count: int = 3, seed: int = 2026) -> list[np.ndarray]:
+    """Seeded (size, size, 3) uint8 RGB scenes of filled shapes on a shaded background: the
+    validation images of an export whose caller gives none (any model proposes regions on
+    them; the comparison needs detections, not correct ones)."""
+    from PIL import Image, ImageDraw
 
-    size = int(manifest["input"]["min_size_test"])
-    cfg = WorldConfig.from_dict({"seed": seed, "image_size": size})
-    images = []
-    for i in range(count):
-        rgb, _ = detection_sample(cfg, "val", i)
-        chw = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
-        images.append(chw.flip(0) if manifest["input"]["format"] == "BGR" else chw)
-    return images
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for _ in range(count):
+        ramp = np.linspace(0, 1, size, dtype=np.float32)[None, :, None]
+        base = rng.uniform(40, 200, 3).astype(np.float32)
+        background = base + 40 * ramp + rng.normal(0, 6, (size, size, 3)).astype(np.float32)
+        image = Image.fromarray(background.clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(4, 9))):
+            w, h = rng.uniform(0.08, 0.3, 2) * size
+            x, y = rng.uniform(0, size - w), rng.uniform(0, size - h)
+            shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+            shape([x, y, x + w, y + h], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        scenes.append(np.asarray(image))
+    return scenes
+
+
+def validation_images(manifest: dict, sources: Sequence | None = None, count: int = 3,
+                      seed: int = 2026) -> list[torch.Tensor]:
+    """The model inputs of the validation images: (3, h, w) uint8, resized and in channel
+    order by the export's own `Preprocessing` (models/runtime.py).
+
+    Args:
+        manifest: the export's manifest.
+        sources: images of the user's domain (paths, PIL images or (H, W, 3) RGB arrays, read
+            like `ovd.read_image`); without them, `count` `drawn_scenes`.
+    """
+    from .api import read_image
+    from .runtime import Preprocessing
+
+    prep = Preprocessing.from_manifest(manifest)
+    rgbs = [read_image(x) for x in sources] if sources else drawn_scenes(prep.min_size, count, seed)
+    return [prep(rgb)["image"] for rgb in rgbs]
 
 
 def match_detections(want: tuple, got: tuple) -> dict:
@@ -500,12 +527,12 @@ def random_vocabularies(dim: int, sizes: tuple[int, ...] = (5, 16), seed: int = 
 
 # --------------------------------------------------------------------------- the export folder
 
-def export_onnx(source: str | Path, out: str | Path | None = None, *, images: int = 3,
+def export_onnx(source: str | Path, out: str | Path | None = None, *, images: Sequence | None = None,
                 box_tol: float = 1e-2, score_tol: float = 1e-3) -> Path:
     """Add the ONNX graphs to an export folder, validate them, record them in its manifest.
 
     The graphs are traced from the export's own weights (as `load_export` computes them, e.g.
-    float16-stored weights in float32). Validation: on `images` synthetic scenes, with the
+    float16-stored weights in float32). Validation: on `images` (default: three drawn scenes), with the
     export's categories' real text embeddings (a vocabulary of its size) and a random
     16-class one, onnxruntime must give PyTorch's detections (same count, one-to-one by class,
     boxes within box_tol pixels, scores within score_tol) at the config's score threshold and
@@ -515,6 +542,7 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, images: in
     Args:
         source: a verified export folder.
         out: destination (default: source itself); other files are copied there first.
+        images: validation images of the model's domain (see `validation_images`).
 
     Returns:
         Path of the updated manifest.json.
@@ -552,7 +580,8 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, images: in
     scenes = validation_images(manifest, images)
     reports = compare_with_torch(model, onnx, scenes, vocabularies)
     reports += compare_with_torch(model, onnx, scenes, vocabularies, score_thresh=0.01)
-    summary = check_reports(reports, box_tol=box_tol, score_tol=score_tol)
+    summary = {**check_reports(reports, box_tol=box_tol, score_tol=score_tol),
+               "images": f"{len(scenes)} given" if images else f"{len(scenes)} drawn scenes"}
     manifest["onnx"]["validation"] = summary
     manifest["files"].update({k: {"file": p.name, "sha256": sha256_file(p)} for k, p in paths.items()})
     _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
@@ -562,48 +591,3 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, images: in
                 summary["comparisons"], summary["detections"], summary["max_box_diff_px"],
                 summary["max_score_diff"])
     return out / "manifest.json"
-
-
-# --------------------------------------------------------------------------- timing
-
-def time_onnx_vs_torch(folder: str | Path, *, repeats: int = 20, classes: int = 16,
-                       threads: int = 0) -> dict:
-    """Median seconds per image of onnxruntime (detector.onnx) vs PyTorch (`model([inputs],
-    text=T)`), same process, same synthetic scenes at the export's test size.
-
-    Args:
-        folder: export folder with ONNX graphs.
-        repeats: timed runs per backend (after one warm-up run each), cycling over 4 scenes.
-        classes: vocabulary size C (random normalised text).
-        threads: intra-op threads of both backends (0: each library's default).
-
-    Returns:
-        {"torch_s", "onnx_s", "speedup", "repeats", "classes", "image_size", "threads"}.
-    """
-    exported = load_export(folder)
-    onnx = load_onnx_detector(folder, threads=threads)
-    if threads:
-        torch.set_num_threads(threads)
-    images = validation_images(exported.manifest, 4)
-    text = random_vocabularies(int(exported.manifest["embed_dim"]), (classes,))[0]
-    h, w = images[0].shape[-2:]
-
-    def run_torch(image):
-        with torch.inference_mode():
-            exported.model([{"image": image, "height": h, "width": w}], text=text)
-
-    def run_onnx(image):
-        onnx.detect(image.numpy(), text.numpy())
-
-    times = {}
-    for name, fn in (("torch", run_torch), ("onnx", run_onnx)):
-        fn(images[0])
-        samples = []
-        for i in range(repeats):
-            t0 = time.perf_counter()
-            fn(images[i % len(images)])
-            samples.append(time.perf_counter() - t0)
-        times[name] = statistics.median(samples)
-    return {"torch_s": times["torch"], "onnx_s": times["onnx"], "speedup": times["torch"] / times["onnx"],
-            "repeats": repeats, "classes": classes, "image_size": [int(h), int(w)],
-            "threads": threads or torch.get_num_threads()}

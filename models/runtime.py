@@ -85,6 +85,17 @@ class Preprocessing:
         return math.ceil(h / d) * d, math.ceil(w / d) * d
 
 
+def batches(preprocessing: Preprocessing, inputs: Sequence[dict], max_size: int | None = None
+            ) -> list[list[int]]:
+    """Indices of `inputs` grouped by batch key (first-seen order) and cut into chunks of at
+    most `max_size`: the batches `Runtime.encode` may take together."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, x in enumerate(inputs):
+        groups.setdefault(preprocessing.batch_key(x), []).append(i)
+    step = max_size or max(len(inputs), 1)
+    return [members[k:k + step] for members in groups.values() for k in range(0, len(members), step)]
+
+
 def to_original(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, model_input: dict,
                 names: Sequence[str]) -> Detections:
     """Detections in the resized input's pixels -> `Detections` in the original image's.

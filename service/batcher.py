@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ovd.models.detections import Detections
-from ovd.models.runtime import Runtime
+from ovd.models.runtime import Runtime, batches
 
 logger = logging.getLogger(__name__)
 
@@ -170,11 +170,8 @@ class Batcher:
 
     def _process(self, batch: list[Job], started: float) -> list[JobResult | BaseException]:
         """Runs in the worker thread: encode each same-size group once, classify per job."""
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, job in enumerate(batch):
-            groups.setdefault(self.runtime.preprocessing.batch_key(job.inputs), []).append(i)
         outcomes: list[JobResult | BaseException] = [RuntimeError("not processed")] * len(batch)
-        for members in groups.values():
+        for members in batches(self.runtime.preprocessing, [j.inputs for j in batch]):
             jobs = [batch[i] for i in members]
             try:
                 t0 = time.monotonic()

@@ -98,6 +98,20 @@ def test_tampered_or_missing_graphs_are_refused(onnx_export, plain_export, tmp_p
     assert ovd(["export", "--from-export", str(plain_export), "--out", str(tmp_path / "x")]) == 2
 
 
+def test_validation_runs_on_the_users_images_when_given(onnx_export, plain_export, tmp_path):
+    """Without --onnx-images the graphs are checked on drawn scenes; with them, on the user's
+    images (any size: the export's own preprocessing resizes them), and the manifest says which."""
+    assert verify_export(onnx_export)["onnx"]["validation"]["images"] == "3 drawn scenes"
+    (tmp_path / "mine").mkdir()
+    for i, size in enumerate(((300, 200), (90, 120))):
+        (tmp_path / "mine" / f"{i}.png").write_bytes(_png(*size, seed=10 + i))
+    out = tmp_path / "export"
+    assert ovd(["export", "--onnx", "--from-export", str(plain_export), "--out", str(out),
+                "--onnx-images", str(tmp_path / "mine")]) == 0
+    validation = verify_export(out)["onnx"]["validation"]
+    assert validation["images"] == "2 given" and validation["comparisons"] > 0
+
+
 def _png(width: int, height: int, seed: int) -> bytes:
     rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     buf = io.BytesIO()

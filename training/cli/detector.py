@@ -53,13 +53,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ovd.models.exported import verify_export
 
+    images = None
+    if args.onnx_images:
+        from ovd.models.batch_detect import expand_inputs
+
+        images = expand_inputs(args.onnx_images)
     if args.from_export:  # an existing export folder: only the ONNX graphs are added
         if not args.onnx:
             raise ValueError("--from-export only adds ONNX graphs: give --onnx too")
         from ovd.models.onnx_export import export_onnx
 
         out = Path(args.out or args.from_export)
-        manifest = export_onnx(args.from_export, out)
+        manifest = export_onnx(args.from_export, out, images=images)
     else:
         from ..export import export_detector
 
@@ -70,7 +75,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.onnx:
             from ovd.models.onnx_export import export_onnx
 
-            export_onnx(out)
+            export_onnx(out, images=images)
     m = verify_export(out)
     logger.info("exported %s %s to %s (%d files verified; trained on %d classes)", m["name"],
                 m["version"], out, len(m["files"]), len(m.get("trained_on", {}).get("classes", [])))
@@ -185,6 +190,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="with --onnx: add the graphs to this existing export folder instead of "
                         "exporting a training output (written to --out if given, a copy; "
                         "else in place)")
+    p.add_argument("--onnx-images", nargs="+", default=None, metavar="IMAGE_OR_DIR_OR_GLOB",
+                   help="with --onnx: validate the graphs against PyTorch on these images of your "
+                        "domain (default: three drawn scenes)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("detect", help="detect classes named in plain words in image files",
