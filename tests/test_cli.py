@@ -75,7 +75,7 @@ def test_group_help_lists_every_purpose(capsys):
         assert f"ovd {' '.join(argv)}" in top
     data = _help(capsys, "data")
     for purpose in ("generate the synthetic world", "draw scenes with boxes",
-                    "validate a COCO-format annotation file", "OV-COCO base/novel split",
+                    "validate a COCO dataset: json, image files, boxes", "OV-COCO base/novel split",
                     "OV-LVIS base/novel split"):
         assert purpose in " ".join(data.split())
     clip = _help(capsys, "clip")
@@ -115,18 +115,36 @@ def test_data_check_missing_file(tmp_path, caplog):
     assert "does not exist" in _errors(caplog)
 
 
-def test_data_check_valid_file(tmp_path, capsys, caplog):
-    coco = {
+def _coco_with_image(tmp_path, bbox):
+    Image.new("RGB", (10, 10)).save(tmp_path / "a.png")
+    return {
         "images": [{"id": 1, "file_name": "a.png", "width": 10, "height": 10}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 2, "bbox": [1, 1, 3, 3]}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 2, "bbox": bbox}],
         "categories": [{"id": 1, "name": "cat", "split": "base"},
                        {"id": 2, "name": "dog", "split": "novel"}],
     }
-    good = _write(tmp_path / "good.json", json.dumps(coco))
+
+
+def test_data_check_valid_file(tmp_path, capsys, caplog):
+    good = _write(tmp_path / "good.json", json.dumps(_coco_with_image(tmp_path, [1, 1, 3, 3])))
     assert main(["data", "check", str(good)]) == 0
     out = capsys.readouterr().out
-    assert "OK" in out and "1 images, 1 boxes, 1 base + 1 novel categories" in out
+    assert "OK" in out and "1 images, 1 boxes, 1 base categories ['cat'], 1 novel ['dog']" in out
+    assert "warning: category 'cat' (id 1) has no box" in out
     assert _errors(caplog) == ""
+
+
+def test_data_check_finds_missing_images_and_overrunning_boxes(tmp_path, capsys, caplog):
+    coco = _coco_with_image(tmp_path, [5, 5, 9, 3])  # overruns the 10 px image
+    coco["images"].append({"id": 2, "file_name": "gone.png", "width": 10, "height": 10})
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "a.png").rename(tmp_path / "imgs" / "a.png")
+    path = _write(tmp_path / "d.json", json.dumps(coco))
+    assert main(["data", "check", str(path), "--image-root", str(tmp_path / "imgs")]) == 2
+    out = capsys.readouterr().out
+    assert "gone.png (image id 2) does not exist" in out
+    assert "annotation 1: box [5, 5, 9, 3] overruns image 1 (10x10)" in out
+    assert "1 missing image" in _errors(caplog) and "OK" not in out
 
 
 # ---------------------------------------------------------------- clip eval

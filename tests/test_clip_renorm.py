@@ -24,6 +24,7 @@ from ovd.models.clip.model import (
 from ovd.training.cli import build_parser
 from ovd.training.clip_renorm import (
     RenormConfig,
+    background_boxes,
     base_gt_crops,
     renorm_clip,
     renorm_loss,
@@ -318,8 +319,28 @@ def test_gt_crops_are_cut_from_the_upright_photo(parent, tmp_path):
     json_file, upright = _sideways_photo(tmp_path)
     clip = load_clip(str(parent))
     expected = clip.crop_boxes(upright, torch.tensor([[2.0, 30.0, 22.0, 55.0]]), enlarge=1.2)
-    assert torch.allclose(base_gt_crops(clip, json_file, tmp_path).crops, expected)
+    got = base_gt_crops(clip, json_file, tmp_path)  # one base class: a background crop is added
+    assert torch.allclose(got.crops[got.labels >= 0], expected)
     assert torch.allclose(detection_gt_crops(clip, json_file, tmp_path)[0], expected)
+
+
+def test_background_crops_are_the_negatives_of_a_one_class_dataset():
+    """EZSD's one-hot BCE has no negative with a single base class (the loss is ~0 from the
+    start); a background crop (label -1) is scored against an all-zero target instead."""
+    image_emb = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text_emb = torch.tensor([[1.0, 0.0]])
+    loss = renorm_loss(image_emb, text_emb, torch.tensor([0, -1]), logit_scale=10.0)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    expected = (bce(torch.tensor([10.0]), torch.tensor([1.0])) + bce(torch.tensor([0.0]), torch.tensor([0.0]))) / 2
+    assert torch.allclose(loss, expected)
+
+    from torchvision.ops import box_iou
+
+    avoid = torch.tensor([[0.0, 0.0, 50.0, 50.0], [60.0, 60.0, 100.0, 100.0]])
+    boxes = background_boxes((100, 120), avoid, 5, torch.Generator().manual_seed(0))
+    assert 0 < len(boxes) <= 5
+    assert (box_iou(boxes, avoid) < 0.1).all()
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 120).all() and (boxes[:, 3] <= 100).all()
 
 
 def test_json_size_that_disagrees_with_the_image_is_refused(parent, tmp_path):

@@ -48,7 +48,7 @@ def test_pipeline_runs_and_resumes(tmp_path, caplog, capsys):
     caplog.clear()
     assert main(["pipeline", "--config", "configs/smoke.yaml", "--root", str(root)]) == 0
     messages = [r.getMessage() for r in caplog.records]
-    for stage in ("synthetic world", "CLIP pretraining", "CLIP re-normalisation"):
+    for stage in ("dataset", "CLIP", "CLIP re-normalisation"):
         assert any(stage in m and ": reused" in m for m in messages), stage
 
     # The export serves: `ovd demo` starts a real `ovd serve`, posts a fresh scene with the

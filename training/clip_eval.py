@@ -41,14 +41,21 @@ def detection_gt_crops(clip: ClipModel, json_file: Path, image_root: Path, *, en
         crops: (N, 3, S, S) normalised; category_ids: (N,) COCO category ids.
     """
     data = DetectionSet.load(json_file, image_root, max_images=max_images)
+    crops, labels = _gt_crops(clip, data, enlarge)
+    return crops, torch.tensor([c["id"] for c in data.categories])[labels]
+
+
+def _gt_crops(clip: ClipModel, data: DetectionSet, enlarge: float = 1.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(crops (N, 3, S, S), labels (N,) contiguous category index) of every GT box of `data`."""
     crops, labels = [], []
     for image_id in data.image_ids:
         boxes, index = data.annotations(image_id, crowd=True)
         if len(boxes):
             crops.append(clip.crop_boxes(data.read(image_id), boxes, enlarge=enlarge))
             labels.append(index)
-    ids = torch.tensor([c["id"] for c in data.categories])
-    return torch.cat(crops), ids[torch.cat(labels)]
+    if not crops:
+        raise ValueError(f"{data.json_file} has no annotation to crop")
+    return torch.cat(crops), torch.cat(labels)
 
 
 def zero_shot_report(clip: ClipModel, world_dir: str | Path, *, template: str = DEFAULT_TEMPLATE,
@@ -82,9 +89,25 @@ def zero_shot_report(clip: ClipModel, world_dir: str | Path, *, template: str = 
             "template": template}
 
 
+def crop_report(clip: ClipModel, json_file: str | Path, image_root: str | Path, *,
+                template: str = DEFAULT_TEMPLATE, max_images: int | None = None) -> dict:
+    """Accuracy of a CLIP on the GT crops (1.2x) of any COCO json, over all its category names
+    (base, novel, all and per novel tier where the categories carry one).
+
+    Returns:
+        {"detection_gt_crops": {...}, "chance": float, "template": str}, as `zero_shot_report`
+        without the caption row.
+    """
+    data = DetectionSet.load(json_file, image_root, max_images=max_images)
+    crops, labels = _gt_crops(clip, data)
+    detection = _accuracy(clip, crops, labels, clip.text_embeddings(data.names, template), data.tiers)
+    return {"detection_gt_crops": detection, "chance": 1.0 / len(data.categories), "template": template}
+
+
 def format_report(report: dict, title: str = "CLIP zero-shot accuracy") -> str:
-    rows = (("caption_crops", "caption-style crops"), ("detection_gt_crops", "detection GT crops"))
-    columns = [k for k in report["caption_crops"] if k != "n"]
+    rows = [(k, label) for k, label in (("caption_crops", "caption-style crops"),
+                                        ("detection_gt_crops", "detection GT crops")) if k in report]
+    columns = [k for k in report[rows[0][0]] if k != "n"]
     width = max(map(len, columns)) + 2
     lines = [title, f"{'domain':<22}" + "".join(f"{c:>{width}}" for c in columns) + f"{'n':>8}"]
     for key, label in rows:

@@ -158,7 +158,8 @@ def renorm_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.T
     Args:
         image_emb: (B, D) crop embeddings (L2-normalised here).
         text_emb: (C, D) class embeddings (L2-normalised here).
-        labels: (B,) int64 class index in [0, C).
+        labels: (B,) int64 class index in [0, C), or -1 for a background crop (all-zero
+            target: our negatives for a dataset with one base class, see `base_gt_crops`).
         logit_scale: the frozen multiplier of the cosines (the CLIP's own).
         weights: optional (B,) per-sample weights (e.g. `size_weights`), used as given.
 
@@ -167,7 +168,7 @@ def renorm_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.T
         (weighted by `weights` when given).
     """
     logits = logit_scale * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
-    targets = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    targets = F.one_hot(labels.clamp(min=0), logits.shape[1]).to(logits.dtype) * (labels >= 0)[:, None]
     per_sample = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1)
     if weights is not None:
         per_sample = per_sample * weights
@@ -207,6 +208,31 @@ def trainable_parameter_names(model: torch.nn.Module, tune: str) -> list[str]:
     return names
 
 
+def background_boxes(image_hw: tuple[int, int], avoid: torch.Tensor, count: int,
+                     generator: torch.Generator, *, max_iou: float = 0.1, tries: int = 20) -> torch.Tensor:
+    """Up to `count` random boxes of an image overlapping none of `avoid` (IoU < max_iou).
+
+    Args:
+        image_hw: (H, W) pixels.
+        avoid: (G, 4) xyxy boxes (every annotation of the image).
+        generator: seeded torch generator (the crops are reproducible).
+
+    Returns:
+        (K, 4) xyxy float32 boxes, K <= count, sides 5-50% of the image's.
+    """
+    from torchvision.ops import box_iou
+
+    h, w = (float(v) for v in image_hw)
+    n = count * tries
+    size = torch.rand(n, 2, generator=generator) * 0.45 + 0.05
+    bw, bh = size[:, 0] * w, size[:, 1] * h
+    x0, y0 = torch.rand(n, generator=generator) * (w - bw), torch.rand(n, generator=generator) * (h - bh)
+    cand = torch.stack([x0, y0, x0 + bw, y0 + bh], dim=1)
+    if len(avoid):
+        cand = cand[box_iou(cand, avoid.float()).max(dim=1).values < max_iou]
+    return cand[:count]
+
+
 def base_gt_crops(clip: ClipModel, json_file: str | Path, image_root: str | Path, *,
                   enlarge: float = 1.2, max_images: int | None = None) -> GTCrops:
     """EZSD crops of every base-class GT box of a COCO json (crowd boxes skipped).
@@ -225,14 +251,23 @@ def base_gt_crops(clip: ClipModel, json_file: str | Path, image_root: str | Path
     data = DetectionSet.load(json_file, image_root, max_images=max_images)
     is_base = ~data.is_novel
     base_index = torch.cumsum(is_base.long(), 0) - 1  # contiguous index -> index among the base
+    # With one base class, EZSD's one-hot BCE has no negative: the loss is ~0 from the first
+    # step and the LayerNorms do not move. Our formulation then adds background crops (boxes
+    # overlapping no annotated box) with an all-zero target, one per GT box.
+    negatives = int(is_base.sum()) == 1
+    generator = torch.Generator().manual_seed(0)
     crops, labels, box_wh, image_wh = [], [], [], []
     for image_id in data.image_ids:
         boxes, index = data.annotations(image_id, is_base)  # crowd boxes left out
         if not len(boxes):
             continue
         pixels = data.read(image_id)
+        index = base_index[index]
+        if negatives:
+            background = background_boxes(pixels.shape[1:], data.boxes[image_id], len(boxes), generator)
+            boxes, index = torch.cat([boxes, background]), torch.cat([index, torch.full((len(background),), -1)])
         crops.append(clip.crop_boxes(pixels, boxes, enlarge=enlarge))
-        labels.append(base_index[index])
+        labels.append(index)
         box_wh.append(boxes[:, 2:] - boxes[:, :2])
         image_wh.append(torch.tensor([[pixels.shape[2], pixels.shape[1]]], dtype=torch.float32).expand(len(boxes), 2))
     if not crops:
@@ -245,18 +280,22 @@ def base_gt_crops(clip: ClipModel, json_file: str | Path, image_root: str | Path
                    num_images=len(crops))
 
 
+def weights_sha256(clip: ClipModel) -> str:
+    """The sha256 of a CLIP's weights file: its manifest's for a checkpoint folder, else the
+    digest save_clip would record for the in-memory weights (so both kinds of parent compare)."""
+    if clip.manifest is not None:
+        return clip.manifest["weights"]["sha256"]
+    state = {k: v.detach().cpu().contiguous() for k, v in clip.model.state_dict().items()}
+    return hashlib.sha256(safetensors_bytes(state)).hexdigest()
+
+
 def _parent(clip_dir_or_name: str | Path, pretrained: str | None, device) -> tuple[ClipModel, dict,
                                                                                   dict]:
     """Load the parent; return it, its architecture config and its manifest record."""
     clip = load_clip(str(clip_dir_or_name), pretrained, device=device)
-    if clip.manifest is not None:
-        model_cfg, digest = clip.manifest["architecture"], clip.manifest["weights"]["sha256"]
-    else:
-        model_cfg = architecture_config(str(clip_dir_or_name))
-        # The digest save_clip would record for these weights, so both kinds of parent compare.
-        state = {k: v.detach().cpu().contiguous() for k, v in clip.model.state_dict().items()}
-        digest = hashlib.sha256(safetensors_bytes(state)).hexdigest()
-    record = {"path": str(clip_dir_or_name), "sha256": digest}
+    model_cfg = clip.manifest["architecture"] if clip.manifest is not None \
+        else architecture_config(str(clip_dir_or_name))
+    record = {"path": str(clip_dir_or_name), "sha256": weights_sha256(clip)}
     if pretrained:
         record["pretrained"] = pretrained
     return clip, model_cfg, record
@@ -295,8 +334,11 @@ def renorm_clip(clip_dir_or_name: str | Path, json_file: str | Path, image_root:
     data = base_gt_crops(clip, json_file, image_root, enlarge=cfg.enlarge, max_images=cfg.max_images)
     data_id = {"json_sha256": sha256_file(json_file), "parent_sha256": parent["sha256"],
                "crops": len(data)}
-    logger.info("clip renorm: %d base GT crops of %d classes from %d images (%.1f s)", len(data),
-                len(data.class_names), data.num_images, time.time() - t_load)
+    background = int((data.labels < 0).sum())
+    logger.info("clip renorm: %d base GT crops of %d classes from %d images (%.1f s)%s",
+                len(data) - background, len(data.class_names), data.num_images, time.time() - t_load,
+                f"; one base class, so {background} background crops are its negatives (our "
+                "formulation: EZSD's loss has none then)" if background else "")
 
     model = clip.model.train()
     names = trainable_parameter_names(model, cfg.tune)

@@ -12,7 +12,8 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "synthetic.yaml"
-KNOWN_SECTIONS = {"paths", "world", "clip_pretrain", "clip_renorm", "proposals", "targets", "detector"}
+KNOWN_SECTIONS = {"paths", "world", "dataset", "clip", "clip_pretrain", "clip_renorm", "proposals", "targets",
+                  "detector", "export"}
 
 
 def load_config(path: str | Path | None) -> dict:

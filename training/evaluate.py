@@ -146,7 +146,7 @@ def evaluate(cfg, model: nn.Module, dataset_name: str, text: torch.Tensor, outpu
 def evaluate_folder(folder: str | Path, *, dataset: str | None = None, json_file: str | Path | None = None,
                     image_root: str | Path | None = None, weights: str | Path | None = None,
                     clip: str | None = None, opts: list | tuple = (), out: str | Path | None = None,
-                    world: str | Path | None = None) -> tuple[dict, Path]:
+                    data=None) -> tuple[dict, Path]:
     """Evaluate a training output folder or an export folder (one with manifest.json: its own
     weights, e.g. float16, and text tower) on a registered dataset or a COCO json.
 
@@ -159,8 +159,8 @@ def evaluate_folder(folder: str | Path, *, dataset: str | None = None, json_file
             model_final.pth and the CLIP it trained with).
         opts: Detectron2 KEY VALUE overrides.
         out: results folder (default: <folder>/eval_<dataset>).
-        world: a synthetic world folder whose splits to register (an export names no dataset
-            files).
+        data: a `training.data.dataset.Dataset` whose splits to register (an export names no
+            dataset files; a training folder's config does).
 
     Returns:
         (metrics as `evaluate`, results folder).
@@ -172,7 +172,6 @@ def evaluate_folder(folder: str | Path, *, dataset: str | None = None, json_file
     from ovd.models.clip.model import load_clip
     from ovd.models.exported import load_export
 
-    from .data.synthetic import world_specs
     from .layout import eval_dir, final_weights
     from .train_detector import build_config, register_datasets
 
@@ -181,7 +180,7 @@ def evaluate_folder(folder: str | Path, *, dataset: str | None = None, json_file
         exported = load_export(folder)
         model, embed = exported.model, exported.text_embeddings
         cfg = build_config(folder / "detector.yaml", opts)
-        cfg.DATASETS.REGISTER = world_specs(world) if world else []
+        cfg.DATASETS.REGISTER = data.specs() if data is not None else []
     else:
         cfg = build_config(folder / "config.yaml", opts)
         model = build_model(cfg)

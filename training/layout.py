@@ -1,6 +1,7 @@
 """The run folder: where every stage writes under one output root, spelled in this one place.
 
     root/world/                 the synthetic world (its own layout: training/data/synthetic.py)
+    root/dataset/               or your dataset's tagged annotations (training/data/dataset.py)
     root/clip/pretrained/       stage 0: CLIP pretrained on the world's captions
     root/clip/renorm/           stage 1: re-normalised CLIP
     root/proposals/             stage 2: CLIP proposals (shards)
@@ -37,6 +38,10 @@ class RunLayout:
     @property
     def world(self) -> Path:
         return self.root / "world"
+
+    @property
+    def dataset(self) -> Path:
+        return self.root / "dataset"
 
     @property
     def clip_pretrained(self) -> Path:

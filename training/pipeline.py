@@ -1,14 +1,18 @@
 """The chain on one run folder, as a declared list of stages with their reuse rules.
 
-    world -> CLIP pretraining -> re-normalisation -> proposals -> targets -> detector
-          -> evaluation on synth_test -> gates -> export
+    dataset (yours, or the synthetic world) -> CLIP -> re-normalisation -> proposals -> targets
+          -> detector -> evaluation (test split, else val) -> gates -> export
 
 `ovd pipeline` runs `STAGES` in order; the benchmarks reuse the first three through the same
 `Pipeline` object. Reuse rules, all in this file:
 
-- world, CLIP, re-normalised CLIP: reused when their output exists and was made from the same
-  inputs (the world's config, the world's fingerprint, the parent CLIP's sha256 and the stage
-  config); otherwise they run, resuming where they can.
+- dataset: the config's `dataset:` section is checked, tagged and copied under `<root>/dataset/`
+  (training/data/dataset.py), reused while its files and section are unchanged; without one,
+  the synthetic world is generated, reused while its config is unchanged.
+- CLIP: the `clip:` section's model (an open_clip name with pretrained weights, or a checkpoint
+  folder) is written as the run's parent CLIP, reused while the section is unchanged; without
+  one, a CLIP is pretrained on the world's captions, reused while the world is the same.
+- re-normalised CLIP: reused when made from the same parent weights and stage config.
 - proposals, targets: sharded stages that resume their own folder and reuse a complete one
   made with the same identity (CLIP, data, config); a different identity is recomputed.
 - detector: Detectron2 resumes from the folder's last checkpoint (a finished one is reused).
@@ -27,21 +31,35 @@ from pathlib import Path
 from ovd.models.clip.model import ClipCheckpointError, ClipModel, load_clip
 
 from .clip_pretrain import PretrainConfig, pretrain_clip
-from .clip_renorm import RenormConfig, renorm_clip
-from .data.synthetic import WorldConfig, generate_world, load_world, register_world, world_datasets
+from .clip_renorm import RenormConfig, renorm_clip, weights_sha256
+from .config import SectionConfig
+from .data.dataset import Dataset, Split, dataset_of, world_dataset
+from .data.synthetic import WorldConfig, generate_world, load_world, register_world
 from .layout import RunLayout, final_weights
 from .shards import ProgressFactory
 
 logger = logging.getLogger(__name__)
 
-#: The split the shipped model's numbers are reported on (every choice in its recipe was
-#: taken on val).
-REPORT_SPLIT = "synth_test"
-
-
 def _plain(obj) -> dict:
     """A dataclass as the JSON-round-tripped dict stored in manifests (tuples -> lists)."""
     return json.loads(json.dumps(asdict(obj)))
+
+
+@dataclass(frozen=True)
+class ClipSource(SectionConfig):
+    """The `clip:` section: the CLIP a run starts from instead of pretraining one.
+
+    Attributes:
+        model: an open_clip model name (e.g. "ViT-B-32") or a project CLIP checkpoint folder.
+        pretrained: for a name, an open_clip pretrained tag or a local weights file (None:
+            random weights, seeded by `seed`: only for tests and smoke runs).
+        seed: torch seed of a random initialisation.
+    """
+
+    SECTION = "clip"
+    model: str = ""
+    pretrained: str | None = None
+    seed: int = 0
 
 
 @dataclass
@@ -101,12 +119,41 @@ class Pipeline:
         register_world(self.world_dir, overwrite=True)
         return world, reused
 
+    @property
+    def custom(self) -> bool:
+        """The run trains on the config's `dataset:` section (not the synthetic world)."""
+        return bool(self.cfg.get("dataset"))
+
+    def dataset(self) -> tuple[Dataset, bool | None]:
+        """(the run's dataset, reused?), registered in Detectron2's catalogs."""
+        if self.custom:
+            data, reused = dataset_of(self.cfg, self.layout), None
+        else:
+            self.results["world"], reused = self.world()
+            data = world_dataset(self.world_dir)
+        data.register()
+        self.results["dataset"] = data
+        return data, reused
+
+    @property
+    def data(self) -> Dataset:
+        return self.results.get("dataset") or dataset_of(self.cfg, self.layout)
+
     def train_split(self) -> tuple[Path, Path]:
         """(json file, image root) of the base-box training split."""
-        return world_datasets(self.world_dir)["synth_train"]
+        return self.data.train.json_file, self.data.train.image_root
 
-    def clip(self, world: dict) -> tuple[ClipModel, bool]:
-        """(CLIP pretrained on this world's captions, reused?)."""
+    def clip(self, world: dict | None = None) -> tuple[ClipModel, bool]:
+        """(the run's parent CLIP, reused?): the `clip:` section's model, else a CLIP
+        pretrained on the world's captions."""
+        source = ClipSource.from_config(self.cfg)
+        if source.model:
+            return self._fetch_clip(source)
+        if self.custom:
+            raise ValueError("a dataset: run needs a CLIP to start from: set clip.model to an "
+                             "open_clip name with clip.pretrained weights (e.g. ViT-B-32 and "
+                             "laion2b_s34b_b79k, or a local weights file), or to a CLIP checkpoint folder")
+        world = world or load_world(self.world_dir)
         try:
             clip = load_clip(str(self.clip_dir))
             if clip.manifest["training"]["data"]["fingerprint"] != world["fingerprint"]:
@@ -116,11 +163,34 @@ class Pipeline:
             return pretrain_clip(self.world_dir, self.clip_dir, self.pretrain_cfg,
                                  progress=self.progress), False
 
+    def _fetch_clip(self, source: ClipSource) -> tuple[ClipModel, bool]:
+        """The configured CLIP written as the run's parent checkpoint (stable weights for
+        every later stage, even from a random initialisation)."""
+        import torch
+
+        from ovd.models.clip.model import architecture_config, save_clip
+
+        wanted = _plain(source)
+        try:
+            clip = load_clip(str(self.clip_dir))
+            if clip.manifest["training"].get("source") != wanted:
+                raise ClipCheckpointError("another clip: section")
+            return clip, True
+        except (ClipCheckpointError, KeyError):
+            pass
+        torch.manual_seed(source.seed)
+        clip = load_clip(source.model, source.pretrained)
+        arch = (clip.manifest or {}).get("architecture") or architecture_config(source.model)
+        save_clip(clip, self.clip_dir, model_cfg=arch, record={"source": wanted})
+        logger.info("CLIP %s%s written to %s", source.model,
+                    f" ({source.pretrained})" if source.pretrained else " (random weights)", self.clip_dir)
+        return load_clip(str(self.clip_dir)), False
+
     def renorm(self, clip: ClipModel) -> tuple[ClipModel, bool]:
         """(CLIP with LayerNorms re-fitted on base GT crops, reused?)."""
         try:
             renormed = load_clip(str(self.renorm_dir))
-            if renormed.manifest.get("parent", {}).get("sha256") != clip.manifest["weights"]["sha256"] \
+            if renormed.manifest.get("parent", {}).get("sha256") != weights_sha256(clip) \
                     or renormed.manifest["training"]["config"] != _plain(self.renorm_cfg):
                 raise ClipCheckpointError("made from another CLIP or config")
             return renormed, True
@@ -133,22 +203,45 @@ class Pipeline:
     # Each takes the pipeline and returns whether its output was reused (None: the stage
     # resumes or reuses on its own and says so in its log).
 
-    def _run_world(self) -> bool:
-        from .data.preview import write_preview
+    def _run_dataset(self) -> bool | None:
+        data, reused = self.dataset()
+        if not self.custom:
+            from .data.preview import write_preview
 
-        self.results["world"], reused = self.world()
-        logger.info("      preview: %s", write_preview(self.world_dir, self.world_dir / "preview.png"))
+            logger.info("      preview: %s", write_preview(self.world_dir, self.world_dir / "preview.png"))
+        logger.info("      splits: %s", ", ".join(f"{n} ({s.json_file})" for n, s in data.splits().items()))
         return reused
 
     def _run_clip(self) -> bool:
-        self.results["clip"], reused = self.clip(self.results["world"])
-        self.report(zero_shot_table(self.results["clip"], self.world_dir, self.clip_dir))
+        self.results["clip"], reused = self.clip(self.results.get("world"))
+        self.report(self.zero_shot_table(self.results["clip"], self.clip_dir))
         return reused
 
     def _run_renorm(self) -> bool:
         self.results["renorm"], reused = self.renorm(self.results["clip"])
-        self.report(zero_shot_table(self.results["renorm"], self.world_dir, self.renorm_dir))
+        self.report(self.zero_shot_table(self.results["renorm"], self.renorm_dir))
         return reused
+
+    def zero_shot_report(self, clip: ClipModel) -> dict:
+        """A CLIP's zero-shot accuracy (clip_eval.py): on the world's caption images and val
+        crops, or on the GT crops of the dataset's val split (else its training split)."""
+        from .clip_eval import crop_report, zero_shot_report
+
+        template = self.renorm_cfg.template
+        if not self.custom:
+            return zero_shot_report(clip, self.world_dir, template=template)
+        split = self.data.val or self.data.train_all or self.data.train
+        return {**crop_report(clip, split.json_file, split.image_root, template=template),
+                "split": str(split.json_file)}
+
+    def zero_shot_table(self, clip: ClipModel, clip_dir: Path) -> str:
+        """`zero_shot_report` as a table (the world's cached next to the weights)."""
+        if not self.custom:
+            return zero_shot_table(clip, self.world_dir, clip_dir)
+        from .clip_eval import format_report
+
+        report = self.zero_shot_report(clip)
+        return format_report(report, f"CLIP zero-shot accuracy on GT crops of {report['split']} ({clip_dir})")
 
     def _run_proposals(self) -> None:
         from .proposals import ProposalConfig, run_proposals
@@ -178,8 +271,9 @@ class Pipeline:
     def _run_evaluation(self) -> bool:
         from .evaluate import evaluate_folder, format_metrics
 
-        result, out = evaluate_folder(self.layout.detector, dataset=REPORT_SPLIT)
-        self.report(format_metrics(result, f"generalized zero-shot detection, {REPORT_SPLIT}")
+        split = self.data.report_name
+        result, out = evaluate_folder(self.layout.detector, dataset=split)
+        self.report(format_metrics(result, f"generalized zero-shot detection, {split}")
                     + f"\nmetrics: {out / 'metrics.json'}")
         return False
 
@@ -196,7 +290,10 @@ class Pipeline:
 
         from .export import export_detector
 
-        export_detector(self.layout.detector, self.layout.export, name="ovd-synthetic", version="0.1.0")
+        section = self.cfg.get("export") or {}
+        name = section.get("name") or ("ovd-synthetic" if not self.custom else f"ovd-{self.data.name}")
+        export_detector(self.layout.detector, self.layout.export, name=name,
+                        version=str(section.get("version", "0.1.0")))
         verify_export(self.layout.export)
         return False
 
@@ -223,13 +320,13 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("world", "synthetic world", lambda lay: lay.world, Pipeline._run_world),
-    Stage("clip", "CLIP pretraining", lambda lay: lay.clip_pretrained, Pipeline._run_clip),
+    Stage("dataset", "dataset", lambda lay: lay.dataset, Pipeline._run_dataset),
+    Stage("clip", "CLIP", lambda lay: lay.clip_pretrained, Pipeline._run_clip),
     Stage("renorm", "CLIP re-normalisation (LayerNorms only)", lambda lay: lay.clip_renorm, Pipeline._run_renorm),
     Stage("proposals", "CLIP proposals", lambda lay: lay.proposals, Pipeline._run_proposals),
     Stage("targets", "distillation targets", lambda lay: lay.targets(), Pipeline._run_targets),
     Stage("detector", "detector training", lambda lay: lay.detector, Pipeline._run_detector),
-    Stage("evaluation", f"generalized zero-shot evaluation on {REPORT_SPLIT}",
+    Stage("evaluation", "generalized zero-shot evaluation (test split, else val)",
           lambda lay: lay.detector, Pipeline._run_evaluation),
     Stage("gates", "stage gates", lambda lay: lay.gates, Pipeline._run_gates),
     Stage("export", "export", lambda lay: lay.export, Pipeline._run_export),
@@ -250,11 +347,14 @@ def run_gates(cfg: dict, layout: RunLayout, *, detector: bool | str | Path = Tru
     from .gates import HeldOut, stage_gates
     from .proposals import ProposalConfig
 
-    det = layout.world / "detection"
-    heldout_json = heldout_json or det / "annotations" / "train_all.json"
-    eval_json = eval_json or det / "annotations" / "val.json"
-    heldout = HeldOut.load(heldout_json, heldout_images or det / "train") if Path(heldout_json).is_file() else None
-    eval_set = HeldOut.load(eval_json, eval_images or det / "val") if Path(eval_json).is_file() else None
+    data = dataset_of(cfg, layout)
+    heldout = (Split(Path(heldout_json), Path(heldout_images or Path(heldout_json).parent)) if heldout_json
+               else data.train_all)
+    evaluation = (Split(Path(eval_json), Path(eval_images or Path(eval_json).parent)) if eval_json
+                  else data.val)
+    heldout = HeldOut.load(heldout.json_file, heldout.image_root) if heldout and heldout.json_file.is_file() else None
+    eval_set = (HeldOut.load(evaluation.json_file, evaluation.image_root)
+                if evaluation and evaluation.json_file.is_file() else None)
     if detector is True:
         detector = final_weights(layout.detector)
     return stage_gates(
@@ -276,7 +376,8 @@ def zero_shot(clip: ClipModel, world_dir: Path, clip_dir: Path, *, reuse: bool =
         if sha and report.get("clip_sha256") == sha:
             return report
     report = {**zero_shot_report(clip, world_dir), "clip_sha256": sha}
-    out.write_text(json.dumps(report, indent=2))
+    if clip_dir.is_dir():  # a CLIP given by name has no folder to cache in
+        out.write_text(json.dumps(report, indent=2))
     return report
 
 

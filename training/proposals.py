@@ -693,6 +693,13 @@ def run_proposals(clip: ClipModel, json_file: str | Path, image_root: str | Path
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = TrainingImages.load(json_file, image_root, max_images=max_images)
+    if cfg.filter == "coco" and bool(data.is_base.all()):
+        # The coco filter keeps only proposals CLIP classifies as a novel class: with none
+        # declared it would keep nothing and the stage would silently produce empty shards.
+        raise ValueError(f"{json_file} declares no novel category, and the coco proposal filter keeps "
+                         "only proposals CLIP classifies as novel: declare the novel classes "
+                         "(dataset.novel in the config, or \"split\": \"novel\" in the json), or set "
+                         "proposals.filter: lvis (class-agnostic: no base-class filter)")
     grid = AnchorGrid.from_config(cfg, data.non_crowd_gt())
     logger.info("proposals: anchor sizes %s px on strides %s px", list(grid.sizes),
                 list(grid.strides))
@@ -716,7 +723,14 @@ def run_proposals(clip: ClipModel, json_file: str | Path, image_root: str | Path
             return propose_image(clip, data.read(image_id), text, data.is_base,
                                  data.gt[image_id], cfg, image_id, grid)
 
-    return store.run(compute, desc=f"proposals ({cfg.mode})", progress=progress)
+    reader = store.run(compute, desc=f"proposals ({cfg.mode})", progress=progress)
+    found = (reader.manifest.get("cost") or {}).get("totals", {}).get("proposals") if reader.complete() else None
+    if found == 0 and len(data.image_ids):
+        raise ValueError(f"the proposal stage found no region in any of {len(data.image_ids)} images "
+                         f"({out_dir}): with the {cfg.filter} filter every candidate was dropped; "
+                         "check that the novel classes are declared and the CLIP reads these images "
+                         "(`ovd clip eval`), or set proposals.filter: lvis")
+    return reader
 
 
 # --------------------------------------------------------------------------- CLI

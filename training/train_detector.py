@@ -69,7 +69,8 @@ def build_config(config_file: str | Path, opts: list[str] | None = None) -> CfgN
 def detector_config(pipeline_cfg: dict, layout, *, config_file: str | Path | None = None,
                     opts: list | tuple = ()) -> CfgNode:
     """The Detectron2 config of a pipeline config's `detector:` section (its file and KEY VALUE
-    opts, then `opts`), with the run's synthetic world registered when it exists.
+    opts, then `opts`), training on the run's dataset (training/data/dataset.py: the config's
+    `dataset:` section, else the synthetic world, registered when it exists).
 
     Args:
         pipeline_cfg: the pipeline config (training/config.py's load_config).
@@ -77,7 +78,7 @@ def detector_config(pipeline_cfg: dict, layout, *, config_file: str | Path | Non
         config_file: replaces the section's Detectron2 file (its opts still apply).
     """
     from .config import REPO_ROOT
-    from .data.synthetic import world_specs
+    from .data.dataset import dataset_of
 
     section = pipeline_cfg.get("detector") or {}
     path = Path(config_file or section.get("config") or "configs/detector/synthetic_r18_fpn.yaml")
@@ -85,7 +86,11 @@ def detector_config(pipeline_cfg: dict, layout, *, config_file: str | Path | Non
         path = REPO_ROOT / path
     cfg = build_config(path, list(section.get("opts", [])) + list(opts))
     if not cfg.DATASETS.REGISTER:
-        cfg.DATASETS.REGISTER = world_specs(layout.world)
+        data = dataset_of(pipeline_cfg, layout)
+        if data.train.json_file.is_file():
+            cfg.DATASETS.REGISTER = data.specs()
+        cfg.DATASETS.TRAIN = (data.train_name,)
+        cfg.DATASETS.TEST = (data.val_name,) if data.val else ()
     return cfg
 
 

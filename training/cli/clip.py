@@ -31,31 +31,36 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ovd.models.clip.model import load_clip
 
-    from ..pipeline import zero_shot_table
+    from ..clip_eval import crop_report, format_report
+    from ..pipeline import Pipeline
 
-    _, layout = run_of(args)
-    world_dir = Path(args.world) if args.world else layout.world
+    cfg, layout = run_of(args)
     clip_path = args.clip or str(layout.clip_pretrained)
     clip = load_clip(clip_path, args.pretrained)
+    if args.json:  # any COCO json: accuracy on its GT crops over its category names
+        image_root = args.image_root or str(Path(args.json).parent)
+        print(format_report(crop_report(clip, args.json, image_root), f"CLIP zero-shot accuracy on {args.json}"))
+        return 0
     out_dir = Path(clip_path) if Path(clip_path).is_dir() else Path(args.out or ".")
-    print(zero_shot_table(clip, world_dir, out_dir))
+    print(Pipeline(cfg, layout).zero_shot_table(clip, out_dir))
     return 0
 
 
 def cmd_renorm(args: argparse.Namespace) -> int:
-    """Train, then print and save the before/after zero-shot tables and the renorm gate."""
+    """Train, then print the before/after zero-shot tables and the renorm gate, both on the
+    run's dataset (its val split)."""
     from ovd.models.clip.model import load_clip
 
-    from ..clip_eval import format_report, zero_shot_report
+    from ..clip_eval import format_report
     from ..clip_renorm import RenormConfig, renorm_clip
     from ..gates import HeldOut, format_gates, renorm_gate
+    from ..pipeline import Pipeline
     from .options import train_data
 
     cfg, layout = run_of(args)
-    world_dir = Path(args.world) if args.world else layout.world
     parent = args.clip or str(layout.clip_pretrained)
     out_dir = Path(args.out) if args.out else layout.clip_renorm
-    json_file, image_root = train_data(world_dir, args)
+    json_file, image_root = train_data(cfg, layout, args)
     rcfg = RenormConfig.from_config(cfg, args, ("tune", "epochs", "batch_size", "threads"))
 
     clip = renorm_clip(parent, json_file, image_root, out_dir, rcfg, progress=progress,
@@ -64,18 +69,20 @@ def cmd_renorm(args: argparse.Namespace) -> int:
     logger.info("re-normalised CLIP written to %s (%s) in %.0f s; loss per epoch %s", out_dir,
                 clip.manifest["weights"]["sha256"][:12], training["seconds"],
                 ", ".join(f"{v:.4f}" for v in training["epoch_losses"]))
+    pipe = Pipeline(cfg, layout, renorm_cfg=rcfg)
     parent_clip = load_clip(parent, args.pretrained)
-    before = zero_shot_report(parent_clip, world_dir, template=rcfg.template)
-    after = zero_shot_report(clip, world_dir, template=rcfg.template)
+    before, after = pipe.zero_shot_report(parent_clip), pipe.zero_shot_report(clip)
     print(format_report(before, f"before: parent {parent}"))
     print(format_report(after, f"after: re-normalised ({rcfg.tune} LayerNorms) {out_dir}"))
     out = out_dir / "zero_shot.json"
     out.write_text(json.dumps({"parent": {"clip": str(parent), **before},
                                "renorm": {"clip": str(out_dir), **after}}, indent=2))
     logger.info("accuracy tables written to %s", out)
-    val = world_dir / "detection" / "annotations" / "val.json"
-    gate = renorm_gate(parent_clip, clip, HeldOut.load(val, world_dir / "detection" / "val"),
-                       template=rcfg.template)
+    val = pipe.data.val
+    if val is None:
+        logger.warning("the dataset has no val split: no renorm gate (it needs novel boxes the stage never saw)")
+        return 0
+    gate = renorm_gate(parent_clip, clip, HeldOut.load(val.json_file, val.image_root), template=rcfg.template)
     (out_dir / "gates.json").write_text(json.dumps(gate, indent=2))
     print(format_gates({"renorm": gate}))
     return 0
@@ -103,7 +110,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clip", default=None,
                    help="checkpoint folder or open_clip model name (default: <root>/clip/pretrained)")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or file")
-    p.add_argument("--world", default=None)
+    p.add_argument("--json", default=None, help="a COCO json: accuracy on its GT crops (default: the run's dataset)")
+    p.add_argument("--image-root", default=None, help="its image folder (default: the json's folder)")
     p.add_argument("--out", default=None, help="where to write zero_shot.json for a named model")
     p.set_defaults(func=cmd_eval)
 
@@ -116,11 +124,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clip", default=None,
                    help="parent: checkpoint folder or open_clip model name (default: <root>/clip/pretrained)")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or file")
-    p.add_argument("--world", default=None,
-                   help="world folder for the defaults and the evaluation (default: <root>/world)")
     p.add_argument("--train-json", default=None,
-                   help="training json, base boxes used (default: the world's train_base.json)")
-    p.add_argument("--image-root", default=None, help="its image folder (default: the world's detection/train)")
+                   help="training json, base boxes used (default: the run's dataset)")
+    p.add_argument("--image-root", default=None, help="its image folder (default: the json's folder)")
     p.add_argument("--out", default=None, help="checkpoint folder (default: <root>/clip/renorm)")
     p.add_argument("--tune", default=None,
                    help="LayerNorms to train: vision or vision+text (default: the config's)")

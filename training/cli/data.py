@@ -49,12 +49,20 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from ..data.coco_format import category_split, load_coco_json
+    from ..data.coco_format import check_dataset
 
-    coco = load_coco_json(args.json)
-    base, novel = category_split(coco)
-    print(f"{args.json}: OK — {len(coco['images'])} images, {len(coco['annotations'])} boxes, "
-          f"{len(base)} base + {len(novel)} novel categories")
+    report = check_dataset(args.json, args.image_root, progress=progress)
+    print(f"{args.json}: {report['images']} images, {report['boxes']} boxes, {len(report['base'])} base "
+          f"categories {report['base']}, {len(report['novel'])} novel {report['novel']}")
+    for w in report["warnings"]:
+        print(f"  warning: {w}")
+    for e in report["errors"]:
+        print(f"  error: {e}")
+    if report["errors"]:
+        counts = ", ".join(f"{n} {kind}" for kind, n in report["error_counts"].items())
+        logger.error("%s is not usable as given: %s", args.json, counts)
+        return 2
+    print("OK")
     return 0
 
 
@@ -87,10 +95,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scenes", type=int, default=4)
     p.set_defaults(func=cmd_preview)
 
-    p = dsub.add_parser("check", help="validate a COCO-format annotation file",
-                        description="Validate a COCO-format annotation file and summarise it; "
-                                    "exits 2 naming the first bad entry.")
+    p = dsub.add_parser("check", help="validate a COCO dataset: json, image files, boxes, classes",
+                        description="Validate a COCO-format annotation file and its images: the json's "
+                                    "format (first bad entry named), every image file present, "
+                                    "decodable and of the json's size, every box inside its image, "
+                                    "categories without boxes, novel classes declared or not. Exits 2 "
+                                    "on any error.")
     p.add_argument("json")
+    p.add_argument("--image-root", default=None, help="the images' folder (default: the json's folder)")
     p.set_defaults(func=cmd_check)
 
     for kind, src in (("ov-coco", "COCO instances_{train,val}2017.json"), ("ov-lvis", "LVIS v1 json")):

@@ -38,13 +38,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from ..data.dataset import dataset_of
     from ..evaluate import evaluate_folder, format_metrics
 
-    _, layout = run_of(args)
+    cfg, layout = run_of(args)
     folder = Path(args.export or args.model_dir or layout.detector)
     result, out = evaluate_folder(folder, dataset=args.dataset, json_file=args.json, image_root=args.image_root,
                                   weights=args.weights, clip=args.clip, opts=args.opts or [], out=args.out,
-                                  world=layout.world)
+                                  data=None if args.json else dataset_of(cfg, layout))
     print(format_metrics(result, f"generalized zero-shot detection, {folder.name}"))
     logger.info("metrics written to %s", out / "metrics.json")
     return 0
@@ -156,13 +157,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                    "(COCOEvaluator / pycocotools), averaged over novel, base, all.")
     p.add_argument("--model-dir", default=None, help="training output (default: <root>/detector)")
     p.add_argument("--weights", default=None, help="checkpoint (default: <model-dir>/model_final.pth)")
-    p.add_argument("--dataset", default=None, help="registered dataset (default: DATASETS.TEST[0])")
+    p.add_argument("--dataset", default=None,
+                   help="registered dataset, e.g. synth_test or <dataset.name>_val (default: DATASETS.TEST[0])")
     p.add_argument("--json", default=None, help="evaluate on this COCO json instead (all its categories)")
     p.add_argument("--image-root", default=None, help="its image folder (default: the json's folder)")
     p.add_argument("--clip", default=None, help="CLIP for the text embeddings (default: the training one)")
     p.add_argument("--export", default=None,
                    help="evaluate an export folder instead (its own weights and text tower; the "
-                        "dataset is registered from the config's world)")
+                        "run's dataset is registered: the config's dataset: section, else the world)")
     p.add_argument("--out", default=None, help="output folder (default: <model-dir>/eval_<dataset>)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="Detectron2 KEY VALUE overrides")
     p.set_defaults(func=cmd_eval)

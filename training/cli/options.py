@@ -47,10 +47,12 @@ def run_of(args: argparse.Namespace) -> tuple[dict, RunLayout]:
     return cfg, RunLayout.of(cfg, args)
 
 
-def train_data(world_dir: Path, args: argparse.Namespace) -> tuple[Path, Path]:
-    """--train-json / --image-root, defaulting to the synthetic world's `synth_train`."""
-    from ..data.synthetic import world_datasets
+def train_data(cfg: dict, layout: RunLayout, args: argparse.Namespace) -> tuple[Path, Path]:
+    """--train-json / --image-root, defaulting to the run's dataset's training split (the
+    config's `dataset:` section, else the synthetic world)."""
+    if args.train_json:
+        return Path(args.train_json), Path(args.image_root) if args.image_root else Path(args.train_json).parent
+    from ..data.dataset import dataset_of
 
-    json_file, image_root = world_datasets(world_dir)["synth_train"]
-    return (Path(args.train_json) if args.train_json else json_file,
-            Path(args.image_root) if args.image_root else image_root)
+    train = dataset_of(cfg, layout).train
+    return train.json_file, Path(args.image_root) if args.image_root else train.image_root

@@ -21,7 +21,7 @@ def cmd_proposals(args: argparse.Namespace) -> int:
 
     cfg, layout = run_of(args)
     pcfg = ProposalConfig.from_config(cfg, args, ("mode", "filter", "batch_size"))
-    json_file, image_root = train_data(layout.world, args)
+    json_file, image_root = train_data(cfg, layout, args)
     clip = args.clip or str(layout.clip_renorm)
     out = args.out or str(layout.proposals)
     launch_stage(proposals_worker, args, (clip, str(json_file), str(image_root), out,
@@ -35,7 +35,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
     cfg, layout = run_of(args)
     tcfg = TargetsConfig.from_config(cfg, args, ("max_proposals", "batch_size"))
-    json_file, image_root = train_data(layout.world, args)
+    json_file, image_root = train_data(cfg, layout, args)
     clip = args.clip or str(layout.clip_renorm)
     proposals = None if args.gt_only else args.proposals or str(layout.proposals)
     out = args.out or str(layout.targets(args.gt_only))
@@ -76,7 +76,7 @@ def _sharded_stage_parent() -> argparse.ArgumentParser:
     p.add_argument("--clip", default=None,
                    help="CLIP checkpoint folder or open_clip name (default: <root>/clip/renorm)")
     p.add_argument("--train-json", default=None,
-                   help="COCO training json, base boxes only (default: the world's synth_train)")
+                   help="COCO training json, base boxes only (default: the run's dataset)")
     p.add_argument("--image-root", default=None, help="image folder of --train-json")
     p.add_argument("--max-images", type=int, default=None, help="only the first N images by id")
     p.add_argument("--batch-size", type=int, default=None, help="CLIP crops per forward")

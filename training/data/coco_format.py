@@ -436,3 +436,74 @@ def register_from_spec(spec: str, *, overwrite: bool = False) -> str:
     """
     name, json_path, image_root = parse_dataset_spec(spec)
     return register_ov_dataset(name, json_path, image_root, overwrite=overwrite)
+
+
+def check_dataset(json_file: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None, *,
+                  progress=None, max_listed: int = 20) -> dict:
+    """Everything `ovd data check` verifies about a COCO dataset, beyond the json's own format
+    (`load_coco_json`, which raises on the first malformed entry): every image file exists,
+    decodes and has the json's size (EXIF orientation applied), every box lies inside its image
+    (1 px tolerance), and which categories have no box or are declared novel.
+
+    Args:
+        json_file: the COCO json.
+        image_root: its image folder (default: the json's folder).
+        progress: optional ``progress(desc, total) -> advance(n)``.
+        max_listed: problems listed per kind (the counts are complete).
+
+    Returns:
+        {"images", "boxes", "base", "novel", "errors": [str], "warnings": [str]}; errors make
+        the dataset unusable as given, warnings are worth reading.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    json_file = Path(json_file)
+    coco = load_coco_json(json_file)
+    root = Path(image_root) if image_root else json_file.parent
+    errors: dict[str, list[str]] = {}
+
+    def problem(kind: str, text: str) -> None:
+        errors.setdefault(kind, []).append(text)
+
+    if not root.is_dir():
+        problem("image folder", f"image folder {root} does not exist")
+    sizes: dict[int, tuple[int, int]] = {}
+    advance = progress("check images", len(coco["images"])) if progress and root.is_dir() else None
+    for im in coco["images"] if root.is_dir() else []:
+        path = root / im["file_name"]
+        try:
+            with Image.open(path) as f:
+                f.load()
+                w, h = ImageOps.exif_transpose(f).size
+        except FileNotFoundError:
+            problem("missing image", f"{path} (image id {im['id']}) does not exist")
+        except (UnidentifiedImageError, OSError) as e:
+            problem("unreadable image", f"{path} (image id {im['id']}) does not decode: {e}")
+        else:
+            sizes[im["id"]] = (w, h)
+            if (w, h) != (im["width"], im["height"]):
+                problem("size mismatch", f"{path}: stored {w}x{h} (EXIF orientation applied), the json "
+                                         f"says {im['width']}x{im['height']}")
+        if advance:
+            advance(1)
+    declared = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
+    per_category = {c["id"]: 0 for c in coco["categories"]}
+    for a in coco["annotations"]:
+        per_category[a["category_id"]] += 1
+        w, h = sizes.get(a["image_id"], declared[a["image_id"]])
+        x, y, bw, bh = a["bbox"]
+        if x < -1 or y < -1 or x + bw > w + 1 or y + bh > h + 1:
+            problem("box outside image", f"annotation {a['id']}: box {a['bbox']} overruns image "
+                                         f"{a['image_id']} ({w}x{h})")
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    base, novel = category_split(coco)
+    warnings = [f"category {names[i]!r} (id {i}) has no box in this file" for i, n in per_category.items() if not n]
+    if not novel:
+        warnings.append("no category is declared novel (\"split\": \"novel\" here, or dataset.novel in the "
+                        "pipeline config): fine for a training file, but novel AP and the gates need them")
+    listed = []
+    for kind, items in errors.items():
+        listed += items[:max_listed] + ([f"... and {len(items) - max_listed} more ({kind})"]
+                                        if len(items) > max_listed else [])
+    return {"images": len(coco["images"]), "boxes": len(coco["annotations"]), "base": base, "novel": novel,
+            "errors": listed, "error_counts": {k: len(v) for k, v in errors.items()}, "warnings": warnings}

@@ -583,13 +583,6 @@ def world_datasets(world_dir: str | Path) -> dict[str, tuple[Path, Path]]:
     }
 
 
-def world_specs(world_dir: str | Path) -> list[str]:
-    """DATASETS.REGISTER entries ("name=json:image_root") of a world; none if not generated."""
-    if not (Path(world_dir) / "world.json").is_file():
-        return []
-    return [f"{name}={json_file}:{root}" for name, (json_file, root) in world_datasets(world_dir).items()]
-
-
 def register_world(world_dir: str | Path, *, overwrite: bool = False) -> list[str]:
     """Register a world's splits in Detectron2's DatasetCatalog / MetadataCatalog.
 
