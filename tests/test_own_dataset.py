@@ -118,6 +118,39 @@ detector:
     metrics = json.loads((tmp_path / "eval_export" / "metrics.json").read_text())
     assert metrics["images"] == 4 and set(metrics) >= {"novel", "base", "all"}
 
+    # ONNX graphs, validated against PyTorch on three of the dataset's own (non-square) images.
+    assert main(["export", "--config", "trees.yaml", "--onnx", "--out", "onnx_export"]) == 0
+    assert verify_export(tmp_path / "onnx_export")["onnx"]["validation"]["images"] == "3 given"
+
     found = ovd.Detector.load(run / "export")(data / "images" / "val_000.jpg", ["dead tree", "palm", "tree"],
                                                threshold=0.0)
     assert found.image_size == (150, 120) and len(found.boxes) > 0
+
+
+def test_the_example_config_is_valid():
+    """configs/own_dataset.example.yaml, which the README points to, parses into every section."""
+    from ovd.training.config import REPO_ROOT, load_config
+    from ovd.training.data.dataset import DatasetConfig
+    from ovd.training.pipeline import ClipSource, Pipeline
+    from ovd.training.proposals import ProposalConfig
+
+    cfg = load_config(REPO_ROOT / "configs" / "own_dataset.example.yaml")
+    dataset = DatasetConfig.from_config(cfg)
+    assert dataset.novel == ("dead tree", "palm") and dataset.split("test") is None
+    assert ClipSource.from_config(cfg).pretrained == "laion2b_s34b_b79k"
+    assert ProposalConfig.from_config(cfg).mode == "cheap"
+    assert Pipeline(cfg, None).renorm_cfg.tune == "vision"
+
+
+def test_dataset_section_errors_name_the_fix(tmp_path, monkeypatch):
+    from ovd.training.data.dataset import DatasetConfig, prepare_dataset
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()
+    path = _write_coco(tmp_path, tmp_path / "images", "train", 2, seed=3)
+    with pytest.raises(ValueError, match="train_json is required"):
+        DatasetConfig()
+    with pytest.raises(ValueError, match=r"dataset.novel names \['oak'\] are not categories"):
+        prepare_dataset(DatasetConfig(train_json=str(path), novel=("oak",)), tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="image folder"):
+        prepare_dataset(DatasetConfig(train_json=str(path), train_images="nowhere"), tmp_path / "out")

@@ -290,10 +290,8 @@ class Pipeline:
 
         from .export import export_detector
 
-        section = self.cfg.get("export") or {}
-        name = section.get("name") or ("ovd-synthetic" if not self.custom else f"ovd-{self.data.name}")
-        export_detector(self.layout.detector, self.layout.export, name=name,
-                        version=str(section.get("version", "0.1.0")))
+        name, version = export_identity(self.cfg, self.layout)
+        export_detector(self.layout.detector, self.layout.export, name=name, version=version)
         verify_export(self.layout.export)
         return False
 
@@ -331,6 +329,27 @@ STAGES: tuple[Stage, ...] = (
     Stage("gates", "stage gates", lambda lay: lay.gates, Pipeline._run_gates),
     Stage("export", "export", lambda lay: lay.export, Pipeline._run_export),
 )
+
+
+def export_identity(cfg: dict, layout: RunLayout) -> tuple[str, str]:
+    """(name, version) of a run's export: the config's `export:` section, else "ovd-<dataset
+    name>" ("ovd-synthetic" for the world) and 0.1.0. The name is in every service response."""
+    section = cfg.get("export") or {}
+    default = f"ovd-{cfg['dataset'].get('name', 'dataset')}" if cfg.get("dataset") else "ovd-synthetic"
+    return str(section.get("name") or default), str(section.get("version", "0.1.0"))
+
+
+def sample_images(cfg: dict, layout: RunLayout, count: int = 3) -> list[Path]:
+    """A few images of a `dataset:` run (val, else train): ONNX validation on the user's own
+    domain and sizes. None for the synthetic world (its validation uses drawn scenes)."""
+    if not cfg.get("dataset"):
+        return []
+    from .data.coco_format import load_coco_json
+
+    data = dataset_of(cfg, layout)
+    split = data.val or data.train
+    images = load_coco_json(split.json_file)["images"][:count]
+    return [split.image_root / im["file_name"] for im in images]
 
 
 def run_gates(cfg: dict, layout: RunLayout, *, detector: bool | str | Path = True, heldout_json=None,

@@ -54,11 +54,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ovd.models.exported import verify_export
 
+    from ..pipeline import export_identity, sample_images
+
+    cfg, layout = run_of(args)
     images = None
     if args.onnx_images:
         from ovd.models.batch_detect import expand_inputs
 
         images = expand_inputs(args.onnx_images)
+    elif args.onnx:
+        images = sample_images(cfg, layout) or None  # the dataset's own images, when a run has one
     if args.from_export:  # an existing export folder: only the ONNX graphs are added
         if not args.onnx:
             raise ValueError("--from-export only adds ONNX graphs: give --onnx too")
@@ -69,10 +74,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         from ..export import export_detector
 
-        _, layout = run_of(args)
+        name, version = export_identity(cfg, layout)
         out = Path(args.out or layout.export)
-        manifest = export_detector(args.model_dir or layout.detector, out, name=args.name,
-                                   version=args.version, weights=args.weights, dtype=args.dtype)
+        manifest = export_detector(args.model_dir or layout.detector, out, name=args.name or name,
+                                   version=args.version or version, weights=args.weights, dtype=args.dtype)
         if args.onnx:
             from ovd.models.onnx_export import export_onnx
 
@@ -180,8 +185,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-dir", default=None, help="training output (default: <root>/detector)")
     p.add_argument("--weights", default=None, help="checkpoint (default: <model-dir>/model_final.pth)")
     p.add_argument("--out", default=None, help="export folder (default: <root>/export)")
-    p.add_argument("--name", default="ovd-synthetic", help="model name in the manifest")
-    p.add_argument("--version", default="0.1.0", help="model version in the manifest")
+    p.add_argument("--name", default=None,
+                   help="model name in the manifest (default: the config's export.name, else ovd-<dataset name>)")
+    p.add_argument("--version", default=None, help="model version in the manifest (default: export.version, 0.1.0)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="storage of the weights (float16: half the size, computed in float32)")
     p.add_argument("--onnx", action="store_true",
@@ -194,7 +200,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "else in place)")
     p.add_argument("--onnx-images", nargs="+", default=None, metavar="IMAGE_OR_DIR_OR_GLOB",
                    help="with --onnx: validate the graphs against PyTorch on these images of your "
-                        "domain (default: three drawn scenes)")
+                        "domain (default: three images of the run's dataset: section, else drawn scenes)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("detect", help="detect classes named in plain words in image files",
