@@ -113,6 +113,12 @@ detector:
     gates = json.loads((run / "gates.json").read_text())
     assert {"renorm", "proposals", "targets", "detector"} <= set(gates)
 
+    capsys.readouterr()
+    assert main(["clip", "eval", "--config", "trees.yaml"]) == 0  # on the dataset's val crops
+    assert "GT crops of" in capsys.readouterr().out
+    assert main(["gates", "--config", "trees.yaml", "--out", "gates_again.json"]) == 0
+    assert json.loads((tmp_path / "gates_again.json").read_text())["renorm"]["novel"]["n"] > 0
+
     assert main(["eval", "--export", str(run / "export"), "--config", "trees.yaml", "--dataset", "trees_val",
                  "--out", "eval_export"]) == 0
     metrics = json.loads((tmp_path / "eval_export" / "metrics.json").read_text())
