@@ -43,6 +43,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: StarletteHTTPException):
         if isinstance(exc.__cause__, ApiError):  # e.g. the body limit hit while FastAPI parsed a body
             return error_response(exc.__cause__)
+        if exc.status_code == 400 and isinstance(exc.__cause__, (RecursionError, ValueError)):
+            # FastAPI could not parse a JSON body (e.g. nested 100,000 deep)
+            return error_response(ApiError(400, "invalid_json", f"the body is not valid JSON: {exc.detail}"))
         codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
         return error_response(ApiError(exc.status_code, codes.get(exc.status_code, "http_error"),
                                        str(exc.detail), headers=dict(exc.headers or {})))

@@ -25,4 +25,7 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {"error": {"status": self.status, "code": self.code, "message": self.message}}
+        # A message may quote client text; one that is not valid Unicode (a lone surrogate from
+        # a JSON "\ud800") could not be encoded as UTF-8, so it is escaped here.
+        message = self.message.encode("utf-8", "backslashreplace").decode("utf-8")
+        return {"error": {"status": self.status, "code": self.code, "message": message}}

@@ -4,7 +4,15 @@ Order of checks (each a clear `ApiError`, never a crash):
   empty body (400) -> format sniffed by PIL (415 if not an image or not allowed) -> header
   size against `max_pixels` (413, before decoding: a decompression bomb costs nothing) ->
   trailing bytes after the format's end marker (400: a polyglot, e.g. PNG + ZIP) -> full
-  decode (400 if truncated or corrupt) -> EXIF orientation -> RGB.
+  decode (400 if truncated or corrupt) -> EXIF orientation -> 8-bit RGB.
+
+`read_header` runs the checks up to the trailing bytes without decoding any pixels, so the
+routes can price a request (its decoded pixels) before they decode it.
+
+Every PIL mode the allowed formats produce ends as 8-bit RGB: 16-bit gray ("I;16*", "I") is
+scaled from 0..65535 to 0..255 (PIL's own conversion would clip it, and the image would be all
+white); 16-bit colour PNGs are read by PIL at 8 bits; gray, palette and CMYK convert as PIL
+converts them; an alpha channel is dropped (the stored colour is what the detector sees).
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ApiError
+
+HIGH_BIT_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 
@@ -53,6 +63,64 @@ def _trailing_bytes(data: bytes, fmt: str) -> int:
     return 0
 
 
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """PIL image of `data` with its header read, or the ApiError that refuses it."""
+    if not data:
+        raise ApiError(400, "empty_image", "the image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (and past 2x its own limit raises) for huge images; our limit comes first.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError as e:
+        raise ApiError(415, "unsupported_image",
+                       f"not an image in a supported format ({', '.join(ALLOWED_FORMATS)})") from e
+    except Image.DecompressionBombError as e:  # PIL's own guard, past 2x its default limit
+        raise ApiError(413, "image_too_large", f"image exceeds the limit of {max_pixels} pixels ({e})") from e
+    except (OSError, ValueError, struct.error, SyntaxError, EOFError) as e:
+        raise ApiError(400, "corrupt_image", f"the image header could not be read: {e}") from e
+
+
+def _check_header(im: Image.Image, data: bytes, max_pixels: int) -> tuple[int, int]:
+    width, height = im.size
+    if width <= 0 or height <= 0:
+        raise ApiError(400, "corrupt_image", f"image has size {width}x{height}")
+    if width * height > max_pixels:
+        raise ApiError(413, "image_too_large",
+                       f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} "
+                       "(OVD_MAX_IMAGE_PIXELS)")
+    try:
+        extra = _trailing_bytes(data, im.format)
+    except struct.error:
+        extra = 0
+    if extra > 0:
+        raise ApiError(400, "trailing_data",
+                       f"{extra} bytes follow the end of the {im.format} image (a polyglot file?)")
+    return width, height
+
+
+def read_header(data: bytes, *, max_pixels: int) -> tuple[int, int]:
+    """(width, height) from the file's header, every check of `decode_image` before decoding done.
+
+    Raises:
+        ApiError: as `decode_image`, except for errors only a full decode finds.
+    """
+    with _open(data, max_pixels) as im:
+        return _check_header(im, data, max_pixels)
+
+
+def to_rgb(im: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a decoded PIL image of any mode (see the module docstring)."""
+    if im.mode in HIGH_BIT_GRAY_MODES:
+        wide = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
+        gray = ((wide + 128) // 257).astype(np.uint8)  # 0..65535 -> 0..255, rounded
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if im.mode == "F":
+        gray = np.clip(np.rint(np.asarray(im, dtype=np.float64)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
 def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
     """Decode an uploaded image.
 
@@ -67,42 +135,15 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         ApiError: 400 empty / truncated / corrupt / trailing data, 413 too many pixels,
             415 not an image or a format outside ALLOWED_FORMATS.
     """
-    if not data:
-        raise ApiError(400, "empty_image", "the image is empty (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            # PIL warns (and past 2x its own limit raises) for huge images; our limit comes first.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except UnidentifiedImageError as e:
-        raise ApiError(415, "unsupported_image",
-                       f"not an image in a supported format ({', '.join(ALLOWED_FORMATS)})") from e
-    except Image.DecompressionBombError as e:  # PIL's own guard, past 2x its default limit
-        raise ApiError(413, "image_too_large", f"image exceeds the limit of {max_pixels} pixels ({e})") from e
-    except (OSError, ValueError, struct.error) as e:
-        raise ApiError(400, "corrupt_image", f"the image header could not be read: {e}") from e
-    with im:
-        width, height = im.size
-        if width <= 0 or height <= 0:
-            raise ApiError(400, "corrupt_image", f"image has size {width}x{height}")
-        if width * height > max_pixels:
-            raise ApiError(413, "image_too_large",
-                           f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
-        try:
-            extra = _trailing_bytes(data, im.format)
-        except struct.error:
-            extra = 0
-        if extra > 0:
-            raise ApiError(400, "trailing_data",
-                           f"{extra} bytes follow the end of the {im.format} image (a polyglot file?)")
+    with _open(data, max_pixels) as im:
+        _check_header(im, data, max_pixels)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 im.load()
                 upright = ImageOps.exif_transpose(im)
-                rgb = upright.convert("RGB")
+                return to_rgb(upright)
         except Image.DecompressionBombError as e:
             raise ApiError(413, "image_too_large", f"image exceeds the limit of {max_pixels} pixels ({e})") from e
-        except (OSError, ValueError, SyntaxError, struct.error, EOFError) as e:
+        except (OSError, ValueError, SyntaxError, struct.error, EOFError, IndexError, ZeroDivisionError) as e:
             raise ApiError(400, "corrupt_image", f"the image could not be decoded: {e}") from e
-    return np.asarray(rgb, dtype=np.uint8)

@@ -21,7 +21,7 @@ from . import schemas
 from .batcher import Job, Overloaded
 from .deps import API_KEY_REQUIRED, MetricsDep, ModelDep, SettingsDep
 from .errors import ApiError
-from .images import decode_base64, decode_image
+from .images import decode_base64, decode_image, read_header
 from .metrics import Metrics
 from .schemas import ERROR_RESPONSES
 from .serving import ServedModel
@@ -124,6 +124,8 @@ async def _parse_detect(request: Request, settings: Settings, *,
             raw = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from e
+        except RecursionError as e:  # e.g. 100,000 nested arrays
+            raise ApiError(400, "invalid_json", "the body is not valid JSON: nested too deeply") from e
         try:
             req = (schemas.BatchDetectRequest if batch else schemas.DetectRequest).model_validate(raw)
         except ValidationError as e:
@@ -191,12 +193,25 @@ async def _resolve_vocabulary(model: ServedModel, opts: schemas.DetectOptions,
     return names, templates
 
 
+def check_aspect(size: tuple[int, int], model: ServedModel) -> None:
+    """422 `degenerate_image` when the detector's resize would make a side shorter than one pixel
+    (a 1 x 100,000 strip: its short side is scaled up to min_size, then the long side down to
+    max_size)."""
+    width, height = size
+    h, w = model.detector.preprocessing.resized_shape(height, width)
+    if min(h, w) < 1:
+        raise ApiError(422, "degenerate_image",
+                       f"a {width}x{height} image is resized to {w}x{h} for the detector: its aspect "
+                       "ratio is too extreme")
+
+
 def _decode_all(data: list[bytes], model: ServedModel, max_pixels: int) -> list[tuple[dict, float]]:
     """Decode + preprocess each image (worker thread); per image (model input, seconds)."""
     out = []
     for i, blob in enumerate(data):
         t0 = time.perf_counter()
         try:
+            check_aspect(read_header(blob, max_pixels=max_pixels), model)
             rgb = decode_image(blob, max_pixels=max_pixels)
         except ApiError as e:
             if len(data) > 1:

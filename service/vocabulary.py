@@ -25,15 +25,36 @@ BUILTIN_DESCRIPTIONS = {
 }
 
 
+def check_text(value: str, what: str) -> str:
+    """`value` if it is valid Unicode text (UTF-8 encodable: no lone surrogates, no NUL).
+
+    JSON can carry "\ud800", which Python decodes to a str that cannot be encoded, hashed
+    or sent to the text tower.
+
+    Raises:
+        ApiError: 422 `invalid_text`.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(422, "invalid_text",
+                       f"{what} {value[:40]!r} is not valid Unicode text (lone surrogate at {e.start})") from e
+    if "\0" in value:
+        raise ApiError(422, "invalid_text", f"{what} {value[:40]!r} contains a NUL character")
+    return value
+
+
 def normalise_names(names: list[str], *, max_classes: int, max_chars: int) -> list[str]:
     """Strip, collapse whitespace, drop empties, dedupe case-insensitively (first one kept).
 
     Limits are checked after normalisation, so padding and duplicates never count.
 
     Raises:
-        ApiError: 422 if nothing is left, more than `max_classes` remain, or a name is longer
-            than `max_chars` characters.
+        ApiError: 422 if nothing is left, more than `max_classes` remain, a name is longer
+            than `max_chars` characters, or a name is not valid Unicode text (`invalid_text`).
     """
+    for name in names:
+        check_text(str(name), "class name")
     out: list[str] = []
     seen: set[str] = set()
     for name in names:
@@ -66,6 +87,8 @@ def check_templates(templates: list[str], *, max_templates: int, max_chars: int)
     Raises:
         ApiError: 422 for a bad template or too many of them.
     """
+    for t in templates:
+        check_text(t, "template")
     clean = list(dict.fromkeys(" ".join(t.split()) for t in templates))
     if len(clean) > max_templates:
         raise ApiError(422, "too_many_templates", f"{len(clean)} templates; the limit is {max_templates}")
