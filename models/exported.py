@@ -29,26 +29,16 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
 from safetensors.torch import load_file, save_file
 
-from .clip.model import ClipModel, sha256_file
+from .clip.model import ClipModel
 from .detector import OpenVocabRCNN, add_ovd_config
-
-EXPORT_FORMAT = "ovd-detector/1"
-FILES = {
-    "detector": "detector.safetensors",
-    "config": "detector.yaml",
-    "text_encoder": "text_encoder.safetensors",
-    "text_config": "text_encoder.json",
-}
-# Optional: written by `ovd export --onnx`, verified like the others when the manifest lists them.
-ONNX_FILES = {
-    "onnx_detector": "detector.onnx",
-    "onnx_encode": "detector_encode.onnx",
-    "onnx_classify": "detector_classify.onnx",
-}
-
-
-class ExportError(ValueError):
-    """An export folder that is missing files, malformed, or fails its manifest's hashes."""
+from .manifest import (
+    EXPORT_FORMAT,
+    FILES,
+    ExportError,
+    atomic_write,
+    sha256_file,
+    verify_export,
+)
 
 
 @dataclass
@@ -68,12 +58,6 @@ class ExportedDetector:
     def text_embeddings(self, names: list[str], template: str | None = None) -> torch.Tensor:
         """(C, D) normalised text embeddings of names in the export's prompt template."""
         return self.text.text_embeddings(names, template or self.manifest["prompt_template"])
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -125,11 +109,11 @@ def write_export(out_dir: str | Path, *, model: OpenVocabRCNN, cfg: CfgNode, cli
     cfg.DATASETS.REGISTER = []
     cfg.DATASETS.DISTILL_TARGETS = ""
     cfg.MODEL.DEVICE = "cpu"
-    _atomic_write(out / FILES["config"], cfg.dump().encode())
+    atomic_write(out / FILES["config"], cfg.dump().encode())
     _save_tensors(out / FILES["text_encoder"], {
         k: v.detach().cpu().contiguous() for k, v in clip.model.state_dict().items()
         if not k.startswith("visual.")}, dtype)
-    _atomic_write(out / FILES["text_config"], json.dumps({
+    atomic_write(out / FILES["text_config"], json.dumps({
         "model_cfg": clip_arch, "preprocess_cfg": {"size": clip.image_size, "mean": list(clip.mean),
                                                    "std": list(clip.std)}}, indent=2).encode())
     manifest = {
@@ -145,41 +129,8 @@ def write_export(out_dir: str | Path, *, model: OpenVocabRCNN, cfg: CfgNode, cli
                   "boxes": "[x1, y1, x2, y2] pixels of the original image"},
         "files": {name: {"file": f, "sha256": sha256_file(out / f)} for name, f in FILES.items()},
     }
-    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
     return out / "manifest.json"
-
-
-def verify_export(folder: str | Path) -> dict:
-    """Check an export folder against its manifest; returns the manifest.
-
-    Raises:
-        ExportError: missing manifest or file, unknown format, or a sha256 mismatch.
-    """
-    folder = Path(folder)
-    path = folder / "manifest.json"
-    if not path.is_file():
-        raise ExportError(f"{folder} is not a detector export (missing manifest.json)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{path} is not valid JSON: {e}") from e
-    if manifest.get("format") != EXPORT_FORMAT:
-        raise ExportError(f"{path}: format {manifest.get('format')!r}, expected {EXPORT_FORMAT!r}")
-    for name, entry in manifest.get("files", {}).items():
-        f = folder / entry["file"]
-        if not f.is_file():
-            raise ExportError(f"{folder}: missing {entry['file']} ({name})")
-        actual = sha256_file(f)
-        if actual != entry["sha256"]:
-            raise ExportError(f"{f} has sha256 {actual}, but the manifest says {entry['sha256']}")
-    listed = set(manifest.get("files", {}))
-    if not set(FILES) <= listed or listed - set(FILES) - set(ONNX_FILES):
-        raise ExportError(f"{path}: files {sorted(listed)}, expected {sorted(FILES)} "
-                          f"(and optionally {sorted(ONNX_FILES)})")
-    known = {**FILES, **ONNX_FILES}
-    if any(entry["file"] != known[name] for name, entry in manifest["files"].items()):
-        raise ExportError(f"{path}: unexpected file names {manifest['files']}")
-    return manifest
 
 
 def load_export(folder: str | Path, *, device: str = "cpu") -> ExportedDetector:

@@ -38,13 +38,11 @@ flattened (proposal, class) pairs offset per class by the image size, and a rank
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import logging
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +50,19 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from detectron2.layers.wrappers import shapes_to_tensor
-from detectron2.structures import Boxes, Instances
 from torch import nn
 
-from .clip.model import sha256_file
-from .exported import FILES, ONNX_FILES, ExportError, _atomic_write, load_export, verify_export
+from .exported import load_export
+from .manifest import (
+    FILES,
+    ONNX_FILES,
+    ONNX_TEXT_FILES,
+    ExportError,
+    atomic_write,
+    sha256_file,
+    verify_export,
+)
+from .onnx_runtime import OnnxGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -261,124 +267,6 @@ def write_onnx(model, out: str | Path, manifest: dict) -> dict[str, Path]:
     return paths
 
 
-# --------------------------------------------------------------------------- onnxruntime
-
-def _session(path: Path, threads: int = 0):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # warnings about unused initializers etc. are expected
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-@dataclass
-class OnnxRegions:
-    """One image encoded by detector_encode.onnx (numpy arrays, see ONNX_CONTRACT)."""
-
-    proposals: np.ndarray
-    embeddings: np.ndarray
-    reg_features: np.ndarray
-    image_size: np.ndarray
-
-
-class OnnxDetector:
-    """The exported graphs under onnxruntime (CPUExecutionProvider), with the interface the
-    service's batcher uses on an OpenVocabRCNN: `encode(batched_inputs)`, `classify(regions,
-    text, ...)`, `to_original_size(results, batched_inputs)`.
-
-    Attributes:
-        manifest: the export's manifest.
-        defaults: {"score_threshold", "max_detections"} used when a call gives None.
-    """
-
-    def __init__(self, folder: str | Path, manifest: dict, threads: int = 0):
-        self.folder, self.threads = Path(folder), threads
-        self.manifest = manifest
-        self.encoder = _session(self.folder / ONNX_FILES["onnx_encode"], threads)
-        self.classifier = _session(self.folder / ONNX_FILES["onnx_classify"], threads)
-        self.defaults = {k: manifest["onnx"]["defaults"][k] for k in ("score_threshold", "max_detections")}
-
-    @functools.cached_property
-    def detector(self):
-        """detector.onnx's session, created on first use (the service runs the two halves)."""
-        return _session(self.folder / ONNX_FILES["onnx_detector"], self.threads)
-
-    def _options(self, score_thresh: float | None, max_detections: int | None) -> dict:
-        return {"score_threshold": np.array(self.defaults["score_threshold"] if score_thresh is None
-                                            else score_thresh, np.float32),
-                "max_detections": np.array(self.defaults["max_detections"] if max_detections is None
-                                           else max_detections, np.int64)}
-
-    def detect(self, image: np.ndarray | torch.Tensor, text: np.ndarray | torch.Tensor, *,
-               score_thresh: float | None = None, max_detections: int | None = None):
-        """detector.onnx on one (3, H, W) uint8 image: (boxes (N, 4), scores (N,), classes (N,))."""
-        return tuple(self.detector.run(None, {"image": np.asarray(image, np.uint8),
-                                              "text": np.asarray(text, np.float32),
-                                              **self._options(score_thresh, max_detections)}))
-
-    def encode(self, batched_inputs: list[dict]) -> list[OnnxRegions]:
-        """detector_encode.onnx per image of Detectron2 inputs ({"image": (3, H, W) uint8})."""
-        return [OnnxRegions(*self.encoder.run(None, {"image": np.asarray(x["image"], np.uint8)}))
-                for x in batched_inputs]
-
-    def classify(self, regions: list[OnnxRegions], text: torch.Tensor, *, score_thresh: float | None = None,
-                 max_detections: int | None = None, nms_thresh: float | None = None) -> list[Instances]:
-        """detector_classify.onnx per image; Instances as `EZSDOutputLayers.classify` returns.
-
-        Raises:
-            ValueError: nms_thresh given (it is fixed in the graph).
-        """
-        if nms_thresh is not None:
-            raise ValueError("the NMS threshold is fixed in the ONNX graph")
-        results = []
-        for r in regions:
-            boxes, scores, classes = self.classify_one(r, text, score_thresh, max_detections)
-            inst = Instances(tuple(int(s) for s in r.image_size))
-            inst.pred_boxes = Boxes(torch.from_numpy(boxes))
-            inst.scores = torch.from_numpy(scores)
-            inst.pred_classes = torch.from_numpy(classes)
-            results.append(inst)
-        return results
-
-    def classify_one(self, region: OnnxRegions, text: np.ndarray | torch.Tensor,
-                     score_thresh: float | None = None, max_detections: int | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """detector_classify.onnx on one encoded image: boxes (N, 4) xyxy in the resized
-        input's pixels, scores (N,), class indices (N,) into text's rows."""
-        text = np.asarray(text.detach().cpu().float() if isinstance(text, torch.Tensor) else text, np.float32)
-        return tuple(self.classifier.run(None, {
-            "proposals": region.proposals, "embeddings": region.embeddings,
-            "reg_features": region.reg_features, "image_size": region.image_size, "text": text,
-            **self._options(score_thresh, max_detections)}))
-
-    @staticmethod
-    def to_original_size(results: list[Instances], batched_inputs: list[dict]) -> list[dict]:
-        """[{"instances": ...}] rescaled to each input's "height"/"width" (as OpenVocabRCNN)."""
-        from .detector.meta_arch import OpenVocabRCNN
-
-        return OpenVocabRCNN.to_original_size(results, batched_inputs)
-
-
-def load_onnx_detector(folder: str | Path, *, threads: int = 0) -> OnnxDetector:
-    """The ONNX graphs of an export folder, every file checked against the manifest first.
-
-    Args:
-        folder: export folder written by `ovd export --onnx`.
-        threads: onnxruntime intra-op threads (0: its default).
-
-    Raises:
-        ExportError: a file fails its sha256, or the export has no ONNX graphs.
-    """
-    manifest = verify_export(folder)
-    missing = sorted(set(ONNX_FILES) - set(manifest["files"]))
-    if missing or "onnx" not in manifest:
-        raise ExportError(f"{folder} has no ONNX graphs (missing {missing}); "
-                          f"write them with `ovd export --onnx --from-export {folder}`")
-    return OnnxDetector(folder, manifest, threads)
-
-
 # --------------------------------------------------------------------------- validation
 
 def drawn_scenes(size: int, count: int = 3, seed: int = 2026) -> list[np.ndarray]:
@@ -419,7 +307,7 @@ def validation_images(manifest: dict, sources: Sequence | None = None, count: in
 
     prep = Preprocessing.from_manifest(manifest)
     rgbs = [read_image(x) for x in sources] if sources else drawn_scenes(prep.min_size, count, seed)
-    return [prep(rgb)["image"] for rgb in rgbs]
+    return [torch.from_numpy(prep(rgb)["image"]) for rgb in rgbs]
 
 
 def match_detections(want: tuple, got: tuple) -> dict:
@@ -451,7 +339,7 @@ def match_detections(want: tuple, got: tuple) -> dict:
             "max_score_diff": score_diff}
 
 
-def compare_with_torch(model, onnx: OnnxDetector, images: list[torch.Tensor],
+def compare_with_torch(model, onnx: OnnxGraphs, images: list[torch.Tensor],
                        vocabularies: list[torch.Tensor], *, score_thresh: float | None = None,
                        max_detections: int | None = None) -> list[dict]:
     """onnxruntime (detector.onnx and the two halves) vs the PyTorch model, per image and
@@ -467,18 +355,16 @@ def compare_with_torch(model, onnx: OnnxDetector, images: list[torch.Tensor],
     with torch.inference_mode():
         for image in images:
             regions = model.encode([{"image": image}])
-            onnx_regions = onnx.encode([{"image": image.numpy()}])
+            (onnx_regions,) = onnx.encode([{"image": image.numpy()}])
             for text in vocabularies:
                 ref = predictor.classify(regions, text, score_thresh=score_thresh,
                                          max_detections=max_detections)[0]
                 want = (ref.pred_boxes.tensor, ref.scores, ref.pred_classes)
-                got = onnx.detect(image.numpy(), text.numpy(), score_thresh=score_thresh,
-                                  max_detections=max_detections)
-                halves = onnx.classify(onnx_regions, text, score_thresh=score_thresh,
-                                       max_detections=max_detections)[0]
-                for graph, out in (("detector", got),
-                                   ("encode+classify", (halves.pred_boxes.tensor, halves.scores,
-                                                        halves.pred_classes))):
+                for graph, out in (
+                        ("detector", onnx.detect(image.numpy(), text.numpy(), score_thresh=score_thresh,
+                                                 max_detections=max_detections)),
+                        ("encode+classify", onnx.classify_one(onnx_regions, text.numpy(), score_thresh,
+                                                              max_detections))):
                     reports.append({"graph": graph, "classes": len(text),
                                     **match_detections(*_clear_of_the_cut(want, out, keep))})
     return reports
@@ -525,6 +411,98 @@ def random_vocabularies(dim: int, sizes: tuple[int, ...] = (5, 16), seed: int = 
     return [F.normalize(torch.randn(c, dim, generator=g), dim=1) for c in sizes]
 
 
+# --------------------------------------------------------------------------- the text tower
+
+class TextGraph(nn.Module):
+    """token ids (N, L) int64 -> L2-normalised text embeddings (N, D): CLIP's text tower."""
+
+    def __init__(self, clip_model):
+        super().__init__()
+        self.clip = clip_model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
+
+
+def text_contract(context_length: int, embed_dim: int) -> dict:
+    """text_encoder.onnx's inputs and outputs (context length and width fixed by the model)."""
+    return {"inputs": [{"name": "tokens", "dtype": "int64", "shape": ["texts", context_length],
+                        "meaning": "CLIP token ids: start, BPE ids, end, zero padding (tokenizer.json)"}],
+            "outputs": [{"name": "embeddings", "dtype": "float32", "shape": ["texts", embed_dim],
+                         "meaning": "L2-normalised text embeddings (the detector's `text` rows)"}]}
+
+
+def write_clip_tokenizer(path: Path) -> None:
+    """open_clip's SimpleTokenizer as an HF `tokenizers` file: its vocabulary and merge ranks,
+    CLIP's split pattern, byte-level symbols and "</w>" word ends (models/onnx_runtime.py
+    adds the start/end tokens, truncation and padding, and ftfy's clean-up)."""
+    from open_clip.tokenizer import SimpleTokenizer
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    clip_tok = SimpleTokenizer()
+    merges = [pair for pair, _ in sorted(clip_tok.bpe_ranks.items(), key=lambda kv: kv[1])]
+    tok = Tokenizer(models.BPE(vocab=dict(clip_tok.encoder), merges=merges, end_of_word_suffix="</w>",
+                               fuse_unk=False))
+    tok.normalizer = normalizers.Sequence([normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip(),
+                                           normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+                             behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tmp = path.with_name(path.name + ".tmp")
+    tok.save(str(tmp))
+    tmp.chmod(0o644)
+    tmp.replace(path)
+
+
+#: Texts beyond the vocabulary on which the exported tokenizer must match open_clip's exactly.
+TOKENIZER_PROBES = ("a photo of a Red  Ring.", "Café déjà-vu", "  forklift's   cargo ", "3 trees & 2 palms",
+                    "&amp; HTML &lt;b&gt;", "ünïcödé ЖУК 車", "a" * 300, "don't, won't; it'll!", "")
+
+
+def export_text_onnx(text_clip, out: Path, names: Sequence[str], template: str, *,
+                     tol: float = 1e-4) -> tuple[dict[str, Path], dict]:
+    """Write text_encoder.onnx and tokenizer.json, and check both against open_clip.
+
+    Args:
+        text_clip: the export's ClipModel (text tower).
+        out: destination folder.
+        names, template: the export's categories and prompt template (probes besides
+            TOKENIZER_PROBES).
+        tol: largest allowed difference of an embedding coordinate.
+
+    Returns:
+        ({file key: path}, the manifest's onnx.text record with its validation).
+
+    Raises:
+        OnnxValidationError: a token differs, or an embedding beyond tol.
+    """
+    from .onnx_runtime import OnnxTokenizer, session
+
+    paths = {k: out / f for k, f in ONNX_TEXT_FILES.items()}
+    write_clip_tokenizer(paths["tokenizer"])
+    probes = [template.format(n) for n in names] + list(TOKENIZER_PROBES)
+    want_tokens = text_clip.tokenizer(probes)
+    context_length = int(want_tokens.shape[1])
+    got_tokens = OnnxTokenizer(paths["tokenizer"], context_length)(probes)
+    bad = [t for t, a, b in zip(probes, want_tokens.numpy(), got_tokens, strict=True) if not np.array_equal(a, b)]
+    if bad:
+        raise OnnxValidationError(f"the exported tokenizer differs from open_clip's on {len(bad)} of "
+                                  f"{len(probes)} probe texts, first: {bad[0]!r}")
+    contract = text_contract(context_length, int(text_clip.embed_dim))
+    _export_graph(TextGraph(text_clip.model).eval(), (want_tokens[:2],), paths["onnx_text"], contract, {})
+    with torch.inference_mode():
+        want = F.normalize(text_clip.model.encode_text(want_tokens).float(), dim=-1).numpy()
+    got = session(paths["onnx_text"]).run(None, {"tokens": got_tokens})[0]
+    diff = float(np.abs(want - got).max())
+    if diff > tol:
+        raise OnnxValidationError(f"text_encoder.onnx differs from PyTorch by {diff:.2g} (tolerance {tol})")
+    record = {"context_length": context_length, "graph": {"file": ONNX_TEXT_FILES["onnx_text"], **contract},
+              "tokenizer": ONNX_TEXT_FILES["tokenizer"],
+              "validation": {"texts": len(probes), "tokens_equal": True, "max_abs_diff": diff, "tolerance": tol}}
+    return paths, record
+
+
 # --------------------------------------------------------------------------- the export folder
 
 def export_onnx(source: str | Path, out: str | Path | None = None, *, images: Sequence | None = None,
@@ -555,7 +533,7 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, images: Se
     out = Path(out) if out is not None else source
     exported = load_export(source)
     manifest = copy.deepcopy(exported.manifest)
-    for key in ONNX_FILES:
+    for key in (*ONNX_FILES, *ONNX_TEXT_FILES):
         manifest["files"].pop(key, None)
     manifest.pop("onnx", None)
     out.mkdir(parents=True, exist_ok=True)
@@ -564,7 +542,7 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, images: Se
         for f in FILES.values():
             shutil.copyfile(source / f, out / f)
     # Without ONNX entries first: stale graphs of an earlier export are never trusted.
-    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
     model = exported.model
     t0 = time.perf_counter()
     paths = write_onnx(model, out, manifest)
@@ -574,7 +552,7 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, images: Se
                         "defaults": {k: v.item() for k, v in _defaults(model).items()},
                         "nms_threshold": model.roi_heads.box_predictor.test_nms_thresh,
                         "graphs": {k: {"file": ONNX_FILES[k], **ONNX_CONTRACT[k]} for k in ONNX_FILES}}
-    onnx = OnnxDetector(out, manifest)
+    onnx = OnnxGraphs(out, manifest)
     names = [c["name"] for c in manifest.get("categories", [])] or ["object"]
     vocabularies = [exported.text_embeddings(names), *random_vocabularies(int(manifest["embed_dim"]), (16,))]
     scenes = validation_images(manifest, images)
@@ -583,8 +561,10 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, images: Se
     summary = {**check_reports(reports, box_tol=box_tol, score_tol=score_tol),
                "images": f"{len(scenes)} given" if images else f"{len(scenes)} drawn scenes"}
     manifest["onnx"]["validation"] = summary
+    text_paths, manifest["onnx"]["text"] = export_text_onnx(exported.text, out, names, manifest["prompt_template"])
+    paths.update(text_paths)
     manifest["files"].update({k: {"file": p.name, "sha256": sha256_file(p)} for k, p in paths.items()})
-    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
     verify_export(out)
     logger.info("ONNX graphs written to %s in %.0f s and validated against PyTorch: %d comparisons, "
                 "%d detections, max box diff %.2g px, max score diff %.2g", out, export_s,

@@ -7,9 +7,10 @@ A runtime owns everything between an RGB array and `Detections`:
     regions = runtime.encode(inputs_with_one_key)               # vocabulary-independent, costly
     dets    = runtime.classify(regions, text, inputs, classes)  # per vocabulary, cheap
 
-so the service's batcher, the Python API (`models/api.py`), the ONNX validator and the
-benchmarks all run the detector the same way. The onnxruntime runtime loads only the ONNX
-graphs and CLIP's text tower, never the PyTorch detector.
+so the service's batcher, the Python API (`models/api.py`) and the benchmarks all run the
+detector the same way. The onnxruntime runtime (models/onnx_runtime.py) loads only the ONNX
+graphs, the text graph and the tokenizer: this module and it import neither torch nor
+Detectron2 (TorchRuntime imports torch when it runs).
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .detections import Detections
+
+if TYPE_CHECKING:
+    import torch
 
 #: The size divisor of an export whose manifest predates the field (every shipped detector
 #: so far is an FPN, which pads to multiples of 32).
@@ -65,8 +68,9 @@ class Preprocessing:
         """Model input of one (H, W, 3) uint8 RGB image.
 
         Returns:
-            {"image": (3, h, w) uint8 tensor in `input_format` order, "height": H, "width": W}
-            (Detectron2's input dict; height/width are the original size boxes come back in).
+            {"image": (3, h, w) uint8 array in `input_format` order, "height": H, "width": W}
+            (Detectron2's input dict, numpy so the onnxruntime runtime needs no torch;
+            height/width are the original size boxes come back in).
         """
         height, width = rgb.shape[:2]
         h, w = self.resized_shape(height, width)
@@ -74,8 +78,7 @@ class Preprocessing:
             Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
         if self.input_format == "BGR":
             resized = resized[:, :, ::-1]
-        image = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        return {"image": image, "height": height, "width": width}
+        return {"image": np.ascontiguousarray(resized.transpose(2, 0, 1)), "height": height, "width": width}
 
     def batch_key(self, model_input: dict) -> tuple[int, int]:
         """The padded (h, w) of an input: only inputs with one key are encoded together, since
@@ -146,40 +149,22 @@ class TorchRuntime:
     def text_embeddings(self, names: Sequence[str], template: str | None = None) -> torch.Tensor:
         return self.text.text_embeddings(list(names), template or self.manifest["prompt_template"])
 
-    @torch.inference_mode()
     def encode(self, inputs: list[dict]) -> list:
-        return self.model.encode(inputs)
+        import torch
 
-    @torch.inference_mode()
+        with torch.inference_mode():
+            return self.model.encode([{**x, "image": torch.as_tensor(x["image"])} for x in inputs])
+
     def classify(self, regions: list, text: torch.Tensor, inputs: list[dict], names: Sequence[str], *,
                  score_threshold: float | None = None, max_detections: int | None = None) -> list[Detections]:
-        results = self.model.classify(regions, text, score_thresh=score_threshold,
-                                      max_detections=max_detections)
+        import torch
+
+        with torch.inference_mode():
+            results = self.model.classify(regions, torch.as_tensor(text), score_thresh=score_threshold,
+                                          max_detections=max_detections)
         return [to_original(r.pred_boxes.tensor.cpu().numpy(), r.scores.cpu().numpy(),
                             r.pred_classes.cpu().numpy(), x, names)
                 for r, x in zip(results, inputs, strict=True)]
-
-
-class OnnxRuntime:
-    """An export's ONNX graphs under onnxruntime, plus CLIP's text tower; the PyTorch detector
-    is never loaded."""
-
-    def __init__(self, graphs, text):
-        self.graphs = graphs  # ovd.models.onnx_export.OnnxDetector
-        self.text = text      # ClipModel with only the text tower
-        self.manifest = graphs.manifest
-        self.preprocessing = Preprocessing.from_manifest(self.manifest)
-
-    def text_embeddings(self, names: Sequence[str], template: str | None = None) -> torch.Tensor:
-        return self.text.text_embeddings(list(names), template or self.manifest["prompt_template"])
-
-    def encode(self, inputs: list[dict]) -> list:
-        return self.graphs.encode(inputs)
-
-    def classify(self, regions: list, text: torch.Tensor, inputs: list[dict], names: Sequence[str], *,
-                 score_threshold: float | None = None, max_detections: int | None = None) -> list[Detections]:
-        return [to_original(*self.graphs.classify_one(r, text, score_threshold, max_detections), x, names)
-                for r, x in zip(regions, inputs, strict=True)]
 
 
 BACKENDS = ("torch", "onnx")
@@ -197,11 +182,10 @@ def load_runtime(folder: str | Path, *, backend: str = "torch", device: str = "c
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
-    from .exported import load_export, load_text_encoder, verify_export
+    if backend == "onnx":  # onnxruntime alone: no torch import for an export with its text graph
+        from .onnx_runtime import load_onnx_runtime
 
-    if backend == "torch":
-        return TorchRuntime(load_export(folder, device=device))
-    from .onnx_export import load_onnx_detector
+        return load_onnx_runtime(folder, threads=threads, device=device)
+    from .exported import load_export
 
-    graphs = load_onnx_detector(folder, threads=threads)
-    return OnnxRuntime(graphs, load_text_encoder(folder, verify_export(folder), device=device))
+    return TorchRuntime(load_export(folder, device=device))

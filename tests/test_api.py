@@ -18,7 +18,8 @@ from PIL import Image
 
 from ovd.models.api import Detector, read_image, resolve_model
 from ovd.models.detections import Detections
-from ovd.models.runtime import OnnxRuntime, Preprocessing, TorchRuntime, load_runtime, to_original
+from ovd.models.onnx_runtime import OnnxRuntime
+from ovd.models.runtime import Preprocessing, TorchRuntime, load_runtime, to_original
 from ovd.training.data.synthetic import WorldConfig, detection_sample
 
 
@@ -43,10 +44,10 @@ def test_preprocessing_matches_detectron2(size):
     got = pre(rgb)
     want = T.ResizeShortestEdge(256, 400).get_transform(rgb).apply_image(rgb)
     assert got["image"].shape == (3, *want.shape[:2])
-    assert np.array_equal(got["image"].numpy().transpose(1, 2, 0), want)
+    assert got["image"].dtype == np.uint8 and np.array_equal(got["image"].transpose(1, 2, 0), want)
     assert (got["height"], got["width"]) == size
     bgr = Preprocessing("BGR", 256, 400)(rgb)["image"]
-    assert torch.equal(bgr, got["image"].flip(0))
+    assert np.array_equal(bgr, got["image"][::-1])
     h, w = want.shape[:2]
     assert pre.batch_key(got) == (-(-h // 32) * 32, -(-w // 32) * 32)
 

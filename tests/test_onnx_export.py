@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import io
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -21,9 +23,9 @@ from ovd.models.onnx_export import (
     OnnxValidationError,
     check_reports,
     compare_with_torch,
-    load_onnx_detector,
     random_vocabularies,
 )
+from ovd.models.onnx_runtime import load_onnx_runtime
 from ovd.training.cli import main as ovd
 
 
@@ -51,7 +53,7 @@ def test_manifest_lists_the_graphs_their_hashes_and_contract(onnx_export, plain_
 
 def test_one_file_serves_vocabularies_of_any_size_like_pytorch(onnx_export):
     exported = load_export(onnx_export)
-    detector = load_onnx_detector(onnx_export)
+    detector = load_onnx_runtime(onnx_export).graphs
     vocabularies = [exported.text_embeddings([c["name"] for c in CATEGORIES]),
                     *random_vocabularies(exported.manifest["embed_dim"], (5, 16), seed=1)]
     reports = compare_with_torch(exported.model, detector, _images(), vocabularies)
@@ -74,12 +76,42 @@ def test_one_file_serves_vocabularies_of_any_size_like_pytorch(onnx_export):
 
 def test_a_different_model_fails_the_comparison(onnx_export):
     exported = load_export(onnx_export)
-    detector = load_onnx_detector(onnx_export)
+    detector = load_onnx_runtime(onnx_export).graphs
     with torch.no_grad():
         exported.model.roi_heads.box_predictor.bbox_pred.bias.add_(0.5)  # every box moves
     text = random_vocabularies(exported.manifest["embed_dim"], (5,))
     with pytest.raises(OnnxValidationError, match="differs from PyTorch"):
         check_reports(compare_with_torch(exported.model, detector, _images()[:1], text))
+
+
+def test_the_text_tower_and_tokenizer_run_in_onnx_like_pytorch(onnx_export):
+    exported = load_export(onnx_export)
+    runtime = load_onnx_runtime(onnx_export)
+    text = runtime.manifest["onnx"]["text"]
+    assert text["validation"]["tokens_equal"] and text["validation"]["max_abs_diff"] < 1e-4
+    names = ["red ring", "a forklift", "Café crème", "dead tree", "x" * 200]
+    want = exported.text_embeddings(names).detach().numpy()
+    got = runtime.text_embeddings(names)
+    assert got.shape == want.shape and np.abs(got - want).max() < 1e-4
+    assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+
+
+def test_the_onnx_runtime_never_imports_torch(onnx_export):
+    """onnxruntime, numpy, PIL and tokenizers only: a fresh interpreter runs a whole detection
+    (preprocess, text, encode, classify) and has imported neither torch nor Detectron2."""
+    code = (
+        "import sys, numpy as np\n"
+        "from ovd.models.runtime import load_runtime\n"
+        f"rt = load_runtime({str(onnx_export)!r}, backend='onnx')\n"
+        "x = rt.preprocessing(np.full((70, 90, 3), 128, np.uint8))\n"
+        "names = ['red ring', 'blue star']\n"
+        "(d,) = rt.classify(rt.encode([x]), rt.text_embeddings(names), [x], names, score_threshold=0.0)\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'detectron2', 'open_clip'))\n"
+        "assert not heavy, heavy[:5]\n"
+        "print(d.image_size, len(d.boxes))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("(70, 90)")
 
 
 def test_tampered_or_missing_graphs_are_refused(onnx_export, plain_export, tmp_path):
@@ -90,11 +122,11 @@ def test_tampered_or_missing_graphs_are_refused(onnx_export, plain_export, tmp_p
     data[len(data) // 2] ^= 0xFF
     graph.write_bytes(bytes(data))
     with pytest.raises(ExportError, match="sha256"):
-        load_onnx_detector(copy)
+        load_onnx_runtime(copy)
     with pytest.raises(ExportError, match="sha256"):
         verify_export(copy)
     with pytest.raises(ExportError, match="no ONNX graphs"):
-        load_onnx_detector(plain_export)
+        load_onnx_runtime(plain_export)
     assert ovd(["export", "--from-export", str(plain_export), "--out", str(tmp_path / "x")]) == 2
 
 

@@ -40,8 +40,8 @@ from ovd.models.clip.model import (
     architecture_config,
     load_clip,
     save_clip,
-    sha256_file,
 )
+from ovd.models.manifest import sha256_file
 
 from .clip_pretrain import bf16_supported
 from .config import SectionConfig

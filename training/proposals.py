@@ -90,7 +90,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou, nms, roi_align
 
-from ovd.models.clip.model import DEFAULT_TEMPLATE, ClipModel, sha256_file
+from ovd.models.clip.model import DEFAULT_TEMPLATE, ClipModel
+from ovd.models.manifest import sha256_file
 
 from .config import SectionConfig
 from .data.detection_set import DetectionSet

@@ -13,7 +13,6 @@ Loading a folder checks the weights' sha256 against the manifest before open_cli
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -24,6 +23,7 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
+from ..manifest import sha256_file
 from .crops import crop_and_resize
 
 MANIFEST_FORMAT = "ovd-clip/1"
@@ -37,14 +37,6 @@ open_clip.add_model_config(_PROJECT_CONFIGS)  # registers the project's small ar
 
 class ClipCheckpointError(ValueError):
     """A CLIP checkpoint that is missing, malformed, or does not match its manifest."""
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

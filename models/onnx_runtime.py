@@ -1,0 +1,196 @@
+"""The detector under onnxruntime alone: numpy, onnxruntime, PIL and HF `tokenizers` — no
+torch, no Detectron2, no open_clip import (a test asserts it).
+
+An export written by `ovd export --onnx` holds everything it needs (models/manifest.py):
+
+    detector_encode.onnx     image -> proposals, region embeddings, regression features, size
+    detector_classify.onnx   those + text (C, D) -> boxes, scores, classes
+    text_encoder.onnx        token ids (N, L) int64 -> L2-normalised text embeddings (N, D)
+    tokenizer.json           CLIP's BPE as an HF `tokenizers` file (written from open_clip's)
+
+The tokenizer reproduces open_clip's SimpleTokenizer: ftfy + HTML unescape, whitespace
+collapsed, lower case, CLIP's split pattern, byte-level BPE with "</w>" word ends, then
+[start] + ids + [end], truncated to the context length (end kept) and zero-padded. The export
+checks it token for token against open_clip on probe strings, and the text graph against
+PyTorch, before listing either file.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .detections import Detections
+from .manifest import ONNX_FILES, ONNX_TEXT_FILES, ExportError, verify_export
+from .runtime import Preprocessing, to_original
+
+START, END = "<start_of_text>", "<end_of_text>"
+
+
+def session(path: str | Path, threads: int = 0):
+    """An onnxruntime CPU session (threads: intra-op threads, 0 = its default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings about unused initializers etc. are expected
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxTokenizer:
+    """CLIP's tokenizer from an export's tokenizer.json, returning numpy token ids."""
+
+    def __init__(self, path: str | Path, context_length: int):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(path))
+        self.context_length = int(context_length)
+        self.start = self.tokenizer.token_to_id(START)
+        self.end = self.tokenizer.token_to_id(END)
+        if self.start is None or self.end is None:
+            raise ExportError(f"{path} lacks CLIP's {START} / {END} tokens")
+
+    @staticmethod
+    def clean(text: str) -> str:
+        """open_clip's basic clean: ftfy's fixes and HTML entities (twice), stripped."""
+        import ftfy
+
+        return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        """(N, context_length) int64 token ids of texts."""
+        out = np.zeros((len(texts), self.context_length), np.int64)
+        for i, enc in enumerate(self.tokenizer.encode_batch([self.clean(t) for t in texts],
+                                                            add_special_tokens=False)):
+            ids = [self.start, *enc.ids, self.end][:self.context_length]
+            ids[-1] = self.end
+            out[i, :len(ids)] = ids
+        return out
+
+
+class OnnxTextEncoder:
+    """CLIP's text tower as ONNX plus its tokenizer: names -> normalised embeddings."""
+
+    def __init__(self, folder: str | Path, manifest: dict, threads: int = 0):
+        folder = Path(folder)
+        spec = manifest["onnx"]["text"]
+        self.session = session(folder / ONNX_TEXT_FILES["onnx_text"], threads)
+        self.tokenizer = OnnxTokenizer(folder / ONNX_TEXT_FILES["tokenizer"], spec["context_length"])
+        self.template = manifest["prompt_template"]
+        self.embed_dim = int(manifest["embed_dim"])
+
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """(N, D) float32 L2-normalised embeddings of texts."""
+        out = [self.session.run(None, {"tokens": self.tokenizer(texts[i:i + batch_size])})[0]
+               for i in range(0, len(texts), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+
+    def text_embeddings(self, names: Sequence[str], template: str | None = None) -> np.ndarray:
+        """(C, D) normalised embeddings of class names in a prompt template (default: the export's)."""
+        return self.encode_text([(template or self.template).format(n) for n in names])
+
+
+class OnnxRegions:
+    """One image encoded by detector_encode.onnx (numpy arrays, see ONNX_CONTRACT)."""
+
+    __slots__ = ("proposals", "embeddings", "reg_features", "image_size")
+
+    def __init__(self, proposals, embeddings, reg_features, image_size):
+        self.proposals, self.embeddings = proposals, embeddings
+        self.reg_features, self.image_size = reg_features, image_size
+
+
+class OnnxGraphs:
+    """The detector's ONNX graphs under onnxruntime (CPUExecutionProvider).
+
+    Attributes:
+        manifest: the export's manifest.
+        defaults: {"score_threshold", "max_detections"} used when a call gives None.
+    """
+
+    def __init__(self, folder: str | Path, manifest: dict, threads: int = 0):
+        self.folder, self.threads, self.manifest = Path(folder), threads, manifest
+        self.encoder = session(self.folder / ONNX_FILES["onnx_encode"], threads)
+        self.classifier = session(self.folder / ONNX_FILES["onnx_classify"], threads)
+        self.defaults = {k: manifest["onnx"]["defaults"][k] for k in ("score_threshold", "max_detections")}
+        self._detector = None
+
+    @property
+    def detector(self):
+        """detector.onnx's session, created on first use (the runtime runs the two halves)."""
+        if self._detector is None:
+            self._detector = session(self.folder / ONNX_FILES["onnx_detector"], self.threads)
+        return self._detector
+
+    def _options(self, score_thresh: float | None, max_detections: int | None) -> dict:
+        return {"score_threshold": np.array(self.defaults["score_threshold"] if score_thresh is None
+                                            else score_thresh, np.float32),
+                "max_detections": np.array(self.defaults["max_detections"] if max_detections is None
+                                           else max_detections, np.int64)}
+
+    def detect(self, image, text, *, score_thresh: float | None = None, max_detections: int | None = None):
+        """detector.onnx on one (3, H, W) uint8 image: (boxes (N, 4), scores (N,), classes (N,))."""
+        return tuple(self.detector.run(None, {"image": np.asarray(image, np.uint8),
+                                              "text": np.asarray(text, np.float32),
+                                              **self._options(score_thresh, max_detections)}))
+
+    def encode(self, inputs: list[dict]) -> list[OnnxRegions]:
+        """detector_encode.onnx per image of model inputs ({"image": (3, H, W) uint8})."""
+        return [OnnxRegions(*self.encoder.run(None, {"image": np.asarray(x["image"], np.uint8)}))
+                for x in inputs]
+
+    def classify_one(self, region: OnnxRegions, text, score_thresh: float | None = None,
+                     max_detections: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """detector_classify.onnx on one encoded image: boxes (N, 4) xyxy in the resized
+        input's pixels, scores (N,), class indices (N,) into text's rows."""
+        return tuple(self.classifier.run(None, {
+            "proposals": region.proposals, "embeddings": region.embeddings,
+            "reg_features": region.reg_features, "image_size": region.image_size,
+            "text": np.asarray(text, np.float32), **self._options(score_thresh, max_detections)}))
+
+
+class OnnxRuntime:
+    """An export under onnxruntime alone (the `Runtime` protocol of models/runtime.py); text
+    embeddings are numpy arrays. An export written before the text tower was exported falls
+    back to the PyTorch text tower (and so imports torch)."""
+
+    def __init__(self, folder: str | Path, manifest: dict, threads: int = 0, device: str = "cpu"):
+        self.manifest = manifest
+        self.graphs = OnnxGraphs(folder, manifest, threads)
+        self.preprocessing = Preprocessing.from_manifest(manifest)
+        if "text" in manifest["onnx"] and set(ONNX_TEXT_FILES) <= set(manifest["files"]):
+            self.text = OnnxTextEncoder(folder, manifest, threads)
+        else:
+            from .exported import load_text_encoder
+
+            self.text = load_text_encoder(folder, manifest, device=device)
+
+    def text_embeddings(self, names: Sequence[str], template: str | None = None):
+        return self.text.text_embeddings(list(names), template or self.manifest["prompt_template"])
+
+    def encode(self, inputs: list[dict]) -> list:
+        return self.graphs.encode(inputs)
+
+    def classify(self, regions: list, text, inputs: list[dict], names: Sequence[str], *,
+                 score_threshold: float | None = None, max_detections: int | None = None) -> list[Detections]:
+        text = np.asarray(text.detach().cpu() if hasattr(text, "detach") else text, np.float32)
+        return [to_original(*self.graphs.classify_one(r, text, score_threshold, max_detections), x, names)
+                for r, x in zip(regions, inputs, strict=True)]
+
+
+def load_onnx_runtime(folder: str | Path, *, threads: int = 0, device: str = "cpu") -> OnnxRuntime:
+    """The ONNX runtime of an export folder, every file checked against the manifest first.
+
+    Raises:
+        ExportError: a file fails its sha256, or the export has no ONNX graphs.
+    """
+    manifest = verify_export(folder)
+    missing = sorted(set(ONNX_FILES) - set(manifest["files"]))
+    if missing or "onnx" not in manifest:
+        raise ExportError(f"{folder} has no ONNX graphs (missing {missing}); "
+                          f"write them with `ovd export --onnx --from-export {folder}`")
+    return OnnxRuntime(folder, manifest, threads, device)
