@@ -9,6 +9,8 @@ One module per concern:
     routes_detect         /v1/detect, /v1/detect/batch
     routes_vocabularies   /v1/vocabularies[/{id}]
     error_handlers        every error as JSON, and the request-body limit
+    disconnect            cancels a detect request whose client went away
+    admission             admission by cost: pixel and prompt budgets, the classification bound
     schemas               request and response models (the OpenAPI schema)
     settings              the OVD_* environment
     errors                ApiError, the one refusal type

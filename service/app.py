@@ -7,6 +7,9 @@ routes_ops (/, /livez, /readyz, /metrics; open), routes_models (/v1/models), rou
 (/v1/detect, /v1/detect/batch) and routes_vocabularies (/v1/vocabularies[/{id}]), the /v1
 routes behind the API key when one is configured. /docs and /openapi.json are FastAPI's own.
 
+A detect request whose client disconnects is cancelled (service/disconnect.py), like one that
+passes `request_timeout_s`: its queued work is dropped.
+
 Shutdown (SIGTERM) stops accepting connections (uvicorn), lets in-flight requests finish,
 then the lifespan drains the batcher.
 """
@@ -17,6 +20,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from . import routes_detect, routes_models, routes_ops, routes_vocabularies
+from .disconnect import DisconnectMiddleware
 from .error_handlers import BodyLimitMiddleware, install_error_handlers
 from .metrics import MetricsMiddleware
 from .serving import ServingRuntime
@@ -46,6 +50,7 @@ def create_app(settings: Settings | None = None, runtime: ServingRuntime | None 
     app.state.runtime = runtime  # read by the dependencies of service/deps.py only
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(DisconnectMiddleware, paths=("/v1/detect", "/v1/detect/batch"))
     app.add_middleware(MetricsMiddleware, metrics=runtime.metrics)
     app.mount("/static", StaticFiles(directory=routes_ops.STATIC_DIR), name="static")
     for routes in (routes_ops, routes_models, routes_detect, routes_vocabularies):

@@ -8,6 +8,15 @@ the event loop never blocks on torch:
     regions = runtime.encode(images)                    # ~all of the cost, shared
     for each request: runtime.classify(its regions, ...) # two small matmuls + NMS, per vocabulary
 
+A job whose request went away (its future cancelled: client gone, timed out) is dropped at the
+next stage boundary: when batches are taken (stage "queue"), before its group is encoded
+("encode": skipped when no job of the group is still wanted) and before its classification
+("classify"); `on_abandon(stage, images)` counts them.
+
+Classification is bounded whatever the vocabulary: with R proposals and C classes above
+`max_candidates` pairs, the job's score threshold is raised to R / max_candidates
+(service/admission.py `candidate_floor`), so NMS sees at most that many pairs.
+
 Images are encoded together only when they share the runtime's batch key (their padded size):
 the detector's GroupNorm sees the padding, so mixing sizes would make a request's detections
 depend on which other requests it was batched with.
@@ -28,7 +37,20 @@ import torch
 from ovd.models.detections import Detections
 from ovd.models.runtime import Runtime, batches
 
+from .admission import candidate_floor, effective_threshold
+
 logger = logging.getLogger(__name__)
+
+
+def default_score_threshold(runtime) -> float | None:
+    """The score threshold a runtime uses when a call gives None, where it can be read."""
+    graphs = getattr(runtime, "graphs", None)
+    defaults = getattr(graphs, "defaults", None)
+    if isinstance(defaults, dict) and "score_threshold" in defaults:
+        return float(defaults["score_threshold"])
+    predictor = getattr(getattr(getattr(runtime, "model", None), "roi_heads", None), "box_predictor", None)
+    value = getattr(predictor, "test_score_thresh", None)
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 class Overloaded(Exception):
@@ -83,17 +105,24 @@ class Batcher:
         max_queue: images waiting at most; more -> Overloaded.
         on_batch: callback(batch_size, seconds) per encode call (metrics).
         on_queue_depth: callback(depth) whenever the queue changes (metrics).
+        max_candidates: (box, class) pairs one image may give NMS (None: unbounded).
+        on_abandon: callback(stage, images) for jobs dropped because their request went away.
     """
 
     def __init__(self, runtime: Runtime, *, max_batch_size: int, max_wait_s: float, max_queue: int,
                  on_batch: Callable[[int, float], None] | None = None,
-                 on_queue_depth: Callable[[int], None] | None = None):
+                 on_queue_depth: Callable[[int], None] | None = None,
+                 max_candidates: int | None = None,
+                 on_abandon: Callable[[str, int], None] | None = None):
         self.runtime = runtime
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self._on_batch = on_batch or (lambda size, seconds: None)
         self._on_queue_depth = on_queue_depth or (lambda depth: None)
+        self._on_abandon = on_abandon or (lambda stage, images: None)
+        self.max_candidates = max_candidates
+        self.default_threshold = default_score_threshold(runtime)
         self._queue: deque[Job] = deque()
         self._arrived = asyncio.Event()
         self._idle = asyncio.Event()
@@ -146,10 +175,15 @@ class Batcher:
                 except asyncio.TimeoutError:
                     break
             batch: list[Job] = []
+            dropped = 0
             while self._queue and len(batch) < self.max_batch_size:
                 job = self._queue.popleft()
                 if not job.future.done():  # a request that timed out or went away is skipped
                     batch.append(job)
+                else:
+                    dropped += 1
+            if dropped:
+                self._on_abandon("queue", dropped)
             self._on_queue_depth(len(self._queue))
             if self._queue:
                 self._arrived.set()  # the rest is the next batch, without waiting again
@@ -171,7 +205,16 @@ class Batcher:
     def _process(self, batch: list[Job], started: float) -> list[JobResult | BaseException]:
         """Runs in the worker thread: encode each same-size group once, classify per job."""
         outcomes: list[JobResult | BaseException] = [RuntimeError("not processed")] * len(batch)
-        for members in batches(self.runtime.preprocessing, [j.inputs for j in batch]):
+        for group in batches(self.runtime.preprocessing, [j.inputs for j in batch]):
+            # The futures belong to the event loop; reading whether one was cancelled is safe.
+            members = [i for i in group if not batch[i].future.done()]
+            if len(members) < len(group):
+                self._on_abandon("encode", len(group) - len(members))
+            for i in group:
+                if i not in members:
+                    outcomes[i] = RuntimeError("abandoned")
+            if not members:
+                continue
             jobs = [batch[i] for i in members]
             try:
                 t0 = time.monotonic()
@@ -179,9 +222,13 @@ class Batcher:
                 model_s = time.monotonic() - t0
                 self._on_batch(len(jobs), model_s)
                 for i, job, region in zip(members, jobs, regions, strict=True):
+                    if job.future.done():
+                        self._on_abandon("classify", 1)
+                        outcomes[i] = RuntimeError("abandoned")
+                        continue
                     t1 = time.monotonic()
                     (found,) = self.runtime.classify([region], job.text, [job.inputs], job.classes,
-                                                     score_threshold=job.score_threshold,
+                                                     score_threshold=self.threshold(job, region),
                                                      max_detections=job.max_detections)
                     outcomes[i] = JobResult(found, queue_s=started - job.enqueued, model_s=model_s,
                                             classify_s=time.monotonic() - t1, batch_size=len(jobs))
@@ -190,6 +237,13 @@ class Batcher:
                 for i in members:
                     outcomes[i] = e
         return outcomes
+
+    def threshold(self, job: Job, region) -> float | None:
+        """The job's score threshold, raised when its candidates could exceed `max_candidates`."""
+        if self.max_candidates is None:
+            return job.score_threshold
+        floor = candidate_floor(len(region.proposals), len(job.classes), self.max_candidates)
+        return effective_threshold(job.score_threshold, self.default_threshold, floor)
 
     async def close(self, timeout_s: float = 30.0) -> None:
         """Refuse new jobs, finish the queued and running ones (up to timeout_s), stop."""

@@ -17,11 +17,15 @@ converts them; an alpha channel is dropped (the stored colour is what the detect
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
 import struct
 import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -29,6 +33,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ApiError
 
 HIGH_BIT_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+T = TypeVar("T")
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 
@@ -147,3 +153,31 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
             raise ApiError(413, "image_too_large", f"image exceeds the limit of {max_pixels} pixels ({e})") from e
         except (OSError, ValueError, SyntaxError, struct.error, EOFError, IndexError, ZeroDivisionError) as e:
             raise ApiError(400, "corrupt_image", f"the image could not be decoded: {e}") from e
+
+
+class DecodePool:
+    """A bounded pool of decoding threads shared by all requests.
+
+    `run` queues one call; a request cancelled while its call waits takes it out of the queue
+    (it never starts, and never holds a thread), and one cancelled while its call runs lets it
+    finish and drops the result: at most `workers` images are ever being decoded.
+    """
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ovd-decode")
+
+    async def run(self, fn: Callable[..., T], *args, on_dropped: Callable[[], None] | None = None) -> T:
+        """`fn(*args)` in a pool thread; cancelled before it started, it never runs and
+        `on_dropped()` is called."""
+        job = self._executor.submit(fn, *args)
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            job.cancel()
+            if job.cancelled() and on_dropped is not None:
+                on_dropped()
+            raise
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -10,6 +10,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .disconnect import CLIENT_GONE
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -36,6 +38,19 @@ class Metrics:
         self.redis_errors = Counter("ovd_redis_errors_total",
                                     "Redis failures by reason (timeout, connection, corrupt, other)",
                                     ["reason"], registry=self.registry)
+        self.abandoned_requests = Counter(
+            "ovd_abandoned_requests_total",
+            "detect requests cancelled (client gone or timed out), by the stage they were in "
+            "(parse, decode, text, model)", ["stage"], registry=self.registry)
+        self.abandoned_jobs = Counter(
+            "ovd_abandoned_jobs_total",
+            "work dropped because its request was cancelled, by stage: decode (images not decoded), "
+            "text (prompts not encoded), queue / encode / classify (images the model thread skipped)",
+            ["stage"], registry=self.registry)
+        self.admission_rejections = Counter(
+            "ovd_admission_rejections_total",
+            "requests refused by cost, by resource (pixels, prompts) and reason (request: over the "
+            "per-request limit, busy: over the shared limit)", ["resource", "reason"], registry=self.registry)
         self.detections = Histogram("ovd_detections_per_image", "detections returned per image",
                                     buckets=(0, 1, 5, 10, 25, 50, 100, 300, 1000),
                                     registry=self.registry)
@@ -73,6 +88,7 @@ class MetricsMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or ("/static" if scope["path"].startswith("/static/")
                                                         else "unmatched")
-            labels = (scope["method"], template, str(status["code"]))
+            code = 499 if scope.get(CLIENT_GONE) else status["code"]  # 499: client closed request
+            labels = (scope["method"], template, str(code))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)

@@ -78,20 +78,39 @@ async def _with_timeout(coro, timeout: float):
 
 async def _detect(request: Request, model: ServedModel, settings: Settings, metrics: Metrics, *,
                   batch: bool) -> list[dict]:
-    """Everything of a detect request after auth: parse, decode, text, batch, respond."""
+    """Everything of a detect request after auth: parse, price, decode, text, batch, respond.
+
+    The request is priced before its work starts (service/admission.py): its decoded pixels
+    from the image headers, its uncached prompts after the cache lookups. Cancelled (client
+    gone, or `request_timeout_s` passed), it stops where it waits and its work is dropped.
+    """
     start = time.perf_counter()
-    data, opts = await _parse_detect(request, settings, batch=batch)
-    names, templates = await _resolve_vocabulary(model, opts, settings)
-    decoded = await asyncio.to_thread(_decode_all, data, model, settings.max_image_pixels)
-    t_text = time.perf_counter()
-    text = await model.text.text_matrix(names, templates)
-    text_s = time.perf_counter() - t_text
+    stage = "parse"
     try:
-        futures = model.batcher.submit([Job(inputs, text, tuple(names), opts.score_threshold,
-                                            opts.max_detections) for inputs, _ in decoded])
-    except Overloaded as e:
-        raise ApiError(503, "overloaded", f"the server is busy: {e}", headers={"Retry-After": "1"}) from e
-    results = await asyncio.gather(*futures)
+        data, opts = await _parse_detect(request, settings, batch=batch)
+        names, templates = await _resolve_vocabulary(model, opts, settings)
+        sizes = [_image_size(blob, i, len(data), model, settings.max_image_pixels) for i, blob in enumerate(data)]
+        stage = "decode"
+        with model.admission.pixels.hold(sum(w * h for w, h in sizes)):
+            decoded = await _decode_all(data, model, settings.max_image_pixels, metrics)
+        stage = "text"
+        t_text = time.perf_counter()
+        looked_up = await model.text.lookup(model.text.pairs(names, templates))
+        with model.admission.prompts.hold(looked_up.new_prompts):
+            vectors = await model.text.complete(
+                looked_up, on_abandon=lambda n: metrics.abandoned_jobs.labels("text").inc(n))
+        text = model.text.ensemble(vectors, len(names), len(templates))
+        text_s = time.perf_counter() - t_text
+        stage = "model"
+        try:
+            futures = model.batcher.submit([Job(inputs, text, tuple(names), opts.score_threshold,
+                                                opts.max_detections) for inputs, _ in decoded])
+        except Overloaded as e:
+            raise ApiError(503, "overloaded", f"the server is busy: {e}", headers={"Retry-After": "1"}) from e
+        results = await asyncio.gather(*futures)
+    except asyncio.CancelledError:
+        metrics.abandoned_requests.labels(stage).inc()
+        raise
     total_ms = 1000 * (time.perf_counter() - start)
     manifest = model.manifest
     out = []
@@ -193,6 +212,18 @@ async def _resolve_vocabulary(model: ServedModel, opts: schemas.DetectOptions,
     return names, templates
 
 
+def _image_size(blob: bytes, index: int, count: int, model: ServedModel, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of one image from its header, every check before decoding done."""
+    try:
+        size = read_header(blob, max_pixels=max_pixels)
+        check_aspect(size, model)
+        return size
+    except ApiError as e:
+        if count > 1:
+            e.message = f"image {index}: {e.message}"
+        raise
+
+
 def check_aspect(size: tuple[int, int], model: ServedModel) -> None:
     """422 `degenerate_image` when the detector's resize would make a side shorter than one pixel
     (a 1 x 100,000 strip: its short side is scaled up to min_size, then the long side down to
@@ -205,18 +236,33 @@ def check_aspect(size: tuple[int, int], model: ServedModel) -> None:
                        "ratio is too extreme")
 
 
-def _decode_all(data: list[bytes], model: ServedModel, max_pixels: int) -> list[tuple[dict, float]]:
-    """Decode + preprocess each image (worker thread); per image (model input, seconds)."""
-    out = []
-    for i, blob in enumerate(data):
-        t0 = time.perf_counter()
-        try:
-            check_aspect(read_header(blob, max_pixels=max_pixels), model)
-            rgb = decode_image(blob, max_pixels=max_pixels)
-        except ApiError as e:
-            if len(data) > 1:
-                e.message = f"image {i}: {e.message}"
-            raise
-        inputs = model.detector.preprocessing(rgb)
-        out.append((inputs, time.perf_counter() - t0))
-    return out
+def _decode_one(blob: bytes, index: int, count: int, model: ServedModel, max_pixels: int) -> tuple[dict, float]:
+    """Decode + preprocess one image (a decode-pool thread): (model input, seconds)."""
+    t0 = time.perf_counter()
+    try:
+        rgb = decode_image(blob, max_pixels=max_pixels)
+    except ApiError as e:
+        if count > 1:
+            e.message = f"image {index}: {e.message}"
+        raise
+    inputs = model.detector.preprocessing(rgb)
+    return inputs, time.perf_counter() - t0
+
+
+async def _decode_all(data: list[bytes], model: ServedModel, max_pixels: int,
+                      metrics: Metrics) -> list[tuple[dict, float]]:
+    """Decode a request's images in the shared decode pool; on an error or a cancellation the
+    images not yet started are taken out of the pool's queue (counted as abandoned when cancelled)."""
+    dropped = []
+    tasks = [asyncio.ensure_future(model.decoder.run(_decode_one, blob, i, len(data), model, max_pixels,
+                                                     on_dropped=lambda: dropped.append(1)))
+             for i, blob in enumerate(data)]
+    try:
+        return [await t for t in tasks]
+    except BaseException as e:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if isinstance(e, asyncio.CancelledError) and dropped:
+            metrics.abandoned_jobs.labels("decode").inc(len(dropped))
+        raise

@@ -21,7 +21,9 @@ import torch
 
 from ovd.models.runtime import Runtime, load_runtime
 
+from .admission import Admission
 from .batcher import Batcher, Job
+from .images import DecodePool
 from .metrics import Metrics
 from .redis_store import RedisStore
 from .settings import Settings
@@ -39,6 +41,8 @@ class ServedModel:
     batcher: Batcher
     text: TextEmbedder
     vocabularies: VocabularyRegistry
+    decoder: DecodePool
+    admission: Admission
 
     @property
     def manifest(self) -> dict:
@@ -99,16 +103,20 @@ class ServingRuntime:
             manifest = detector.manifest
             batcher = Batcher(detector, max_batch_size=s.max_batch_size, max_wait_s=s.max_batch_wait_ms / 1000,
                               max_queue=s.max_queue, on_batch=metrics.observe_batch,
-                              on_queue_depth=metrics.queue_depth.set)
+                              on_queue_depth=metrics.queue_depth.set, max_candidates=s.max_classify_candidates,
+                              on_abandon=lambda stage, n: metrics.abandoned_jobs.labels(stage).inc(n))
             batcher.start()
             text = TextEmbedder(
                 detector.text.encode_text, model_key=manifest["files"]["text_encoder"]["sha256"],
                 dim=int(manifest.get("embed_dim") or detector.text.embed_dim),
                 cache_size=s.text_cache_size, store=self.store, prefix=s.redis_prefix, ttl_s=s.text_cache_ttl_s,
-                on_lookup=lambda layer, result: metrics.text_cache.labels(layer, result).inc())
+                on_lookup=lambda layer, result: metrics.text_cache.labels(layer, result).inc(),
+                chunk=s.text_encode_chunk)
             names = [c["name"] for c in manifest.get("categories", [])]
             vocabularies = VocabularyRegistry(names, store=self.store, prefix=s.redis_prefix)
-            model = ServedModel(detector, batcher, text, vocabularies)
+            admission = Admission.from_settings(
+                s, on_reject=lambda resource, reason: metrics.admission_rejections.labels(resource, reason).inc())
+            model = ServedModel(detector, batcher, text, vocabularies, DecodePool(s.decode_workers), admission)
             if s.warmup:
                 await self._warmup(model)
             self.model = model
@@ -133,6 +141,7 @@ class ServingRuntime:
         if self.model is not None:
             await self.model.batcher.close(self.settings.shutdown_timeout_s)
             await self.model.text.flush()
+            self.model.decoder.close()
         if self.store is not None:
             await self.store.close()
         logger.info("shut down")

@@ -50,6 +50,22 @@ class Settings(BaseSettings):
     max_templates: int = Field(16, ge=1, description="prompt templates of one request")
     max_detections_limit: int = Field(1000, ge=1, description="the largest max_detections a client may ask")
 
+    decode_workers: int = Field(2, ge=1, description="threads decoding images (a bounded pool; a cancelled "
+                                                     "request's queued images never start)")
+    max_request_pixels: int = Field(100_000_000, ge=1, description="decoded pixels (sum of width * height) "
+                                    "of one request's images, read from their headers; more -> 413 request_too_large")
+    max_pending_pixels: int = Field(200_000_000, ge=1, description="decoded pixels of all requests being "
+                                    "decoded or waiting to be; more -> 503 server_busy (Retry-After)")
+    max_request_new_prompts: int = Field(4096, ge=1, description="prompts (names x templates) one request may "
+                                         "need encoded, i.e. not in any cache; more -> 422 too_many_new_prompts")
+    max_pending_prompts: int = Field(8192, ge=1, description="prompts of all requests waiting for or in the "
+                                     "text tower; more -> 503 server_busy (Retry-After)")
+    text_encode_chunk: int = Field(256, ge=1, description="prompts per text-tower call; a cancelled request "
+                                   "stops after the chunk in progress")
+    max_classify_candidates: int = Field(100_000, ge=1, description="(box, class) pairs one image may give "
+                                         "NMS: with proposals x classes above it the score threshold is raised "
+                                         "to proposals / this (softmax scores make that an exact bound)")
+
     text_cache_size: int = Field(100_000, ge=0, description="text embeddings kept in process memory")
     text_cache_ttl_s: int = Field(30 * 24 * 3600, ge=0, description="Redis expiry of a text embedding; 0 = never")
 

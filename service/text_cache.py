@@ -24,6 +24,7 @@ import struct
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -69,6 +70,19 @@ def decode_entry(data: bytes, dim: int) -> np.ndarray:
     return vector
 
 
+@dataclass
+class TextLookup:
+    """Pairs looked up in the caches: their keys, the vectors found, what is left to encode."""
+
+    keys: list[str]
+    found: dict[str, np.ndarray]
+    todo: dict[str, tuple[str, str]]
+
+    @property
+    def new_prompts(self) -> int:
+        return len(self.todo)
+
+
 class TextEmbedder:
     """Vocabulary text matrices with a two-level cache.
 
@@ -81,11 +95,12 @@ class TextEmbedder:
         prefix: Redis key prefix.
         ttl_s: expiry of the entries written to Redis, seconds; 0 = none.
         on_lookup: callback(layer, result) counting hits and misses ("memory"/"redis", "hit"/"miss").
+        chunk: prompts per text-tower call.
     """
 
     def __init__(self, encode: Callable[[list[str]], torch.Tensor], *, model_key: str, dim: int,
                  cache_size: int, store: RedisStore | None = None, prefix: str = "ovd",
-                 ttl_s: int = 0, on_lookup: Callable[[str, str], None] | None = None):
+                 ttl_s: int = 0, on_lookup: Callable[[str, str], None] | None = None, chunk: int = 256):
         self._encode = encode
         self._model_key = model_key
         self.dim = dim
@@ -96,6 +111,7 @@ class TextEmbedder:
         self._ttl_s = ttl_s
         self._on_lookup = on_lookup or (lambda layer, result: None)
         self._writes: set[asyncio.Task] = set()
+        self.chunk = chunk
 
     def key(self, template: str, name: str) -> str:
         """Redis key of one (template, name) embedding of this text tower."""
@@ -112,10 +128,17 @@ class TextEmbedder:
 
     def _compute(self, prompts: list[str]) -> np.ndarray:
         with torch.inference_mode():
-            return self._encode(prompts).float().cpu().numpy().astype(np.float16)
+            out = self._encode(prompts)  # a torch tensor, or numpy from the onnxruntime runtime
+        if hasattr(out, "detach"):
+            out = out.detach().float().cpu().numpy()
+        return np.asarray(out, np.float32).astype(np.float16)
 
-    async def vectors(self, pairs: list[tuple[str, str]]) -> np.ndarray:
-        """(len(pairs), D) float16 embeddings of (template, name) pairs, through the caches."""
+    async def lookup(self, pairs: list[tuple[str, str]]) -> TextLookup:
+        """What the caches hold of (template, name) pairs (memory, then Redis); nothing is encoded.
+
+        `TextLookup.new_prompts` is what `complete` would send to the text tower: the price of
+        the request's text, known before that work starts.
+        """
         keys = [self.key(t, n) for t, n in pairs]
         found: dict[str, np.ndarray] = {}
         for k in dict.fromkeys(keys):
@@ -138,20 +161,41 @@ class TextEmbedder:
                         self._store.report("corrupt")  # recomputed and overwritten below
                 self._on_lookup("redis", "hit" if k in found else "miss")
         todo = {k: p for k, p in zip(keys, pairs, strict=True) if k not in found}
-        if todo:
-            prompts = [t.replace("{}", n) for t, n in todo.values()]
-            computed = await asyncio.to_thread(self._compute, prompts)
-            for k, v in zip(todo, computed, strict=True):
+        return TextLookup(keys, found, todo)
+
+    async def complete(self, looked_up: TextLookup, *,
+                       on_abandon: Callable[[int], None] | None = None) -> np.ndarray:
+        """(len(pairs), D) float16 embeddings of a lookup, encoding what it lacks.
+
+        The text tower runs `chunk` prompts per call; a request cancelled meanwhile stops after
+        the call in progress (whose results are kept) and `on_abandon(prompts never encoded)`.
+        """
+        found, todo = looked_up.found, looked_up.todo
+        items = list(todo.items())
+        for start in range(0, len(items), self.chunk):
+            part = items[start:start + self.chunk]
+            try:
+                computed = await asyncio.to_thread(self._compute, [t.replace("{}", n) for _, (t, n) in part])
+            except asyncio.CancelledError:
+                if on_abandon is not None:
+                    on_abandon(len(items) - start - len(part))
+                raise
+            for (k, _), v in zip(part, computed, strict=True):
                 found[k] = v
                 self._remember(k, v)
             if self._store is not None:
                 # Written in the background: a slow Redis must not delay the answer. With an
                 # expiry, so that only these entries are evictable (see the module docstring).
                 task = asyncio.create_task(self._store.set_many(
-                    {k: encode_entry(found[k]) for k in todo}, ttl_s=self._ttl_s))
+                    {k: encode_entry(found[k]) for k, _ in part}, ttl_s=self._ttl_s))
                 self._writes.add(task)
                 task.add_done_callback(self._writes.discard)
+        keys = looked_up.keys
         return np.stack([found[k] for k in keys]) if keys else np.zeros((0, self.dim), np.float16)
+
+    async def vectors(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        """(len(pairs), D) float16 embeddings of (template, name) pairs, through the caches."""
+        return await self.complete(await self.lookup(pairs))
 
     async def text_matrix(self, names: list[str], templates: list[str]) -> torch.Tensor:
         """(C, D) normalised float32 text embeddings of names, averaged over templates.
@@ -160,8 +204,16 @@ class TextEmbedder:
         embeddings, renormalised. One template is renormalised too (after float16 rounding),
         so both cases go through the same arithmetic.
         """
-        pairs = [(t, n) for t in templates for n in names]
-        v = torch.from_numpy(await self.vectors(pairs)).float().view(len(templates), len(names), self.dim)
+        return self.ensemble(await self.vectors(self.pairs(names, templates)), len(names), len(templates))
+
+    @staticmethod
+    def pairs(names: list[str], templates: list[str]) -> list[tuple[str, str]]:
+        """The (template, name) pairs of a vocabulary, template-major (what `ensemble` expects)."""
+        return [(t, n) for t in templates for n in names]
+
+    def ensemble(self, vectors: np.ndarray, n_names: int, n_templates: int) -> torch.Tensor:
+        """(C, D) text matrix of the `pairs(names, templates)` vectors: template mean, renormalised."""
+        v = torch.from_numpy(vectors).float().view(n_templates, n_names, self.dim)
         return torch.nn.functional.normalize(v.mean(dim=0), dim=-1)
 
     async def flush(self) -> None:

@@ -1,0 +1,119 @@
+"""Admission by cost: what one request, and all admitted requests together, may spend.
+
+A detect request is priced before its work starts: the pixels its images decode to (read from
+their headers) and the prompts its vocabulary needs that no cache holds (names x templates,
+after the memory and Redis lookups). Each price is held in a `Budget` while that work runs:
+
+    with model.admission.pixels.hold(pixels):   # 413 request_too_large / 503 server_busy
+        decode ...
+
+Over the per-request limit is the request's own fault (a 4xx that names the limit and its
+setting); over the shared limit is transient (503 `server_busy`, Retry-After). The third cost,
+classification, is capped in the batcher (`candidate_floor`), not refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from .errors import ApiError
+from .settings import Settings
+
+
+class Budget:
+    """Units of one resource held by the admitted requests (event-loop only, no locking).
+
+    Args:
+        unit: what is counted ("pixels", "prompts"), for messages.
+        per_request: most one request may hold; `per_request_setting` names its setting.
+        total: most all requests together may hold; `total_setting` names its setting.
+        status, code: the answer to a request over `per_request`.
+        on_reject: callback(reason) per refusal ("request" or "busy"), for metrics.
+    """
+
+    def __init__(self, unit: str, *, per_request: int, per_request_setting: str, total: int,
+                 total_setting: str, status: int, code: str,
+                 on_reject: Callable[[str], None] | None = None, retry_after_s: int = 1):
+        self.unit = unit
+        self.per_request, self.per_request_setting = per_request, per_request_setting
+        self.total, self.total_setting = total, total_setting
+        self.status, self.code = status, code
+        self.retry_after_s = retry_after_s
+        self.in_use = 0
+        self._on_reject = on_reject or (lambda reason: None)
+
+    def check(self, amount: int) -> None:
+        """Raise the refusal `hold(amount)` would raise now, without holding anything."""
+        if amount > self.per_request or amount > self.total:
+            self._on_reject("request")
+            limit, setting = ((self.per_request, self.per_request_setting) if self.per_request <= self.total
+                              else (self.total, self.total_setting))
+            raise ApiError(self.status, self.code,
+                           f"the request needs {amount} {self.unit}; the limit per request is {limit} ({setting})")
+        if self.in_use + amount > self.total:
+            self._on_reject("busy")
+            raise ApiError(503, "server_busy",
+                           f"the server is busy: {self.in_use} {self.unit} in progress, {amount} more would pass "
+                           f"the limit of {self.total} ({self.total_setting}); retry shortly",
+                           headers={"Retry-After": str(self.retry_after_s)})
+
+    @contextlib.contextmanager
+    def hold(self, amount: int) -> Iterator[None]:
+        """Hold `amount` units for the duration of the block (released however it ends)."""
+        if amount <= 0:
+            yield
+            return
+        self.check(amount)
+        self.in_use += amount
+        try:
+            yield
+        finally:
+            self.in_use -= amount
+
+
+@dataclass
+class Admission:
+    """The service's budgets: decoded pixels and new prompts."""
+
+    pixels: Budget
+    prompts: Budget
+
+    @classmethod
+    def from_settings(cls, s: Settings, on_reject: Callable[[str, str], None] | None = None) -> Admission:
+        report = on_reject or (lambda resource, reason: None)
+        return cls(
+            pixels=Budget("decoded pixels", per_request=s.max_request_pixels,
+                          per_request_setting="OVD_MAX_REQUEST_PIXELS", total=s.max_pending_pixels,
+                          total_setting="OVD_MAX_PENDING_PIXELS", status=413, code="request_too_large",
+                          on_reject=lambda reason: report("pixels", reason)),
+            prompts=Budget("uncached prompts (class names x templates)", per_request=s.max_request_new_prompts,
+                           per_request_setting="OVD_MAX_REQUEST_NEW_PROMPTS", total=s.max_pending_prompts,
+                           total_setting="OVD_MAX_PENDING_PROMPTS", status=422, code="too_many_new_prompts",
+                           on_reject=lambda reason: report("prompts", reason)))
+
+
+def candidate_floor(proposals: int, classes: int, max_candidates: int) -> float:
+    """Lowest score threshold that keeps classification at most `max_candidates` (box, class) pairs.
+
+    Scores are a softmax over the classes and background, so a proposal has fewer than 1 / t
+    classes scoring above t, and an image fewer than proposals / t: a threshold of at least
+    proposals / max_candidates bounds the pairs NMS sees, whatever the vocabulary. When
+    proposals x classes is already within the bound no floor is needed (0.0).
+    """
+    if proposals * classes <= max_candidates:
+        return 0.0
+    return min(1.0, proposals / max_candidates)
+
+
+def effective_threshold(requested: float | None, default: float | None, floor: float) -> float | None:
+    """The score threshold classification runs with: the request's (or the model's default),
+    raised to `floor`; None (the runtime's own default) when nothing needs raising."""
+    if floor <= 0.0:
+        return requested
+    base = requested if requested is not None else default
+    if base is None:
+        return None  # the runtime's default is unknown here: left as it is
+    return max(base, floor) if not math.isnan(base) else floor
