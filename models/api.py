@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from .detections import Detections
@@ -82,7 +81,7 @@ class Detector:
 
     def __init__(self, runtime: Runtime, *, text_cache: int = 32):
         self.runtime = runtime
-        self._text: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._text: OrderedDict[tuple, object] = OrderedDict()  # torch tensors or numpy arrays
         self._text_cache = text_cache
 
     @classmethod
@@ -101,7 +100,7 @@ class Detector:
         """The export's manifest: name, version, categories it was evaluated on, metrics."""
         return self.runtime.manifest
 
-    def text_embeddings(self, classes: Sequence[str], template: str | None = None) -> torch.Tensor:
+    def text_embeddings(self, classes: Sequence[str], template: str | None = None):
         key = (tuple(classes), template)
         if key not in self._text:
             self._text[key] = self.runtime.text_embeddings(list(classes), template)

@@ -98,14 +98,12 @@ def test_the_text_tower_and_tokenizer_run_in_onnx_like_pytorch(onnx_export):
 
 def test_the_onnx_runtime_never_imports_torch(onnx_export):
     """onnxruntime, numpy, PIL and tokenizers only: a fresh interpreter runs a whole detection
-    (preprocess, text, encode, classify) and has imported neither torch nor Detectron2."""
+    through the Python API (preprocess, text, encode, classify) and has imported neither torch
+    nor Detectron2."""
     code = (
-        "import sys, numpy as np\n"
-        "from ovd.models.runtime import load_runtime\n"
-        f"rt = load_runtime({str(onnx_export)!r}, backend='onnx')\n"
-        "x = rt.preprocessing(np.full((70, 90, 3), 128, np.uint8))\n"
-        "names = ['red ring', 'blue star']\n"
-        "(d,) = rt.classify(rt.encode([x]), rt.text_embeddings(names), [x], names, score_threshold=0.0)\n"
+        "import sys, numpy as np, ovd\n"
+        f"detector = ovd.Detector.load({str(onnx_export)!r}, backend='onnx')\n"
+        "d = detector(np.full((70, 90, 3), 128, np.uint8), ['red ring', 'blue star'], threshold=0.0)\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'detectron2', 'open_clip'))\n"
         "assert not heavy, heavy[:5]\n"
         "print(d.image_size, len(d.boxes))\n")
