@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -275,7 +276,13 @@ def launch_training(cfg: CfgNode, *, resume: bool = True, num_gpus: int = 1, num
                     trainer_cls: type[Trainer] = Trainer) -> Path:
     """Train with Detectron2's launcher (one process per GPU and machine; one on a CPU).
 
-    `trainer_cls` is the Trainer (sub)class each process runs, e.g. the student's."""
+    `trainer_cls` is the Trainer (sub)class each process runs, e.g. the student's. A negative
+    SEED (Detectron2's default, "draw one") is drawn here, once for every process, and so
+    recorded in the run's config.yaml."""
+    if cfg.SEED < 0:
+        cfg = cfg.clone()
+        cfg.SEED = int.from_bytes(os.urandom(4), "little") % 2**30
+        logger.info("SEED is negative (draw one): this run uses %d", cfg.SEED)
     launch(_main, num_gpus, num_machines=num_machines, machine_rank=machine_rank,
            dist_url=dist_url, args=(cfg, resume, trainer_cls))
     return final_weights(cfg.OUTPUT_DIR)
