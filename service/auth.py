@@ -8,6 +8,7 @@ reach this through `ovd.service.deps.require_api_key`.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from .errors import ApiError
@@ -29,3 +30,11 @@ def check_api_key(authorization: str, keys: list[str]) -> None:
     if scheme.lower() != "bearer" or not given or not matched:
         raise ApiError(401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key>)",
                        headers={"WWW-Authenticate": "Bearer"})
+
+
+def key_owner(authorization: str, keys: list[str]) -> str:
+    """Who owns what a request registers: a hash of its API key ("anonymous" with auth off)."""
+    if not keys:
+        return "anonymous"
+    given = authorization.partition(" ")[2].strip()
+    return hashlib.sha256(given.encode()).hexdigest()[:16]

@@ -69,6 +69,10 @@ class RedisStore:
             self.report(redis_reason(e))
             raise StoreUnavailable(str(e)) from e
 
+    async def call(self, coro):
+        """Any client call under the timeout; StoreUnavailable (reported) when it fails."""
+        return await self._call(coro)
+
     async def get(self, key: str) -> bytes | None:
         return await self._call(self.client.get(key))
 

@@ -113,7 +113,9 @@ class ServingRuntime:
                 on_lookup=lambda layer, result: metrics.text_cache.labels(layer, result).inc(),
                 chunk=s.text_encode_chunk)
             names = [c["name"] for c in manifest.get("categories", [])]
-            vocabularies = VocabularyRegistry(names, store=self.store, prefix=s.redis_prefix)
+            vocabularies = VocabularyRegistry(names, store=self.store, prefix=s.redis_prefix,
+                                              max_total=s.max_vocabularies, max_per_owner=s.max_vocabularies_per_key,
+                                              chunk_bytes=s.vocabulary_write_chunk_bytes)
             admission = Admission.from_settings(
                 s, on_reject=lambda resource, reason: metrics.admission_rejections.labels(resource, reason).inc())
             model = ServedModel(detector, batcher, text, vocabularies, DecodePool(s.decode_workers), admission)

@@ -66,6 +66,13 @@ class Settings(BaseSettings):
                                          "NMS: with proposals x classes above it the score threshold is raised "
                                          "to proposals / this (softmax scores make that an exact bound)")
 
+    max_vocabularies: int = Field(10_000, ge=1, description="registered vocabularies in all; more -> 422 "
+                                  "vocabulary_limit (DELETE frees one)")
+    max_vocabularies_per_key: int = Field(1000, ge=1, description="registered vocabularies per API key (all "
+                                          "clients together when auth is off); more -> 422 vocabulary_limit")
+    vocabulary_write_chunk_bytes: int = Field(64 * 1024, ge=1024, description="a vocabulary is written to Redis "
+                                              "in pieces of this size, each call within OVD_REDIS_TIMEOUT_S")
+
     text_cache_size: int = Field(100_000, ge=0, description="text embeddings kept in process memory")
     text_cache_ttl_s: int = Field(30 * 24 * 3600, ge=0, description="Redis expiry of a text embedding; 0 = never")
 

@@ -8,8 +8,10 @@ process memory (works while Redis is down).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -150,22 +152,35 @@ def lvis_names() -> tuple[str, ...]:
 class VocabularyRegistry:
     """Built-in and registered vocabularies.
 
+    Registered ones are counted (at most `max_total`, and `max_per_owner` per API key) and live
+    in Redis under keys of their own, without expiry (`<prefix>:vocab:<id>`, with the index sets
+    `<prefix>:vocabs` and `<prefix>:vocabs:owner:<owner>`): text-cache entries are the only keys
+    with an expiry, so `volatile-lru` eviction never reaches a vocabulary. A large one is written
+    in pieces of `chunk_bytes` (each call within the Redis timeout) to a temporary key renamed
+    into place, so a reader never sees half of it.
+
     Args:
         training_names: the model's category names (built-in "training").
-        store: the shared RedisStore, or None without Redis.
+        store: the shared RedisStore, or None without Redis (then this process holds them).
         prefix: Redis key prefix.
+        max_total, max_per_owner, chunk_bytes: the limits above.
     """
 
     def __init__(self, training_names: list[str], *, store: RedisStore | None = None,
-                 prefix: str = "ovd"):
+                 prefix: str = "ovd", max_total: int = 10_000, max_per_owner: int = 1000,
+                 chunk_bytes: int = 64 * 1024):
         self._builtin = {
             "training": Vocabulary("training", list(training_names), builtin=True),
             "coco": Vocabulary("coco", list(coco_names()), builtin=True),
             "lvis": Vocabulary("lvis", list(lvis_names()), builtin=True),
         }
         self._registered: dict[str, Vocabulary] = {}
+        self._owners: dict[str, set[str]] = {}  # without Redis: owner -> ids
         self._store = store
         self._prefix = prefix
+        self.max_total = max_total
+        self.max_per_owner = max_per_owner
+        self.chunk_bytes = chunk_bytes
 
     def builtins(self) -> list[Vocabulary]:
         return list(self._builtin.values())
@@ -173,19 +188,102 @@ class VocabularyRegistry:
     def _key(self, vocab_id: str) -> str:
         return f"{self._prefix}:vocab:{vocab_id}"
 
-    async def register(self, names: list[str], templates: list[str]) -> Vocabulary:
+    def _index(self, owner: str | None = None) -> str:
+        return f"{self._prefix}:vocabs" + (f":owner:{owner}" if owner else "")
+
+    def _limit(self, count: int, limit: int, setting: str, whose: str) -> None:
+        if count >= limit:
+            raise ApiError(422, "vocabulary_limit",
+                           f"{whose} {count} registered vocabularies; the limit is {limit} ({setting}); "
+                           "DELETE /v1/vocabularies/{id} frees one")
+
+    async def register(self, names: list[str], templates: list[str], owner: str = "anonymous") -> Vocabulary:
         """Store a vocabulary (already normalised) under its content id; idempotent.
 
-        Kept in process memory always and in Redis when it answers (a Redis failure is
-        reported by the store, not raised: this replica still serves the vocabulary). The Redis
-        key has no expiry, unlike text embeddings (`OVD_TEXT_CACHE_TTL_S`): under the
-        `volatile-lru` policy of docker/compose.yaml Redis never evicts it.
+        Returns only once it is stored (in Redis when configured).
+
+        Raises:
+            ApiError: 422 `vocabulary_limit` past a count limit; 503 `vocabulary_store_unavailable`
+                when Redis is configured and the write failed.
         """
         vocab = Vocabulary(content_id(names, templates), names, templates)
+        if self._store is None:
+            mine = self._owners.setdefault(owner, set())
+            if vocab.id not in mine:
+                self._limit(len(mine), self.max_per_owner, "OVD_MAX_VOCABULARIES_PER_KEY", "this API key has")
+                if vocab.id not in self._registered:
+                    self._limit(len(self._registered), self.max_total, "OVD_MAX_VOCABULARIES", "the service has")
+            self._registered[vocab.id] = vocab
+            mine.add(vocab.id)
+            return vocab
+        store = self._store
+        try:
+            pipe = store.client.pipeline(transaction=False)
+            pipe.sismember(self._index(owner), vocab.id).sismember(self._index(), vocab.id)
+            pipe.scard(self._index(owner)).scard(self._index())
+            owned, known, n_owned, n_all = await store.call(pipe.execute())
+            if not owned:
+                self._limit(n_owned, self.max_per_owner, "OVD_MAX_VOCABULARIES_PER_KEY", "this API key has")
+            if not known:
+                self._limit(n_all, self.max_total, "OVD_MAX_VOCABULARIES", "the service has")
+                await self._write(vocab)
+            await store.call(store.client.pipeline(transaction=False)
+                             .sadd(self._index(), vocab.id).sadd(self._index(owner), vocab.id).execute())
+        except StoreUnavailable as e:
+            raise ApiError(503, "vocabulary_store_unavailable", "Redis did not store the vocabulary; retry",
+                           headers={"Retry-After": "5"}) from e
         self._registered[vocab.id] = vocab
-        if self._store is not None:
-            await self._store.set_many({self._key(vocab.id): vocab.to_json().encode()})
         return vocab
+
+    async def _write(self, vocab: Vocabulary) -> None:
+        """The vocabulary's JSON in chunks to a temporary key, then renamed into place."""
+        store, data = self._store, vocab.to_json().encode()
+        tmp = f"{self._key(vocab.id)}:partial:{os.urandom(6).hex()}"
+        try:
+            for start in range(0, len(data), self.chunk_bytes):
+                pipe = store.client.pipeline(transaction=False)
+                pipe.append(tmp, data[start:start + self.chunk_bytes]).expire(tmp, 600)
+                await store.call(pipe.execute())
+            await store.call(store.client.pipeline(transaction=True).rename(tmp, self._key(vocab.id))
+                             .persist(self._key(vocab.id)).execute())
+        except StoreUnavailable:
+            with contextlib.suppress(Exception):
+                await store.client.delete(tmp)
+            raise
+
+    async def delete(self, vocab_id: str, owner: str = "anonymous") -> None:
+        """Remove this owner's registration; the vocabulary goes when no owner is left.
+
+        Raises:
+            ApiError: 422 `builtin_vocabulary`; 404 `unknown_vocabulary` when this owner did not
+                register it; 503 `vocabulary_store_unavailable`.
+        """
+        if vocab_id in self._builtin:
+            raise ApiError(422, "builtin_vocabulary", f"{vocab_id!r} is built in and cannot be deleted")
+        unknown = ApiError(404, "unknown_vocabulary", f"no vocabulary with id {vocab_id!r} registered by this key")
+        if self._store is None:
+            mine = self._owners.get(owner, set())
+            if vocab_id not in mine:
+                raise unknown
+            mine.discard(vocab_id)
+            if not any(vocab_id in ids for ids in self._owners.values()):
+                self._registered.pop(vocab_id, None)
+            return
+        store = self._store
+        try:
+            if not await store.call(store.client.srem(self._index(owner), vocab_id)):
+                raise unknown
+            owner_sets = [k async for k in store.client.scan_iter(f"{self._index()}:owner:*")]
+            still = False
+            for key in owner_sets:
+                still = still or bool(await store.call(store.client.sismember(key, vocab_id)))
+            if not still:
+                await store.call(store.client.pipeline(transaction=False).delete(self._key(vocab_id))
+                                 .srem(self._index(), vocab_id).execute())
+                self._registered.pop(vocab_id, None)
+        except StoreUnavailable as e:
+            raise ApiError(503, "vocabulary_store_unavailable", "Redis is unavailable; retry",
+                           headers={"Retry-After": "5"}) from e
 
     async def get(self, vocab_id: str) -> Vocabulary:
         """A vocabulary by id: built-in, this process, or Redis.
@@ -195,8 +293,16 @@ class VocabularyRegistry:
         """
         if vocab_id in self._builtin:
             return self._builtin[vocab_id]
-        if vocab_id in self._registered:
+        if vocab_id in self._registered and self._store is None:
             return self._registered[vocab_id]
+        if self._store is not None and vocab_id in self._registered:
+            # Still registered (another replica may have deleted it)? Redis down: this copy serves.
+            try:
+                if await self._store.call(self._store.client.exists(self._key(vocab_id))):
+                    return self._registered[vocab_id]
+                self._registered.pop(vocab_id, None)
+            except StoreUnavailable:
+                return self._registered[vocab_id]
         if self._store is None or not re.fullmatch(r"[0-9a-f]{32}", vocab_id):
             raise ApiError(404, "unknown_vocabulary", f"no vocabulary with id {vocab_id!r}")
         try:

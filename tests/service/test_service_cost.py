@@ -155,3 +155,40 @@ def test_classification_of_a_large_vocabulary_is_capped(detector, export_dir):
         got = client.post("/v1/detect", json={"image": _b64(png), "classes": names, "score_threshold": 0.0,
                                             "max_detections": 1000}).json()
     assert got["detections"] == reference(detector, png, names, score_threshold=0.0, max_detections=1000)
+
+
+# ---------------------------------------------------------------- registered vocabularies
+
+def test_vocabulary_limits_chunked_writes_and_delete(detector, export_dir, redis_url):
+    import redis
+
+    keys = {"api_keys": "k1,k2", "redis_url": redis_url, "redis_prefix": "vlim", "max_vocabularies": 3,
+            "max_vocabularies_per_key": 2, "vocabulary_write_chunk_bytes": 1024}
+    k1, k2 = ({"authorization": f"Bearer {k}"} for k in ("k1", "k2"))
+    big = [f"a long class name number {i}" for i in range(1500)]  # ~45 KB: 40+ chunked writes
+    with running_app(detector, export_dir, **keys) as client:
+        r = client.post("/v1/vocabularies", json={"names": big}, headers=k1)
+        assert r.status_code == 201
+        big_id = r.json()["id"]
+        store = redis.Redis.from_url(redis_url)
+        assert store.ttl(f"vlim:vocab:{big_id}") == -1 and not list(store.scan_iter("vlim:vocab:*:partial:*"))
+        assert client.get(f"/v1/vocabularies/{big_id}", headers=k2).json()["names"] == big
+        ids = [client.post("/v1/vocabularies", json={"names": [f"x{i}"]}, headers=k).json().get("id")
+               for i, k in ((1, k1), (2, k2))]
+        r = client.post("/v1/vocabularies", json={"names": ["x3"]}, headers=k1)  # k1's third
+        assert r.status_code == 422 and r.json()["error"]["code"] == "vocabulary_limit"
+        assert "OVD_MAX_VOCABULARIES_PER_KEY" in r.json()["error"]["message"]
+        r = client.post("/v1/vocabularies", json={"names": ["x4"]}, headers=k2)  # the service's fourth
+        assert r.status_code == 422 and "OVD_MAX_VOCABULARIES)" in r.json()["error"]["message"]
+        assert client.post("/v1/vocabularies", json={"names": big}, headers=k2).status_code == 201  # shared: free
+        # Deleting: only by an owner; gone when its last owner deletes it.
+        assert client.delete(f"/v1/vocabularies/{ids[0]}", headers=k2).status_code == 404
+        assert client.delete("/v1/vocabularies/coco", headers=k1).json()["error"]["code"] == "builtin_vocabulary"
+        assert client.delete(f"/v1/vocabularies/{ids[0]}", headers=k1).status_code == 204
+        assert client.get(f"/v1/vocabularies/{ids[0]}", headers=k1).status_code == 404
+        assert client.delete(f"/v1/vocabularies/{big_id}", headers=k1).status_code == 204
+        assert client.get(f"/v1/vocabularies/{big_id}", headers=k1).status_code == 200  # k2 still holds it
+        assert client.delete(f"/v1/vocabularies/{big_id}", headers=k2).status_code == 204
+        assert client.get(f"/v1/vocabularies/{big_id}", headers=k1).status_code == 404
+        assert client.post("/v1/vocabularies", json={"names": ["x3"]}, headers=k1).status_code == 201  # room again
+        store.close()
