@@ -358,6 +358,44 @@ def test_two_ranks_split_the_shards(clip, train, dense_run, tmp_path, monkeypatc
     _assert_same(_records(reader), _records(dense_run))
 
 
+def test_independent_jobs_split_the_shards_without_a_process_group(clip, train, dense_run, tmp_path):
+    """--num-shards 2 --shard-index i (a job array): each job computes its shards; the one that
+    ends last finds every shard present and records the cost; the output is the one-process one."""
+    run_proposals(clip, *train, tmp_path, ProposalConfig(**FAST), part=(1, 2))
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("shard")) == [shard_name(1)]
+    assert "cost" not in ShardReader(tmp_path).manifest
+    reader = run_proposals(clip, *train, tmp_path, ProposalConfig(**FAST), part=(0, 2))
+    assert reader.complete() and "cost" in reader.manifest
+    _assert_same(_records(reader), _records(dense_run))
+    with pytest.raises(ValueError, match="one job wipe another"):
+        run_proposals(clip, *train, tmp_path, ProposalConfig(**FAST), part=(0, 2), overwrite=True)
+    with pytest.raises(ValueError, match=r"shard index 2 is not in \[0, 2\)"):
+        run_proposals(clip, *train, tmp_path, ProposalConfig(**FAST), part=(2, 2))
+
+
+def test_torchrun_two_processes_give_the_one_process_output(clip, train, dense_run, tmp_path):
+    """`torchrun --nproc_per_node 2 -m ovd proposals` (env://, gloo on CPU) splits the shards
+    between its two ranks and writes what one process writes."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists() and shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not installed")
+    (tmp_path / "cfg.yaml").write_text("proposals: {sizes: [32, 64], ratios: [1.0, 2.0], shard_size: 1}\n")
+    out = tmp_path / "out"
+    cmd = [str(torchrun if torchrun.exists() else "torchrun"), "--standalone", "--nproc_per_node", "2",
+           "-m", "ovd", "proposals", "--config", str(tmp_path / "cfg.yaml"), "--clip", _clip_dir(clip),
+           "--train-json", str(train[0]), "--image-root", str(train[1]), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reader = ShardReader(out)
+    assert reader.complete() and "cost" in reader.manifest
+    _assert_same(_records(reader), _records(dense_run))
+
+
 # ---------------------------------------------------------------- shards + CLI
 
 def test_shard_store_and_reader_units(tmp_path):

@@ -668,7 +668,8 @@ def propose_image(clip: ClipModel, image: torch.Tensor, text: torch.Tensor, is_b
 
 def run_proposals(clip: ClipModel, json_file: str | Path, image_root: str | Path,
                   out_dir: str | Path, cfg: ProposalConfig, *, max_images: int | None = None,
-                  overwrite: bool = False, progress: ProgressFactory | None = None) -> ShardReader:
+                  overwrite: bool = False, progress: ProgressFactory | None = None,
+                  part: tuple[int, int] | None = None) -> ShardReader:
     """Compute (or resume) the CLIP proposals of a training set into a shard folder.
 
     Runs the shards of this process's rank (``detectron2.utils.comm``); see ovd.training.shards.
@@ -682,6 +683,8 @@ def run_proposals(clip: ClipModel, json_file: str | Path, image_root: str | Path
         max_images: only the first N images by id (part of the manifest: changing it is a
             different run).
         overwrite: replace a folder holding a different run.
+        part: (index, count) of an independent job (``--shard-index/--num-shards``): this job
+            computes the shards with ``k % count == index`` (ovd.training.shards).
         progress: optional ``progress(desc, total, initial) -> update(n, postfix)``.
 
     Returns:
@@ -715,7 +718,7 @@ def run_proposals(clip: ClipModel, json_file: str | Path, image_root: str | Path
                  "image_root": str(data.image_root)},
     }
     store = ShardStore(out_dir, stage="proposals", identity=identity, image_ids=data.image_ids,
-                       shard_size=cfg.shard_size, overwrite=overwrite)
+                       shard_size=cfg.shard_size, overwrite=overwrite, part=part)
     with torch.inference_mode():
         text = clip.text_embeddings(data.vocabulary, cfg.template).float().cpu()
 
@@ -744,7 +747,7 @@ def _setup_worker_logging() -> None:
 
 
 def proposals_worker(clip_path: str, json_file: str, image_root: str, out: str, cfg: dict,
-                      max_images: int | None, overwrite: bool) -> None:
+                      max_images: int | None, overwrite: bool, part: tuple[int, int] | None = None) -> None:
     from detectron2.utils import comm
 
     from ovd.models.clip.model import load_clip
@@ -754,7 +757,7 @@ def proposals_worker(clip_path: str, json_file: str, image_root: str, out: str, 
     _setup_worker_logging()
     clip = load_clip(clip_path, device=stage_device())
     reader = run_proposals(clip, json_file, image_root, out, ProposalConfig.from_dict(cfg),
-                           max_images=max_images, overwrite=overwrite,
+                           max_images=max_images, overwrite=overwrite, part=part,
                            progress=_progress if comm.get_rank() == 0 else None)
     if comm.get_rank() == 0 and reader.complete():
         cost = reader.manifest.get("cost", {})

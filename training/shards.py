@@ -13,7 +13,7 @@ its tensor data and the per-shard cost counters (seconds, CLIP crops, ...).
 
 Guarantees:
 
-* **Atomic**: a shard is written to ``shard-k.safetensors.tmp`` in the same folder and renamed
+* **Atomic**: a shard is written to ``shard-k.safetensors.tmp-<host>-<pid>`` in the same folder and renamed
   with ``os.replace``, so a killed run never leaves a truncated ``shard-k.safetensors``.
 * **Resumable**: a run skips every shard that exists and verifies (header parses, image ids
   match, data digest matches); a missing, truncated or corrupt shard is recomputed.
@@ -21,10 +21,15 @@ Guarantees:
   CLIP weights, vocabulary, source json or image list) raises ``ValueError`` unless
   ``overwrite=True``, which deletes the old shards first.
 * **Distributed**: shard k belongs to rank ``k % world_size`` (ranks from
-  ``detectron2.utils.comm``), so processes started by :func:`launch_stage` split the work with no
-  communication. Every rank verifies an existing manifest itself; a missing one is written by
-  the first rank to need it (all ranks build the same one). The only barriers are after an
-  ``overwrite`` wipe and before rank 0 records the cost of a complete folder.
+  ``detectron2.utils.comm``), so processes started by :func:`launch_stage` (or by ``torchrun``)
+  split the work with no communication. Every rank verifies an existing manifest itself; a
+  missing one is written by the first rank to need it (all ranks build the same one). The only
+  barriers are after an ``overwrite`` wipe and before rank 0 records the cost of a complete
+  folder.
+* **Independent jobs** (``part=(index, count)``, the CLI's ``--shard-index/--num-shards``): job
+  ``index`` of ``count`` owns the shards with ``k % count == index`` and needs no process group
+  at all (a SLURM job array, separate machines sharing a folder); whichever job finds every
+  shard present when it ends records the cost.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -117,7 +123,8 @@ class ShardStore:
     """
 
     def __init__(self, folder: str | Path, *, stage: str, identity: dict,
-                 image_ids: Sequence[int], shard_size: int, overwrite: bool = False):
+                 image_ids: Sequence[int], shard_size: int, overwrite: bool = False,
+                 part: tuple[int, int] | None = None):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         ids = [int(i) for i in image_ids]
@@ -127,7 +134,20 @@ class ShardStore:
         self.image_ids = ids
         self.shard_size = int(shard_size)
         self.num_shards = (len(ids) + self.shard_size - 1) // self.shard_size
-        self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
+        self.independent = part is not None
+        if part is not None:
+            index, count = (int(v) for v in part)
+            if not 0 <= index < count:
+                raise ValueError(f"shard index {index} is not in [0, {count})")
+            if overwrite and count > 1:
+                raise ValueError("overwrite with independent jobs would let one job wipe another's "
+                                 "shards: run one job with --overwrite first, or delete the folder")
+            if comm.get_world_size() > 1:
+                raise ValueError("--shard-index/--num-shards is for independent jobs; do not combine it "
+                                 "with a launched process group (--num-gpus, torchrun)")
+            self.rank, self.world_size = index, count
+        else:
+            self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
         self.manifest = _canonical({
             "format": SHARDS_FORMAT, "stage": stage, **identity,
             "shard_size": self.shard_size, "num_images": len(ids), "num_shards": self.num_shards,
@@ -194,7 +214,7 @@ class ShardStore:
             return None
 
     def _write_manifest(self, manifest: dict) -> None:
-        tmp = self.folder / (MANIFEST_FILE + f".tmp{os.getpid()}")
+        tmp = self.folder / (MANIFEST_FILE + f".tmp-{socket.gethostname()}-{os.getpid()}")  # unique per host
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, self.manifest_path)
 
@@ -245,7 +265,7 @@ class ShardStore:
                    for image_id, rec in records.items() for name, t in rec.items()}
         meta = {"format": SHARDS_FORMAT, "image_ids": json.dumps(self.shard_ids(k)),
                 "digest": tensors_digest(tensors), "stats": json.dumps(stats)}
-        tmp = self.folder / (shard_name(k) + ".tmp")
+        tmp = self.folder / f"{shard_name(k)}.tmp-{socket.gethostname()}-{os.getpid()}"
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, self.shard_path(k))
         return self.shard_path(k)
@@ -290,9 +310,12 @@ class ShardStore:
                     stats["images"] = len(ids)
                     self.write_shard(k, records, stats)
                 update(1, {"shard": f"{k + 1}/{self.num_shards}"})
-        comm.synchronize()
-        if self.rank == 0:
+        if self.independent:  # no barrier: the last job to end finds every shard present
             self.finalise()
+        else:
+            comm.synchronize()
+            if self.rank == 0:
+                self.finalise()
         return ShardReader(self.folder)
 
     def finalise(self) -> bool:
@@ -317,7 +340,7 @@ class ShardStore:
                 "images_per_second": round(n / totals["seconds"], 4) if totals.get("seconds") else None}
         self.manifest["cost"] = cost
         self._write_manifest(self.manifest)
-        for p in self.folder.glob("shard-*.safetensors.tmp"):
+        for p in self.folder.glob("shard-*.safetensors.tmp*"):
             p.unlink(missing_ok=True)
         return True
 
@@ -419,6 +442,10 @@ def launch_stage(main_func: Callable, args: argparse.Namespace, func_args: tuple
     """
     from detectron2.engine import launch
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:  # started by torchrun
+        _join_torchrun()
+        main_func(*func_args)
+        return
     nprocs = max(1, int(args.num_gpus))
     world = nprocs * int(args.num_machines)
     if world == 1:
@@ -453,6 +480,28 @@ def _cpu_worker(local_rank: int, main_func: Callable, world: int, nprocs: int, m
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
     comm.synchronize()
     main_func(*func_args)
+
+
+def _join_torchrun() -> None:
+    """Join the process group torchrun describes (env://: RANK, WORLD_SIZE, MASTER_ADDR/PORT,
+    LOCAL_RANK, LOCAL_WORLD_SIZE), with the per-machine group Detectron2's comm expects."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    for i in range(world // local):
+        group = dist.new_group(list(range(i * local, (i + 1) * local)))
+        if i == rank // local:
+            comm._LOCAL_PROCESS_GROUP = group
+    if not cuda:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    comm.synchronize()
 
 
 def stage_device() -> torch.device:

@@ -135,7 +135,7 @@ def _proposals_fingerprint(reader: ShardReader) -> str:
 def run_targets(clip: ClipModel, json_file: str | Path, image_root: str | Path,
                 proposals_dir: str | Path | None, out_dir: str | Path, cfg: TargetsConfig, *,
                 max_images: int | None = None, overwrite: bool = False,
-                progress: ProgressFactory | None = None) -> ShardReader:
+                progress: ProgressFactory | None = None, part: tuple[int, int] | None = None) -> ShardReader:
     """Compute (or resume) the distillation targets of a training set into a shard folder.
 
     Args:
@@ -147,6 +147,8 @@ def run_targets(clip: ClipModel, json_file: str | Path, image_root: str | Path,
         cfg: the config.
         max_images: only the first N images by id.
         overwrite: replace a folder holding a different run.
+        part: (index, count) of an independent job (``--shard-index/--num-shards``): this job
+            computes the shards with ``k % count == index`` (ovd.training.shards).
         progress: optional ``progress(desc, total, initial) -> update(n, postfix)``.
 
     Returns:
@@ -188,7 +190,7 @@ def run_targets(clip: ClipModel, json_file: str | Path, image_root: str | Path,
                  "proposals_dir": str(proposals_dir) if proposals_dir is not None else None},
     }
     store = ShardStore(out_dir, stage="targets", identity=identity, image_ids=data.image_ids,
-                       shard_size=cfg.shard_size, overwrite=overwrite)
+                       shard_size=cfg.shard_size, overwrite=overwrite, part=part)
 
     def compute(image_id: int) -> tuple[Record, dict]:
         keep = ~data.gt_crowd[image_id]  # a crowd box is no single object's embedding
@@ -225,7 +227,8 @@ def load_targets(folder: str | Path) -> ShardReader:
 # --------------------------------------------------------------------------- CLI
 
 def targets_worker(clip_path: str, json_file: str, image_root: str, proposals: str | None,
-                    out: str, cfg: dict, max_images: int | None, overwrite: bool) -> None:
+                    out: str, cfg: dict, max_images: int | None, overwrite: bool,
+                    part: tuple[int, int] | None = None) -> None:
     from detectron2.utils import comm
 
     from ovd.models.clip.model import load_clip
@@ -235,7 +238,7 @@ def targets_worker(clip_path: str, json_file: str, image_root: str, proposals: s
     _setup_worker_logging()
     clip = load_clip(clip_path, device=stage_device())
     reader = run_targets(clip, json_file, image_root, proposals, out, TargetsConfig.from_dict(cfg),
-                         max_images=max_images, overwrite=overwrite,
+                         max_images=max_images, overwrite=overwrite, part=part,
                          progress=_progress if comm.get_rank() == 0 else None)
     if comm.get_rank() == 0 and reader.complete():
         logger.info("targets written to %s: %s", out,

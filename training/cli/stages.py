@@ -25,7 +25,7 @@ def cmd_proposals(args: argparse.Namespace) -> int:
     clip = args.clip or str(layout.clip_renorm)
     out = args.out or str(layout.proposals)
     launch_stage(proposals_worker, args, (clip, str(json_file), str(image_root), out,
-                                           asdict(pcfg), args.max_images, args.overwrite))
+                                           asdict(pcfg), args.max_images, args.overwrite, _part(args)))
     return 0
 
 
@@ -40,8 +40,17 @@ def cmd_targets(args: argparse.Namespace) -> int:
     proposals = None if args.gt_only else args.proposals or str(layout.proposals)
     out = args.out or str(layout.targets(args.gt_only))
     launch_stage(targets_worker, args, (clip, str(json_file), str(image_root), proposals, out,
-                                         asdict(tcfg), args.max_images, args.overwrite))
+                                         asdict(tcfg), args.max_images, args.overwrite, _part(args)))
     return 0
+
+
+def _part(args: argparse.Namespace) -> tuple[int, int] | None:
+    """(--shard-index, --num-shards) of an independent job, or None."""
+    if args.num_shards is None:
+        if args.shard_index is not None:
+            raise ValueError("--shard-index needs --num-shards")
+        return None
+    return (args.shard_index if args.shard_index is not None else 0), args.num_shards
 
 
 def cmd_gates(args: argparse.Namespace) -> int:
@@ -82,6 +91,10 @@ def _sharded_stage_parent() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="CLIP crops per forward")
     p.add_argument("--overwrite", action="store_true",
                    help="recompute an output folder that holds a run with another config")
+    p.add_argument("--num-shards", type=int, default=None, metavar="N",
+                   help="independent jobs (e.g. a SLURM array) sharing the output folder, no process "
+                        "group: this job computes the shards k with k %% N == --shard-index")
+    p.add_argument("--shard-index", type=int, default=None, metavar="I", help="this job's index in [0, N)")
     return p
 
 
