@@ -66,19 +66,31 @@ def detect_files(detector: Detector, files: Sequence[Path], classes: Sequence[st
         progress: called with the number of images finished after each batch.
 
     Returns:
-        {"model", "classes", "images": [{"file", "width", "height", "detections": [...]}]} or,
-        with coco=True, {"images", "categories", "annotations"} (category id = class index + 1).
+        {"model", "classes", "images": [{"file", "width", "height", "detections": [...]}],
+        "skipped": [{"file", "error"}]} or, with coco=True, {"images", "categories",
+        "annotations"} (category id = class index + 1; skipped files under "info").
+
+    Raises:
+        ValueError: no file could be read (one unreadable file is skipped and reported).
     """
     if draw_dir is not None:
         draw_dir.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+    images, annotations, failed = [], [], []
     for start in range(0, len(files), batch_size):
-        chunk = list(files[start:start + batch_size])
-        pixels = [read_image(f) for f in chunk]
+        chunk, ids, pixels = [], [], []
+        for i, f in enumerate(files[start:start + batch_size], start + 1):
+            try:  # one unreadable file (truncated, not an image) must not cost the others
+                pixels.append(read_image(f))
+                chunk.append(f)
+                ids.append(i)
+            except (OSError, ValueError) as e:
+                logger.error("skipped %s: %s", f, e)
+                failed.append({"file": str(f), "error": str(e)})
+        if not chunk:
+            continue
         found = detector(pixels, classes, threshold=threshold, max_detections=max_detections,
                          batch_size=batch_size)
-        for k, (f, rgb, d) in enumerate(zip(chunk, pixels, found, strict=True)):
-            image_id = start + k + 1
+        for image_id, f, rgb, d in zip(ids, chunk, pixels, found, strict=True):
             height, width = d.image_size
             if coco:
                 images.append({"id": image_id, "file_name": str(f), "width": width, "height": height})
@@ -91,13 +103,16 @@ def detect_files(detector: Detector, files: Sequence[Path], classes: Sequence[st
                 d.draw(rgb).save(_drawn_path(draw_dir, f, files))
         if progress:
             progress(len(chunk))
+    if not images and failed:
+        raise ValueError(f"no input could be read ({len(failed)} files), first: {failed[0]['file']}: "
+                         f"{failed[0]['error']}")
     manifest = detector.manifest
     model = {"name": manifest.get("name"), "version": manifest.get("version")}
     if coco:
-        return {"info": {"description": "ovd detect", "model": model}, "images": images,
+        return {"info": {"description": "ovd detect", "model": model, "skipped": failed}, "images": images,
                 "categories": [{"id": i + 1, "name": c} for i, c in enumerate(classes)],
                 "annotations": annotations}
-    return {"model": model, "classes": list(classes), "threshold": threshold, "images": images}
+    return {"model": model, "classes": list(classes), "threshold": threshold, "images": images, "skipped": failed}
 
 
 def _drawn_path(draw_dir: Path, file: Path, files: Sequence[Path]) -> Path:

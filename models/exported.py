@@ -37,6 +37,7 @@ from .manifest import (
     ExportError,
     atomic_write,
     sha256_file,
+    strict_json,
     verify_export,
 )
 
@@ -129,7 +130,7 @@ def write_export(out_dir: str | Path, *, model: OpenVocabRCNN, cfg: CfgNode, cli
                   "boxes": "[x1, y1, x2, y2] pixels of the original image"},
         "files": {name: {"file": f, "sha256": sha256_file(out / f)} for name, f in FILES.items()},
     }
-    atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+    atomic_write(out / "manifest.json", strict_json(manifest, indent=2).encode())
     return out / "manifest.json"
 
 

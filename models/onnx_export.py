@@ -38,7 +38,6 @@ flattened (proposal, class) pairs offset per class by the image size, and a rank
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import shutil
 import time
@@ -60,6 +59,7 @@ from .manifest import (
     ExportError,
     atomic_write,
     sha256_file,
+    strict_json,
     verify_export,
 )
 from .onnx_runtime import OnnxGraphs
@@ -542,7 +542,7 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, images: Se
         for f in FILES.values():
             shutil.copyfile(source / f, out / f)
     # Without ONNX entries first: stale graphs of an earlier export are never trusted.
-    atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+    atomic_write(out / "manifest.json", strict_json(manifest, indent=2).encode())
     model = exported.model
     t0 = time.perf_counter()
     paths = write_onnx(model, out, manifest)
@@ -564,7 +564,7 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, images: Se
     text_paths, manifest["onnx"]["text"] = export_text_onnx(exported.text, out, names, manifest["prompt_template"])
     paths.update(text_paths)
     manifest["files"].update({k: {"file": p.name, "sha256": sha256_file(p)} for k, p in paths.items()})
-    atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+    atomic_write(out / "manifest.json", strict_json(manifest, indent=2).encode())
     verify_export(out)
     logger.info("ONNX graphs written to %s in %.0f s and validated against PyTorch: %d comparisons, "
                 "%d detections, max box diff %.2g px, max score diff %.2g", out, export_s,

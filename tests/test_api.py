@@ -227,3 +227,10 @@ def test_ovd_detect_over_files_folders_and_globs(scene, tmp_path, monkeypatch, c
     caplog.clear()
     assert main(["detect", str(tmp_path / "none*.jpg"), "--classes", "x"]) == 2
     assert "no image file found" in caplog.text
+
+    # A truncated file is skipped and reported; the other images are still answered (exit 3).
+    (photos / "broken.jpg").write_bytes((photos / "sub" / "b.jpg").read_bytes()[:300])
+    assert main(["detect", str(photos), "--classes", "red ring", "--out", "p.json"]) == 3
+    partial = json.loads((work / "p.json").read_text())
+    assert [Path(i["file"]).name for i in partial["images"]] == ["a.png", "b.jpg"]
+    assert [Path(x["file"]).name for x in partial["skipped"]] == ["broken.jpg"]

@@ -128,6 +128,23 @@ detector:
     assert main(["export", "--config", "trees.yaml", "--onnx", "--out", "onnx_export"]) == 0
     assert verify_export(tmp_path / "onnx_export")["onnx"]["validation"]["images"] == "3 given"
 
+    # A second run reuses what did not change; editing the training json re-runs what read it:
+    # the re-normalised CLIP and the detector (which restarts rather than resuming another recipe).
+    caplog.clear()
+    assert main(["pipeline", "--config", "trees.yaml"]) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    for stage in ("CLIP", "CLIP re-normalisation (LayerNorms only)"):
+        assert any(f"] {stage}: reused" in m for m in messages), stage
+    assert not any("trained from other inputs" in m for m in messages)
+    coco = json.loads((data / "train.json").read_text())
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != 1]
+    (data / "train.json").write_text(json.dumps(coco))
+    caplog.clear()
+    assert main(["pipeline", "--config", "trees.yaml"]) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("] CLIP re-normalisation (LayerNorms only): done" in m for m in messages)
+    assert any("trained from other inputs" in m and "train_json_sha256" in m for m in messages)
+
     found = ovd.Detector.load(run / "export")(data / "images" / "val_000.jpg", ["dead tree", "palm", "tree"],
                                                threshold=0.0)
     assert found.image_size == (150, 120) and len(found.boxes) > 0
@@ -157,6 +174,26 @@ def test_dataset_section_errors_name_the_fix(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="train_json is required"):
         DatasetConfig()
     with pytest.raises(ValueError, match=r"dataset.novel names \['oak'\] are not categories"):
-        prepare_dataset(DatasetConfig(train_json=str(path), novel=("oak",)), tmp_path / "out")
-    with pytest.raises(FileNotFoundError, match="image folder"):
+        prepare_dataset(DatasetConfig(train_json=str(path), train_images="images", novel=("oak",)), tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="image folder .* working directory"):
         prepare_dataset(DatasetConfig(train_json=str(path), train_images="nowhere"), tmp_path / "out")
+    with pytest.raises(ValueError, match="has no box of a base class"):
+        prepare_dataset(DatasetConfig(train_json=str(path), train_images="images", novel=("tree", "dead tree", "palm")),
+                        tmp_path / "out")
+    coco = json.loads(path.read_text())
+    coco["annotations"][0]["bbox"] = [100.0, 100.0, 500.0, 20.0]  # overruns the image
+    path.write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match=r"train split .*train.json .* overruns image"):
+        prepare_dataset(DatasetConfig(train_json=str(path), train_images="images", novel=("palm",)), tmp_path / "out")
+
+
+def test_config_mistakes_fail_before_any_stage_runs(tmp_path):
+    from ovd.training.layout import RunLayout
+    from ovd.training.pipeline import Pipeline
+
+    for cfg, match in (({"clip_renorm": {"epochs": "one"}}, "clip_renorm config: a value has the wrong type"),
+                       ({"detector": {"config": "configs/detector/synthetic_r18_fpn.yaml",
+                                      "opts": ["SOLVER.MAX_ITERS", 3]}}, "SOLVER.MAX_ITERS"),
+                       ({"proposals": {"mode": "chep"}}, "mode 'chep'")):
+        with pytest.raises(ValueError, match=match):
+            Pipeline(cfg, RunLayout(tmp_path)).check_config()

@@ -50,7 +50,13 @@ class SectionConfig:
         if unknown:
             raise ValueError(f"unknown {cls.SECTION} config keys: {sorted(unknown)}")
         # YAML has no tuples: sequences arrive as lists.
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        try:
+            return cls(**values)
+        except TypeError as e:  # a value of the wrong type met a comparison in validation
+            types = {k: f.type for k, f in cls.__dataclass_fields__.items() if k in values}
+            raise ValueError(f"{cls.SECTION} config: a value has the wrong type ({e}); given "
+                             f"{values}, expected types {types}") from e
 
     @classmethod
     def from_config(cls, cfg: dict, args=None, flags: tuple[str, ...] = ()):

@@ -22,6 +22,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
+from ovd.models.manifest import strict_json
+
 logger = logging.getLogger(__name__)
 
 
@@ -139,7 +141,7 @@ def evaluate(cfg, model: nn.Module, dataset_name: str, text: torch.Tensor, outpu
     result = group_ap(meta.json_file, detections, groups)
     result.update(images=len(loader.dataset), seconds=round(seconds, 1), dataset=dataset_name,
                   max_detections=max_detections, score_thresh=score_thresh)
-    (output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    (output_dir / "metrics.json").write_text(strict_json(result, indent=2))
     return result
 
 
@@ -194,15 +196,42 @@ def evaluate_folder(folder: str | Path, *, dataset: str | None = None, json_file
         from .data.coco_format import register_ov_dataset
 
         json_file = Path(json_file)
-        dataset = register_ov_dataset(f"eval_{json_file.stem}", json_file,
-                                      Path(image_root) if image_root else json_file.parent, overwrite=True)
+        image_root = Path(image_root) if image_root else json_file.parent
+        dataset = f"eval_{json_file.stem}"
+        out = Path(out or eval_dir(folder, dataset))
+        json_file = _tag_like_the_export(json_file, folder, out)
+        dataset = register_ov_dataset(dataset, json_file, image_root, overwrite=True)
     dataset = dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "synth_val")
     if dataset not in DatasetCatalog.list():
-        raise ValueError(f"dataset {dataset!r} is not registered (generate the world with `ovd data "
-                         f"synth`, or evaluate your own COCO json with --json FILE --image-root DIR)")
+        known = sorted(n for n in DatasetCatalog.list() if not n.startswith(("coco_", "lvis_", "keypoints_",
+                                                                               "voc_", "cityscapes_")))
+        raise ValueError(f"dataset {dataset!r} is not registered; registered: {known or 'none'}. Give the "
+                         "run's config (--config: its dataset: section registers <name>_train/_val/_test, "
+                         "a _test only with dataset.test_json), generate the world (`ovd data synth`), or "
+                         "evaluate a COCO json directly (--json FILE --image-root DIR)")
     names = list(MetadataCatalog.get(dataset).thing_classes)
     out = Path(out or eval_dir(folder, dataset))
     return evaluate(cfg, model, dataset, embed(names), out), out
+
+
+def _tag_like_the_export(json_file: Path, folder: Path, out: Path) -> Path:
+    """A json without novel tags, evaluated with an export: a copy under `out` whose categories
+    carry the split the export's manifest gives their names (so novel AP means what the model
+    was trained for); else the json itself."""
+    manifest_path = folder / "manifest.json"
+    coco = json.loads(json_file.read_text())
+    if not manifest_path.is_file() or any(c.get("split") == "novel" for c in coco.get("categories", [])):
+        return json_file
+    splits = {c["name"]: c["split"] for c in json.loads(manifest_path.read_text()).get("categories", [])}
+    novel = sorted(c["name"] for c in coco["categories"] if splits.get(c["name"]) == "novel")
+    if not novel:
+        return json_file
+    logger.info("%s declares no novel class: using the export's split (novel: %s)", json_file, novel)
+    coco["categories"] = [{**c, "split": splits.get(c["name"], "base")} for c in coco["categories"]]
+    out.mkdir(parents=True, exist_ok=True)
+    tagged = out / f"{json_file.stem}.tagged.json"
+    tagged.write_text(json.dumps(coco))
+    return tagged
 
 
 def tier_groups(json_file: str | Path) -> dict[str, list[int]]:

@@ -34,6 +34,7 @@ from scipy.stats import binomtest
 from torchvision.ops import box_iou
 
 from ovd.models.clip.model import DEFAULT_TEMPLATE, ClipModel
+from ovd.models.manifest import strict_json
 
 from .data.coco_format import read_dataset_image
 from .data.detection_set import DetectionSet
@@ -410,7 +411,6 @@ def stage_gates(*, heldout: HeldOut | None = None, eval_set: HeldOut | None = No
         {"renorm": ..., "proposals": ..., "targets": ..., "detector": ...} for those measured,
         and "skipped": {gate: why}.
     """
-    import json
 
     from ovd.models.clip.model import load_clip
 
@@ -421,7 +421,7 @@ def stage_gates(*, heldout: HeldOut | None = None, eval_set: HeldOut | None = No
 
     def save(key: str, folder: Path, value: dict) -> None:
         out[key] = value
-        (folder / "gates.json").write_text(json.dumps(value, indent=2))
+        (folder / "gates.json").write_text(strict_json(value, indent=2))
         logger.info("gate %s written to %s", key, folder / "gates.json")
 
     def missing(key: str, why: str) -> None:

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ovd.models.clip.model import ClipCheckpointError, ClipModel, load_clip
+from ovd.models.manifest import sha256_file, strict_json
 
 from .clip_pretrain import PretrainConfig, pretrain_clip
 from .clip_renorm import RenormConfig, renorm_clip, weights_sha256
@@ -173,7 +174,7 @@ class Pipeline:
         wanted = _plain(source)
         try:
             clip = load_clip(str(self.clip_dir))
-            if clip.manifest["training"].get("source") != wanted:
+            if clip.manifest.get("source") != wanted:
                 raise ClipCheckpointError("another clip: section")
             return clip, True
         except (ClipCheckpointError, KeyError):
@@ -190,9 +191,11 @@ class Pipeline:
         """(CLIP with LayerNorms re-fitted on base GT crops, reused?)."""
         try:
             renormed = load_clip(str(self.renorm_dir))
+            json_file, _ = self.train_split()
             if renormed.manifest.get("parent", {}).get("sha256") != weights_sha256(clip) \
-                    or renormed.manifest["training"]["config"] != _plain(self.renorm_cfg):
-                raise ClipCheckpointError("made from another CLIP or config")
+                    or renormed.manifest["training"]["config"] != _plain(self.renorm_cfg) \
+                    or renormed.manifest["training"]["data"]["json_sha256"] != sha256_file(json_file):
+                raise ClipCheckpointError("made from another CLIP, config or training json")
             return renormed, True
         except (ClipCheckpointError, KeyError):
             json_file, image_root = self.train_split()
@@ -261,12 +264,11 @@ class Pipeline:
         # The detector gate waits for this run's detector (a previous run's may still be there).
         self.report("gates before training:\n" + format_gates(run_gates(self.cfg, self.layout, detector=False)))
 
-    def _run_detector(self) -> bool:
+    def _run_detector(self) -> bool | None:
         from .train_detector import run_training
 
-        reused = final_weights(self.layout.detector).is_file()
         run_training(self.cfg, self.layout, clip=self.renorm_dir)
-        return reused
+        return None  # run_training resumes, reuses or restarts by the folder's training identity
 
     def _run_evaluation(self) -> bool:
         from .evaluate import evaluate_folder, format_metrics
@@ -281,7 +283,7 @@ class Pipeline:
         from .gates import format_gates
 
         gates = run_gates(self.cfg, self.layout)
-        self.layout.gates.write_text(json.dumps(gates, indent=2))
+        self.layout.gates.write_text(strict_json(gates, indent=2))
         self.report(f"gates (also in {self.layout.gates}):\n{format_gates(gates)}")
         return False
 
@@ -295,8 +297,26 @@ class Pipeline:
         verify_export(self.layout.export)
         return False
 
+    def check_config(self) -> None:
+        """Build every stage's config before any stage runs, so a typo or a wrong type in a
+        late section fails in a second, not after hours of earlier stages."""
+        from .proposals import ProposalConfig
+        from .targets import TargetsConfig
+        from .train_detector import build_config
+
+        ProposalConfig.from_config(self.cfg)
+        TargetsConfig.from_config(self.cfg)
+        ClipSource.from_config(self.cfg)
+        section = self.cfg.get("detector") or {}
+        if section.get("config"):  # the file and opts parse (the datasets come later)
+            from .config import REPO_ROOT
+
+            path = Path(section["config"])
+            build_config(path if path.is_file() else REPO_ROOT / path, section.get("opts", []))
+
     def run(self) -> None:
         """Every stage of `STAGES`, in order, logging each one's status and the time so far."""
+        self.check_config()
         t0 = time.time()
         for k, stage in enumerate(STAGES, 1):
             logger.info("[%d/%d] %s -> %s ...", k, len(STAGES), stage.title, stage.output(self.layout))
@@ -371,9 +391,17 @@ def run_gates(cfg: dict, layout: RunLayout, *, detector: bool | str | Path = Tru
                else data.train_all)
     evaluation = (Split(Path(eval_json), Path(eval_images or Path(eval_json).parent)) if eval_json
                   else data.val)
-    heldout = HeldOut.load(heldout.json_file, heldout.image_root) if heldout and heldout.json_file.is_file() else None
-    eval_set = (HeldOut.load(evaluation.json_file, evaluation.image_root)
-                if evaluation and evaluation.json_file.is_file() else None)
+
+    def held(split: Split | None) -> HeldOut | None:
+        if split is None or not split.json_file.is_file():
+            return None
+        try:
+            return HeldOut.load(split.json_file, split.image_root)
+        except ValueError as e:  # no novel class: the gates that need one are listed as skipped
+            logger.warning("%s", e)
+            return None
+
+    heldout, eval_set = held(heldout), held(evaluation)
     if detector is True:
         detector = final_weights(layout.detector)
     return stage_gates(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, hooks, launch
@@ -62,8 +63,11 @@ def build_config(config_file: str | Path, opts: list[str] | None = None) -> CfgN
     """Detectron2 config with the project's keys, from a file plus KEY VALUE overrides."""
     cfg = get_cfg()
     add_ovd_config(cfg)
-    cfg.merge_from_file(str(config_file))
-    cfg.merge_from_list(list(opts or []))
+    try:
+        cfg.merge_from_file(str(config_file))
+        cfg.merge_from_list(list(opts or []))
+    except (AssertionError, KeyError, ValueError) as e:  # yacs: unknown key, odd-length opts, bad type
+        raise ValueError(f"Detectron2 config {config_file} with overrides {list(opts or [])}: {e}") from e
     return cfg
 
 
@@ -137,12 +141,57 @@ def run_training(pipeline_cfg: dict, layout, *, clip: str | Path | None = None,
     clip_path = Path(clip or layout.clip_renorm)
     if clip is None and not clip_path.is_dir():
         clip_path = layout.clip_pretrained
-    dcfg = prepare(dcfg, load_clip(str(clip_path)))
+    clip_model = load_clip(str(clip_path))
+    dcfg = prepare(dcfg, clip_model)
+    resume = _check_identity(dcfg, clip_model, resume)
     logger.info("training %s on %s (vocabulary: %d %s classes, CLIP %s, distillation: %s) -> %s",
                 dcfg.MODEL.META_ARCHITECTURE, dcfg.DATASETS.TRAIN[0], dcfg.MODEL.ROI_HEADS.NUM_CLASSES,
                 vocabulary, clip_path, dcfg.DATASETS.DISTILL_TARGETS if dcfg.MODEL.OVD.DISTILL_WEIGHT
                 else "off", dcfg.OUTPUT_DIR)
     return launch_training(dcfg, resume=resume, **launcher)
+
+
+IDENTITY_FILE = "training_identity.json"
+
+
+def training_identity(cfg: CfgNode, clip: ClipModel) -> dict:
+    """What a trained folder was made from: the Detectron2 config, the training json's and
+    the CLIP's sha256, and the distillation targets' manifest digest."""
+    from detectron2.data import MetadataCatalog
+
+    from ovd.models.manifest import sha256_file
+
+    from .clip_renorm import weights_sha256
+
+    json_file = getattr(MetadataCatalog.get(cfg.DATASETS.TRAIN[0]), "json_file", None)
+    targets = Path(cfg.DATASETS.DISTILL_TARGETS or "") / "manifest.json"
+    return {"config": yaml.safe_load(cfg.dump()),
+            "train_json_sha256": sha256_file(json_file) if json_file else None,
+            "clip_sha256": weights_sha256(clip),
+            "targets_manifest_sha256": sha256_file(targets)
+            if cfg.MODEL.OVD.DISTILL_WEIGHT and targets.is_file() else None}
+
+
+def _check_identity(cfg: CfgNode, clip: ClipModel, resume: bool) -> bool:
+    """Write the folder's training identity; a folder trained from other inputs is not resumed
+    (Detectron2 would silently continue from, or reuse, a model of another recipe): training
+    restarts, with a warning naming what changed. Returns the resume flag to use."""
+    out = Path(cfg.OUTPUT_DIR)
+    path = out / IDENTITY_FILE
+    want = json.loads(json.dumps(training_identity(cfg, clip), default=str))
+    if resume and path.is_file():
+        have = json.loads(path.read_text())
+        if have != want:
+            changed = sorted(k for k in want if have.get(k) != want[k])
+            logger.warning("%s was trained from other inputs (%s changed): training restarts from the "
+                           "start", out, ", ".join(changed))
+            resume = False
+    elif resume and final_weights(out).is_file() and not path.is_file():
+        logger.warning("%s holds a model with no record of its inputs: training restarts", out)
+        resume = False
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(want, indent=1))
+    return resume
 
 
 class DistillDatasetMapper(DatasetMapper):

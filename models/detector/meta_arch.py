@@ -89,8 +89,8 @@ class OpenVocabRCNN(GeneralizedRCNN):
     def classify(self, regions: list[RegionFeatures], text: torch.Tensor, **options) -> list[Instances]:
         """`roi_heads.box_predictor.classify` with text moved to the model's device.
 
-        The service's batcher calls encode / classify / to_original_size, an interface that
-        ovd.models.onnx_export.OnnxDetector implements as well.
+        `ovd.models.runtime.TorchRuntime` calls encode / classify; the onnxruntime runtime
+        (`ovd.models.onnx_runtime`) runs the same two halves as ONNX graphs.
         """
         return self.roi_heads.box_predictor.classify(regions, text.to(self.device), **options)
 

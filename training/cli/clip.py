@@ -8,6 +8,8 @@ import json
 import logging
 from pathlib import Path
 
+from ovd.models.manifest import strict_json
+
 from ..progress import progress
 from .options import run_of, run_parent
 
@@ -58,10 +60,13 @@ def cmd_renorm(args: argparse.Namespace) -> int:
     from .options import train_data
 
     cfg, layout = run_of(args)
+    rcfg = RenormConfig.from_config(cfg, args, ("tune", "epochs", "batch_size", "threads"))
+    pipe = Pipeline(cfg, layout, renorm_cfg=rcfg)
+    if args.clip is None and not layout.clip_pretrained.is_dir():
+        pipe.clip()  # the run's parent CLIP: the clip: section's model, or pretrained on the world
     parent = args.clip or str(layout.clip_pretrained)
     out_dir = Path(args.out) if args.out else layout.clip_renorm
     json_file, image_root = train_data(cfg, layout, args)
-    rcfg = RenormConfig.from_config(cfg, args, ("tune", "epochs", "batch_size", "threads"))
 
     clip = renorm_clip(parent, json_file, image_root, out_dir, rcfg, progress=progress,
                        pretrained=args.pretrained)
@@ -69,7 +74,6 @@ def cmd_renorm(args: argparse.Namespace) -> int:
     logger.info("re-normalised CLIP written to %s (%s) in %.0f s; loss per epoch %s", out_dir,
                 clip.manifest["weights"]["sha256"][:12], training["seconds"],
                 ", ".join(f"{v:.4f}" for v in training["epoch_losses"]))
-    pipe = Pipeline(cfg, layout, renorm_cfg=rcfg)
     parent_clip = load_clip(parent, args.pretrained)
     before, after = pipe.zero_shot_report(parent_clip), pipe.zero_shot_report(clip)
     print(format_report(before, f"before: parent {parent}"))
@@ -83,7 +87,7 @@ def cmd_renorm(args: argparse.Namespace) -> int:
         logger.warning("the dataset has no val split: no renorm gate (it needs novel boxes the stage never saw)")
         return 0
     gate = renorm_gate(parent_clip, clip, HeldOut.load(val.json_file, val.image_root), template=rcfg.template)
-    (out_dir / "gates.json").write_text(json.dumps(gate, indent=2))
+    (out_dir / "gates.json").write_text(strict_json(gate, indent=2))
     print(format_gates({"renorm": gate}))
     return 0
 
@@ -122,7 +126,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     "crops of base-class ground-truth boxes (sigmoid BCE over base classes, "
                     "frozen logit scale), then print the zero-shot accuracy before and after.")
     p.add_argument("--clip", default=None,
-                   help="parent: checkpoint folder or open_clip model name (default: <root>/clip/pretrained)")
+                   help="parent: checkpoint folder or open_clip model name (default: <root>/clip/pretrained, "
+                        "written first from the config's clip: section when absent)")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or file")
     p.add_argument("--train-json", default=None,
                    help="training json, base boxes used (default: the run's dataset)")

@@ -108,6 +108,11 @@ def cmd_detect(args: argparse.Namespace) -> int:
                     f"; drawn images in {args.draw}" if args.draw else "")
     else:
         print(text)
+    skipped = report["info"]["skipped"] if args.coco else report["skipped"]
+    if skipped:
+        logger.error("%d of %d inputs could not be read and were skipped (listed under \"skipped\")",
+                     len(skipped), len(files))
+        return 3
     return 0
 
 

@@ -4,10 +4,11 @@ across processes), the stage gates (`ovd gates`) and the whole chain (`ovd pipel
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
+
+from ovd.models.manifest import strict_json
 
 from ..progress import progress
 from .options import launcher_parent, run_of, run_parent, train_data
@@ -64,7 +65,7 @@ def cmd_gates(args: argparse.Namespace) -> int:
                       proposals=args.proposals, targets=args.targets)
     out = Path(args.out) if args.out else layout.gates
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(gates, indent=2))
+    out.write_text(strict_json(gates, indent=2))
     print(format_gates(gates))
     logger.info("gates written to %s", out)
     return 0
@@ -157,9 +158,11 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_gates)
 
     p = sub.add_parser("pipeline", parents=[run_parent()],
-                       help="the whole chain on the built-in default (cached stages)",
-                       description="Run every pipeline stage on the built-in default (the "
-                                   "synthetic world), from data to export; a stage whose output "
-                                   "exists and whose inputs did not change is reused.")
+                       help="the whole chain, on your dataset or the built-in world (cached stages)",
+                       description="Run every pipeline stage, from data to export, on the config's "
+                                   "dataset: section (your COCO jsons) or, without one, on the "
+                                   "built-in synthetic world. A stage whose output exists and whose "
+                                   "inputs did not change is reused; one whose inputs changed is "
+                                   "recomputed (training/pipeline.py lists the rules).")
     p.add_argument("--workers", type=int, default=2, help="world render processes")
     p.set_defaults(func=cmd_pipeline)

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..config import SectionConfig
-from .coco_format import SPLIT_KEY, load_coco_json
+from .coco_format import SPLIT_KEY, check_dataset, load_coco_json
 
 logger = logging.getLogger(__name__)
 
@@ -168,12 +168,14 @@ def prepare_dataset(dcfg: DatasetConfig, out_dir: str | Path) -> Dataset:
     roles = {r: dcfg.split(r) for r in ("train", "val", "test", "heldout")}
     for role, s in roles.items():
         if s is not None and not s.image_root.is_dir():
-            raise FileNotFoundError(f"dataset: {role} image folder {s.image_root} is not a folder")
+            raise FileNotFoundError(f"dataset: {role} image folder {s.image_root} is not a folder (relative "
+                                    f"paths are read from the working directory, {Path.cwd()})")
     digest = hashlib.sha256(json.dumps(asdict(dcfg), sort_keys=True, default=list).encode())
     for s in roles.values():
         if s is not None:
             if not s.json_file.is_file():
-                raise FileNotFoundError(f"dataset: {s.json_file} does not exist")
+                raise FileNotFoundError(f"dataset: {s.json_file} does not exist (relative paths are read "
+                                        f"from the working directory, {Path.cwd()})")
             digest.update(hashlib.sha256(s.json_file.read_bytes()).digest())
     fingerprint = digest.hexdigest()
     manifest_path = out_dir / "dataset.json"
@@ -183,6 +185,14 @@ def prepare_dataset(dcfg: DatasetConfig, out_dir: str | Path) -> Dataset:
             return dataset_from_manifest(manifest)
 
     novel = set(dcfg.novel) if dcfg.novel is not None else None
+    for role, s in roles.items():  # what `ovd data check` checks, once per change of the files
+        if s is not None:
+            report = check_dataset(s.json_file, s.image_root)
+            if report["errors"]:
+                raise ValueError(f"dataset: {role} split {s.json_file} (images in {s.image_root}) is not "
+                                 f"usable as given: {'; '.join(report['errors'][:5])}"
+                                 f"{' ...' if len(report['errors']) > 5 else ''} "
+                                 f"(`ovd data check {s.json_file} --image-root {s.image_root}` lists all)")
     cocos = {r: _tag(load_coco_json(s.json_file), novel, s.json_file) for r, s in roles.items() if s}
     for role, coco in cocos.items():
         if role != "train":
@@ -190,6 +200,10 @@ def prepare_dataset(dcfg: DatasetConfig, out_dir: str | Path) -> Dataset:
     train = cocos["train"]
     novel_ids = {c["id"] for c in train["categories"] if c[SPLIT_KEY] == "novel"}
     base_anns = [a for a in train["annotations"] if a["category_id"] not in novel_ids]
+    if not base_anns:
+        raise ValueError(f"dataset: {roles['train'].json_file} has no box of a base class (every "
+                         f"annotated class is novel: {sorted(c['name'] for c in train['categories'] if c['id'] in novel_ids)}); "
+                         "the detector learns from base boxes: leave at least one annotated class out of dataset.novel")
     ann = out_dir / "annotations"
     _write(ann / "train_base.json", {**train, "annotations": base_anns})
     splits = {"train": Split(ann / "train_base.json", roles["train"].image_root)}
