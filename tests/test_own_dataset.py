@@ -145,6 +145,20 @@ detector:
     assert any("] CLIP re-normalisation (LayerNorms only): done" in m for m in messages)
     assert any("trained from other inputs" in m and "train_json_sha256" in m for m in messages)
 
+    # `ovd serve` on the export answers a request with the novel names (no Redis: memory caches).
+    import base64
+
+    import httpx
+
+    from ovd.service.launch import ServerProcess
+
+    image = base64.b64encode((data / "images" / "val_001.jpg").read_bytes()).decode()
+    with ServerProcess(run / "export", env={"OVD_REDIS_URL": ""}) as server:
+        r = httpx.post(f"{server.url}/v1/detect", timeout=120,
+                       json={"image": image, "classes": ["dead tree", "palm"], "score_threshold": 0.0})
+    assert r.status_code == 200, r.text
+    assert r.json()["model"]["name"] == "ovd-trees" and r.json()["image"] == {"width": 160, "height": 120}
+
     found = ovd.Detector.load(run / "export")(data / "images" / "val_000.jpg", ["dead tree", "palm", "tree"],
                                                threshold=0.0)
     assert found.image_size == (150, 120) and len(found.boxes) > 0
