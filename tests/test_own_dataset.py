@@ -1,7 +1,7 @@
 """Your own dataset, end to end, the way the README's "Train on your own data" section says:
 a plain COCO dataset (no split tags, non-square images in their own folder, one base class,
 two novel classes declared by name in the config) goes through `ovd data check`, `ovd pipeline
---config`, `ovd eval --export` and the Python API, with a tiny schedule."""
+--config`, `ovd eval --export`, `ovd serve` and the Python API, with a tiny schedule."""
 
 from __future__ import annotations
 
