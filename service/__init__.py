@@ -10,6 +10,7 @@ One module per concern:
     routes_vocabularies   /v1/vocabularies[/{id}]
     error_handlers        every error as JSON, and the request-body limit
     disconnect            cancels a detect request whose client went away
+    security_headers      nosniff, frame and referrer headers on all responses, CSP on the page
     admission             admission by cost: pixel and prompt budgets, the classification bound
     schemas               request and response models (the OpenAPI schema)
     settings              the OVD_* environment

@@ -8,7 +8,9 @@ routes_ops (/, /livez, /readyz, /metrics; open), routes_models (/v1/models), rou
 routes behind the API key when one is configured. /docs and /openapi.json are FastAPI's own.
 
 A detect request whose client disconnects is cancelled (service/disconnect.py), like one that
-passes `request_timeout_s`: its queued work is dropped.
+passes `request_timeout_s`: its queued work is dropped. Every response carries the security
+headers of service/security_headers.py; with API keys on, the OpenAPI document declares the
+bearer scheme.
 
 Shutdown (SIGTERM) stops accepting connections (uvicorn), lets in-flight requests finish,
 then the lifespan drains the batcher.
@@ -23,6 +25,7 @@ from . import routes_detect, routes_models, routes_ops, routes_vocabularies
 from .disconnect import DisconnectMiddleware
 from .error_handlers import BodyLimitMiddleware, install_error_handlers
 from .metrics import MetricsMiddleware
+from .security_headers import SecurityHeadersMiddleware
 from .serving import ServingRuntime
 from .settings import Settings
 
@@ -52,7 +55,29 @@ def create_app(settings: Settings | None = None, runtime: ServingRuntime | None 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(DisconnectMiddleware, paths=("/v1/detect", "/v1/detect/batch"))
     app.add_middleware(MetricsMiddleware, metrics=runtime.metrics)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.mount("/static", StaticFiles(directory=routes_ops.STATIC_DIR), name="static")
     for routes in (routes_ops, routes_models, routes_detect, routes_vocabularies):
         app.include_router(routes.router)
+    if settings.api_key_list:
+        _declare_bearer_auth(app)
     return app
+
+
+def _declare_bearer_auth(app: FastAPI) -> None:
+    """With API keys on, the OpenAPI document declares the bearer scheme on the /v1 routes (the
+    check itself is service/deps.py's require_api_key), so clients and Swagger UI know it."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+                "type": "http", "scheme": "bearer", "description": "one of OVD_API_KEYS"}
+            for path, operations in schema["paths"].items():
+                if path.startswith("/v1/"):
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
+        return app.openapi_schema
+
+    app.openapi = openapi
