@@ -32,27 +32,32 @@ import torch
 from .redis_store import RedisStore, StoreUnavailable
 
 MAGIC = b"OVDE"
-VERSION = 1
+VERSION = 2  # 2: the checksum covers the entry's own key (version-1 entries count as corrupt)
 DTYPE_FLOAT16 = 1
-HEADER = struct.Struct("<4sBBHI")  # magic, version, dtype, dim, crc32 of the payload
+HEADER = struct.Struct("<4sBBHI")  # magic, version, dtype, dim, crc32 of key + payload
 
 
 class CorruptEntry(ValueError):
-    """A cache entry whose header, size or checksum is wrong."""
+    """A cache entry whose header, size, checksum or key is wrong."""
 
 
-def encode_entry(vector: np.ndarray) -> bytes:
-    """(D,) float embedding -> header + D float16 values (little-endian), 12 + 2 D bytes."""
+def _checksum(key: str, payload: bytes) -> int:
+    return zlib.crc32(payload, zlib.crc32(key.encode("utf-8", "surrogatepass")))
+
+
+def encode_entry(vector: np.ndarray, key: str) -> bytes:
+    """(D,) float embedding -> header + D float16 values (little-endian), 12 + 2 D bytes. The
+    checksum covers `key`, so an entry copied under another name's key does not verify."""
     payload = np.asarray(vector, dtype="<f2").tobytes()
-    return HEADER.pack(MAGIC, VERSION, DTYPE_FLOAT16, vector.shape[0], zlib.crc32(payload)) + payload
+    return HEADER.pack(MAGIC, VERSION, DTYPE_FLOAT16, vector.shape[0], _checksum(key, payload)) + payload
 
 
-def decode_entry(data: bytes, dim: int) -> np.ndarray:
-    """Inverse of encode_entry: (dim,) float16 array.
+def decode_entry(data: bytes, dim: int, key: str) -> np.ndarray:
+    """Inverse of encode_entry for the entry stored under `key`: (dim,) float16 array.
 
     Raises:
-        CorruptEntry: short data, wrong magic/version/dtype/dim, size or CRC mismatch, or
-            non-finite values.
+        CorruptEntry: short data, wrong magic/version/dtype/dim, size or checksum mismatch
+            (including an entry written for another key), or non-finite values.
     """
     if len(data) < HEADER.size:
         raise CorruptEntry(f"entry of {len(data)} bytes is shorter than its header")
@@ -62,8 +67,8 @@ def decode_entry(data: bytes, dim: int) -> np.ndarray:
         raise CorruptEntry(f"unknown entry header {magic!r} v{version} dtype {dtype}")
     if stored_dim != dim or len(payload) != 2 * dim:
         raise CorruptEntry(f"entry has dim {stored_dim} and {len(payload)} payload bytes; expected dim {dim}")
-    if zlib.crc32(payload) != crc:
-        raise CorruptEntry("entry checksum mismatch")
+    if _checksum(key, payload) != crc:
+        raise CorruptEntry("entry checksum mismatch (damaged, or written for another key)")
     vector = np.frombuffer(payload, dtype="<f2").astype(np.float16)
     if not np.isfinite(vector).all():
         raise CorruptEntry("entry holds non-finite values")
@@ -155,7 +160,7 @@ class TextEmbedder:
             for k, data in zip(missing, raw, strict=True):
                 if data is not None:
                     try:
-                        found[k] = decode_entry(data, self.dim)
+                        found[k] = decode_entry(data, self.dim, k)
                         self._remember(k, found[k])
                     except CorruptEntry:
                         self._store.report("corrupt")  # recomputed and overwritten below
@@ -187,7 +192,7 @@ class TextEmbedder:
                 # Written in the background: a slow Redis must not delay the answer. With an
                 # expiry, so that only these entries are evictable (see the module docstring).
                 task = asyncio.create_task(self._store.set_many(
-                    {k: encode_entry(found[k]) for k, _ in part}, ttl_s=self._ttl_s))
+                    {k: encode_entry(found[k], k) for k, _ in part}, ttl_s=self._ttl_s))
                 self._writes.add(task)
                 task.add_done_callback(self._writes.discard)
         keys = looked_up.keys

@@ -111,10 +111,18 @@ def test_settings_from_environment(monkeypatch):
 
 def test_cache_entry_roundtrip_is_float16_with_header():
     v = np.random.default_rng(0).standard_normal(128).astype(np.float32)
-    data = encode_entry(v)
+    data = encode_entry(v, "key:a")
     assert len(data) == 12 + 2 * 128
-    out = decode_entry(data, 128)
+    out = decode_entry(data, 128, "key:a")
     assert out.dtype == np.float16 and np.array_equal(out, v.astype(np.float16))
+
+
+def test_a_cache_entry_copied_under_another_key_is_refused():
+    """The checksum covers the key: a valid entry of "red ring" stored under "blue star"'s key
+    (a copy, or a hostile write to Redis) is not served as "blue star"."""
+    data = encode_entry(np.ones(8, np.float32), "t:a photo of a {}:red ring")
+    with pytest.raises(CorruptEntry, match="another key"):
+        decode_entry(data, 8, "t:a photo of a {}:blue star")
 
 
 @pytest.mark.parametrize("corrupt", [
@@ -126,16 +134,17 @@ def test_cache_entry_roundtrip_is_float16_with_header():
     lambda d: b"",
 ])
 def test_corrupt_cache_entries_are_detected(corrupt):
-    data = encode_entry(np.ones(128, np.float32))
+    data = encode_entry(np.ones(128, np.float32), "k")
     with pytest.raises(CorruptEntry):
-        decode_entry(corrupt(data), 128)
+        decode_entry(corrupt(data), 128, "k")
 
 
 def test_non_finite_payload_with_a_valid_checksum_is_refused():
     payload = np.full(4, np.inf, dtype="<f2").tobytes()
-    data = struct.pack("<4sBBHI", b"OVDE", 1, 1, 4, zlib.crc32(payload)) + payload
+    crc = zlib.crc32(payload, zlib.crc32(b"k"))
+    data = struct.pack("<4sBBHI", b"OVDE", 2, 1, 4, crc) + payload
     with pytest.raises(CorruptEntry, match="non-finite"):
-        decode_entry(data, 4)
+        decode_entry(data, 4, "k")
 
 
 class CountingEncoder:
@@ -210,7 +219,7 @@ def test_redis_layer_shares_entries_and_repairs_corrupt_ones(redis_url):
         assert torch.equal(await third.text_matrix(["red ring", "blue star"], ["a {}"]), want)
         await third.flush()
         assert errors == ["corrupt"] and enc.calls[-1] == ["a red ring"]
-        decode_entry(client.get(key), enc.dim)
+        decode_entry(client.get(key), enc.dim, key)
         client.close()
 
     asyncio.run(scenario())
