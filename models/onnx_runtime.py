@@ -172,6 +172,10 @@ class OnnxRuntime:
     def text_embeddings(self, names: Sequence[str], template: str | None = None):
         return self.text.text_embeddings(list(names), template or self.manifest["prompt_template"])
 
+    def encode_text(self, prompts: Sequence[str]) -> np.ndarray:
+        out = self.text.encode_text(list(prompts))
+        return np.asarray(out.detach().float().cpu() if hasattr(out, "detach") else out, np.float32)
+
     def encode(self, inputs: list[dict]) -> list:
         return self.graphs.encode(inputs)
 

@@ -128,6 +128,9 @@ class Runtime(Protocol):
     def text_embeddings(self, names: Sequence[str], template: str | None = None) -> torch.Tensor:
         """(C, D) normalised CLIP text embeddings of names in the export's prompt template."""
 
+    def encode_text(self, prompts: Sequence[str]) -> np.ndarray:
+        """(N, D) float32 normalised embeddings of full prompts (what the service caches)."""
+
     def encode(self, inputs: list[dict]) -> list:
         """Per-image region features of inputs that share one batch key."""
 
@@ -148,6 +151,13 @@ class TorchRuntime:
 
     def text_embeddings(self, names: Sequence[str], template: str | None = None) -> torch.Tensor:
         return self.text.text_embeddings(list(names), template or self.manifest["prompt_template"])
+
+    def encode_text(self, prompts: Sequence[str]) -> np.ndarray:
+        """(N, D) float32 L2-normalised embeddings of full prompts (templates filled in)."""
+        import torch
+
+        with torch.inference_mode():
+            return self.text.encode_text(list(prompts)).float().cpu().numpy()
 
     def encode(self, inputs: list[dict]) -> list:
         import torch

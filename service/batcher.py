@@ -32,7 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from ovd.models.detections import Detections
 from ovd.models.runtime import Runtime, batches
@@ -70,7 +70,7 @@ class Job:
     """
 
     inputs: dict
-    text: torch.Tensor
+    text: np.ndarray  # (C, D) float32 normalised embeddings
     classes: tuple[str, ...]
     score_threshold: float | None = None
     max_detections: int | None = None

@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ovd.models.runtime import Runtime, load_runtime
 
@@ -88,7 +87,9 @@ class ServingRuntime:
     async def start(self) -> None:
         """Connect Redis (when configured) and start loading the model in the background."""
         s = self.settings
-        if s.torch_threads:
+        if s.torch_threads and s.backend == "torch":  # the onnx backend never imports torch
+            import torch
+
             torch.set_num_threads(s.torch_threads)
         if s.redis_url:
             self.store = RedisStore(s.redis_url, timeout_s=s.redis_timeout_s, degraded_s=s.redis_degraded_s,
@@ -107,7 +108,7 @@ class ServingRuntime:
                               on_abandon=lambda stage, n: metrics.abandoned_jobs.labels(stage).inc(n))
             batcher.start()
             text = TextEmbedder(
-                detector.text.encode_text, model_key=manifest["files"]["text_encoder"]["sha256"],
+                detector.encode_text, model_key=manifest["files"]["text_encoder"]["sha256"],
                 dim=int(manifest.get("embed_dim") or detector.text.embed_dim),
                 cache_size=s.text_cache_size, store=self.store, prefix=s.redis_prefix, ttl_s=s.text_cache_ttl_s,
                 on_lookup=lambda layer, result: metrics.text_cache.labels(layer, result).inc(),
@@ -133,7 +134,7 @@ class ServingRuntime:
         """One inference on a blank image, so the first request does not pay for lazy init."""
         size = model.detector.preprocessing.min_size
         inputs = model.detector.preprocessing(np.zeros((size, size, 3), np.uint8))
-        text = torch.nn.functional.normalize(torch.ones(1, model.text.dim), dim=-1)
+        text = np.full((1, model.text.dim), model.text.dim ** -0.5, np.float32)  # one unit vector
         await asyncio.gather(*model.batcher.submit([Job(inputs, text, ("warm-up",))]))
 
     async def close(self) -> None:

@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description="torch device of the detector and the text tower")
     backend: Literal["torch", "onnx"] = Field(
         "torch", description="detector runtime: torch, or onnx (onnxruntime on the export's "
-                             "ONNX graphs, `ovd export --onnx`; the text tower stays torch)")
+                             "ONNX graphs and text tower, `ovd export --onnx`; no torch import)")
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 keeps torch's default")
     warmup: bool = Field(True, description="run one inference after loading, before /readyz is 200")
 

@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .redis_store import RedisStore, StoreUnavailable
 
@@ -103,7 +102,7 @@ class TextEmbedder:
         chunk: prompts per text-tower call.
     """
 
-    def __init__(self, encode: Callable[[list[str]], torch.Tensor], *, model_key: str, dim: int,
+    def __init__(self, encode: Callable[[list[str]], np.ndarray], *, model_key: str, dim: int,
                  cache_size: int, store: RedisStore | None = None, prefix: str = "ovd",
                  ttl_s: int = 0, on_lookup: Callable[[str, str], None] | None = None, chunk: int = 256):
         self._encode = encode
@@ -132,11 +131,7 @@ class TextEmbedder:
             self._memory.popitem(last=False)
 
     def _compute(self, prompts: list[str]) -> np.ndarray:
-        with torch.inference_mode():
-            out = self._encode(prompts)  # a torch tensor, or numpy from the onnxruntime runtime
-        if hasattr(out, "detach"):
-            out = out.detach().float().cpu().numpy()
-        return np.asarray(out, np.float32).astype(np.float16)
+        return np.asarray(self._encode(prompts), np.float32).astype(np.float16)
 
     async def lookup(self, pairs: list[tuple[str, str]]) -> TextLookup:
         """What the caches hold of (template, name) pairs (memory, then Redis); nothing is encoded.
@@ -202,7 +197,7 @@ class TextEmbedder:
         """(len(pairs), D) float16 embeddings of (template, name) pairs, through the caches."""
         return await self.complete(await self.lookup(pairs))
 
-    async def text_matrix(self, names: list[str], templates: list[str]) -> torch.Tensor:
+    async def text_matrix(self, names: list[str], templates: list[str]) -> np.ndarray:
         """(C, D) normalised float32 text embeddings of names, averaged over templates.
 
         With several templates this is prompt ensembling: mean of the per-template
@@ -216,10 +211,10 @@ class TextEmbedder:
         """The (template, name) pairs of a vocabulary, template-major (what `ensemble` expects)."""
         return [(t, n) for t in templates for n in names]
 
-    def ensemble(self, vectors: np.ndarray, n_names: int, n_templates: int) -> torch.Tensor:
+    def ensemble(self, vectors: np.ndarray, n_names: int, n_templates: int) -> np.ndarray:
         """(C, D) text matrix of the `pairs(names, templates)` vectors: template mean, renormalised."""
-        v = torch.from_numpy(vectors).float().view(n_templates, n_names, self.dim)
-        return torch.nn.functional.normalize(v.mean(dim=0), dim=-1)
+        v = np.asarray(vectors, np.float32).reshape(n_templates, n_names, self.dim).mean(axis=0)
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
     async def flush(self) -> None:
         """Wait for background Redis writes (shutdown, tests)."""

@@ -16,6 +16,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 
 from .errors import ApiError
 from .redis_store import RedisStore, StoreUnavailable
@@ -123,12 +124,27 @@ def content_id(names: list[str], templates: list[str]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
+def _detectron2_data(module: str, name: str):
+    """A list from one of Detectron2's category-metadata files, read without importing the
+    detectron2 package (which imports torch: the onnx backend serves without it). Those files
+    are plain data modules; None when Detectron2 is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("detectron2")  # finds the package; does not import it
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "data" / "datasets" / f"{module}.py"
+    loader = importlib.util.spec_from_file_location(f"_ovd_detectron2_{module}", path)
+    data = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(data)
+    return getattr(data, name)
+
+
 @cache
 def coco_names() -> tuple[str, ...]:
-    """The 80 COCO thing classes, in COCO order."""
-    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
-
-    return tuple(c["name"] for c in COCO_CATEGORIES if c["isthing"] == 1)
+    """The 80 COCO thing classes, in COCO order (empty without Detectron2)."""
+    categories = _detectron2_data("builtin_meta", "COCO_CATEGORIES") or []
+    return tuple(c["name"] for c in categories if c["isthing"] == 1)
 
 
 @cache
@@ -138,9 +154,8 @@ def lvis_names() -> tuple[str, ...]:
     "bow_(weapon)" -> "bow", unless another category would then read the same ("bow_(weapon)"
     and "bow_(decorative_ribbons)"): those keep their qualifier as "bow (weapon)".
     """
-    from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
-
-    raw = [c["name"] for c in sorted(LVIS_CATEGORIES, key=lambda c: c["id"])]
+    categories = _detectron2_data("lvis_v1_categories", "LVIS_CATEGORIES") or []
+    raw = [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
     # One name has words after its qualifier: "monitor_(computer_equipment) computer_monitor"
     # reads best as those words.
     full = [re.sub(r"^.*_\([^)]*\)\s+(\S.*)$", r"\1", n).replace("_", " ") for n in raw]
@@ -169,11 +184,8 @@ class VocabularyRegistry:
     def __init__(self, training_names: list[str], *, store: RedisStore | None = None,
                  prefix: str = "ovd", max_total: int = 10_000, max_per_owner: int = 1000,
                  chunk_bytes: int = 64 * 1024):
-        self._builtin = {
-            "training": Vocabulary("training", list(training_names), builtin=True),
-            "coco": Vocabulary("coco", list(coco_names()), builtin=True),
-            "lvis": Vocabulary("lvis", list(lvis_names()), builtin=True),
-        }
+        self._builtin = {name: Vocabulary(name, list(names), builtin=True) for name, names in (
+            ("training", training_names), ("coco", coco_names()), ("lvis", lvis_names())) if names}
         self._registered: dict[str, Vocabulary] = {}
         self._owners: dict[str, set[str]] = {}  # without Redis: owner -> ids
         self._store = store

@@ -112,6 +112,34 @@ def test_the_onnx_runtime_never_imports_torch(onnx_export):
     assert out.stdout.startswith("(70, 90)")
 
 
+def test_the_service_with_the_onnx_backend_never_imports_torch(onnx_export):
+    """OVD_BACKEND=onnx: the app loads the export, answers /v1/detect, and a fresh interpreter
+    has imported neither torch nor Detectron2 nor open_clip (the COCO/LVIS vocabularies are read
+    from Detectron2's data files without importing the package)."""
+    code = (
+        "import base64, io, sys, time, numpy as np\n"
+        "from PIL import Image\n"
+        "from fastapi.testclient import TestClient\n"
+        "from ovd.service.app import create_app\n"
+        "from ovd.service.settings import Settings\n"
+        "buf = io.BytesIO(); Image.fromarray(np.full((60, 80, 3), 120, np.uint8)).save(buf, 'PNG')\n"
+        f"settings = Settings(model_dir={str(onnx_export)!r}, backend='onnx', redis_url='')\n"
+        "with TestClient(create_app(settings)) as client:\n"
+        "    for _ in range(300):\n"
+        "        if client.get('/readyz').status_code == 200: break\n"
+        "        time.sleep(0.1)\n"
+        "    r = client.post('/v1/detect', json={'image': base64.b64encode(buf.getvalue()).decode(),\n"
+        "                                        'classes': ['red ring', 'blue star'], 'score_threshold': 0.0})\n"
+        "    assert r.status_code == 200, r.text\n"
+        "    assert len(client.get('/v1/vocabularies').json()['vocabularies']) >= 3\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'detectron2', 'open_clip'))\n"
+        "assert not heavy, heavy[:5]\n"
+        "print(r.json()['image'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "'width': 80" in out.stdout
+
+
 def test_tampered_or_missing_graphs_are_refused(onnx_export, plain_export, tmp_path):
     copy = tmp_path / "e"
     shutil.copytree(onnx_export, copy)

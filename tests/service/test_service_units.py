@@ -170,7 +170,7 @@ def _embedder(enc, store=None, lookups=None, cache_size=100):
 def test_misses_are_computed_in_one_call_then_served_from_memory():
     enc, lookups = CountingEncoder(), []
     emb = _embedder(enc, lookups=lookups)
-    t1 = asyncio.run(emb.text_matrix(["a", "b", "c"], ["x {}", "y {}"]))
+    t1 = torch.as_tensor(asyncio.run(emb.text_matrix(["a", "b", "c"], ["x {}", "y {}"])))
     assert enc.calls == [["x a", "x b", "x c", "y a", "y b", "y c"]]
     assert t1.shape == (3, 8) and torch.allclose(t1.norm(dim=1), torch.ones(3))
     # Prompt ensembling: mean of the float16-rounded per-template embeddings, renormalised.
@@ -178,7 +178,7 @@ def test_misses_are_computed_in_one_call_then_served_from_memory():
         enc(["x a", "x b", "x c"]).half().float() + enc(["y a", "y b", "y c"]).half().float(), dim=-1)
     assert torch.allclose(t1, expected, atol=1e-6)
     enc.calls.clear()
-    t2 = asyncio.run(emb.text_matrix(["b", "d"], ["x {}"]))
+    t2 = torch.as_tensor(asyncio.run(emb.text_matrix(["b", "d"], ["x {}"])))
     assert enc.calls == [["x d"]]
     assert lookups.count(("memory", "hit")) == 1 and lookups.count(("memory", "miss")) == 7
     assert torch.equal(t2[0], torch.nn.functional.normalize(enc(["x b"]).half().float(), dim=-1)[0])
@@ -205,18 +205,18 @@ def test_redis_layer_shares_entries_and_repairs_corrupt_ones(redis_url):
         errors, lookups = [], []
         enc = CountingEncoder()
         first = _embedder(enc, store=_store(redis_url, errors))
-        want = await first.text_matrix(["red ring", "blue star"], ["a {}"])
+        want = torch.as_tensor(await first.text_matrix(["red ring", "blue star"], ["a {}"]))
         await first.flush()
         # A second replica (empty memory) gets both from Redis, without the text tower.
         second = _embedder(enc, store=_store(redis_url, errors), lookups=lookups)
-        assert torch.equal(await second.text_matrix(["red ring", "blue star"], ["a {}"]), want)
+        assert torch.equal(torch.as_tensor(await second.text_matrix(["red ring", "blue star"], ["a {}"])), want)
         assert len(enc.calls) == 1 and lookups.count(("redis", "hit")) == 2
         # Corrupt one entry: it is counted, recomputed (same result) and overwritten.
         client = redis.Redis.from_url(redis_url)
         key = first.key("a {}", "red ring")
         client.set(key, b"OVDE\x01\x01garbage")
         third = _embedder(enc, store=_store(redis_url, errors))
-        assert torch.equal(await third.text_matrix(["red ring", "blue star"], ["a {}"]), want)
+        assert torch.equal(torch.as_tensor(await third.text_matrix(["red ring", "blue star"], ["a {}"])), want)
         await third.flush()
         assert errors == ["corrupt"] and enc.calls[-1] == ["a red ring"]
         decode_entry(client.get(key), enc.dim, key)
