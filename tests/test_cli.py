@@ -236,4 +236,9 @@ def test_eval_an_export_on_a_users_coco_json(plain_export, tmp_path, monkeypatch
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["images"] == 2 and set(metrics) >= {"novel", "base", "all"}
     assert "generalized zero-shot detection" in capsys.readouterr().out
+    # Without --out the results go to the working directory, never into the (verified) export.
+    before = sorted(p.name for p in plain_export.iterdir())
+    assert main(["eval", "--export", str(plain_export), "--json", "mine.json"]) == 0
+    assert (tmp_path / f"eval_{plain_export.name}_eval_mine" / "metrics.json").is_file()
+    assert sorted(p.name for p in plain_export.iterdir()) == before
     assert main(["eval", "--export", str(plain_export), "--dataset", "nothing_here"]) == 2

@@ -160,7 +160,9 @@ def evaluate_folder(folder: str | Path, *, dataset: str | None = None, json_file
         weights, clip: a training folder's checkpoint and text CLIP (defaults: its
             model_final.pth and the CLIP it trained with).
         opts: Detectron2 KEY VALUE overrides.
-        out: results folder (default: <folder>/eval_<dataset>).
+        out: results folder (default: <folder>/eval_<dataset> for a training folder; for an
+            export, eval_<export>_<dataset> in the working directory: an export stays as it
+            was verified, and may be mounted read-only).
         data: a `training.data.dataset.Dataset` whose splits to register (an export names no
             dataset files; a training folder's config does).
 
@@ -174,7 +176,7 @@ def evaluate_folder(folder: str | Path, *, dataset: str | None = None, json_file
     from ovd.models.clip.model import load_clip
     from ovd.models.exported import load_export
 
-    from .layout import eval_dir, final_weights
+    from .layout import final_weights
     from .train_detector import build_config, register_datasets
 
     folder = Path(folder)
@@ -198,7 +200,7 @@ def evaluate_folder(folder: str | Path, *, dataset: str | None = None, json_file
         json_file = Path(json_file)
         image_root = Path(image_root) if image_root else json_file.parent
         dataset = f"eval_{json_file.stem}"
-        out = Path(out or eval_dir(folder, dataset))
+        out = Path(out or _default_out(folder, dataset))
         json_file = _tag_like_the_export(json_file, folder, out)
         dataset = register_ov_dataset(dataset, json_file, image_root, overwrite=True)
     dataset = dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "synth_val")
@@ -210,8 +212,17 @@ def evaluate_folder(folder: str | Path, *, dataset: str | None = None, json_file
                          "a _test only with dataset.test_json), generate the world (`ovd data synth`), or "
                          "evaluate a COCO json directly (--json FILE --image-root DIR)")
     names = list(MetadataCatalog.get(dataset).thing_classes)
-    out = Path(out or eval_dir(folder, dataset))
+    out = Path(out or _default_out(folder, dataset))
     return evaluate(cfg, model, dataset, embed(names), out), out
+
+
+def _default_out(folder: Path, dataset: str) -> Path:
+    """Where `evaluate_folder` writes by default (see its `out`)."""
+    from .layout import eval_dir
+
+    if (folder / "manifest.json").is_file():
+        return Path.cwd() / f"eval_{folder.name}_{dataset}"
+    return eval_dir(folder, dataset)
 
 
 def _tag_like_the_export(json_file: Path, folder: Path, out: Path) -> Path:

@@ -175,7 +175,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--export", default=None,
                    help="evaluate an export folder instead (its own weights and text tower; the "
                         "run's dataset is registered: the config's dataset: section, else the world)")
-    p.add_argument("--out", default=None, help="output folder (default: <model-dir>/eval_<dataset>)")
+    p.add_argument("--out", default=None, help="output folder (default: <model-dir>/eval_<dataset>; for --export, ./eval_<export>_<dataset>)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="Detectron2 KEY VALUE overrides")
     p.set_defaults(func=cmd_eval)
 
