@@ -218,13 +218,12 @@ class Bench:
     def detector_recipe(self) -> list:
         """The detector's Detectron2 files, parsed (so a comment edit does not make every
         finished cell stale), and the config's opts."""
-        from ovd.training.config import REPO_ROOT
+        from ovd.training.train_detector import detector_config_file
 
-        section = self.cfg.get("detector") or {}
-        detector_file = REPO_ROOT / section.get("config", "configs/detector/synthetic_r18_fpn.yaml")
+        detector_file = detector_config_file(self.cfg)
         return [yaml.safe_load(detector_file.read_text()),
                 yaml.safe_load((detector_file.parent / "Base-OVD-RCNN-FPN.yaml").read_text()),
-                section.get("opts", [])]
+                (self.cfg.get("detector") or {}).get("opts", [])]
 
     def model_dir(self, v: Variant, lam: float | None, seed: int) -> Path:
         name = v.key if lam is None else f"{v.key}_lambda{lam:g}"

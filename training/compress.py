@@ -144,20 +144,15 @@ def run_compression(pipeline_cfg: dict, layout, *, teacher: str | Path | None = 
     """
     from ovd.models.clip.model import load_clip
 
-    from .train_detector import detector_config, register_datasets
+    from .train_detector import training_config
 
     teacher = Path(teacher or layout.detector)
-    dcfg = detector_config(pipeline_cfg, layout, config_file=student_config, opts=opts)
-    dcfg.OUTPUT_DIR = str(out or layout.student)
-    if not distill:
-        dcfg.MODEL.OVD.DISTILL_WEIGHT = 0.0
-    elif not dcfg.DATASETS.DISTILL_TARGETS:
-        dcfg.DATASETS.DISTILL_TARGETS = str(targets or layout.targets())
-    register_datasets(dcfg)
+    dcfg = training_config(pipeline_cfg, layout, config_file=student_config, opts=opts,
+                           out=out or layout.student, distill=distill, targets=targets)
     # The student must share the teacher's text embeddings: default to the teacher's CLIP.
     clip_path = clip or teacher_config(teacher).MODEL.OVD.CLIP
     if not clip and not Path(clip_path).is_dir():
-        clip_path = str(layout.clip_renorm if layout.clip_renorm.is_dir() else layout.clip_pretrained)
+        clip_path = str(layout.text_clip)
     dcfg = prepare_student(dcfg, load_clip(clip_path), teacher)
     kd = dcfg.MODEL.KD
     logger.info("compressing %s into %s (%s backbone, FPN %d; TID %s, CID %s, Light-ML %s; region "

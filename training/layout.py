@@ -52,6 +52,12 @@ class RunLayout:
         return self.root / "clip" / "renorm"
 
     @property
+    def text_clip(self) -> Path:
+        """The CLIP a detector of this run classifies with: the re-normalised one when it
+        exists, else the pretrained one."""
+        return self.clip_renorm if self.clip_renorm.is_dir() else self.clip_pretrained
+
+    @property
     def proposals(self) -> Path:
         return self.root / "proposals"
 

@@ -138,7 +138,10 @@ class Pipeline:
 
     @property
     def data(self) -> Dataset:
-        return self.results.get("dataset") or dataset_of(self.cfg, self.layout)
+        """The run's dataset, read once per pipeline (a `dataset:` section hashes its jsons)."""
+        if "dataset" not in self.results:
+            self.results["dataset"] = dataset_of(self.cfg, self.layout)
+        return self.results["dataset"]
 
     def train_split(self) -> tuple[Path, Path]:
         """(json file, image root) of the base-box training split."""
@@ -189,16 +192,15 @@ class Pipeline:
 
     def renorm(self, clip: ClipModel) -> tuple[ClipModel, bool]:
         """(CLIP with LayerNorms re-fitted on base GT crops, reused?)."""
+        json_file, image_root = self.train_split()
         try:
             renormed = load_clip(str(self.renorm_dir))
-            json_file, _ = self.train_split()
             if renormed.manifest.get("parent", {}).get("sha256") != weights_sha256(clip) \
                     or renormed.manifest["training"]["config"] != _plain(self.renorm_cfg) \
                     or renormed.manifest["training"]["data"]["json_sha256"] != sha256_file(json_file):
                 raise ClipCheckpointError("made from another CLIP, config or training json")
             return renormed, True
         except (ClipCheckpointError, KeyError):
-            json_file, image_root = self.train_split()
             return renorm_clip(self.clip_dir, json_file, image_root, self.renorm_dir,
                                self.renorm_cfg, progress=self.progress), False
 
@@ -302,17 +304,13 @@ class Pipeline:
         late section fails in a second, not after hours of earlier stages."""
         from .proposals import ProposalConfig
         from .targets import TargetsConfig
-        from .train_detector import build_config
+        from .train_detector import build_config, detector_config_file
 
         ProposalConfig.from_config(self.cfg)
         TargetsConfig.from_config(self.cfg)
         ClipSource.from_config(self.cfg)
-        section = self.cfg.get("detector") or {}
-        if section.get("config"):  # the file and opts parse (the datasets come later)
-            from .config import REPO_ROOT
-
-            path = Path(section["config"])
-            build_config(path if path.is_file() else REPO_ROOT / path, section.get("opts", []))
+        # The detector's file and opts parse (its datasets are set once the dataset stage ran).
+        build_config(detector_config_file(self.cfg), (self.cfg.get("detector") or {}).get("opts", []))
 
     def run(self) -> None:
         """Every stage of `STAGES`, in order, logging each one's status and the time so far."""
@@ -354,8 +352,10 @@ STAGES: tuple[Stage, ...] = (
 def export_identity(cfg: dict, layout: RunLayout) -> tuple[str, str]:
     """(name, version) of a run's export: the config's `export:` section, else "ovd-<dataset
     name>" ("ovd-synthetic" for the world) and 0.1.0. The name is in every service response."""
+    from .data.dataset import DatasetConfig
+
     section = cfg.get("export") or {}
-    default = f"ovd-{cfg['dataset'].get('name', 'dataset')}" if cfg.get("dataset") else "ovd-synthetic"
+    default = f"ovd-{DatasetConfig.from_config(cfg).name}" if cfg.get("dataset") else "ovd-synthetic"
     return str(section.get("name") or default), str(section.get("version", "0.1.0"))
 
 

@@ -71,6 +71,16 @@ def build_config(config_file: str | Path, opts: list[str] | None = None) -> CfgN
     return cfg
 
 
+def detector_config_file(pipeline_cfg: dict, config_file: str | Path | None = None) -> Path:
+    """The Detectron2 YAML of a pipeline config's `detector:` section (or `config_file`),
+    found from the working directory, else from the repository (the configs/ it ships)."""
+    from .config import REPO_ROOT
+
+    path = Path(config_file or (pipeline_cfg.get("detector") or {}).get("config")
+                or "configs/detector/synthetic_r18_fpn.yaml")
+    return REPO_ROOT / path if not path.is_file() and (REPO_ROOT / path).is_file() else path
+
+
 def detector_config(pipeline_cfg: dict, layout, *, config_file: str | Path | None = None,
                     opts: list | tuple = ()) -> CfgNode:
     """The Detectron2 config of a pipeline config's `detector:` section (its file and KEY VALUE
@@ -82,14 +92,10 @@ def detector_config(pipeline_cfg: dict, layout, *, config_file: str | Path | Non
         layout: the run's training.layout.RunLayout.
         config_file: replaces the section's Detectron2 file (its opts still apply).
     """
-    from .config import REPO_ROOT
     from .data.dataset import dataset_of
 
     section = pipeline_cfg.get("detector") or {}
-    path = Path(config_file or section.get("config") or "configs/detector/synthetic_r18_fpn.yaml")
-    if not path.is_file() and (REPO_ROOT / path).is_file():
-        path = REPO_ROOT / path
-    cfg = build_config(path, list(section.get("opts", [])) + list(opts))
+    cfg = build_config(detector_config_file(pipeline_cfg, config_file), list(section.get("opts", [])) + list(opts))
     if not cfg.DATASETS.REGISTER:
         data = dataset_of(pipeline_cfg, layout)
         if data.train.json_file.is_file():
@@ -105,6 +111,21 @@ def register_datasets(cfg: CfgNode) -> None:
 
     for spec in cfg.DATASETS.REGISTER:
         register_from_spec(spec, overwrite=True)
+
+
+def training_config(pipeline_cfg: dict, layout, *, config_file: str | Path | None, opts: list | tuple,
+                    out: str | Path, distill: bool, targets: str | Path | None) -> CfgNode:
+    """`detector_config` made ready to train into `out` (a teacher's or a student's): region
+    distillation off, or from `targets` (default: the run's targets/, unless the Detectron2
+    config names a folder), and its datasets registered in this process."""
+    dcfg = detector_config(pipeline_cfg, layout, config_file=config_file, opts=opts)
+    dcfg.OUTPUT_DIR = str(out)
+    if not distill:
+        dcfg.MODEL.OVD.DISTILL_WEIGHT = 0.0
+    elif not dcfg.DATASETS.DISTILL_TARGETS:
+        dcfg.DATASETS.DISTILL_TARGETS = str(targets or layout.targets())
+    register_datasets(dcfg)
+    return dcfg
 
 
 def run_training(pipeline_cfg: dict, layout, *, clip: str | Path | None = None,
@@ -130,17 +151,10 @@ def run_training(pipeline_cfg: dict, layout, *, clip: str | Path | None = None,
     """
     from ovd.models.clip.model import load_clip
 
-    dcfg = detector_config(pipeline_cfg, layout, config_file=config_file, opts=opts)
-    dcfg.OUTPUT_DIR = str(out or layout.detector)
+    dcfg = training_config(pipeline_cfg, layout, config_file=config_file, opts=opts,
+                           out=out or layout.detector, distill=distill, targets=targets)
     dcfg.MODEL.OVD.TRAIN_VOCABULARY = vocabulary
-    if not distill:
-        dcfg.MODEL.OVD.DISTILL_WEIGHT = 0.0
-    elif not dcfg.DATASETS.DISTILL_TARGETS:
-        dcfg.DATASETS.DISTILL_TARGETS = str(targets or layout.targets())
-    register_datasets(dcfg)
-    clip_path = Path(clip or layout.clip_renorm)
-    if clip is None and not clip_path.is_dir():
-        clip_path = layout.clip_pretrained
+    clip_path = clip or layout.text_clip
     clip_model = load_clip(str(clip_path))
     dcfg = prepare(dcfg, clip_model)
     resume = _check_identity(dcfg, clip_model, resume)
