@@ -98,8 +98,7 @@ def detector_config(pipeline_cfg: dict, layout, *, config_file: str | Path | Non
     cfg = build_config(detector_config_file(pipeline_cfg, config_file), list(section.get("opts", [])) + list(opts))
     if not cfg.DATASETS.REGISTER:
         data = dataset_of(pipeline_cfg, layout)
-        if data.train.json_file.is_file():
-            cfg.DATASETS.REGISTER = data.specs()
+        cfg.DATASETS.REGISTER = data.specs()  # the splits that exist (none before `ovd data synth`)
         cfg.DATASETS.TRAIN = (data.train_name,)
         cfg.DATASETS.TEST = (data.val_name,) if data.val else ()
     return cfg
