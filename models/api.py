@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 
 from .detections import Detections
 from .registry import REGISTERED
-from .runtime import Runtime, batches, load_runtime
+from .runtime import ClassifyOptions, Runtime, batches, load_runtime
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
@@ -110,8 +110,9 @@ class Detector:
         return self._text[key]
 
     def __call__(self, images: ImageLike | Sequence[ImageLike], classes: Sequence[str], *,
-                 threshold: float = 0.3, max_detections: int = 100, template: str | None = None,
-                 batch_size: int = 4) -> Detections | list[Detections]:
+                 threshold: float = 0.3, max_detections: int = 100, score_mode: str = "softmax",
+                 nms_threshold: float | None = None, class_agnostic: bool = False,
+                 template: str | None = None, batch_size: int = 4) -> Detections | list[Detections]:
         """Detect `classes` in one image or a list of images.
 
         Args:
@@ -119,6 +120,12 @@ class Detector:
             classes: class names in plain words, e.g. ["red ring", "forklift"].
             threshold: the lowest score kept, in [0, 1].
             max_detections: the most detections kept per image.
+            score_mode: "softmax" (over the names given and background: a name's score falls
+                when similar names are added) or "per_name" (each name against background
+                alone: the same box scores the same whatever else is asked for).
+            nms_threshold: IoU above which the lower-scoring of two overlapping boxes is
+                dropped (default: the model's, 0.5 for the shipped one).
+            class_agnostic: NMS across names, so one object gets one label.
             template: CLIP prompt template with one "{}" (default: the export's).
             batch_size: images encoded together (images of one padded size only).
 
@@ -130,8 +137,9 @@ class Detector:
             raise ValueError("give at least one class name, none of them empty")
         if len(set(classes)) != len(classes):
             raise ValueError(f"class names repeat: {classes}")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], not {threshold}")
+        options = ClassifyOptions(score_threshold=threshold, max_detections=max_detections,
+                                  score_mode=score_mode, nms_threshold=nms_threshold,
+                                  class_agnostic=class_agnostic)
         single = not isinstance(images, list | tuple)
         batch = [images] if single else list(images)
         text = self.text_embeddings(classes, template)
@@ -139,8 +147,7 @@ class Detector:
         out: list[Detections | None] = [None] * len(inputs)
         for chunk in batches(self.runtime.preprocessing, inputs, batch_size):
             regions = self.runtime.encode([inputs[i] for i in chunk])
-            found = self.runtime.classify(regions, text, [inputs[i] for i in chunk], classes,
-                                          score_threshold=threshold, max_detections=max_detections)
+            found = self.runtime.classify(regions, text, [inputs[i] for i in chunk], classes, options)
             for i, d in zip(chunk, found, strict=True):
                 out[i] = d
         return out[0] if single else out

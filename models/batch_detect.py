@@ -51,23 +51,22 @@ def expand_inputs(patterns: Sequence[str | Path]) -> list[Path]:
 
 
 def detect_files(detector: Detector, files: Sequence[Path], classes: Sequence[str], *,
-                 threshold: float = 0.3, max_detections: int = 100, batch_size: int = 4,
-                 coco: bool = False, draw_dir: Path | None = None,
-                 progress: Callable[[int], None] | None = None) -> dict:
+                 batch_size: int = 4, coco: bool = False, draw_dir: Path | None = None,
+                 progress: Callable[[int], None] | None = None, **options) -> dict:
     """Run the detector over files, `batch_size` at a time.
 
     Args:
         detector: a loaded `Detector`.
         files: image paths (see `expand_inputs`).
         classes: class names in plain words.
-        threshold, max_detections: as `Detector.__call__`.
         coco: COCO-style output instead of per-image JSON.
         draw_dir: where to write each image with its boxes drawn (PNG, same stem), if given.
         progress: called with the number of images finished after each batch.
+        **options: `Detector.__call__`'s (threshold, max_detections, score_mode, ...).
 
     Returns:
-        {"model", "classes", "images": [{"file", "width", "height", "detections": [...]}],
-        "skipped": [{"file", "error"}]} or, with coco=True, {"images", "categories",
+        {"model", "classes", "options", "images": [{"file", "width", "height", "detections":
+        [...]}], "skipped": [{"file", "error"}]} or, with coco=True, {"images", "categories",
         "annotations"} (category id = class index + 1; skipped files under "info").
 
     Raises:
@@ -88,8 +87,7 @@ def detect_files(detector: Detector, files: Sequence[Path], classes: Sequence[st
                 failed.append({"file": str(f), "error": str(e)})
         if not chunk:
             continue
-        found = detector(pixels, classes, threshold=threshold, max_detections=max_detections,
-                         batch_size=batch_size)
+        found = detector(pixels, classes, batch_size=batch_size, **options)
         for image_id, f, rgb, d in zip(ids, chunk, pixels, found, strict=True):
             height, width = d.image_size
             if coco:
@@ -109,10 +107,11 @@ def detect_files(detector: Detector, files: Sequence[Path], classes: Sequence[st
     manifest = detector.manifest
     model = {"name": manifest.get("name"), "version": manifest.get("version")}
     if coco:
-        return {"info": {"description": "ovd detect", "model": model, "skipped": failed}, "images": images,
+        return {"info": {"description": "ovd detect", "model": model, "options": options, "skipped": failed},
+                "images": images,
                 "categories": [{"id": i + 1, "name": c} for i, c in enumerate(classes)],
                 "annotations": annotations}
-    return {"model": model, "classes": list(classes), "threshold": threshold, "images": images, "skipped": failed}
+    return {"model": model, "classes": list(classes), "options": options, "images": images, "skipped": failed}
 
 
 def _drawn_path(draw_dir: Path, file: Path, files: Sequence[Path]) -> Path:

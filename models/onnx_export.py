@@ -27,12 +27,15 @@ pooler keep image sizes and counts as traced tensors, and torchvision registers 
 symbolics for `nms` and `roi_align` (aligned RoIAlign needs opset >= 16) for this exporter
 only. The dynamo exporter (torch.export) would have to trace Detectron2's data-dependent
 shapes (nonzero, NMS, per-level index_put) as unbacked symbols, which its code was never
-written for. What tracing would freeze is rewritten here instead of patching Detectron2:
-`fast_rcnn_inference` (a Python branch on non-finite scores, per-class NMS through
-torchvision's `batched_nms`, whose `numel() == 0` branch and `boxes.max()` would be traced for
-one case, and `keep[:topk]` with a Python int) becomes `classify_regions`: one NMS over the
-flattened (proposal, class) pairs offset per class by the image size, and a rank mask for
-`max_detections`, which is a graph input like `score_threshold` (both with defaults).
+written for. What tracing would freeze is avoided in the model's own code instead of
+patching Detectron2: the box predictor's `detect` (models/detector/output_layers.py), which
+PyTorch runs too, replaces `fast_rcnn_inference` (a Python branch on non-finite scores,
+per-class NMS through torchvision's `batched_nms`, whose `numel() == 0` branch and
+`boxes.max()` would be traced for one case, and `keep[:topk]` with a Python int) with one NMS
+over the (proposal, class) pairs offset per class by the image size and a rank mask for
+`max_detections`. Every test-time option (`_OPTIONS`: score threshold, max detections, NMS
+IoU, class-agnostic NMS, score mode) is a graph input with the config's value as its default,
+so ONNX consumers get the same controls as the Python API and the service.
 """
 
 from __future__ import annotations
@@ -47,10 +50,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from detectron2.layers.wrappers import shapes_to_tensor
 from torch import nn
 
+from .detector.output_layers import NO_CANDIDATE_BOUND
 from .exported import load_export
 from .manifest import (
     FILES,
@@ -63,6 +66,7 @@ from .manifest import (
     verify_export,
 )
 from .onnx_runtime import OnnxGraphs
+from .runtime import SCORE_MODES, ClassifyOptions
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +82,18 @@ _THRESHOLD = {"name": "score_threshold", "dtype": "float32", "shape": [], "optio
               "meaning": "keep (region, class) pairs scoring above this"}
 _MAX_DET = {"name": "max_detections", "dtype": "int64", "shape": [], "optional": True,
             "meaning": "at most this many detections (best first)"}
+_NMS_THRESHOLD = {"name": "nms_threshold", "dtype": "float32", "shape": [], "optional": True,
+                  "meaning": "IoU above which the lower-scoring of two boxes is dropped"}
+_AGNOSTIC = {"name": "class_agnostic", "dtype": "bool", "shape": [], "optional": True,
+             "meaning": "NMS across classes (one label per object) instead of within each class"}
+_SCORE_MODE = {"name": "score_mode", "dtype": "int64", "shape": [], "optional": True,
+               "meaning": "0: softmax over the vocabulary and background; 1: each class against "
+                          "background alone (independent of the other rows of `text`)"}
+_MAX_CANDIDATES = {"name": "max_candidates", "dtype": "int64", "shape": [], "optional": True,
+                   "meaning": "at most this many (region, class) pairs, the best, go to NMS (bounds "
+                              "the cost for long vocabularies)"}
+#: The options every classify graph takes after `text`, in order (EZSDOutputLayers.detect's).
+_OPTIONS = [_THRESHOLD, _MAX_DET, _NMS_THRESHOLD, _AGNOSTIC, _SCORE_MODE, _MAX_CANDIDATES]
 _REGIONS = [
     {"name": "proposals", "dtype": "float32", "shape": ["regions", 4],
      "meaning": "RPN proposals, XYXY pixels of the input image"},
@@ -90,13 +106,13 @@ _REGIONS = [
 _DETECTIONS = [
     {"name": "boxes", "dtype": "float32", "shape": ["detections", 4],
      "meaning": "XYXY pixels of the input image"},
-    {"name": "scores", "dtype": "float32", "shape": ["detections"], "meaning": "softmax score, best first"},
+    {"name": "scores", "dtype": "float32", "shape": ["detections"], "meaning": "score in [0, 1], best first"},
     {"name": "classes", "dtype": "int64", "shape": ["detections"], "meaning": "row of `text`"},
 ]
 ONNX_CONTRACT = {
-    "onnx_detector": {"inputs": [_IMAGE, _TEXT, _THRESHOLD, _MAX_DET], "outputs": _DETECTIONS},
+    "onnx_detector": {"inputs": [_IMAGE, _TEXT, *_OPTIONS], "outputs": _DETECTIONS},
     "onnx_encode": {"inputs": [_IMAGE], "outputs": _REGIONS},
-    "onnx_classify": {"inputs": [*_REGIONS, _TEXT, _THRESHOLD, _MAX_DET], "outputs": _DETECTIONS},
+    "onnx_classify": {"inputs": [*_REGIONS, _TEXT, *_OPTIONS], "outputs": _DETECTIONS},
 }
 
 
@@ -105,52 +121,6 @@ class OnnxValidationError(ExportError):
 
 
 # --------------------------------------------------------------------------- traceable modules
-
-def classify_regions(predictor, proposals: torch.Tensor, embeddings: torch.Tensor,
-                     reg_features: torch.Tensor, image_size: torch.Tensor, text: torch.Tensor,
-                     score_threshold: torch.Tensor, max_detections: torch.Tensor,
-                     nms_threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`EZSDOutputLayers.classify` for one image, written so that a trace is right for any C.
-
-    Same result as Detectron2's `fast_rcnn_inference_single_image` with class-agnostic boxes
-    (up to the order of exact score ties).
-
-    Args:
-        predictor: the model's EZSDOutputLayers.
-        proposals: (R, 4) XYXY pixels. embeddings: (R, D) normalised. reg_features: (R, B).
-        image_size: (2,) int64 (height, width) that boxes are clipped to.
-        text: (C, D) normalised text embeddings.
-        score_threshold: () float; max_detections: () int64 (>= 0).
-        nms_threshold: IoU above which a lower-scoring box of the same class is dropped.
-
-    Returns:
-        boxes (N, 4) XYXY pixels, scores (N,) best first, classes (N,) rows of text.
-    """
-    logits, deltas = predictor._predict(embeddings, reg_features, text)
-    boxes = predictor.box2box_transform.apply_deltas(deltas, proposals)  # (R, 4), class-agnostic
-    scores = F.softmax(logits, dim=-1)[:, :-1]  # (R, C), background dropped
-    finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
-    size = image_size.to(boxes.dtype)
-    zero = boxes.new_zeros(())
-    x1, y1, x2, y2 = boxes.unbind(1)
-    boxes = torch.stack([torch.minimum(torch.maximum(x1, zero), size[1]),
-                         torch.minimum(torch.maximum(y1, zero), size[0]),
-                         torch.minimum(torch.maximum(x2, zero), size[1]),
-                         torch.minimum(torch.maximum(y2, zero), size[0])], dim=1)
-    # Every (region, class) pair above the threshold is a candidate, in row-major order as in
-    # Detectron2. Per-class NMS in one call: clipped boxes lie in [0, max(H, W)], so shifting
-    # class k by k * (max(H, W) + 1) separates classes without a reduction over the boxes
-    # (torchvision's batched_nms takes boxes.max(), which is undefined for zero candidates).
-    pairs = ((scores > score_threshold) & finite[:, None]).nonzero()
-    rows, classes = pairs[:, 0], pairs[:, 1]
-    boxes, scores = boxes[rows], scores[rows, classes]
-    offsets = classes.to(boxes.dtype) * (size.max() + 1)
-    keep = torchvision.ops.nms(boxes + offsets[:, None], scores, nms_threshold)
-    # keep[:max_detections] with a tensor bound: NMS returns keep best first, so mask by rank.
-    rank = torch.cumsum(torch.ones_like(keep), 0)
-    keep = keep[rank <= max_detections]
-    return boxes[keep], scores[keep], classes[keep]
-
 
 class EncodeGraph(nn.Module):
     """image (3, H, W) uint8 -> proposals, embeddings, reg_features, image_size (model.encode)."""
@@ -173,35 +143,39 @@ class EncodeGraph(nn.Module):
 
 
 class ClassifyGraph(nn.Module):
-    """Regions of one image + text (C, D) -> boxes, scores, classes (see classify_regions)."""
+    """Regions of one image + text (C, D) + options -> boxes, scores, classes
+    (`EZSDOutputLayers.detect`, the same code PyTorch runs)."""
 
     def __init__(self, model):
         super().__init__()
         self.predictor = model.roi_heads.box_predictor
 
-    def forward(self, proposals, embeddings, reg_features, image_size, text, score_threshold,
-                max_detections):
-        return classify_regions(self.predictor, proposals, embeddings, reg_features, image_size, text,
-                                score_threshold, max_detections, self.predictor.test_nms_thresh)
+    def forward(self, proposals, embeddings, reg_features, image_size, text, *options):
+        return self.predictor.detect(proposals, embeddings, reg_features, image_size, text, *options)
 
 
 class DetectGraph(nn.Module):
-    """image (3, H, W) uint8 + text (C, D) -> boxes, scores, classes: the two halves in one."""
+    """image (3, H, W) uint8 + text (C, D) + options -> boxes, scores, classes: the two halves in one."""
 
     def __init__(self, model):
         super().__init__()
         self.encode = EncodeGraph(model)
         self.classify = ClassifyGraph(model)
 
-    def forward(self, image, text, score_threshold, max_detections):
-        return self.classify(*self.encode(image), text, score_threshold, max_detections)
+    def forward(self, image, text, *options):
+        return self.classify(*self.encode(image), text, *options)
 
 
 def _defaults(model) -> dict[str, np.ndarray]:
-    """The config's test score threshold and detections per image, as graph-input defaults."""
+    """The option inputs' defaults, in `_OPTIONS` order: the config's test score threshold,
+    detections per image and NMS IoU, per-class NMS, softmax scores, no candidate bound."""
     predictor = model.roi_heads.box_predictor
     return {"score_threshold": np.array(predictor.test_score_thresh, np.float32),
-            "max_detections": np.array(predictor.test_topk_per_image, np.int64)}
+            "max_detections": np.array(predictor.test_topk_per_image, np.int64),
+            "nms_threshold": np.array(predictor.test_nms_thresh, np.float32),
+            "class_agnostic": np.array(False),
+            "score_mode": np.array(SCORE_MODES.index("softmax"), np.int64),
+            "max_candidates": np.array(NO_CANDIDATE_BOUND, np.int64)}
 
 
 def _export_graph(module: nn.Module, args: tuple, path: Path, contract: dict, defaults: dict) -> None:
@@ -252,16 +226,16 @@ def write_onnx(model, out: str | Path, manifest: dict) -> dict[str, Path]:
     text = F.normalize(torch.randn(3, int(manifest["embed_dim"]), generator=torch.Generator().manual_seed(0)),
                        dim=1)
     defaults = _defaults(model)
-    thresh, topk = (torch.from_numpy(defaults["score_threshold"]), torch.from_numpy(defaults["max_detections"]))
+    options = tuple(torch.from_numpy(v) for v in defaults.values())
     paths = {k: out / f for k, f in ONNX_FILES.items()}
     # eval(): the exporter restores each wrapper's training flag afterwards, recursively, so a
     # wrapper left in its default training mode would switch the model to training.
     with torch.no_grad():
         regions = EncodeGraph(model).eval()(image)
-    _export_graph(DetectGraph(model).eval(), (image, text, thresh, topk), paths["onnx_detector"],
+    _export_graph(DetectGraph(model).eval(), (image, text, *options), paths["onnx_detector"],
                   ONNX_CONTRACT["onnx_detector"], defaults)
     _export_graph(EncodeGraph(model).eval(), (image,), paths["onnx_encode"], ONNX_CONTRACT["onnx_encode"], {})
-    _export_graph(ClassifyGraph(model).eval(), (*regions, text, thresh, topk), paths["onnx_classify"],
+    _export_graph(ClassifyGraph(model).eval(), (*regions, text, *options), paths["onnx_classify"],
                   ONNX_CONTRACT["onnx_classify"], defaults)
     assert not model.training
     return paths
@@ -339,33 +313,36 @@ def match_detections(want: tuple, got: tuple) -> dict:
             "max_score_diff": score_diff}
 
 
+#: The option sets an export is validated under: the defaults, a low threshold (many more
+#: detections), and every other option moved off its default at once.
+VALIDATION_OPTIONS = (ClassifyOptions(), ClassifyOptions(score_threshold=0.01),
+                      ClassifyOptions(score_threshold=0.01, score_mode="per_name", nms_threshold=0.3,
+                                      class_agnostic=True, max_detections=20, max_candidates=50))
+
+
 def compare_with_torch(model, onnx: OnnxGraphs, images: list[torch.Tensor],
-                       vocabularies: list[torch.Tensor], *, score_thresh: float | None = None,
-                       max_detections: int | None = None) -> list[dict]:
+                       vocabularies: list[torch.Tensor], options: ClassifyOptions | None = None) -> list[dict]:
     """onnxruntime (detector.onnx and the two halves) vs the PyTorch model, per image and
-    vocabulary. PyTorch runs Detectron2's own code: `model.encode` + `box_predictor.classify`.
+    vocabulary. PyTorch runs `model.encode` + `box_predictor.classify` eagerly.
 
     Returns:
         One `match_detections` report per (image, vocabulary, graph), with "classes" = C and
         "graph" = "detector" or "encode+classify".
     """
     predictor = model.roi_heads.box_predictor
-    keep = predictor.test_topk_per_image if max_detections is None else max_detections
+    options = options or ClassifyOptions()
+    keep = predictor.test_topk_per_image if options.max_detections is None else options.max_detections
     reports = []
     with torch.inference_mode():
         for image in images:
             regions = model.encode([{"image": image}])
             (onnx_regions,) = onnx.encode([{"image": image.numpy()}])
             for text in vocabularies:
-                ref = predictor.classify(regions, text, score_thresh=score_thresh,
-                                         max_detections=max_detections)[0]
+                ref = predictor.classify(regions, text, **options.model_kwargs())[0]
                 want = (ref.pred_boxes.tensor, ref.scores, ref.pred_classes)
-                for graph, out in (
-                        ("detector", onnx.detect(image.numpy(), text.numpy(), score_thresh=score_thresh,
-                                                 max_detections=max_detections)),
-                        ("encode+classify", onnx.classify_one(onnx_regions, text.numpy(), score_thresh,
-                                                              max_detections))):
-                    reports.append({"graph": graph, "classes": len(text),
+                for graph, out in (("detector", onnx.detect(image.numpy(), text.numpy(), options)),
+                                   ("encode+classify", onnx.classify_one(onnx_regions, text.numpy(), options))):
+                    reports.append({"graph": graph, "classes": len(text), "options": repr(options),
                                     **match_detections(*_clear_of_the_cut(want, out, keep))})
     return reports
 
@@ -550,14 +527,13 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, images: Se
     manifest["onnx"] = {"opset": OPSET, "exporter": "torch.onnx.export(dynamo=False), TorchScript tracing",
                         "runtime": "onnxruntime CPUExecutionProvider",
                         "defaults": {k: v.item() for k, v in _defaults(model).items()},
-                        "nms_threshold": model.roi_heads.box_predictor.test_nms_thresh,
                         "graphs": {k: {"file": ONNX_FILES[k], **ONNX_CONTRACT[k]} for k in ONNX_FILES}}
     onnx = OnnxGraphs(out, manifest)
     names = [c["name"] for c in manifest.get("categories", [])] or ["object"]
     vocabularies = [exported.text_embeddings(names), *random_vocabularies(int(manifest["embed_dim"]), (16,))]
     scenes = validation_images(manifest, images)
-    reports = compare_with_torch(model, onnx, scenes, vocabularies)
-    reports += compare_with_torch(model, onnx, scenes, vocabularies, score_thresh=0.01)
+    reports = [r for options in VALIDATION_OPTIONS
+               for r in compare_with_torch(model, onnx, scenes, vocabularies, options)]
     summary = {**check_reports(reports, box_tol=box_tol, score_tol=score_tol),
                "images": f"{len(scenes)} given" if images else f"{len(scenes)} drawn scenes"}
     manifest["onnx"]["validation"] = summary

@@ -25,7 +25,7 @@ import numpy as np
 
 from .detections import Detections
 from .manifest import ONNX_FILES, ONNX_TEXT_FILES, ExportError, verify_export
-from .runtime import Preprocessing, to_original
+from .runtime import SCORE_MODES, ClassifyOptions, Preprocessing, to_original
 
 START, END = "<start_of_text>", "<end_of_text>"
 
@@ -109,14 +109,14 @@ class OnnxGraphs:
 
     Attributes:
         manifest: the export's manifest.
-        defaults: {"score_threshold", "max_detections"} used when a call gives None.
+        defaults: the option inputs' default values (`ClassifyOptions` fields left None).
     """
 
     def __init__(self, folder: str | Path, manifest: dict, threads: int = 0):
         self.folder, self.threads, self.manifest = Path(folder), threads, manifest
         self.encoder = session(self.folder / ONNX_FILES["onnx_encode"], threads)
         self.classifier = session(self.folder / ONNX_FILES["onnx_classify"], threads)
-        self.defaults = {k: manifest["onnx"]["defaults"][k] for k in ("score_threshold", "max_detections")}
+        self.defaults = dict(manifest["onnx"]["defaults"])
         self._detector = None
 
     @property
@@ -126,31 +126,51 @@ class OnnxGraphs:
             self._detector = session(self.folder / ONNX_FILES["onnx_detector"], self.threads)
         return self._detector
 
-    def _options(self, score_thresh: float | None, max_detections: int | None) -> dict:
-        return {"score_threshold": np.array(self.defaults["score_threshold"] if score_thresh is None
-                                            else score_thresh, np.float32),
-                "max_detections": np.array(self.defaults["max_detections"] if max_detections is None
-                                           else max_detections, np.int64)}
+    def _options(self, options: ClassifyOptions | None, graph) -> dict[str, np.ndarray]:
+        """The option inputs of `graph` for `options`.
 
-    def detect(self, image, text, *, score_thresh: float | None = None, max_detections: int | None = None):
+        Raises:
+            ExportError: an option is off its default and the graph (exported before the
+                option existed) has no input for it.
+        """
+        o = options or ClassifyOptions()
+        values = {"score_threshold": np.array(self.defaults["score_threshold"] if o.score_threshold is None
+                                              else o.score_threshold, np.float32),
+                  "max_detections": np.array(self.defaults["max_detections"] if o.max_detections is None
+                                             else o.max_detections, np.int64),
+                  "nms_threshold": None if o.nms_threshold is None else np.array(o.nms_threshold, np.float32),
+                  "class_agnostic": np.array(o.class_agnostic) if o.class_agnostic else None,
+                  "score_mode": (np.array(SCORE_MODES.index(o.score_mode), np.int64)
+                                 if o.score_mode != SCORE_MODES[0] else None),
+                  "max_candidates": None if o.max_candidates is None else np.array(o.max_candidates, np.int64)}
+        # onnxruntime lists an input with a default value (an initializer of the same name)
+        # among the overridable initializers, not the inputs.
+        inputs = {i.name for i in (*graph.get_inputs(), *graph.get_overridable_initializers())}
+        missing = sorted(k for k, v in values.items() if v is not None and k not in inputs)
+        if missing:
+            raise ExportError(f"{self.folder} was exported before the options {missing} were graph "
+                              f"inputs; re-export it: `ovd export --onnx --from-export {self.folder}`")
+        return {k: v for k, v in values.items() if v is not None}
+
+    def detect(self, image, text, options: ClassifyOptions | None = None):
         """detector.onnx on one (3, H, W) uint8 image: (boxes (N, 4), scores (N,), classes (N,))."""
         return tuple(self.detector.run(None, {"image": np.asarray(image, np.uint8),
                                               "text": np.asarray(text, np.float32),
-                                              **self._options(score_thresh, max_detections)}))
+                                              **self._options(options, self.detector)}))
 
     def encode(self, inputs: list[dict]) -> list[OnnxRegions]:
         """detector_encode.onnx per image of model inputs ({"image": (3, H, W) uint8})."""
         return [OnnxRegions(*self.encoder.run(None, {"image": np.asarray(x["image"], np.uint8)}))
                 for x in inputs]
 
-    def classify_one(self, region: OnnxRegions, text, score_thresh: float | None = None,
-                     max_detections: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def classify_one(self, region: OnnxRegions, text, options: ClassifyOptions | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """detector_classify.onnx on one encoded image: boxes (N, 4) xyxy in the resized
         input's pixels, scores (N,), class indices (N,) into text's rows."""
         return tuple(self.classifier.run(None, {
             "proposals": region.proposals, "embeddings": region.embeddings,
             "reg_features": region.reg_features, "image_size": region.image_size,
-            "text": np.asarray(text, np.float32), **self._options(score_thresh, max_detections)}))
+            "text": np.asarray(text, np.float32), **self._options(options, self.classifier)}))
 
 
 class OnnxRuntime:
@@ -179,10 +199,10 @@ class OnnxRuntime:
     def encode(self, inputs: list[dict]) -> list:
         return self.graphs.encode(inputs)
 
-    def classify(self, regions: list, text, inputs: list[dict], names: Sequence[str], *,
-                 score_threshold: float | None = None, max_detections: int | None = None) -> list[Detections]:
+    def classify(self, regions: list, text, inputs: list[dict], names: Sequence[str],
+                 options: ClassifyOptions | None = None) -> list[Detections]:
         text = np.asarray(text.detach().cpu() if hasattr(text, "detach") else text, np.float32)
-        return [to_original(*self.graphs.classify_one(r, text, score_threshold, max_detections), x, names)
+        return [to_original(*self.graphs.classify_one(r, text, options), x, names)
                 for r, x in zip(regions, inputs, strict=True)]
 
 

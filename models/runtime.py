@@ -5,7 +5,7 @@ A runtime owns everything between an RGB array and `Detections`:
     inputs  = [runtime.preprocessing(rgb) for rgb in images]    # resize + format, per manifest
     key     = runtime.preprocessing.batch_key(inputs[i])        # images that may share a batch
     regions = runtime.encode(inputs_with_one_key)               # vocabulary-independent, costly
-    dets    = runtime.classify(regions, text, inputs, classes)  # per vocabulary, cheap
+    dets    = runtime.classify(regions, text, inputs, classes, options)  # per vocabulary, cheap
 
 so the service's batcher, the Python API (`models/api.py`) and the benchmarks all run the
 detector the same way. The onnxruntime runtime (models/onnx_runtime.py) loads only the ONNX
@@ -32,6 +32,57 @@ if TYPE_CHECKING:
 #: The size divisor of an export whose manifest predates the field (every shipped detector
 #: so far is an FPN, which pads to multiples of 32).
 DEFAULT_SIZE_DIVISIBILITY = 32
+
+
+#: How a (region, name) pair is scored. "softmax": over the request's names and background (the
+#: EZSD paper's; a name's score falls as similar names are added). "per_name": each name against
+#: background alone, sigmoid(logit_name - logit_background), i.e. the same softmax restricted
+#: to {name, background}: a name's detections do not depend on the other names sent.
+SCORE_MODES = ("softmax", "per_name")
+
+
+@dataclass(frozen=True)
+class ClassifyOptions:
+    """How one vocabulary turns encoded regions into detections; every entry point (Python
+    API, CLI, HTTP, ONNX graph inputs) carries the same fields.
+
+    Attributes:
+        score_threshold: keep (region, name) pairs scoring above this, in [0, 1]
+            (None: the model's test threshold).
+        max_detections: at most this many per image, best first (None: the model's default).
+        score_mode: one of SCORE_MODES.
+        nms_threshold: IoU in (0, 1] above which the lower-scoring of two boxes is dropped
+            (None: the model's test value; 1 keeps all).
+        class_agnostic: NMS across names (one label per object) instead of within each name.
+        max_candidates: at most this many (region, name) pairs, the best, go to box
+            regression and NMS (None: all above the threshold). Bounds the cost of a call
+            whatever the vocabulary size and score mode; the service sets it.
+    """
+
+    score_threshold: float | None = None
+    max_detections: int | None = None
+    score_mode: str = "softmax"
+    nms_threshold: float | None = None
+    class_agnostic: bool = False
+    max_candidates: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.score_threshold is not None and not 0.0 <= self.score_threshold <= 1.0:
+            raise ValueError(f"score_threshold must be in [0, 1], not {self.score_threshold}")
+        if self.max_detections is not None and self.max_detections < 0:
+            raise ValueError(f"max_detections must be >= 0, not {self.max_detections}")
+        if self.score_mode not in SCORE_MODES:
+            raise ValueError(f"score_mode {self.score_mode!r} is not one of {SCORE_MODES}")
+        if self.nms_threshold is not None and not 0.0 < self.nms_threshold <= 1.0:
+            raise ValueError(f"nms_threshold must be in (0, 1], not {self.nms_threshold}")
+        if self.max_candidates is not None and self.max_candidates < 1:
+            raise ValueError(f"max_candidates must be >= 1, not {self.max_candidates}")
+
+    def model_kwargs(self) -> dict:
+        """The keyword arguments of `EZSDOutputLayers.classify` (Detectron2's names)."""
+        return {"score_thresh": self.score_threshold, "max_detections": self.max_detections,
+                "nms_thresh": self.nms_threshold, "score_mode": self.score_mode,
+                "class_agnostic": self.class_agnostic, "max_candidates": self.max_candidates}
 
 
 @dataclass(frozen=True)
@@ -134,8 +185,8 @@ class Runtime(Protocol):
     def encode(self, inputs: list[dict]) -> list:
         """Per-image region features of inputs that share one batch key."""
 
-    def classify(self, regions: list, text: torch.Tensor, inputs: list[dict], names: Sequence[str], *,
-                 score_threshold: float | None = None, max_detections: int | None = None) -> list[Detections]:
+    def classify(self, regions: list, text: torch.Tensor, inputs: list[dict], names: Sequence[str],
+                 options: ClassifyOptions | None = None) -> list[Detections]:
         """Detections of each encoded image against one vocabulary (text rows = names)."""
 
 
@@ -165,13 +216,13 @@ class TorchRuntime:
         with torch.inference_mode():
             return self.model.encode([{**x, "image": torch.as_tensor(x["image"])} for x in inputs])
 
-    def classify(self, regions: list, text: torch.Tensor, inputs: list[dict], names: Sequence[str], *,
-                 score_threshold: float | None = None, max_detections: int | None = None) -> list[Detections]:
+    def classify(self, regions: list, text: torch.Tensor, inputs: list[dict], names: Sequence[str],
+                 options: ClassifyOptions | None = None) -> list[Detections]:
         import torch
 
         with torch.inference_mode():
-            results = self.model.classify(regions, torch.as_tensor(text), score_thresh=score_threshold,
-                                          max_detections=max_detections)
+            results = self.model.classify(regions, torch.as_tensor(text),
+                                          **(options or ClassifyOptions()).model_kwargs())
         return [to_original(r.pred_boxes.tensor.cpu().numpy(), r.scores.cpu().numpy(),
                             r.pred_classes.cpu().numpy(), x, names)
                 for r, x in zip(results, inputs, strict=True)]

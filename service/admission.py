@@ -9,13 +9,14 @@ after the memory and Redis lookups). Each price is held in a `Budget` while that
 
 Over the per-request limit is the request's own fault (a 4xx that names the limit and its
 setting); over the shared limit is transient (503 `server_busy`, Retry-After). The third cost,
-classification, is capped in the batcher (`candidate_floor`), not refused.
+classification, is capped, not refused: the batcher runs every request with
+`ClassifyOptions.max_candidates` (OVD_MAX_CLASSIFY_CANDIDATES), the most (box, name) pairs the
+model regresses and gives NMS, the best first.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -93,27 +94,3 @@ class Admission:
                            per_request_setting="OVD_MAX_REQUEST_NEW_PROMPTS", total=s.max_pending_prompts,
                            total_setting="OVD_MAX_PENDING_PROMPTS", status=422, code="too_many_new_prompts",
                            on_reject=lambda reason: report("prompts", reason)))
-
-
-def candidate_floor(proposals: int, classes: int, max_candidates: int) -> float:
-    """Lowest score threshold that keeps classification at most `max_candidates` (box, class) pairs.
-
-    Scores are a softmax over the classes and background, so a proposal has fewer than 1 / t
-    classes scoring above t, and an image fewer than proposals / t: a threshold of at least
-    proposals / max_candidates bounds the pairs NMS sees, whatever the vocabulary. When
-    proposals x classes is already within the bound no floor is needed (0.0).
-    """
-    if proposals * classes <= max_candidates:
-        return 0.0
-    return min(1.0, proposals / max_candidates)
-
-
-def effective_threshold(requested: float | None, default: float | None, floor: float) -> float | None:
-    """The score threshold classification runs with: the request's (or the model's default),
-    raised to `floor`; None (the runtime's own default) when nothing needs raising."""
-    if floor <= 0.0:
-        return requested
-    base = requested if requested is not None else default
-    if base is None:
-        return None  # the runtime's default is unknown here: left as it is
-    return max(base, floor) if not math.isnan(base) else floor

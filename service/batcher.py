@@ -13,9 +13,8 @@ next stage boundary: when batches are taken (stage "queue"), before its group is
 ("encode": skipped when no job of the group is still wanted) and before its classification
 ("classify"); `on_abandon(stage, images)` counts them.
 
-Classification is bounded whatever the vocabulary: with R proposals and C classes above
-`max_candidates` pairs, the job's score threshold is raised to R / max_candidates
-(service/admission.py `candidate_floor`), so NMS sees at most that many pairs.
+Classification is bounded whatever the vocabulary and score mode: every job runs with
+`max_candidates`, the most (box, class) pairs (the best) the model regresses and gives NMS.
 
 Images are encoded together only when they share the runtime's batch key (their padded size):
 the detector's GroupNorm sees the padding, so mixing sizes would make a request's detections
@@ -30,27 +29,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from ovd.models.detections import Detections
-from ovd.models.runtime import Runtime, batches
-
-from .admission import candidate_floor, effective_threshold
+from ovd.models.runtime import ClassifyOptions, Runtime, batches
 
 logger = logging.getLogger(__name__)
-
-
-def default_score_threshold(runtime) -> float | None:
-    """The score threshold a runtime uses when a call gives None, where it can be read."""
-    graphs = getattr(runtime, "graphs", None)
-    defaults = getattr(graphs, "defaults", None)
-    if isinstance(defaults, dict) and "score_threshold" in defaults:
-        return float(defaults["score_threshold"])
-    predictor = getattr(getattr(getattr(runtime, "model", None), "roi_heads", None), "box_predictor", None)
-    value = getattr(predictor, "test_score_thresh", None)
-    return float(value) if isinstance(value, (int, float)) else None
 
 
 class Overloaded(Exception):
@@ -65,15 +51,13 @@ class Job:
         inputs: the runtime's preprocessed input {"image": (3, h, w) uint8, "height": H, "width": W}.
         text: (C, D) normalised text embeddings; class indices index its rows.
         classes: the C names of those rows.
-        score_threshold: minimum score, or None for the model's test threshold.
-        max_detections: at most this many detections, or None for the model's default.
+        options: score threshold, max detections, score mode and NMS of the request.
     """
 
     inputs: dict
     text: np.ndarray  # (C, D) float32 normalised embeddings
     classes: tuple[str, ...]
-    score_threshold: float | None = None
-    max_detections: int | None = None
+    options: ClassifyOptions = field(default_factory=ClassifyOptions)
     future: asyncio.Future | None = field(default=None, repr=False)
     enqueued: float = 0.0
 
@@ -122,7 +106,6 @@ class Batcher:
         self._on_queue_depth = on_queue_depth or (lambda depth: None)
         self._on_abandon = on_abandon or (lambda stage, images: None)
         self.max_candidates = max_candidates
-        self.default_threshold = default_score_threshold(runtime)
         self._queue: deque[Job] = deque()
         self._arrived = asyncio.Event()
         self._idle = asyncio.Event()
@@ -227,9 +210,8 @@ class Batcher:
                         outcomes[i] = RuntimeError("abandoned")
                         continue
                     t1 = time.monotonic()
-                    (found,) = self.runtime.classify([region], job.text, [job.inputs], job.classes,
-                                                     score_threshold=self.threshold(job, region),
-                                                     max_detections=job.max_detections)
+                    options = replace(job.options, max_candidates=self.max_candidates)
+                    (found,) = self.runtime.classify([region], job.text, [job.inputs], job.classes, options)
                     outcomes[i] = JobResult(found, queue_s=started - job.enqueued, model_s=model_s,
                                             classify_s=time.monotonic() - t1, batch_size=len(jobs))
             except Exception as e:  # noqa: BLE001  delivered to the waiting requests
@@ -237,13 +219,6 @@ class Batcher:
                 for i in members:
                     outcomes[i] = e
         return outcomes
-
-    def threshold(self, job: Job, region) -> float | None:
-        """The job's score threshold, raised when its candidates could exceed `max_candidates`."""
-        if self.max_candidates is None:
-            return job.score_threshold
-        floor = candidate_floor(len(region.proposals), len(job.classes), self.max_candidates)
-        return effective_threshold(job.score_threshold, self.default_threshold, floor)
 
     async def close(self, timeout_s: float = 30.0) -> None:
         """Refuse new jobs, finish the queued and running ones (up to timeout_s), stop."""

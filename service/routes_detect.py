@@ -31,6 +31,14 @@ from .vocabulary import check_templates, normalise_names, split_form_names
 router = APIRouter()
 
 
+#: The scalar options a multipart form may carry (one value each), with their JSON schema:
+#: the same fields as the JSON body's, so a form field is never silently ignored.
+FORM_SCALARS = ("vocabulary", "score_threshold", "max_detections", "score_mode", "nms_threshold",
+                "class_agnostic")
+_FORM_OPTIONS = {k: {key: v for key, v in schemas.DetectOptions.model_json_schema()["properties"][k].items()
+                     if key != "title"} for k in FORM_SCALARS}
+
+
 def _detect_body(model: type, multipart_file: str, *, batch: bool) -> dict:
     """OpenAPI requestBody of a detect route: JSON with base64, or a multipart form with files."""
     file_schema = {"type": "string", "format": "binary"}
@@ -40,10 +48,8 @@ def _detect_body(model: type, multipart_file: str, *, batch: bool) -> dict:
             multipart_file: {"type": "array", "items": file_schema} if batch else file_schema,
             "classes": {"type": "array", "items": {"type": "string"},
                         "description": "repeat the field, or separate names by commas/newlines"},
-            "vocabulary": {"type": "string"},
             "template": {"type": "array", "items": {"type": "string"}},
-            "score_threshold": {"type": "number", "minimum": 0, "maximum": 1},
-            "max_detections": {"type": "integer", "minimum": 1},
+            **{k: _FORM_OPTIONS[k] for k in FORM_SCALARS},
         },
     }
     return {"requestBody": {"required": True, "content": {
@@ -103,8 +109,8 @@ async def _detect(request: Request, model: ServedModel, settings: Settings, metr
         text_s = time.perf_counter() - t_text
         stage = "model"
         try:
-            futures = model.batcher.submit([Job(inputs, text, tuple(names), opts.score_threshold,
-                                                opts.max_detections) for inputs, _ in decoded])
+            options = opts.classify_options()
+            futures = model.batcher.submit([Job(inputs, text, tuple(names), options) for inputs, _ in decoded])
         except Overloaded as e:
             raise ApiError(503, "overloaded", f"the server is busy: {e}", headers={"Retry-After": "1"}) from e
         results = await asyncio.gather(*futures)
@@ -172,16 +178,19 @@ async def _parse_detect(request: Request, settings: Settings, *,
                            f"{len(files)} images; the limit is {settings.max_images_per_request}")
         data = [await f.read() for f in files]
         texts = {k: [v for v in form.getlist(k) if isinstance(v, str)]
-                 for k in ("classes", "template", "templates", "vocabulary", "score_threshold",
-                           "max_detections")}
+                 for k in ("classes", "template", "templates", *FORM_SCALARS)}
         fields: dict = {}
         if texts["classes"]:
             fields["classes"] = split_form_names(texts["classes"])
         if texts["template"] or texts["templates"]:
             fields["templates"] = texts["template"] + texts["templates"]
-        for k in ("vocabulary", "score_threshold", "max_detections"):
+        for k in FORM_SCALARS:
             if texts[k] and texts[k][0].strip():
                 fields[k] = texts[k][0].strip()
+        unknown = sorted(set(form.keys()) - {field, "classes", "template", "templates", *FORM_SCALARS})
+        if unknown:
+            raise ApiError(422, "invalid_request", f"unknown form fields {unknown}; the form takes `{field}`, "
+                           f"`classes`, `template` and {', '.join(f'`{k}`' for k in FORM_SCALARS)}")
         try:
             return data, schemas.DetectOptions.model_validate(fields)
         except ValidationError as e:

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ovd.models.runtime import ClassifyOptions
+
 
 class DetectOptions(BaseModel):
     """What to look for; send `classes` or `vocabulary`, not both."""
@@ -22,6 +24,19 @@ class DetectOptions(BaseModel):
     score_threshold: float | None = Field(None, ge=0.0, le=1.0, description="minimum score "
                                           "(default: the model's test threshold)")
     max_detections: int | None = Field(None, ge=1, description="at most this many detections per image")
+    score_mode: Literal["softmax", "per_name"] = Field(
+        "softmax", description="softmax: a probability over the names sent and background (the paper's; "
+        "a name's score falls when similar names are added). per_name: each name against background "
+        "alone, so a box scores the same whatever other names are sent")
+    nms_threshold: float | None = Field(None, gt=0.0, le=1.0, description="IoU above which the "
+                                        "lower-scoring of two boxes is dropped (default: the model's)")
+    class_agnostic: bool = Field(False, description="NMS across names (one label per object) instead "
+                                 "of within each name")
+
+    def classify_options(self) -> ClassifyOptions:
+        return ClassifyOptions(score_threshold=self.score_threshold, max_detections=self.max_detections,
+                               score_mode=self.score_mode, nms_threshold=self.nms_threshold,
+                               class_agnostic=self.class_agnostic)
 
 
 class DetectRequest(DetectOptions):

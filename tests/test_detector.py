@@ -163,6 +163,70 @@ def test_one_encode_serves_several_vocabularies(model):
         assert len(none) == 0
 
 
+def test_detect_is_detectron2s_inference_in_softmax_mode(model):
+    """`detect` (what PyTorch and the ONNX graphs run) with softmax scores and per-class NMS
+    gives Detectron2's `fast_rcnn_inference` on the same regions."""
+    from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
+
+    predictor = model.roi_heads.box_predictor
+    text = F.normalize(torch.randn(5, D, generator=torch.Generator().manual_seed(1)), dim=1)
+    with torch.inference_mode():
+        regions = model.encode([random_image(1), random_image(2)])
+        for thresh, topk in ((0.0, 100), (0.15, 7)):
+            ours = predictor.classify(regions, text, score_thresh=thresh, max_detections=topk)
+            for r, got in zip(regions, ours, strict=True):
+                logits, deltas = predictor._predict(r.embeddings, r.reg_features, text)
+                boxes = predictor.box2box_transform.apply_deltas(deltas, r.proposals)
+                (want,), _ = fast_rcnn_inference([boxes], [F.softmax(logits, -1)], [r.image_size], thresh,
+                                                 predictor.test_nms_thresh, topk)
+                assert len(got) == len(want) > 0
+                torch.testing.assert_close(got.scores, want.scores)
+                torch.testing.assert_close(got.pred_boxes.tensor, want.pred_boxes.tensor)
+                assert torch.equal(got.pred_classes, want.pred_classes)
+
+
+def test_per_name_scores_do_not_depend_on_the_other_names(model):
+    predictor = model.roi_heads.box_predictor
+    text = F.normalize(torch.randn(6, D, generator=torch.Generator().manual_seed(2)), dim=1)
+    everything = {"score_thresh": 0.05, "max_detections": 100_000}
+    with torch.inference_mode():
+        regions = model.encode([random_image(3)])
+        alone = predictor.classify(regions, text[2:3], score_mode="per_name", **everything)[0]
+        among = predictor.classify(regions, text, score_mode="per_name", **everything)[0]
+        mine = among[among.pred_classes == 2]
+        assert len(alone) == len(mine) > 0
+        torch.testing.assert_close(alone.scores, mine.scores)
+        torch.testing.assert_close(alone.pred_boxes.tensor, mine.pred_boxes.tensor)
+        # Softmax spreads a region's probability over the names sent: the same name scores
+        # less once others are added.
+        soft_alone = predictor.classify(regions, text[2:3], **everything)[0]
+        soft_among = predictor.classify(regions, text, **everything)[0]
+        assert soft_among[soft_among.pred_classes == 2].scores.sum() < 0.9 * soft_alone.scores.sum()
+
+
+def test_nms_threshold_and_class_agnostic_nms(model):
+    from detectron2.structures import pairwise_iou
+
+    predictor = model.roi_heads.box_predictor
+    text = F.normalize(torch.randn(4, D, generator=torch.Generator().manual_seed(3)), dim=1)
+
+    def max_iou(found, same_class_only=False):
+        iou = pairwise_iou(found.pred_boxes, found.pred_boxes).fill_diagonal_(0)
+        if same_class_only:
+            iou[found.pred_classes[:, None] != found.pred_classes[None, :]] = 0
+        return float(iou.max())
+
+    with torch.inference_mode():
+        regions = model.encode([random_image(4)])
+        per_class, agnostic, loose = (predictor.classify(regions, text, score_thresh=0.0, nms_thresh=iou,
+                                                          max_detections=100_000,
+                                                          class_agnostic=agnostic)[0]
+                                      for iou, agnostic in ((0.5, False), (0.5, True), (1.0, False)))
+    assert max_iou(per_class, same_class_only=True) <= 0.5 < max_iou(per_class)  # classes overlap
+    assert max_iou(agnostic) <= 0.5  # one label per object
+    assert len(loose) > len(per_class) > len(agnostic) > 0
+
+
 def test_evaluation_leaves_the_model_in_the_mode_it_found():
     """Detectron2's inference_on_dataset restores the *wrapper's* mode on exit: an eval-mode
     model must still be in eval mode afterwards (a benchmark timed it right after evaluating)."""

@@ -26,6 +26,7 @@ from ovd.models.onnx_export import (
     random_vocabularies,
 )
 from ovd.models.onnx_runtime import load_onnx_runtime
+from ovd.models.runtime import ClassifyOptions
 from ovd.training.cli import main as ovd
 
 
@@ -63,15 +64,38 @@ def test_one_file_serves_vocabularies_of_any_size_like_pytorch(onnx_export):
     # 1000 names from the same file (scores near 1/1000 at tau 4: a threshold just above
     # keeps the candidate pairs few).
     big = random_vocabularies(exported.manifest["embed_dim"], (1000,), seed=2)
-    reports = compare_with_torch(exported.model, detector, _images()[:1], big, score_thresh=0.0025)
+    reports = compare_with_torch(exported.model, detector, _images()[:1], big,
+                                 ClassifyOptions(score_threshold=0.0025))
     assert check_reports(reports)["detections"] > 0
     # Different vocabularies give different answers, and classes index each one's rows.
     image = _images()[0].numpy()
     _, _, c5 = detector.detect(image, vocabularies[1].numpy())
     _, _, c16 = detector.detect(image, vocabularies[2].numpy())
     assert c5.max() < 5 and c16.max() >= 5
-    boxes, scores, _ = detector.detect(image, vocabularies[2].numpy(), score_thresh=0.1, max_detections=7)
+    boxes, scores, _ = detector.detect(image, vocabularies[2].numpy(),
+                                       ClassifyOptions(score_threshold=0.1, max_detections=7))
     assert len(boxes) == 7 and scores.min() > 0.1 and np.all(np.diff(scores) <= 0)
+
+
+def test_every_option_is_a_graph_input_equal_to_pytorch(onnx_export):
+    """Score mode, NMS IoU, class-agnostic NMS and the candidate bound reach the graph (none is
+    frozen by the trace): each setting matches PyTorch and changes the answer."""
+    exported = load_export(onnx_export)
+    graphs = load_onnx_runtime(onnx_export).graphs
+    for graph in (graphs.classifier, graphs.detector):
+        assert [i.name for i in graph.get_overridable_initializers()] == [
+            "score_threshold", "max_detections", "nms_threshold", "class_agnostic", "score_mode",
+            "max_candidates"]
+    text = random_vocabularies(exported.manifest["embed_dim"], (16,), seed=3)
+    settings = [ClassifyOptions(score_threshold=0.05, max_detections=100_000, **o) for o in (
+        {}, {"score_mode": "per_name"}, {"nms_threshold": 0.2}, {"nms_threshold": 0.9},
+        {"class_agnostic": True, "nms_threshold": 0.9}, {"max_candidates": 40}, {"score_mode": "per_name", "class_agnostic": True, "nms_threshold": 0.3})]
+    answers = []
+    for options in settings:
+        check_reports(compare_with_torch(exported.model, graphs, _images(), text, options))
+        _, scores, _ = graphs.detect(_images()[0].numpy(), text[0].numpy(), options)
+        answers.append((len(scores), round(float(scores.sum()), 3)))
+    assert len(set(answers)) == len(settings), answers
 
 
 def test_a_different_model_fails_the_comparison(onnx_export):

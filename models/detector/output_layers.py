@@ -13,12 +13,18 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers, fast_rcnn_inference
-from detectron2.structures import Instances
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
+from detectron2.structures import Boxes, Instances
 from torch import nn
+
+from ..runtime import SCORE_MODES
+
+#: `max_candidates` when none is given: more pairs than any image has.
+NO_CANDIDATE_BOUND = 2**62
 
 
 class RegionFeatures(NamedTuple):
@@ -217,27 +223,139 @@ class EZSDOutputLayers(FastRCNNOutputLayers):
 
     def classify(self, regions: list[RegionFeatures], text: torch.Tensor, *,
                  score_thresh: float | None = None, max_detections: int | None = None,
-                 nms_thresh: float | None = None) -> list[Instances]:
+                 nms_thresh: float | None = None, score_mode: str = "softmax",
+                 class_agnostic: bool = False, max_candidates: int | None = None) -> list[Instances]:
         """Detections per image for one vocabulary (the vocabulary-dependent part of inference).
 
         Args:
             regions: per image, from `EZSDROIHeads.encode_regions`.
             text: (C, D) normalised text embeddings; pred_classes index its rows.
             score_thresh, max_detections, nms_thresh: override the config's test values.
+            score_mode, class_agnostic, max_candidates: see `detect` (and ClassifyOptions,
+                models/runtime.py; max_candidates None: no bound).
 
         Returns:
             Instances per image (pred_boxes in resized-input pixels, scores, pred_classes).
         """
-        if not regions:
-            return []
-        sizes = [len(r.proposals) for r in regions]
-        logits, deltas = self._predict(torch.cat([r.embeddings for r in regions]),
-                                       torch.cat([r.reg_features for r in regions]), text)
-        boxes = self.box2box_transform.apply_deltas(deltas, torch.cat([r.proposals for r in regions]))
-        scores = F.softmax(logits, dim=-1)
-        instances, _ = fast_rcnn_inference(
-            boxes.split(sizes), scores.split(sizes), [r.image_size for r in regions],
-            self.test_score_thresh if score_thresh is None else score_thresh,
-            self.test_nms_thresh if nms_thresh is None else nms_thresh,
-            self.test_topk_per_image if max_detections is None else max_detections)
-        return instances
+        def scalar(value, default, dtype):
+            return torch.tensor(default if value is None else value, dtype=dtype, device=text.device)
+
+        options = (scalar(score_thresh, self.test_score_thresh, torch.float32),
+                   scalar(max_detections, self.test_topk_per_image, torch.int64),
+                   scalar(nms_thresh, self.test_nms_thresh, torch.float32),
+                   scalar(bool(class_agnostic), None, torch.bool),
+                   scalar(SCORE_MODES.index(score_mode), None, torch.int64),
+                   scalar(max_candidates, NO_CANDIDATE_BOUND, torch.int64))
+        out = []
+        for r in regions:
+            size = torch.tensor(r.image_size, dtype=torch.int64, device=text.device)
+            boxes, scores, classes = self.detect(r.proposals, r.embeddings, r.reg_features, size, text, *options)
+            result = Instances(tuple(r.image_size))
+            result.pred_boxes, result.scores, result.pred_classes = Boxes(boxes), scores, classes
+            out.append(result)
+        return out
+
+    def detect(self, proposals: torch.Tensor, embeddings: torch.Tensor, reg_features: torch.Tensor,
+               image_size: torch.Tensor, text: torch.Tensor, score_threshold: torch.Tensor,
+               max_detections: torch.Tensor, nms_threshold: torch.Tensor, class_agnostic: torch.Tensor,
+               score_mode: torch.Tensor, max_candidates: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One image's detections, written so that a trace (models/onnx_export.py) is right for
+        any vocabulary size and any option value: every option is a tensor, no Python branch
+        depends on data.
+
+        With score_mode softmax, per-class NMS and no candidate bound this is Detectron2's
+        `fast_rcnn_inference_single_image` (up to the order of exact score ties; a test checks
+        it): every (region, class) pair above the threshold is a candidate, boxes are clipped,
+        NMS runs per class, the best `max_detections` are kept. `max_candidates` keeps only the
+        best pairs before box regression and NMS, so their cost is bounded whatever the
+        vocabulary size, threshold and score mode (per-name scores do not sum to one, so a
+        threshold alone bounds nothing: every name of a region may pass it).
+
+        The box of a pair is regressed from the text of the class that *its score is about*:
+        in softmax mode the row's arg-max over the classes and background (EZSD's test-time
+        rule, the zero vector when background wins), in per-name mode the pair's own class, as
+        in training; so in per-name mode a name's boxes and scores depend on nothing but the
+        region and the name.
+
+        Args:
+            proposals: (R, 4) XYXY pixels. embeddings: (R, D) normalised. reg_features: (R, B).
+            image_size: (2,) int64 (height, width) that boxes are clipped to.
+            text: (C, D) normalised text embeddings.
+            score_threshold: () float; max_detections: () int64 >= 0; nms_threshold: () float IoU;
+            class_agnostic: () bool, NMS across classes; score_mode: () int64, the mode's index in
+            SCORE_MODES; max_candidates: () int64, the most (region, class) pairs kept for NMS.
+
+        Returns:
+            boxes (N, 4) XYXY pixels, scores (N,) best first, classes (N,) rows of text.
+        """
+        logits = self.classifier(embeddings, text)  # (R, C + 1), background last
+        per_name = score_mode == SCORE_MODES.index("per_name")
+        scores = torch.where(per_name, torch.sigmoid(logits[:, :-1] - logits[:, -1:]),
+                             F.softmax(logits, dim=-1)[:, :-1])  # (R, C)
+        pairs = (scores > score_threshold).nonzero()  # row-major, as Detectron2's
+        rows, classes = pairs[:, 0], pairs[:, 1]
+        scores = scores[rows, classes]
+        count = scores.shape[0]  # a 0-dim tensor while tracing, an int otherwise
+        if torch.jit.is_tracing():
+            scores, best = scores.topk(torch.clamp(count, max=max_candidates))
+            rows, classes = rows[best], classes[best]
+        elif count > int(max_candidates):
+            scores, best = scores.topk(int(max_candidates))
+            rows, classes = rows[best], classes[best]
+        class_text = None
+        if self.semantic_regressor:
+            padded = torch.cat([text, text.new_zeros(1, text.shape[1])])  # row C = background
+            labels = torch.where(per_name, classes, logits.argmax(1)[rows])
+            class_text = padded[labels]
+        boxes = self.box2box_transform.apply_deltas(self.deltas(reg_features[rows], class_text),
+                                                    proposals[rows])
+        finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
+        boxes, scores, classes = boxes[finite], scores[finite], classes[finite]
+        size = image_size.to(boxes.dtype)
+        zero = boxes.new_zeros(())
+        x1, y1, x2, y2 = boxes.unbind(1)
+        boxes = torch.stack([torch.minimum(torch.maximum(x1, zero), size[1]),
+                             torch.minimum(torch.maximum(y1, zero), size[0]),
+                             torch.minimum(torch.maximum(x2, zero), size[1]),
+                             torch.minimum(torch.maximum(y2, zero), size[0])], dim=1)
+        # Per-class NMS in one call: clipped boxes lie in [0, max(H, W)], so shifting class k by
+        # k * (max(H, W) + 1) separates classes without a reduction over the boxes
+        # (torchvision's batched_nms takes boxes.max(), undefined for zero candidates); a
+        # class-agnostic call shifts nothing.
+        offsets = classes.to(boxes.dtype) * (size.max() + 1) * (~class_agnostic).to(boxes.dtype)
+        keep = nms(boxes + offsets[:, None], scores, nms_threshold)
+        # keep[:max_detections] with a tensor bound: NMS returns keep best first, so mask by rank.
+        rank = torch.cumsum(torch.ones_like(keep), 0)
+        keep = keep[rank <= max_detections]
+        return boxes[keep], scores[keep], classes[keep]
+
+
+class _NMS(torch.autograd.Function):
+    """torchvision's NMS whose IoU threshold stays a tensor input when traced to ONNX
+    (torchvision's own ONNX symbolic writes the threshold into the graph as a constant)."""
+
+    @staticmethod
+    def forward(ctx, boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: torch.Tensor) -> torch.Tensor:
+        return torchvision.ops.nms(boxes, scores, float(iou_threshold))
+
+    @staticmethod
+    def symbolic(g, boxes, scores, iou_threshold):
+        # ONNX NonMaxSuppression: boxes (1, N, 4), scores (1, 1, N) -> (K, 3) rows of
+        # [batch, class, box], best first; column 2 is torchvision's `keep`.
+        def const(values, dtype):
+            return g.op("Constant", value_t=torch.tensor(values, dtype=dtype))
+
+        boxes = g.op("Unsqueeze", boxes, const([0], torch.int64))
+        scores = g.op("Unsqueeze", scores, const([0, 1], torch.int64))
+        selected = g.op("NonMaxSuppression", boxes, scores, const([2 ** 62], torch.int64),
+                        g.op("Reshape", iou_threshold, const([1], torch.int64)))
+        return g.op("Gather", selected, const(2, torch.int64), axis_i=1)
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: torch.Tensor) -> torch.Tensor:
+    """Indices of the boxes NMS keeps, best first (torchvision.ops.nms; traceable with a
+    tensor threshold)."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return _NMS.apply(boxes, scores, iou_threshold)
+    return torchvision.ops.nms(boxes, scores, float(iou_threshold))

@@ -71,11 +71,12 @@ def png_claiming(width: int, height: int) -> bytes:
 
 
 def reference(detector, data: bytes, names: list[str], templates: list[str] | None = None, *,
-              score_threshold: float | None = None, max_detections: int | None = None) -> list[dict]:
+              score_threshold: float | None = None, max_detections: int | None = None, **options) -> list[dict]:
     """What `model([image], text=T)` detects, in the API's JSON shape (the ground truth).
 
     T is built as the service documents it: per-template CLIP embeddings rounded to float16,
-    averaged, renormalised.
+    averaged, renormalised. options: the box predictor's other test-time options
+    (score_mode, nms_thresh, class_agnostic).
     """
     from detectron2.data import transforms as T
 
@@ -92,16 +93,9 @@ def reference(detector, data: bytes, names: list[str], templates: list[str] | No
                            for t in templates]).half().float()
         text = F.normalize(per.mean(0), dim=-1)
         model = detector.model
-        predictor = model.roi_heads.box_predictor
-        saved = (predictor.test_score_thresh, predictor.test_topk_per_image)
-        try:
-            if score_threshold is not None:
-                predictor.test_score_thresh = score_threshold
-            if max_detections is not None:
-                predictor.test_topk_per_image = max_detections
-            inst = model([inputs], text=text)[0]["instances"]
-        finally:
-            predictor.test_score_thresh, predictor.test_topk_per_image = saved
+        found = model.classify(model.encode([inputs]), text, score_thresh=score_threshold,
+                               max_detections=max_detections, **options)
+        inst = model.to_original_size(found, [inputs])[0]["instances"]
     return [{"box": b, "score": s, "label": names[c], "class_index": c}
             for b, s, c in zip(inst.pred_boxes.tensor.tolist(), inst.scores.tolist(),
                                inst.pred_classes.tolist(), strict=True)]

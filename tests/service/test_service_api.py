@@ -74,6 +74,35 @@ def test_detect_json_with_options_templates_and_messy_names(client, detector):
     assert r2.json()["detections"] == want
 
 
+def test_score_mode_and_nms_options_over_json_and_multipart(client, detector):
+    png = image_bytes(96, 80, seed=7)
+    names = ["red ring", "blue disk", "purple ring"]
+    options = {"score_mode": "per_name", "nms_threshold": 0.3, "class_agnostic": True}
+    r = client.post("/v1/detect", json={"image": _b64(png), "classes": names, "score_threshold": 0.05,
+                                        **options})
+    assert r.status_code == 200, r.text
+    want = reference(detector, png, names, score_threshold=0.05, score_mode="per_name", nms_thresh=0.3,
+                     class_agnostic=True)
+
+    def close(got: list[dict], want: list[dict] = want) -> bool:
+        # Equal up to rounding: a name's text embedding may come from the cache, encoded in
+        # another batch of prompts by an earlier test (CLIP's float32 matmuls, then float16).
+        return [d["label"] for d in got] == [d["label"] for d in want] and all(
+            g["box"] == pytest.approx(w["box"], abs=1e-3) and g["score"] == pytest.approx(w["score"], abs=1e-5)
+            for g, w in zip(got, want, strict=True))
+
+    assert want and close(r.json()["detections"])
+    form = client.post("/v1/detect", files={"image": ("x.png", png, "image/png")},
+                       data={"classes": names, "score_threshold": "0.05", "score_mode": "per_name",
+                             "nms_threshold": "0.3", "class_agnostic": "true"})
+    assert form.status_code == 200, form.text
+    assert close(form.json()["detections"])
+    # The options change the answer: softmax with per-class NMS is what the model does by default.
+    default = client.post("/v1/detect", json={"image": _b64(png), "classes": names, "score_threshold": 0.05})
+    softmax = reference(detector, png, names, score_threshold=0.05)
+    assert close(default.json()["detections"], softmax) and not close(softmax)
+
+
 def test_batch_json_and_multipart(client, detector):
     images = [image_bytes(80, 64, seed=3), image_bytes(64, 64, seed=4, fmt="JPEG")]
     r = client.post("/v1/detect/batch", json={"images": [_b64(i) for i in images], "classes": NAMES})
@@ -144,6 +173,9 @@ def test_vocabularies_builtin_registered_and_shared_through_redis(client, detect
     ("bad_template", 422, "invalid_template"),
     ("score_out_of_range", 422, "invalid_request"),
     ("unknown_field", 422, "invalid_request"),
+    ("unknown_form_field", 422, "invalid_request"),
+    ("nms_out_of_range", 422, "invalid_request"),
+    ("unknown_score_mode", 422, "invalid_request"),
     ("too_many_images", 422, "too_many_images"),
     ("image_field_not_a_file", 422, "missing_image"),
     ("unknown_vocabulary", 404, "unknown_vocabulary"),
@@ -173,6 +205,11 @@ def test_refused_requests_are_clear_json_errors(client, case, status, code):
         "bad_template": lambda: client.post("/v1/detect", json={**ok, "templates": ["{0.__class__}"]}),
         "score_out_of_range": lambda: client.post("/v1/detect", json={**ok, "score_threshold": 1.5}),
         "unknown_field": lambda: client.post("/v1/detect", json={**ok, "clases": ["typo"]}),
+        "unknown_form_field": lambda: client.post("/v1/detect", files={"image": ("x.png", png, "image/png")},
+                                                  data={"classes": "a", "nms_treshold": "0.3"}),
+        "nms_out_of_range": lambda: client.post("/v1/detect", json={**ok, "nms_threshold": 0}),
+        "unknown_score_mode": lambda: client.post("/v1/detect", files={"image": ("x.png", png, "image/png")},
+                                                  data={"classes": "a", "score_mode": "sigmoid"}),
         "too_many_images": lambda: client.post("/v1/detect/batch", json={"images": [ok["image"]] * 4,
                                                                          "classes": ["a"]}),
         "image_field_not_a_file": lambda: client.post("/v1/detect", data={"image": "abc", "classes": "a"},

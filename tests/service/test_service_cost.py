@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from service_testing import image_bytes, reference, running_app
 
-from ovd.service.admission import Budget, candidate_floor, effective_threshold
+from ovd.service.admission import Budget
 from ovd.service.errors import ApiError
 from ovd.service.images import decode_image
 from ovd.service.launch import ServerProcess
@@ -134,29 +134,26 @@ def test_budget_shared_by_requests():
     assert rejected == ["busy", "request"]
 
 
-def test_candidate_floor_bounds_the_pairs():
-    assert candidate_floor(1000, 100, 100_000) == 0.0  # within the bound: nothing changes
-    assert candidate_floor(1000, 1500, 100_000) == pytest.approx(0.01)
-    assert effective_threshold(None, 0.05, 0.01) == 0.05 and effective_threshold(0.0, 0.05, 0.01) == 0.01
-    assert effective_threshold(0.3, None, 0.0) == 0.3 and effective_threshold(None, None, 0.5) is None
-
-
-def test_classification_of_a_large_vocabulary_is_capped(detector, export_dir):
+@pytest.mark.parametrize("score_mode", ["softmax", "per_name"])
+def test_classification_of_a_large_vocabulary_is_capped(detector, export_dir, score_mode):
+    """The model regresses and gives NMS at most max_classify_candidates pairs, the best, in
+    either score mode (per-name scores do not sum to one: a threshold bounds nothing there)."""
     png = image_bytes(80, 64, seed=4)
     names = ["red ring", "blue disk", "green cross"]
+    request = {"image": _b64(png), "classes": names, "score_threshold": 0.0, "max_detections": 1000,
+               "score_mode": score_mode, "nms_threshold": 1.0}  # NMS keeps all: the cap alone cuts
     inputs = detector.preprocessing(decode_image(png, max_pixels=10**6))
     proposals = len(detector.encode([inputs])[0].proposals)
-    cap = proposals * 2  # 3 classes x R proposals > 2 R: floor = R / 2R = 0.5
+    cap = proposals // 2
     with running_app(detector, export_dir, max_classify_candidates=cap) as client:
-        got = client.post("/v1/detect", json={"image": _b64(png), "classes": names, "score_threshold": 0.0,
-                                            "max_detections": 1000}).json()
-    capped = reference(detector, png, names, score_threshold=0.5, max_detections=1000)
-    assert got["detections"] == capped and all(d["score"] >= 0.5 for d in capped)
-    assert len(reference(detector, png, names, score_threshold=0.0, max_detections=1000)) > len(capped)  # the cap made a difference
-    with running_app(detector, export_dir, max_classify_candidates=proposals * 3) as client:  # within: exact
-        got = client.post("/v1/detect", json={"image": _b64(png), "classes": names, "score_threshold": 0.0,
-                                            "max_detections": 1000}).json()
-    assert got["detections"] == reference(detector, png, names, score_threshold=0.0, max_detections=1000)
+        got = client.post("/v1/detect", json=request).json()["detections"]
+    everything = reference(detector, png, names, score_threshold=0.0, max_detections=1000, score_mode=score_mode,
+                           nms_thresh=1.0)
+    assert len(got) == cap < len(everything)
+    assert [d["score"] for d in got] == sorted((d["score"] for d in everything), reverse=True)[:cap]
+    with running_app(detector, export_dir, max_classify_candidates=len(names) * proposals) as client:  # within: exact
+        got = client.post("/v1/detect", json=request).json()["detections"]
+    assert got == everything
 
 
 # ---------------------------------------------------------------- registered vocabularies
