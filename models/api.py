@@ -14,6 +14,7 @@ orientation, as the service does, so boxes match the image a viewer shows.
 from __future__ import annotations
 
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,10 +23,16 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .detections import Detections
+from .model_card import model_card, warnings_for
 from .registry import REGISTERED
-from .runtime import ClassifyOptions, Runtime, batches, load_runtime
+from .runtime import DEFAULT_SCORE_MODE, ClassifyOptions, Runtime, batches, load_runtime
+from .tiling import DEFAULT_TILES, merge_tiles, plan_tiles
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
+
+class UnknownWordWarning(UserWarning):
+    """A class name has words the model's text encoder never read."""
+
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """An export folder from a registered name or a path, with a message naming the fix."""
@@ -100,6 +107,17 @@ class Detector:
         """The export's manifest: name, version, categories it was evaluated on, metrics."""
         return self.runtime.manifest
 
+    @property
+    def card(self) -> dict:
+        """What the model knows (models/model_card.py): training data, evaluated categories and
+        metrics, and the words its text encoder can read."""
+        return model_card(self.manifest)
+
+    def warnings(self, classes: Sequence[str]) -> list[dict]:
+        """[{"name", "unknown_words", "message"}] for class names with words the model's text
+        encoder never read (their detections are not meaningful)."""
+        return warnings_for(self.manifest, [str(c).strip() for c in classes])
+
     def text_embeddings(self, classes: Sequence[str], template: str | None = None):
         key = (tuple(classes), template)
         if key not in self._text:
@@ -110,9 +128,11 @@ class Detector:
         return self._text[key]
 
     def __call__(self, images: ImageLike | Sequence[ImageLike], classes: Sequence[str], *,
-                 threshold: float = 0.3, max_detections: int = 100, score_mode: str = "softmax",
+                 threshold: float = 0.3, max_detections: int = 100, score_mode: str = DEFAULT_SCORE_MODE,
                  nms_threshold: float | None = None, class_agnostic: bool = False,
-                 template: str | None = None, batch_size: int = 4) -> Detections | list[Detections]:
+                 tiles: str = DEFAULT_TILES, tile_overlap: float = 0.2, max_tiles: int = 64,
+                 max_candidates: int | None = None, template: str | None = None,
+                 batch_size: int = 4) -> Detections | list[Detections]:
         """Detect `classes` in one image or a list of images.
 
         Args:
@@ -120,12 +140,19 @@ class Detector:
             classes: class names in plain words, e.g. ["red ring", "forklift"].
             threshold: the lowest score kept, in [0, 1].
             max_detections: the most detections kept per image.
-            score_mode: "softmax" (over the names given and background: a name's score falls
-                when similar names are added) or "per_name" (each name against background
-                alone: the same box scores the same whatever else is asked for).
+            score_mode: "per_name" (each name against background alone: the same box scores
+                the same whatever else is asked for; the default) or "softmax" (over the names
+                given and background, the paper's: a name's score falls when similar names
+                are added).
             nms_threshold: IoU above which the lower-scoring of two overlapping boxes is
                 dropped (default: the model's, 0.5 for the shipped one).
             class_agnostic: NMS across names, so one object gets one label.
+            tiles: sliced inference for large images (models/tiling.py): "auto" (when the
+                model's resize would shrink the image more than 2x), "on" or "off".
+            tile_overlap: fraction of a tile shared with its neighbour.
+            max_tiles: at most this many tiles per image (larger images get larger tiles).
+            max_candidates: at most this many (box, name) pairs, the best, go to NMS per image
+                or tile (bounds the time of a call with thousands of names and a low threshold).
             template: CLIP prompt template with one "{}" (default: the export's).
             batch_size: images encoded together (images of one padded size only).
 
@@ -137,17 +164,28 @@ class Detector:
             raise ValueError("give at least one class name, none of them empty")
         if len(set(classes)) != len(classes):
             raise ValueError(f"class names repeat: {classes}")
+        for w in self.warnings(classes):
+            warnings.warn(w["message"], UnknownWordWarning, stacklevel=2)
         options = ClassifyOptions(score_threshold=threshold, max_detections=max_detections,
                                   score_mode=score_mode, nms_threshold=nms_threshold,
-                                  class_agnostic=class_agnostic)
+                                  class_agnostic=class_agnostic, max_candidates=max_candidates)
         single = not isinstance(images, list | tuple)
         batch = [images] if single else list(images)
         text = self.text_embeddings(classes, template)
-        inputs = [self.runtime.preprocessing(read_image(x)) for x in batch]
-        out: list[Detections | None] = [None] * len(inputs)
-        for chunk in batches(self.runtime.preprocessing, inputs, batch_size):
+        prep = self.runtime.preprocessing
+        rgbs = [read_image(x) for x in batch]
+        plans = [plan_tiles(*rgb.shape[:2], prep, tiles, overlap=tile_overlap, max_tiles=max_tiles)
+                 for rgb in rgbs]
+        inputs = [prep(rgb[y0:y1, x0:x1]) for rgb, plan in zip(rgbs, plans, strict=True)
+                  for x0, y0, x1, y1 in plan.windows]
+        found: list[Detections | None] = [None] * len(inputs)
+        for chunk in batches(prep, inputs, batch_size):
             regions = self.runtime.encode([inputs[i] for i in chunk])
-            found = self.runtime.classify(regions, text, [inputs[i] for i in chunk], classes, options)
-            for i, d in zip(chunk, found, strict=True):
-                out[i] = d
+            for i, d in zip(chunk, self.runtime.classify(regions, text, [inputs[i] for i in chunk], classes,
+                                                         options), strict=True):
+                found[i] = d
+        out, start = [], 0
+        for plan in plans:
+            out.append(merge_tiles(found[start:start + len(plan.windows)], plan, options))
+            start += len(plan.windows)
         return out[0] if single else out

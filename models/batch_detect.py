@@ -111,7 +111,8 @@ def detect_files(detector: Detector, files: Sequence[Path], classes: Sequence[st
                 "images": images,
                 "categories": [{"id": i + 1, "name": c} for i, c in enumerate(classes)],
                 "annotations": annotations}
-    return {"model": model, "classes": list(classes), "options": options, "images": images, "skipped": failed}
+    return {"model": model, "classes": list(classes), "options": options, "warnings": detector.warnings(classes),
+            "images": images, "skipped": failed}
 
 
 def _drawn_path(draw_dir: Path, file: Path, files: Sequence[Path]) -> Path:

@@ -123,7 +123,10 @@ def write_export(out_dir: str | Path, *, model: OpenVocabRCNN, cfg: CfgNode, cli
         "prompt_template": cfg.MODEL.OVD.PROMPT_TEMPLATE,
         "embed_dim": cfg.MODEL.OVD.EMBED_DIM,
         "weights_dtype": dtype,
-        "clip": {"name": clip_name, "weights_sha256": (clip.manifest or {}).get("weights", {}).get("sha256")},
+        "clip": {"name": clip_name, "weights_sha256": (clip.manifest or {}).get("weights", {}).get("sha256"),
+                 # The words its text tower ever read (a CLIP trained here from scratch), or
+                 # None (e.g. an open_clip model pretrained on the web: not restricted).
+                 "text_words": (clip.manifest or {}).get("text_words")},
         "input": {"format": cfg.INPUT.FORMAT, "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
                   "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
                   "size_divisibility": int(model.backbone.size_divisibility),

@@ -313,9 +313,9 @@ def match_detections(want: tuple, got: tuple) -> dict:
             "max_score_diff": score_diff}
 
 
-#: The option sets an export is validated under: the defaults, a low threshold (many more
-#: detections), and every other option moved off its default at once.
-VALIDATION_OPTIONS = (ClassifyOptions(), ClassifyOptions(score_threshold=0.01),
+#: The option sets an export is validated under: the graphs' defaults, a low threshold (many
+#: more detections), and every other option moved off its default at once.
+VALIDATION_OPTIONS = (ClassifyOptions(score_mode="softmax"), ClassifyOptions(score_mode="softmax", score_threshold=0.01),
                       ClassifyOptions(score_threshold=0.01, score_mode="per_name", nms_threshold=0.3,
                                       class_agnostic=True, max_detections=20, max_candidates=50))
 

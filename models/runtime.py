@@ -39,6 +39,12 @@ DEFAULT_SIZE_DIVISIBILITY = 32
 #: background alone, sigmoid(logit_name - logit_background), i.e. the same softmax restricted
 #: to {name, background}: a name's detections do not depend on the other names sent.
 SCORE_MODES = ("softmax", "per_name")
+#: What every entry point (Python API, `ovd detect`, HTTP, the page) uses when not told, decided
+#: on val (benchmarks/results/score_modes.md): the two modes give the same generalized AP (no
+#: measurable difference), and only per-name scores stay put when other names are added, so a
+#: threshold means the same in every request. The model's own evaluation (`ovd eval`) and the
+#: ONNX graphs' default input stay the paper's softmax.
+DEFAULT_SCORE_MODE = "per_name"
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ class ClassifyOptions:
 
     score_threshold: float | None = None
     max_detections: int | None = None
-    score_mode: str = "softmax"
+    score_mode: str = DEFAULT_SCORE_MODE
     nms_threshold: float | None = None
     class_agnostic: bool = False
     max_candidates: int | None = None

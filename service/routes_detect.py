@@ -17,6 +17,9 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
+from ovd.models.model_card import warnings_for
+from ovd.models.tiling import TilePlan, merge_tiles, plan_tiles
+
 from . import schemas
 from .batcher import Job, Overloaded
 from .deps import API_KEY_REQUIRED, MetricsDep, ModelDep, SettingsDep
@@ -34,7 +37,7 @@ router = APIRouter()
 #: The scalar options a multipart form may carry (one value each), with their JSON schema:
 #: the same fields as the JSON body's, so a form field is never silently ignored.
 FORM_SCALARS = ("vocabulary", "score_threshold", "max_detections", "score_mode", "nms_threshold",
-                "class_agnostic")
+                "class_agnostic", "tiles")
 _FORM_OPTIONS = {k: {key: v for key, v in schemas.DetectOptions.model_json_schema()["properties"][k].items()
                      if key != "title"} for k in FORM_SCALARS}
 
@@ -96,9 +99,10 @@ async def _detect(request: Request, model: ServedModel, settings: Settings, metr
         data, opts = await _parse_detect(request, settings, batch=batch)
         names, templates = await _resolve_vocabulary(model, opts, settings)
         sizes = [_image_size(blob, i, len(data), model, settings.max_image_pixels) for i, blob in enumerate(data)]
+        max_tiles = _tile_budget(sizes, opts.tiles, model, settings)
         stage = "decode"
         with model.admission.pixels.hold(sum(w * h for w, h in sizes)):
-            decoded = await _decode_all(data, model, settings.max_image_pixels, metrics)
+            decoded = await _decode_all(data, opts.tiles, max_tiles, model, settings, metrics)
         stage = "text"
         t_text = time.perf_counter()
         looked_up = await model.text.lookup(model.text.pairs(names, templates))
@@ -110,7 +114,8 @@ async def _detect(request: Request, model: ServedModel, settings: Settings, metr
         stage = "model"
         try:
             options = opts.classify_options()
-            futures = model.batcher.submit([Job(inputs, text, tuple(names), options) for inputs, _ in decoded])
+            futures = model.batcher.submit([Job(inputs, text, tuple(names), options)
+                                            for _, windows, _ in decoded for inputs in windows])
         except Overloaded as e:
             raise ApiError(503, "overloaded", f"the server is busy: {e}", headers={"Retry-After": "1"}) from e
         results = await asyncio.gather(*futures)
@@ -119,17 +124,25 @@ async def _detect(request: Request, model: ServedModel, settings: Settings, metr
         raise
     total_ms = 1000 * (time.perf_counter() - start)
     manifest = model.manifest
+    warnings = warnings_for(manifest, names)
     out = []
-    for (inputs, decode_s), res in zip(decoded, results, strict=True):
-        metrics.detections.observe(len(res.detections))
+    first = 0
+    for plan, windows, decode_s in decoded:
+        parts = results[first:first + len(windows)]
+        first += len(windows)
+        found = merge_tiles([r.detections for r in parts], plan, options)
+        metrics.detections.observe(len(found))
+        height, width = plan.image_size
         out.append({
             "model": {"name": str(manifest.get("name")), "version": str(manifest.get("version"))},
-            "image": {"width": inputs["width"], "height": inputs["height"]},
+            "image": {"width": width, "height": height, "tiles": len(windows) - 1 if plan.tiled else 0},
             "classes": names,
-            "detections": res.detections.to_json(),
-            "timings_ms": {"decode": 1000 * decode_s, "text": 1000 * text_s, "queue": 1000 * res.queue_s,
-                           "model": 1000 * res.model_s, "classify": 1000 * res.classify_s,
-                           "total": total_ms},
+            "detections": found.to_json(),
+            "warnings": warnings,
+            "timings_ms": {"decode": 1000 * decode_s, "text": 1000 * text_s,
+                           "queue": 1000 * max(r.queue_s for r in parts),
+                           "model": 1000 * sum(r.model_s for r in parts),
+                           "classify": 1000 * sum(r.classify_s for r in parts), "total": total_ms},
         })
     return out
 
@@ -245,25 +258,54 @@ def check_aspect(size: tuple[int, int], model: ServedModel) -> None:
                        "ratio is too extreme")
 
 
-def _decode_one(blob: bytes, index: int, count: int, model: ServedModel, max_pixels: int) -> tuple[dict, float]:
-    """Decode + preprocess one image (a decode-pool thread): (model input, seconds)."""
+def _tile_budget(sizes: list[tuple[int, int]], tiles: str, model: ServedModel, settings: Settings) -> int:
+    """The most windows per image this request may use (models/tiling.py `max_tiles`).
+
+    Every model pass of a request must fit the queue at once. With `tiles=auto` the request
+    gets fewer (larger) windows per image until they do; with `tiles=on` a request that cannot
+    fit is refused (422). The header's size may be the image's before EXIF rotation: a plan's
+    window count does not change when width and height swap.
+    """
+    prep = model.detector.preprocessing
+
+    def passes(max_tiles: int) -> int:
+        return sum(len(plan_tiles(h, w, prep, tiles, max_tiles=max_tiles).windows) for w, h in sizes)
+
+    budget = settings.max_tiles
+    if tiles == "auto":
+        while budget > 1 and passes(budget) > settings.max_queue:
+            budget = max(1, min(budget - 1, settings.max_queue // len(sizes) - 1))
+    if passes(budget) > settings.max_queue:
+        raise ApiError(422, "too_many_model_passes",
+                       f"the request needs {passes(budget)} model passes (images x tiles) and the queue holds "
+                       f"{settings.max_queue} (OVD_MAX_QUEUE): send fewer images per request, or tiles=auto "
+                       "(fewer, larger windows) or off")
+    return budget
+
+
+def _decode_one(blob: bytes, tiles: str, max_tiles: int, index: int, count: int, model: ServedModel,
+                settings: Settings) -> tuple[TilePlan, list[dict], float]:
+    """Decode one image and preprocess each of its windows (a decode-pool thread):
+    (its tile plan, model inputs in `plan.windows` order, seconds)."""
     t0 = time.perf_counter()
     try:
-        rgb = decode_image(blob, max_pixels=max_pixels)
+        rgb = decode_image(blob, max_pixels=settings.max_image_pixels)
     except ApiError as e:
         if count > 1:
             e.message = f"image {index}: {e.message}"
         raise
-    inputs = model.detector.preprocessing(rgb)
-    return inputs, time.perf_counter() - t0
+    prep = model.detector.preprocessing
+    plan = plan_tiles(*rgb.shape[:2], prep, tiles, max_tiles=max_tiles)
+    inputs = [prep(rgb[y0:y1, x0:x1]) for x0, y0, x1, y1 in plan.windows]
+    return plan, inputs, time.perf_counter() - t0
 
 
-async def _decode_all(data: list[bytes], model: ServedModel, max_pixels: int,
-                      metrics: Metrics) -> list[tuple[dict, float]]:
+async def _decode_all(data: list[bytes], tiles: str, max_tiles: int, model: ServedModel, settings: Settings,
+                      metrics: Metrics) -> list[tuple[TilePlan, list[dict], float]]:
     """Decode a request's images in the shared decode pool; on an error or a cancellation the
     images not yet started are taken out of the pool's queue (counted as abandoned when cancelled)."""
     dropped = []
-    tasks = [asyncio.ensure_future(model.decoder.run(_decode_one, blob, i, len(data), model, max_pixels,
+    tasks = [asyncio.ensure_future(model.decoder.run(_decode_one, blob, tiles, max_tiles, i, len(data), model, settings,
                                                      on_dropped=lambda: dropped.append(1)))
              for i, blob in enumerate(data)]
     try:

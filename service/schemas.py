@@ -7,7 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ovd.models.runtime import ClassifyOptions
+from ovd.models.runtime import DEFAULT_SCORE_MODE, ClassifyOptions
+from ovd.models.tiling import DEFAULT_TILES
 
 
 class DetectOptions(BaseModel):
@@ -25,13 +26,18 @@ class DetectOptions(BaseModel):
                                           "(default: the model's test threshold)")
     max_detections: int | None = Field(None, ge=1, description="at most this many detections per image")
     score_mode: Literal["softmax", "per_name"] = Field(
-        "softmax", description="softmax: a probability over the names sent and background (the paper's; "
-        "a name's score falls when similar names are added). per_name: each name against background "
-        "alone, so a box scores the same whatever other names are sent")
+        DEFAULT_SCORE_MODE, description="per_name: each name against background alone, so a box scores the "
+        "same whatever other names are sent (a threshold means the same in every request). softmax: a "
+        "probability over the names sent and background (the paper's; a name's score falls when similar "
+        "names are added). Same AP on val; see the README")
     nms_threshold: float | None = Field(None, gt=0.0, le=1.0, description="IoU above which the "
                                         "lower-scoring of two boxes is dropped (default: the model's)")
     class_agnostic: bool = Field(False, description="NMS across names (one label per object) instead "
                                  "of within each name")
+    tiles: Literal["auto", "on", "off"] = Field(
+        DEFAULT_TILES, description="sliced inference for large images: the model also runs on overlapping "
+        "windows at its own input size (256 px for the shipped model), merged by NMS. auto: when the "
+        "model's resize would shrink the image more than 2x. Costs up to OVD_MAX_TILES + 1 model passes")
 
     def classify_options(self) -> ClassifyOptions:
         return ClassifyOptions(score_threshold=self.score_threshold, max_detections=self.max_detections,
@@ -67,6 +73,7 @@ class ModelInfo(BaseModel):
 class ImageInfo(BaseModel):
     width: int = Field(..., description="pixels, after EXIF orientation")
     height: int
+    tiles: int = Field(0, description="windows of sliced inference besides the whole image (0: not sliced)")
 
 
 class Timings(BaseModel):
@@ -80,11 +87,19 @@ class Timings(BaseModel):
     total: float
 
 
+class NameWarning(BaseModel):
+    name: str = Field(..., description="a class name of the request")
+    unknown_words: list[str] = Field(..., description="its words the model's text encoder never read")
+    message: str
+
+
 class DetectResponse(BaseModel):
     model: ModelInfo
     image: ImageInfo
     classes: list[str] = Field(..., description="the normalised class names used; class_index indexes them")
     detections: list[Detection]
+    warnings: list[NameWarning] = Field([], description="names the model cannot read (see GET /v1/models/card): "
+                                        "their detections are not meaningful")
     timings_ms: Timings
 
 

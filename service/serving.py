@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ovd.models.model_card import vocabulary_fits
 from ovd.models.runtime import Runtime, load_runtime
 
 from .admission import Admission
@@ -116,7 +117,8 @@ class ServingRuntime:
             names = [c["name"] for c in manifest.get("categories", [])]
             vocabularies = VocabularyRegistry(names, store=self.store, prefix=s.redis_prefix,
                                               max_total=s.max_vocabularies, max_per_owner=s.max_vocabularies_per_key,
-                                              chunk_bytes=s.vocabulary_write_chunk_bytes)
+                                              chunk_bytes=s.vocabulary_write_chunk_bytes,
+                                              fits=lambda vocab: vocabulary_fits(manifest, vocab))
             admission = Admission.from_settings(
                 s, on_reject=lambda resource, reason: metrics.admission_rejections.labels(resource, reason).inc())
             model = ServedModel(detector, batcher, text, vocabularies, DecodePool(s.decode_workers), admission)

@@ -62,9 +62,11 @@ class Settings(BaseSettings):
                                      "text tower; more -> 503 server_busy (Retry-After)")
     text_encode_chunk: int = Field(256, ge=1, description="prompts per text-tower call; a cancelled request "
                                    "stops after the chunk in progress")
-    max_classify_candidates: int = Field(100_000, ge=1, description="(box, class) pairs one image may give "
-                                         "NMS: with proposals x classes above it the score threshold is raised "
-                                         "to proposals / this (softmax scores make that an exact bound)")
+    max_classify_candidates: int = Field(100_000, ge=1, description="(box, class) pairs of one image (or tile) "
+                                         "the model regresses and gives NMS: the best ones, whatever the "
+                                         "vocabulary size, threshold and score mode")
+    max_tiles: int = Field(16, ge=1, description="windows of one image in sliced inference (`tiles`); a larger "
+                           "image gets larger windows, so an image costs at most this + 1 model passes")
 
     max_vocabularies: int = Field(10_000, ge=1, description="registered vocabularies in all; more -> 422 "
                                   "vocabulary_limit (DELETE frees one)")

@@ -14,6 +14,7 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -176,6 +177,8 @@ class VocabularyRegistry:
 
     Args:
         training_names: the model's category names (built-in "training").
+        fits: whether the model can read a vocabulary (ovd.models.model_card.vocabulary_fits):
+            the other built-ins (coco, lvis) are offered only when it can.
         store: the shared RedisStore, or None without Redis (then this process holds them).
         prefix: Redis key prefix.
         max_total, max_per_owner, chunk_bytes: the limits above.
@@ -183,9 +186,10 @@ class VocabularyRegistry:
 
     def __init__(self, training_names: list[str], *, store: RedisStore | None = None,
                  prefix: str = "ovd", max_total: int = 10_000, max_per_owner: int = 1000,
-                 chunk_bytes: int = 64 * 1024):
+                 chunk_bytes: int = 64 * 1024, fits: Callable[[list[str]], bool] = lambda names: True):
         self._builtin = {name: Vocabulary(name, list(names), builtin=True) for name, names in (
-            ("training", training_names), ("coco", coco_names()), ("lvis", lvis_names())) if names}
+            ("training", training_names), ("coco", coco_names()), ("lvis", lvis_names()))
+            if names and (name == "training" or fits(list(names)))}
         self._registered: dict[str, Vocabulary] = {}
         self._owners: dict[str, set[str]] = {}  # without Redis: owner -> ids
         self._store = store

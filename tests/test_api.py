@@ -107,7 +107,7 @@ def test_detector_equals_the_models_own_inference(shipped, scene):
     """The API's answer is the detector's own `inference` (resize, encode, classify, rescale)
     on the same image and vocabulary."""
     names = ["red ring", "blue star", "red disk"]
-    found = shipped(scene, names, threshold=0.05, max_detections=50)
+    found = shipped(scene, names, threshold=0.05, max_detections=50, score_mode="softmax")
     runtime = shipped.runtime
     assert isinstance(runtime, TorchRuntime)
     model_input = T.ResizeShortestEdge(256, 256).get_transform(scene).apply_image(scene)

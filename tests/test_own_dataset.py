@@ -157,7 +157,7 @@ detector:
         r = httpx.post(f"{server.url}/v1/detect", timeout=120,
                        json={"image": image, "classes": ["dead tree", "palm"], "score_threshold": 0.0})
     assert r.status_code == 200, r.text
-    assert r.json()["model"]["name"] == "ovd-trees" and r.json()["image"] == {"width": 160, "height": 120}
+    assert r.json()["model"]["name"] == "ovd-trees" and r.json()["image"] == {"width": 160, "height": 120, "tiles": 0}
 
     found = ovd.Detector.load(run / "export")(data / "images" / "val_000.jpg", ["dead tree", "palm", "tree"],
                                                threshold=0.0)

@@ -36,6 +36,11 @@ def test_pipeline_runs_and_resumes(tmp_path, caplog, capsys):
     metrics = json.loads((root / "detector/eval_synth_test/metrics.json").read_text())
     assert set(metrics) >= {"novel", "base", "all"}
     assert load_export(root / "export").model is not None
+    # The model card: the words its CLIP read are the caption corpus's, held-out ones included.
+    words = set(manifest["clip"]["text_words"]["words"])
+    assert {w for c in manifest["categories"] for w in c["name"].split()} <= words and "cat" not in words
+    renorm = json.loads((root / "clip/renorm/manifest.json").read_text())
+    assert renorm["text_words"] == manifest["clip"]["text_words"]
     # The gates of every stage, measured on the world's held-out annotations.
     gates = json.loads((root / "gates.json").read_text())
     assert set(gates) >= {"renorm", "proposals", "targets", "detector"} and not gates["skipped"]

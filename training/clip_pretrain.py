@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ovd.models.clip.model import ClipModel, architecture_config, load_clip, save_clip
+from ovd.models.model_card import words_of
 
 from .config import SectionConfig
 
@@ -89,6 +90,12 @@ class CaptionCorpus:
 
     def __len__(self) -> int:
         return len(self.captions)
+
+
+def corpus_words(captions: list[str]) -> list[str]:
+    """The distinct lower-case words of a caption corpus: all the language a CLIP trained from
+    scratch on it ever read (ovd.models.model_card warns about any other word)."""
+    return sorted({w for c in captions for w in words_of(c)})
 
 
 def augment(images: torch.Tensor, scale: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
@@ -199,6 +206,8 @@ def pretrain_clip(world_dir: str | Path, out_dir: str | Path, cfg: PretrainConfi
     save_clip(clip, out_dir, model_cfg=architecture_config(cfg.architecture), record={
         "name": out_dir.name,
         "stage": "clip_pretrain",
+        "text_words": {"words": corpus_words(corpus.captions),
+                       "source": f"the {n} captions of {world_dir} it was trained on"},
         "training": {"config": asdict(cfg), "data": {"world": str(world_dir),
                                                      "fingerprint": world["fingerprint"],
                                                      "samples": n},

@@ -435,6 +435,8 @@ def renorm_clip(clip_dir_or_name: str | Path, json_file: str | Path, image_root:
         "name": out_dir.name,
         "stage": "clip_renorm",
         "parent": parent,
+        # The text tower is the parent's, unchanged: so is what it ever read.
+        **({"text_words": clip.manifest["text_words"]} if (clip.manifest or {}).get("text_words") else {}),
         "training": {
             "config": asdict(cfg),
             "data": {"json": str(json_file), "json_sha256": data_id["json_sha256"],

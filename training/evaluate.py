@@ -58,7 +58,8 @@ class WithVocabulary(nn.Module):
         return self.model.to_original_size(results, batched_inputs)
 
 
-def group_ap(gt_json: str | Path, detections: list[dict], groups: dict[str, list[int]]) -> dict:
+def group_ap(gt_json: str | Path, detections: list[dict], groups: dict[str, list[int]],
+             max_detections: int = EVAL_MAX_DETECTIONS) -> dict:
     """AP50, AP (0.5:0.95) and AP-small per group of category ids, from one COCOeval run.
 
     Args:
@@ -66,6 +67,7 @@ def group_ap(gt_json: str | Path, detections: list[dict], groups: dict[str, list
         detections: COCO-format results ({image_id, category_id, bbox [x, y, w, h], score}).
         groups: name -> category ids; a group's AP is the mean over its categories that have
             ground truth (COCO's own convention for the overall AP).
+        max_detections: detections per image scored (COCOeval's largest maxDets).
 
     Returns:
         {group: {"AP50": %, "AP": %, "APs": %, "categories": n}}; values in percent, NaN where
@@ -78,7 +80,7 @@ def group_ap(gt_json: str | Path, detections: list[dict], groups: dict[str, list
         return {g: {"AP50": 0.0, "AP": 0.0, "APs": 0.0, "categories": len(ids)} for g, ids in groups.items()}
     ev = COCOeval(gt, dt, "bbox")
     # COCOeval's default keeps 100 per image; the generalized evaluation keeps up to 300.
-    ev.params.maxDets = [1, 10, EVAL_MAX_DETECTIONS]
+    ev.params.maxDets = [1, 10, max_detections]
     ev.evaluate()
     ev.accumulate()
     precision = ev.eval["precision"]  # (T iou, R recall, K cat, A area, M maxdets)

@@ -48,6 +48,10 @@ def export_detector(model_dir: str | Path, out_dir: str | Path, *, name: str, ve
     categories = []
     if test:
         meta = MetadataCatalog.get(test)
+        if not hasattr(meta, "thing_classes"):
+            raise ValueError(f"the config's test dataset {test!r} is not registered, so the export cannot "
+                             "list its categories; give the run's config (its dataset: section registers "
+                             "the splits) or register the dataset before exporting")
         novel = set(getattr(meta, "novel_classes", []))
         categories = [{"name": n, "split": "novel" if n in novel else "base"} for n in meta.thing_classes]
         # The synthetic world tags each novel category with its tier (N-comp / N-shape / N-both).

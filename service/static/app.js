@@ -1,6 +1,11 @@
 // The demo page: upload an image, name classes, draw the detections on a canvas.
-// Talks to the same API as any client (POST /v1/detect, multipart).
+// Talks to the same API as any client (POST /v1/detect, multipart). The request asks for
+// everything above REQUEST_FLOOR; the score slider and the class filter then act on the
+// answer in the page, without asking the server again.
 "use strict";
+
+const REQUEST_FLOOR = 0.05;
+let last = null;  // {body, bitmap} of the last answer
 
 const COLOURS = { base: "#1f77b4", novel: "#d62728", other: "#2ca02c" };
 const splits = new Map();  // lower-cased category name -> "base" | "novel", from the manifest
@@ -44,29 +49,37 @@ function colourOf(label) {
   return COLOURS[splits.get(label.toLowerCase()) || "other"];
 }
 
+function overlaps(a, b) {
+  return a.x < b.x + b.w && b.x < a.x + a.w && a.y < b.y + b.h && b.y < a.y + a.h;
+}
+
 function draw(bitmap, detections) {
   const canvas = $("canvas");
   canvas.width = bitmap.width;
   canvas.height = bitmap.height;
   const ctx = canvas.getContext("2d");
   ctx.drawImage(bitmap, 0, 0);
-  const line = Math.max(2, Math.round(Math.min(bitmap.width, bitmap.height) / 200));
+  // The canvas is shown at up to 60rem wide: size lines and labels for the displayed scale.
+  const scale = bitmap.width / Math.max(1, canvas.getBoundingClientRect().width || bitmap.width);
+  const line = Math.max(1, Math.round(2 * scale));
+  const h = Math.round(16 * scale);
   ctx.lineWidth = line;
-  ctx.font = `${6 * line + 6}px system-ui, sans-serif`;
+  ctx.font = `${Math.round(13 * scale)}px system-ui, sans-serif`;
   ctx.textBaseline = "bottom";
+  const placed = [];  // label rectangles already drawn: a new label moves down until it is free
   for (const d of detections) {
     const [x1, y1, x2, y2] = d.box;
     const colour = colourOf(d.label);
     ctx.strokeStyle = colour;
     ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
     const text = `${d.label} ${d.score.toFixed(2)}`;
-    const w = ctx.measureText(text).width + 4;
-    const h = 6 * line + 8;
-    const top = y1 - h < 0 ? y1 + h : y1;  // keep labels at the top edge inside the canvas
+    const rect = { x: x1, y: y1 - h < 0 ? y1 : y1 - h, w: ctx.measureText(text).width + 4 * scale, h };
+    for (let tries = 0; tries < 8 && placed.some((p) => overlaps(p, rect)); tries++) rect.y += h;
+    placed.push(rect);
     ctx.fillStyle = colour;
-    ctx.fillRect(x1, top - h, w, h);
+    ctx.fillRect(rect.x, rect.y, rect.w, rect.h);
     ctx.fillStyle = "#fff";
-    ctx.fillText(text, x1 + 2, top - 1);
+    ctx.fillText(text, rect.x + 2 * scale, rect.y + rect.h - scale);
   }
   canvas.dataset.boxes = String(detections.length);
 }
@@ -84,6 +97,46 @@ function fillTable(detections) {
   });
 }
 
+function shown() {
+  const min = Number($("score").value);
+  const only = $("class-filter").value;
+  return last.body.detections.filter((d) => d.score >= min && (!only || d.label === only));
+}
+
+function render() {
+  $("score-value").textContent = Number($("score").value).toFixed(2);
+  if (!last) return;
+  const detections = shown();
+  draw(last.bitmap, detections);
+  fillTable(detections);
+  setStatus(`${detections.length} of ${last.body.detections.length} detections shown ` +
+            `(${last.body.detections.length} detections in ${last.body.timings_ms.total.toFixed(0)} ms` +
+            (last.body.image.tiles ? `, ${last.body.image.tiles} tiles)` : ")"));
+}
+
+function showWarnings(warnings) {
+  $("warnings").replaceChildren(...warnings.map((w) => {
+    const item = document.createElement("li");
+    item.textContent = w.message;
+    return item;
+  }));
+}
+
+function fillClassFilter(classes) {
+  const keep = $("class-filter").value;
+  $("class-filter").replaceChildren(new Option("all classes", ""), ...classes.map((c) => new Option(c, c)));
+  $("class-filter").value = classes.includes(keep) ? keep : "";
+}
+
+function download() {
+  const blob = new Blob([JSON.stringify(last.body, null, 1)], { type: "application/json" });
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = "detections.json";
+  a.click();
+  URL.revokeObjectURL(a.href);
+}
+
 async function detect(event) {
   event.preventDefault();
   const file = $("image").files[0];
@@ -93,7 +146,11 @@ async function detect(event) {
   const vocabulary = $("vocabulary").value;
   if (vocabulary) form.append("vocabulary", vocabulary);
   else form.append("classes", $("classes").value);
-  if ($("score").value !== "") form.append("score_threshold", $("score").value);
+  form.append("score_threshold", String(Math.min(REQUEST_FLOOR, Number($("score").value))));
+  form.append("score_mode", $("score-mode").value);
+  form.append("tiles", $("tiles").value);
+  if ($("nms").value !== "") form.append("nms_threshold", $("nms").value);
+  if ($("agnostic").checked) form.append("class_agnostic", "true");
   $("submit").disabled = true;
   setStatus("detecting…");
   try {
@@ -105,9 +162,11 @@ async function detect(event) {
     }
     // EXIF orientation is applied by the server; createImageBitmap applies it too ("from-image").
     const bitmap = await createImageBitmap(file, { imageOrientation: "from-image" });
-    draw(bitmap, body.detections);
-    fillTable(body.detections);
-    setStatus(`${body.detections.length} detections in ${body.timings_ms.total.toFixed(0)} ms`);
+    last = { body, bitmap };
+    showWarnings(body.warnings || []);
+    fillClassFilter(body.classes);
+    $("download").disabled = false;
+    render();
   } catch (e) {
     setStatus(`request failed: ${e}`, true);
   } finally {
@@ -116,5 +175,8 @@ async function detect(event) {
 }
 
 $("detect-form").addEventListener("submit", detect);
+$("score").addEventListener("input", render);
+$("class-filter").addEventListener("change", render);
+$("download").addEventListener("click", download);
 $("api-key").addEventListener("change", loadModelInfo);
 loadModelInfo();

@@ -80,6 +80,7 @@ def reference(detector, data: bytes, names: list[str], templates: list[str] | No
     """
     from detectron2.data import transforms as T
 
+    from ovd.models.runtime import ClassifyOptions
     from ovd.service.images import decode_image
 
     rgb = decode_image(data, max_pixels=10**8)
@@ -88,6 +89,7 @@ def reference(detector, data: bytes, names: list[str], templates: list[str] | No
     inputs = {"image": torch.from_numpy(resized.transpose(2, 0, 1).copy()), "height": rgb.shape[0],
               "width": rgb.shape[1]}
     templates = templates or [detector.manifest["prompt_template"]]
+    options.setdefault("score_mode", ClassifyOptions().score_mode)  # the service's default
     with torch.inference_mode():
         per = torch.stack([detector.text.encode_text([t.replace("{}", n) for n in names])
                            for t in templates]).half().float()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import re
 
+import numpy as np
 import pytest
 import redis
 from service_testing import image_bytes, make_settings, png_claiming, reference, running_app
@@ -44,7 +45,7 @@ def test_detect_multipart_equals_the_model(client, detector):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == {"name": "ovd-test", "version": "0.0.1"}
-    assert body["image"] == {"width": 80, "height": 64}
+    assert body["image"] == {"width": 80, "height": 64, "tiles": 0}
     assert body["classes"] == NAMES
     assert set(body["timings_ms"]) == {"decode", "text", "queue", "model", "classify", "total"}
     assert body["detections"] == reference(detector, png, NAMES)  # exact floats
@@ -97,10 +98,50 @@ def test_score_mode_and_nms_options_over_json_and_multipart(client, detector):
                              "nms_threshold": "0.3", "class_agnostic": "true"})
     assert form.status_code == 200, form.text
     assert close(form.json()["detections"])
-    # The options change the answer: softmax with per-class NMS is what the model does by default.
+    # The options change the answer: the default is per-name scores with the model's per-class NMS.
     default = client.post("/v1/detect", json={"image": _b64(png), "classes": names, "score_threshold": 0.05})
     softmax = reference(detector, png, names, score_threshold=0.05)
     assert close(default.json()["detections"], softmax) and not close(softmax)
+
+
+def test_large_images_are_sliced_like_the_python_api(client, detector):
+    from ovd.models.api import Detector
+    from ovd.service.images import decode_image
+
+    png = image_bytes(190, 150, seed=8)  # the test model's input is 64 px: 2.3x smaller, so auto slices
+    names = ["red ring", "blue disk"]
+    answers = {}
+    for tiles in ("auto", "on", "off"):
+        r = client.post("/v1/detect", files={"image": ("x.png", png, "image/png")},
+                        data={"classes": names, "score_threshold": "0.05", "tiles": tiles})
+        assert r.status_code == 200, r.text
+        answers[tiles] = r.json()
+    assert answers["auto"]["image"]["tiles"] == answers["on"]["image"]["tiles"] > 1
+    assert answers["off"]["image"]["tiles"] == 0 and answers["off"]["detections"] != answers["on"]["detections"]
+    want = Detector(detector)(decode_image(png, max_pixels=10**6), names, threshold=0.05, tiles="on", max_tiles=16,
+                              max_detections=None)
+    got = answers["on"]["detections"]
+    assert len(got) == len(want) > 0
+
+    def rows(boxes, labels) -> np.ndarray:  # order-free: the service's text is float16-rounded, so
+        # near-tied scores of this random model may rank in another order
+        table = np.column_stack([np.asarray(boxes, np.float64).round(1), [names.index(x) for x in labels]])
+        return table[np.lexsort(table.T[::-1])]
+
+    assert np.allclose(rows([d["box"] for d in got], [d["label"] for d in got]), rows(want.boxes, want.labels),
+                       atol=0.11)
+
+
+def test_model_passes_beyond_the_queue_get_fewer_tiles_or_a_clear_refusal(detector, export_dir):
+    """16 windows + the whole image, twice, is 34 passes for a queue of 20: `auto` uses fewer,
+    larger windows (20 // 2 - 1 = 9 per image), `on` is refused with the setting to change."""
+    images = [_b64(image_bytes(199, 199, seed=1))] * 2
+    with running_app(detector, export_dir, max_queue=20) as small:
+        r = small.post("/v1/detect/batch", json={"images": images, "classes": ["a"], "tiles": "on"})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_model_passes", r.text
+        assert "OVD_MAX_QUEUE" in r.json()["error"]["message"]
+        auto = small.post("/v1/detect/batch", json={"images": images, "classes": ["a"], "tiles": "auto"})
+        assert auto.status_code == 200 and [x["image"]["tiles"] for x in auto.json()["results"]] == [9, 9]
 
 
 def test_batch_json_and_multipart(client, detector):
@@ -108,7 +149,7 @@ def test_batch_json_and_multipart(client, detector):
     r = client.post("/v1/detect/batch", json={"images": [_b64(i) for i in images], "classes": NAMES})
     assert r.status_code == 200, r.text
     results = r.json()["results"]
-    assert [x["image"] for x in results] == [{"width": 80, "height": 64}, {"width": 64, "height": 64}]
+    assert [x["image"] for x in results] == [{"width": 80, "height": 64, "tiles": 0}, {"width": 64, "height": 64, "tiles": 0}]
     for res, data in zip(results, images, strict=True):
         # Different sizes pad differently: each is encoded alone, so the floats are exact.
         assert res["detections"] == reference(detector, data, NAMES)

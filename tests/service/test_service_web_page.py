@@ -43,9 +43,7 @@ def test_upload_type_names_and_see_boxes(browser, server, tmp_path):
     names = browser.find_element(By.ID, "classes")
     names.clear()
     names.send_keys("red ring\nblue disk\nforklift")
-    score = browser.find_element(By.ID, "score")
-    score.clear()
-    score.send_keys("0.2")
+    _set(browser, "score", "0.2")
     browser.find_element(By.ID, "submit").click()
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results tbody tr.detection"))
     rows = browser.find_elements(By.CSS_SELECTOR, "#results tbody tr.detection")
@@ -65,6 +63,55 @@ def test_upload_type_names_and_see_boxes(browser, server, tmp_path):
           if (wanted.some(([r, g, b]) => px[i] === r && px[i + 1] === g && px[i + 2] === b)) n++;
         return n;""")
     assert coloured > 50
+
+
+def _set(browser, element_id: str, value: str) -> None:
+    """Set a form control's value the way a user's drag or pick does (an `input` event)."""
+    browser.execute_script("""const e = document.getElementById(arguments[0]); e.value = arguments[1];
+        e.dispatchEvent(new Event('input')); e.dispatchEvent(new Event('change'));""", element_id, value)
+
+
+def _rows(browser) -> list[tuple[str, float]]:
+    return [(r.find_elements(By.TAG_NAME, "td")[1].text, float(r.find_elements(By.TAG_NAME, "td")[2].text))
+            for r in browser.find_elements(By.CSS_SELECTOR, "#results tbody tr.detection")]
+
+
+def test_options_slider_class_filter_and_download(browser, server, tmp_path):
+    """The options reach the request; the slider and the class filter act on the answer in the
+    page (no new request); the answer can be downloaded."""
+    png = tmp_path / "big.png"
+    png.write_bytes(image_bytes(190, 150, seed=12))  # 2.3x the test model's 64 px: tiles=auto slices it
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(EC.text_to_be_present_in_element((By.ID, "model-info"), "ovd-test"))
+    browser.find_element(By.ID, "image").send_keys(str(png))
+    names = browser.find_element(By.ID, "classes")
+    names.clear()
+    names.send_keys("red ring\nblue disk")
+    _set(browser, "score-mode", "per_name")
+    _set(browser, "nms", "0.4")
+    browser.find_element(By.ID, "agnostic").click()
+    _set(browser, "score", "0.05")
+    browser.find_element(By.ID, "submit").click()
+    wait.until(lambda d: _rows(d))
+    status = browser.find_element(By.ID, "status").text
+    assert "tiles)" in status, status  # sliced: the status names the tiles
+    everything = _rows(browser)
+    assert all(score >= 0.05 for _, score in everything)
+    for floor in ("0.5", "0.999"):
+        _set(browser, "score", floor)
+        shown = _rows(browser)
+        assert len(shown) <= len(everything) and all(s >= float(floor) - 5e-4 for _, s in shown)
+        assert browser.find_element(By.ID, "canvas").get_attribute("data-boxes") == str(len(shown))
+    _set(browser, "score", "0.05")
+    assert _rows(browser) == everything  # the same answer, filtered again without a request
+    label = everything[0][0]
+    _set(browser, "class-filter", label)
+    assert {name for name, _ in _rows(browser)} == {label}
+    assert browser.find_element(By.ID, "download").is_enabled()
+    # The request carried the options (per-name scores, class-agnostic NMS): one label per box.
+    boxes = browser.execute_script("return last.body.detections.map((d) => d.box.join(','));")
+    assert len(boxes) == len(set(boxes))
 
 
 def test_errors_are_shown_on_the_page(browser, server, tmp_path):

@@ -8,7 +8,8 @@ import json
 import logging
 from pathlib import Path
 
-from ovd.models.runtime import SCORE_MODES
+from ovd.models.runtime import DEFAULT_SCORE_MODE, SCORE_MODES
+from ovd.models.tiling import DEFAULT_TILES, TILE_MODES
 
 from ..progress import progress
 from .options import launcher, launcher_parent, run_of, run_parent
@@ -100,6 +101,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     report = detect_files(detector, files, args.classes, threshold=args.threshold,
                           max_detections=args.max_detections, score_mode=args.score_mode,
                           nms_threshold=args.nms_threshold, class_agnostic=args.class_agnostic,
+                          tiles=args.tiles, tile_overlap=args.tile_overlap, max_tiles=args.max_tiles,
                           batch_size=args.batch_size, coco=args.coco, draw_dir=Path(args.draw) if args.draw else None,
                           progress=progress("detect", len(files)))
     text = json.dumps(report, indent=1)
@@ -221,13 +223,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="export folder or registered name (default: the shipped model)")
     p.add_argument("--threshold", type=float, default=0.3, help="lowest score kept, 0..1")
     p.add_argument("--max-detections", type=int, default=100, help="per image")
-    p.add_argument("--score-mode", choices=SCORE_MODES, default="softmax",
-                   help="softmax: over the names given and background (a name's score depends on the "
-                        "other names); per_name: each name against background alone")
+    p.add_argument("--score-mode", choices=SCORE_MODES, default=DEFAULT_SCORE_MODE,
+                   help="per_name: each name against background alone (scores do not depend on the other "
+                        "names); softmax: over the names given and background (the paper's)")
     p.add_argument("--nms-threshold", type=float, default=None, metavar="IOU",
                    help="drop the lower-scoring of two boxes overlapping more (default: the model's)")
     p.add_argument("--class-agnostic", action="store_true",
                    help="NMS across names: one label per object")
+    p.add_argument("--tiles", choices=TILE_MODES, default=DEFAULT_TILES,
+                   help="sliced inference for large images (overlapping windows at the model's input size, "
+                        "merged by NMS); auto: when the model's resize would shrink an image more than 2x")
+    p.add_argument("--tile-overlap", type=float, default=0.2, help="fraction of a window shared with its neighbour")
+    p.add_argument("--max-tiles", type=int, default=64,
+                   help="windows per image at most (a larger image gets larger windows)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
     p.add_argument("--out", default=None, metavar="JSON", help="results file (default: print to stdout)")
