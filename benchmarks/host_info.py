@@ -35,3 +35,18 @@ def host_line(info: dict | None = None) -> str:
     info = info or host_info()
     return (f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} "
             f"({info['torch_threads']} threads)")
+
+
+def run_stamp(script: str, argv: list[str] | None) -> dict:
+    """{"command", "host", "date"} of a benchmark run (argv None: the process's own)."""
+    import sys
+    import time
+
+    args = sys.argv[1:] if argv is None else argv
+    return {"command": " ".join([f"python benchmarks/{script}", *args]), "host": host_line(host_info()),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def stamp_lines(report: dict) -> list[str]:
+    """The Markdown lines naming a report's command, machine and date."""
+    return [f"Command: `{report['command']}`  ", f"Machine: {report['host']}  ", f"Date: {report['date']}", ""]

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from host_info import host_info, host_line
+from host_info import run_stamp, stamp_lines
 from PIL import Image
 from score_modes import load_model
 
@@ -100,13 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     world = Path(args.world) / "detection"
     coco = json.loads((world / "annotations" / "val.json").read_text())
     per_model = [measure(Path(m), coco, world / "val", args.images) for m in args.models]
-    report = {"command": " ".join(["python benchmarks/part_boxes.py", *(sys.argv[1:] if argv is None else argv)]),
-              "host": host_line(host_info()), "date": time.strftime("%Y-%m-%d"), "split": "val",
-              "threshold": THRESHOLD, "models": per_model}
+    report = {**run_stamp("part_boxes.py", argv), "split": "val", "threshold": THRESHOLD, "models": per_model}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "part_boxes.json").write_text(json.dumps(report, indent=1) + "\n")
-    lines = [f"# Part boxes (val, {args.images} images, score >= {THRESHOLD})", "",
-             f"Command: `{report['command']}`  ", f"Machine: {report['host']}  ", f"Date: {report['date']}", "",
+    lines = [f"# Part boxes (val, {args.images} images, score >= {THRESHOLD})", "", *stamp_lines(report),
              "| model | NMS | group | detections | true (IoU >= 0.5) | part boxes | other false | part share of false |",
              "|---|---|---|---|---|---|---|---|"]
     for m in per_model:

@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from host_info import host_info, host_line
+from host_info import run_stamp, stamp_lines
 from PIL import Image
 
 from ovd.models.runtime import ClassifyOptions, Preprocessing
@@ -179,7 +178,7 @@ def summarise(per_model: list[dict]) -> dict:
 def format_md(report: dict) -> str:
     s = report["summary"]
     lines = [f"# Score modes and NMS options (val, {report['images']} images, {len(report['models'])} models)", "",
-             f"Command: `{report['command']}`  ", f"Machine: {report['host']}  ", f"Date: {report['date']}", "",
+             *stamp_lines(report),
              "Generalized AP (mean [95% CI] over models; each model one paired unit; top 300 per image, no floor).",
              "`val`: the 20 val categories; `val+100`: the same plus 100 LVIS names nobody annotated.", "",
              "| vocabulary / options | AP50 novel | AP50 base | AP50 all | AP all |", "|---|---|---|---|---|"]
@@ -221,9 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             done.write_text(json.dumps(result))
         per_model.append(json.loads(done.read_text()))
         print(f"{folder}: {per_model[-1]['seconds']} s", flush=True)
-    report = {"command": " ".join(["python benchmarks/score_modes.py", *(sys.argv[1:] if argv is None else argv)]),
-              "host": host_line(host_info()),
-              "date": time.strftime("%Y-%m-%d"), "images": args.images, "split": "val",
+    report = {**run_stamp("score_modes.py", argv), "images": args.images, "split": "val",
               "option_sets": {k: asdict(v) for k, v in OPTION_SETS.items()}, "distractors": DISTRACTORS,
               "max_candidates": MAX_CANDIDATES,
               "models": per_model, "summary": summarise(per_model)}

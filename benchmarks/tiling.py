@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from host_info import host_info, host_line
+from host_info import run_stamp, stamp_lines
 from PIL import Image
 
 from ovd.models.api import Detector
@@ -146,13 +145,10 @@ def main(argv: list[str] | None = None) -> int:
                 "diff_mean": round(diff, 2), "diff_ci95": [round(ci[0], 2), round(ci[1], 2)], "verdict": verdict(diff, ci)}
         summary[k]["latency_ratio_on_off"] = round(statistics.mean(
             r["on"]["seconds_median"] / r["off"]["seconds_median"] for r in rows), 1)
-    report = {"command": " ".join(["python benchmarks/tiling.py", *(sys.argv[1:] if argv is None else argv)]),
-              "host": host_line(host_info()), "date": time.strftime("%Y-%m-%d"), "split": "val",
-              "models": per_model, "summary": summary}
+    report = {**run_stamp("tiling.py", argv), "split": "val", "models": per_model, "summary": summary}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "tiling.json").write_text(json.dumps(report, indent=1) + "\n")
-    lines = [f"# Sliced inference on large scenes (val mosaics, {len(per_model)} models)", "",
-             f"Command: `{report['command']}`  ", f"Machine: {report['host']}  ", f"Date: {report['date']}", "",
+    lines = [f"# Sliced inference on large scenes (val mosaics, {len(per_model)} models)", "", *stamp_lines(report),
              "Mean [95% CI] over models; latency: median seconds per mosaic (PyTorch, CPU).", "",
              "| mosaic | tiles | windows | AP50 all | AP50 novel | AP50 base | AP all | s / image |",
              "|---|---|---|---|---|---|---|---|"]

@@ -33,16 +33,22 @@ def browser():
         driver.quit()
 
 
-def test_upload_type_names_and_see_boxes(browser, server, tmp_path):
-    png = tmp_path / "scene.png"
-    png.write_bytes(image_bytes(96, 72, seed=11))
-    browser.get(server.url + "/")
+def _open_with(browser, url: str, png, names: str) -> WebDriverWait:
+    """Load the page, wait for the model info, choose the image and type the names."""
+    browser.get(url + "/")
     wait = WebDriverWait(browser, 30)
     wait.until(EC.text_to_be_present_in_element((By.ID, "model-info"), "ovd-test"))
     browser.find_element(By.ID, "image").send_keys(str(png))
-    names = browser.find_element(By.ID, "classes")
-    names.clear()
-    names.send_keys("red ring\nblue disk\nforklift")
+    box = browser.find_element(By.ID, "classes")
+    box.clear()
+    box.send_keys(names)
+    return wait
+
+
+def test_upload_type_names_and_see_boxes(browser, server, tmp_path):
+    png = tmp_path / "scene.png"
+    png.write_bytes(image_bytes(96, 72, seed=11))
+    wait = _open_with(browser, server.url, png, "red ring\nblue disk\nforklift")
     _set(browser, "score", "0.2")
     browser.find_element(By.ID, "submit").click()
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results tbody tr.detection"))
@@ -81,13 +87,7 @@ def test_options_slider_class_filter_and_download(browser, server, tmp_path):
     page (no new request); the answer can be downloaded."""
     png = tmp_path / "big.png"
     png.write_bytes(image_bytes(190, 150, seed=12))  # 2.3x the test model's 64 px: tiles=auto slices it
-    browser.get(server.url + "/")
-    wait = WebDriverWait(browser, 30)
-    wait.until(EC.text_to_be_present_in_element((By.ID, "model-info"), "ovd-test"))
-    browser.find_element(By.ID, "image").send_keys(str(png))
-    names = browser.find_element(By.ID, "classes")
-    names.clear()
-    names.send_keys("red ring\nblue disk")
+    wait = _open_with(browser, server.url, png, "red ring\nblue disk")
     _set(browser, "score-mode", "per_name")
     _set(browser, "nms", "0.4")
     browser.find_element(By.ID, "agnostic").click()
