@@ -131,7 +131,7 @@ class Detector:
                  threshold: float = 0.3, max_detections: int = 100, score_mode: str = DEFAULT_SCORE_MODE,
                  nms_threshold: float | None = None, class_agnostic: bool = False,
                  tiles: str = DEFAULT_TILES, tile_overlap: float = 0.2, max_tiles: int = 64,
-                 max_candidates: int | None = None, template: str | None = None,
+                 max_candidates: int | None = 100_000, template: str | None = None,
                  batch_size: int = 4) -> Detections | list[Detections]:
         """Detect `classes` in one image or a list of images.
 
@@ -152,7 +152,9 @@ class Detector:
             tile_overlap: fraction of a tile shared with its neighbour.
             max_tiles: at most this many tiles per image (larger images get larger tiles).
             max_candidates: at most this many (box, name) pairs, the best, go to NMS per image
-                or tile (bounds the time of a call with thousands of names and a low threshold).
+                or tile (bounds the time of a call with thousands of names and a low threshold;
+                per-name scores do not sum to one, so a threshold alone bounds nothing; None:
+                no bound).
             template: CLIP prompt template with one "{}" (default: the export's).
             batch_size: images encoded together (images of one padded size only).
 

@@ -65,7 +65,7 @@ def test_one_file_serves_vocabularies_of_any_size_like_pytorch(onnx_export):
     # keeps the candidate pairs few).
     big = random_vocabularies(exported.manifest["embed_dim"], (1000,), seed=2)
     reports = compare_with_torch(exported.model, detector, _images()[:1], big,
-                                 ClassifyOptions(score_threshold=0.0025))
+                                 ClassifyOptions(score_threshold=0.0025, score_mode="softmax"))
     assert check_reports(reports)["detections"] > 0
     # Different vocabularies give different answers, and classes index each one's rows.
     image = _images()[0].numpy()
