@@ -4,6 +4,7 @@ and served by the service with OVD_BACKEND=onnx."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import shutil
 import subprocess
@@ -87,7 +88,8 @@ def test_every_option_is_a_graph_input_equal_to_pytorch(onnx_export):
             "score_threshold", "max_detections", "nms_threshold", "class_agnostic", "score_mode",
             "max_candidates"]
     text = random_vocabularies(exported.manifest["embed_dim"], (16,), seed=3)
-    settings = [ClassifyOptions(score_threshold=0.05, max_detections=100_000, **o) for o in (
+    base = ClassifyOptions(score_threshold=0.05, max_detections=100_000, score_mode="softmax")
+    settings = [dataclasses.replace(base, **o) for o in (
         {}, {"score_mode": "per_name"}, {"nms_threshold": 0.2}, {"nms_threshold": 0.9},
         {"class_agnostic": True, "nms_threshold": 0.9}, {"max_candidates": 40}, {"score_mode": "per_name", "class_agnostic": True, "nms_threshold": 0.3})]
     answers = []
