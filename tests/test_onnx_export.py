@@ -217,7 +217,9 @@ def _torch_answer(exported, data: bytes, names: list[str]) -> list[dict]:
     with torch.inference_mode():
         # As the service builds T: the template's embeddings rounded to float16, renormalised.
         text = F.normalize(exported.text_embeddings(names).half().float(), dim=-1)
-        inst = exported.model([inputs], text=text)[0]["instances"]
+        model = exported.model  # with the service's default score mode
+        found = model.classify(model.encode([inputs]), text, score_mode=ClassifyOptions().score_mode)
+        inst = model.to_original_size(found, [inputs])[0]["instances"]
     return [{"box": b, "score": s, "class_index": c} for b, s, c in
             zip(inst.pred_boxes.tensor.tolist(), inst.scores.tolist(), inst.pred_classes.tolist(),
                 strict=True)]
