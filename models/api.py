@@ -6,6 +6,9 @@
     found = det("photo.jpg", ["red ring", "blue star"], threshold=0.3)
     found.to_json(); found.to_coco(image_id=1); found.draw(PIL.Image.open("photo.jpg"))
 
+    # query by example: "things like the object in this box" (models/examples.py)
+    found = det("photo.jpg", examples=[ovd.Example([40, 60, 90, 110], "part")])
+
 Images may be paths, PIL images or (H, W, 3) uint8 RGB arrays, or a list of them (then a
 list of `Detections` comes back). Files and PIL images are turned upright by their EXIF
 orientation, as the service does, so boxes match the image a viewer shows.
@@ -17,12 +20,14 @@ import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from .detections import Detections
+from .examples import as_numpy, example_inputs, example_rows, prototypes, weak_example_warnings
 from .model_card import model_card, warnings_for
 from .registry import REGISTERED
 from .runtime import DEFAULT_SCORE_MODE, ClassifyOptions, Runtime, batches, load_runtime
@@ -32,6 +37,25 @@ ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 class UnknownWordWarning(UserWarning):
     """A class name has words the model's text encoder never read."""
+
+
+class WeakExampleWarning(UserWarning):
+    """An example box that no region of the detector matches well (IoU < 0.5)."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """An example box: look for objects like the one inside `box`.
+
+    Attributes:
+        box: [x1, y1, x2, y2] pixels of `image` (its upright orientation).
+        label: the name its detections get; examples sharing a label are averaged.
+        image: a path, PIL image or array; None: the image being searched (one image only).
+    """
+
+    box: Sequence[float]
+    label: str = "example"
+    image: ImageLike | None = None
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
@@ -90,6 +114,7 @@ class Detector:
         self.runtime = runtime
         self._text: OrderedDict[tuple, object] = OrderedDict()  # torch tensors or numpy arrays
         self._text_cache = text_cache
+        self._text_mean: np.ndarray | None = None
 
     @classmethod
     def load(cls, model: str | os.PathLike = "default", *, backend: str = "torch", device: str = "cpu",
@@ -127,8 +152,48 @@ class Detector:
         self._text.move_to_end(key)
         return self._text[key]
 
-    def __call__(self, images: ImageLike | Sequence[ImageLike], classes: Sequence[str], *,
-                 threshold: float = 0.3, max_detections: int = 100, score_mode: str = DEFAULT_SCORE_MODE,
+    @property
+    def text_mean(self) -> np.ndarray:
+        """(D,) normalised mean text embedding of the model's categories: where text rows sit
+        (the target of an example row's modality-gap shift, models/examples.py)."""
+        if self._text_mean is None:
+            names = [c["name"] for c in self.manifest.get("categories", [])] or ["object"]
+            mean = as_numpy(self.runtime.text_embeddings(names)).mean(axis=0)
+            self._text_mean = (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+        return self._text_mean
+
+    def example_rows(self, examples: Sequence[Example], default_image: np.ndarray | None = None
+                     ) -> tuple[list[str], np.ndarray]:
+        """(labels, (L, D) query rows) of example boxes, one row per distinct label.
+
+        Args:
+            examples: the boxes; an Example without an image uses `default_image`.
+            default_image: (H, W, 3) uint8 RGB of the image being searched, or None.
+        """
+        rows: list = [None] * len(examples)
+        by_image: dict[int, list[int]] = {}
+        images: dict[int, np.ndarray] = {}
+        for k, ex in enumerate(examples):
+            if ex.image is None and default_image is None:
+                raise ValueError("an Example without an image needs exactly one image to search: give "
+                                 "Example(box, label, image=...) when searching several images")
+            key = id(ex.image) if ex.image is not None else -1
+            if key not in images:
+                images[key] = read_image(ex.image) if ex.image is not None else default_image
+            by_image.setdefault(key, []).append(k)
+        for key, members in by_image.items():
+            parts = example_inputs(images[key], [examples[k].box for k in members], self.runtime.preprocessing)
+            regions = self.runtime.encode([x for x, _, _ in parts])
+            for (x, which, boxes), region in zip(parts, regions, strict=True):
+                for k, r in zip(which, example_rows(region, x, boxes, self.text_mean), strict=True):
+                    rows[members[k]] = r
+        labels = [str(ex.label).strip() for ex in examples]
+        for w in weak_example_warnings(labels, rows):
+            warnings.warn(w["message"], WeakExampleWarning, stacklevel=3)
+        return prototypes(labels, rows)
+
+    def __call__(self, images: ImageLike | Sequence[ImageLike], classes: Sequence[str] = (), *,
+                 examples: Sequence[Example] = (), threshold: float = 0.3, max_detections: int = 100, score_mode: str = DEFAULT_SCORE_MODE,
                  nms_threshold: float | None = None, class_agnostic: bool = False,
                  tiles: str = DEFAULT_TILES, tile_overlap: float = 0.2, max_tiles: int = 64,
                  max_candidates: int | None = 100_000, template: str | None = None,
@@ -138,6 +203,8 @@ class Detector:
         Args:
             images: a path, PIL image or (H, W, 3) uint8 RGB array, or a list of them.
             classes: class names in plain words, e.g. ["red ring", "forklift"].
+            examples: example boxes (`Example`), searched for beside or instead of names; each
+                distinct label becomes one more class after the names.
             threshold: the lowest score kept, in [0, 1].
             max_detections: the most detections kept per image.
             score_mode: "per_name" (each name against background alone: the same box scores
@@ -162,10 +229,15 @@ class Detector:
             `Detections` for a single image, a list of them (input order) for a list.
         """
         classes = [str(c).strip() for c in classes]
-        if not classes or any(not c for c in classes):
-            raise ValueError("give at least one class name, none of them empty")
+        if not classes and not examples:
+            raise ValueError("give at least one class name or example box")
+        if any(not c for c in classes) or any(not str(ex.label).strip() for ex in examples):
+            raise ValueError("class names and example labels must not be empty")
         if len(set(classes)) != len(classes):
             raise ValueError(f"class names repeat: {classes}")
+        clash = sorted(set(classes) & {str(ex.label).strip() for ex in examples})
+        if clash:
+            raise ValueError(f"example labels {clash} are also class names: give the examples labels of their own")
         for w in self.warnings(classes):
             warnings.warn(w["message"], UnknownWordWarning, stacklevel=2)
         options = ClassifyOptions(score_threshold=threshold, max_detections=max_detections,
@@ -173,9 +245,13 @@ class Detector:
                                   class_agnostic=class_agnostic, max_candidates=max_candidates)
         single = not isinstance(images, list | tuple)
         batch = [images] if single else list(images)
-        text = self.text_embeddings(classes, template)
         prep = self.runtime.preprocessing
         rgbs = [read_image(x) for x in batch]
+        text = self.text_embeddings(classes, template) if classes else None
+        if examples:
+            labels, rows = self.example_rows(examples, rgbs[0] if len(rgbs) == 1 else None)
+            text = rows if text is None else np.concatenate([as_numpy(text), rows])
+            classes = classes + labels
         plans = [plan_tiles(*rgb.shape[:2], prep, tiles, overlap=tile_overlap, max_tiles=max_tiles)
                  for rgb in rgbs]
         inputs = [prep(rgb[y0:y1, x0:x1]) for rgb, plan in zip(rgbs, plans, strict=True)

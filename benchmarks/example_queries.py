@@ -1,0 +1,230 @@
+"""Query by example on val (`python benchmarks/example_queries.py`): one example box vs the name.
+
+For every model the EZSD ablation trained (benchmarks/ezsd_variants.py; each `<row>/seed<k>`
+folder one paired unit), the val images are encoded once and classified against the 20 val
+categories, with each **novel** category's row taken from:
+
+- `name`: its name's text embedding (the baseline);
+- `example`: one example box, the detector's own region embedding of the proposal overlapping
+  it most, shifted by the modality gap (models/examples.py: what the API and service do);
+- `example_raw`: the same embedding without the shift;
+- `clip_crop`: the model's CLIP image tower on EZSD's crop of the box (the alternative the issue
+  proposed: an image tower in the export), and `clip_crop_shifted`: the same, shifted by CLIP's
+  own gap (mean CLIP embedding of the crops of the example image's first 64 proposals).
+
+Base categories keep their names in every variant, so the generalized AP (`ovd eval`'s: top
+300 per image, no floor, pycocotools) also shows whether example rows crowd out the others.
+Examples are drawn (seeded, `--draws` per model, the same boxes for every variant) from val
+objects of >= 16x16 px on images *outside* the evaluated ones. Calibration: the fraction of
+(region, novel row) pairs whose per-name score is >= 0.3 (for names it is ~1%).
+
+Results: benchmarks/results/example_queries.{json,md}, with the machine and the command.
+A choice (which embedding, whether to shift), so val only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from host_info import run_stamp, stamp_lines
+from PIL import Image
+from score_modes import load_model
+
+from ovd.models.examples import as_numpy, example_rows
+from ovd.models.runtime import Preprocessing
+from ovd.training.evaluate import EVAL_MAX_DETECTIONS, group_ap, tier_groups
+from ovd.training.protocol import flat_metrics, mean_ci, verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+VARIANTS = ("name", "example", "example_raw", "clip_crop", "clip_crop_shifted")
+MIN_EXAMPLE_SIDE = 16
+CLIP_GAP_PROPOSALS = 64
+CALIBRATION_SCORE = 0.3
+MAX_CANDIDATES = 5000
+HEADLINE = ("ap50_novel", "ap50_novel_comp", "ap50_novel_shape", "ap50_novel_both", "ap50_base", "ap50_all")
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(v, dim=-1)
+
+
+def draw_examples(coco: dict, novel_ids: list[int], exclude: set[int], draws: int, seed: int) -> list[dict]:
+    """Per draw {category_id: annotation}: one val object of each novel class, >= 16 px a side,
+    from an image not evaluated."""
+    pool: dict[int, list[dict]] = {}
+    for a in coco["annotations"]:
+        if a["image_id"] not in exclude and min(a["bbox"][2:]) >= MIN_EXAMPLE_SIDE and a["category_id"] in novel_ids:
+            pool.setdefault(a["category_id"], []).append(a)
+    rng = random.Random(seed)
+    return [{c: rng.choice(pool[c]) for c in novel_ids} for _ in range(draws)]
+
+
+def measure_model(folder: Path, coco: dict, image_root: Path, gt_json: Path, n_images: int, draws: int) -> dict:
+    model, clip, cfg = load_model(folder)
+    predictor = model.roi_heads.box_predictor
+    prep = Preprocessing(cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    cats = coco["categories"]
+    names = [c["name"] for c in cats]
+    novel = [k for k, c in enumerate(cats) if c.get("tier", "base") != "base"]
+    images = coco["images"][:n_images]
+    evaluated = {i["id"] for i in images}
+    by_id = {i["id"]: i for i in coco["images"]}
+    examples = draw_examples(coco, [cats[k]["id"] for k in novel], evaluated, draws, seed=0)
+
+    def load(info: dict) -> np.ndarray:
+        return np.asarray(Image.open(image_root / info["file_name"]).convert("RGB"))
+
+    def encode(rgb: np.ndarray) -> tuple[dict, list, list]:
+        x = prep(rgb)
+        inputs = [{**x, "image": torch.as_tensor(x["image"])}]
+        return x, inputs, model.encode(inputs)
+
+    with torch.inference_mode():
+        text = clip.text_embeddings(names, cfg.MODEL.OVD.PROMPT_TEMPLATE)
+        text_mean = as_numpy(_unit(text.mean(0)))
+        queries: dict[str, list[torch.Tensor]] = {"name": [text]}
+        for draw in examples:
+            rows = {v: text.clone() for v in VARIANTS[1:]}
+            for k in novel:
+                a = draw[cats[k]["id"]]
+                x0, y0, w, h = a["bbox"]
+                box = [x0, y0, x0 + w, y0 + h]
+                rgb = load(by_id[a["image_id"]])
+                x, _, regions = encode(rgb)
+                for variant, calibrate in (("example", True), ("example_raw", False)):
+                    (r,) = example_rows(regions[0], x, [box], text_mean, calibrate=calibrate)
+                    rows[variant][k] = torch.as_tensor(r.row)
+                image = torch.as_tensor(rgb).permute(2, 0, 1)
+                crop = clip.encode_images(clip.crop_boxes(image, torch.tensor([box], dtype=torch.float32)))[0]
+                rows["clip_crop"][k] = crop
+                scale = rgb.shape[0] / x["image"].shape[1]
+                context = clip.encode_images(clip.crop_boxes(
+                    image, regions[0].proposals[:CLIP_GAP_PROPOSALS].float() * scale))
+                rows["clip_crop_shifted"][k] = _unit(crop - _unit(context.mean(0)) + text.new_tensor(text_mean))
+            for v in VARIANTS[1:]:
+                queries.setdefault(v, []).append(rows[v])
+        results = {v: [[] for _ in qs] for v, qs in queries.items()}
+        above = {v: [] for v in queries}
+        t0 = time.perf_counter()
+        for info in images:
+            x, inputs, regions = encode(load(info))
+            for v, qs in queries.items():
+                for d, q in enumerate(qs):
+                    found = model.to_original_size(predictor.classify(
+                        regions, q, score_thresh=0.0, max_detections=EVAL_MAX_DETECTIONS, score_mode="per_name",
+                        max_candidates=MAX_CANDIDATES), inputs)[0]["instances"]
+                    for box, score, c in zip(found.pred_boxes.tensor.tolist(), found.scores.tolist(),
+                                             found.pred_classes.tolist(), strict=True):
+                        x1, y1, x2, y2 = box
+                        results[v][d].append({"image_id": info["id"], "category_id": cats[c]["id"],
+                                              "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+                    logits = predictor.classifier(regions[0].embeddings, q[novel])
+                    above[v].append(float((torch.sigmoid(logits[:, :-1] - logits[:, -1:]) >= CALIBRATION_SCORE)
+                                          .float().mean()))
+        seconds = time.perf_counter() - t0
+    groups = {"all": [c["id"] for c in cats], "novel": [cats[k]["id"] for k in novel],
+              "base": [c["id"] for k, c in enumerate(cats) if k not in novel], **tier_groups(gt_json)}
+    subset = {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in evaluated]}
+    sub_json = RESULTS / ".example_queries_gt.json"
+    sub_json.write_text(json.dumps(subset))
+    try:
+        ap = {v: [flat_metrics(group_ap(sub_json, dets, groups)) for dets in per_draw] for v, per_draw in results.items()}
+    finally:
+        sub_json.unlink()
+    # A model's figure is the mean over its draws (the draws share the model's randomness).
+    mean_ap = {v: {m: float(np.mean([d[m] for d in per])) for m in per[0]} for v, per in ap.items()}
+    return {"model": f"{folder.parent.name}/{folder.name}", "images": n_images, "draws": draws,
+            "seconds": round(seconds, 1), "ap_per_draw": ap, "ap": mean_ap,
+            "pairs_above": {v: float(np.mean(a)) for v, a in above.items()},
+            "examples": [{str(c): a["id"] for c, a in d.items()} for d in examples]}
+
+
+def summarise(per_model: list[dict]) -> dict:
+    def ci(values) -> list[float]:
+        mean, (lo, hi) = mean_ci(values)
+        return [round(mean, 2), round(lo, 2), round(hi, 2)]
+
+    rows = {v: {m: ci(p["ap"][v][m] for p in per_model) for m in HEADLINE} for v in VARIANTS}
+    for v in VARIANTS:
+        rows[v]["pairs_above"] = ci(100 * p["pairs_above"][v] for p in per_model)
+    contrasts = {}
+    for a, b in (("name", "example"), ("example_raw", "example"), ("clip_crop", "example"),
+                 ("clip_crop_shifted", "example"), ("name", "clip_crop")):
+        contrasts[f"{b} - {a}"] = {}
+        for m in HEADLINE:
+            diff, (lo, hi) = mean_ci(p["ap"][b][m] - p["ap"][a][m] for p in per_model)
+            contrasts[f"{b} - {a}"][m] = {"diff_mean": round(diff, 2), "diff_ci95": [round(lo, 2), round(hi, 2)],
+                                          "verdict": verdict(diff, (lo, hi))}
+    return {"rows": rows, "contrasts": contrasts}
+
+
+def format_md(report: dict) -> str:
+    s = report["summary"]
+    lines = [f"# Query by example (val, {report['images']} images, {len(report['models'])} models x "
+             f"{report['draws']} example draws)", "", *stamp_lines(report),
+             "Each novel category queried by one example box instead of its name (base categories keep their "
+             "names); generalized AP50 over the 20 val categories, mean [95% CI] over models (each model one "
+             "paired unit, its draws averaged). `pairs >= 0.3`: % of (region, novel row) pairs whose per-name "
+             "score is >= 0.3 (calibration: a name's is ~1%).", "",
+             "| novel rows from | AP50 novel | N-comp | N-shape | N-both | AP50 base | AP50 all | pairs >= 0.3 (%) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for v, r in s["rows"].items():
+        cells = [f"{r[m][0]:.1f} [{r[m][1]:.1f}, {r[m][2]:.1f}]" for m in (*HEADLINE, "pairs_above")]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    lines += ["", "Contrasts (paired over models; a claim only where the CI excludes 0):", ""]
+    for name, c in s["contrasts"].items():
+        lines.append(f"- {name}: " + "; ".join(f"{m} {v['verdict']}" for m, v in c.items()))
+    lines += ["", "Per model (AP50 novel, mean over draws):", "", "| model | " + " | ".join(VARIANTS) + " |",
+              "|---|" + "---|" * len(VARIANTS)]
+    for p in report["models"]:
+        lines.append(f"| {p['model']} | " + " | ".join(f"{p['ap'][v]['ap50_novel']:.1f}" for v in VARIANTS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="runs/bench/ezsd/models_100x200",
+                   help="folder of <row>/seed<k> trained models (benchmarks/ezsd_variants.py)")
+    p.add_argument("--rows", nargs="+", default=["base_only", "gt_raw_lambda0.03", "gt_renorm_lambda0.03"],
+                   help="rows of the ablation whose models are measured")
+    p.add_argument("--world", default="runs/synthetic/world", help="world v2 folder (ovd data synth)")
+    p.add_argument("--images", type=int, default=200, help="first N val images are evaluated")
+    p.add_argument("--draws", type=int, default=3, help="example draws per model")
+    p.add_argument("--work", default="runs/bench/example_queries", help="finished models' results (resumable)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    world = Path(args.world) / "detection"
+    gt_json = world / "annotations" / "val.json"
+    coco = json.loads(gt_json.read_text())
+    folders = sorted(f for f in Path(args.models).glob("*/seed*")
+                     if (f / "model_final.pth").is_file() and f.parent.name in args.rows)
+    if not folders:
+        raise SystemExit(f"no trained model of rows {args.rows} under {args.models} "
+                         "(run benchmarks/ezsd_variants.py first)")
+    per_model = []
+    for folder in folders:  # each model's result is kept, so an interrupted run resumes
+        done = Path(args.work) / f"{folder.parent.name}_{folder.name}_{args.images}x{args.draws}.json"
+        if not done.is_file():
+            result = measure_model(folder, coco, world / "val", gt_json, args.images, args.draws)
+            done.parent.mkdir(parents=True, exist_ok=True)
+            done.write_text(json.dumps(result))
+        per_model.append(json.loads(done.read_text()))
+        print(f"{folder}: {per_model[-1]['seconds']} s", flush=True)
+    report = {**run_stamp("example_queries.py", argv), "images": args.images, "draws": args.draws, "split": "val",
+              "models": per_model, "summary": summarise(per_model)}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "example_queries.json").write_text(json.dumps(report, indent=1) + "\n")
+    (RESULTS / "example_queries.md").write_text(format_md(report))
+    print(format_md(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
