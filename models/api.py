@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .detections import Detections
-from .examples import as_numpy, example_inputs, example_rows, prototypes, weak_example_warnings
+from .examples import as_numpy, category_text_mean, example_inputs, example_rows, prototypes, weak_example_warnings
 from .model_card import model_card, warnings_for
 from .registry import REGISTERED
 from .runtime import DEFAULT_SCORE_MODE, ClassifyOptions, Runtime, batches, load_runtime
@@ -56,6 +56,19 @@ class Example:
     box: Sequence[float]
     label: str = "example"
     image: ImageLike | None = None
+
+
+@dataclass(frozen=True)
+class ExampleQueries:
+    """Example boxes embedded once (`Detector.embed_examples`), to search many images with.
+
+    Attributes:
+        labels: the distinct labels, one class each.
+        rows: (L, D) float32 normalised query rows, one per label.
+    """
+
+    labels: tuple[str, ...]
+    rows: np.ndarray
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
@@ -157,14 +170,12 @@ class Detector:
         """(D,) normalised mean text embedding of the model's categories: where text rows sit
         (the target of an example row's modality-gap shift, models/examples.py)."""
         if self._text_mean is None:
-            names = [c["name"] for c in self.manifest.get("categories", [])] or ["object"]
-            mean = as_numpy(self.runtime.text_embeddings(names)).mean(axis=0)
-            self._text_mean = (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+            self._text_mean = category_text_mean(self.runtime)
         return self._text_mean
 
-    def example_rows(self, examples: Sequence[Example], default_image: np.ndarray | None = None
-                     ) -> tuple[list[str], np.ndarray]:
-        """(labels, (L, D) query rows) of example boxes, one row per distinct label.
+    def embed_examples(self, examples: Sequence[Example], default_image: np.ndarray | None = None
+                       ) -> ExampleQueries:
+        """The query rows of example boxes, one per distinct label (models/examples.py).
 
         Args:
             examples: the boxes; an Example without an image uses `default_image`.
@@ -190,10 +201,11 @@ class Detector:
         labels = [str(ex.label).strip() for ex in examples]
         for w in weak_example_warnings(labels, rows):
             warnings.warn(w["message"], WeakExampleWarning, stacklevel=3)
-        return prototypes(labels, rows)
+        distinct, matrix = prototypes(labels, rows)
+        return ExampleQueries(tuple(distinct), matrix)
 
     def __call__(self, images: ImageLike | Sequence[ImageLike], classes: Sequence[str] = (), *,
-                 examples: Sequence[Example] = (), threshold: float = 0.3, max_detections: int = 100, score_mode: str = DEFAULT_SCORE_MODE,
+                 examples: Sequence[Example] | ExampleQueries = (), threshold: float = 0.3, max_detections: int = 100, score_mode: str = DEFAULT_SCORE_MODE,
                  nms_threshold: float | None = None, class_agnostic: bool = False,
                  tiles: str = DEFAULT_TILES, tile_overlap: float = 0.2, max_tiles: int = 64,
                  max_candidates: int | None = 100_000, template: str | None = None,
@@ -204,7 +216,8 @@ class Detector:
             images: a path, PIL image or (H, W, 3) uint8 RGB array, or a list of them.
             classes: class names in plain words, e.g. ["red ring", "forklift"].
             examples: example boxes (`Example`), searched for beside or instead of names; each
-                distinct label becomes one more class after the names.
+                distinct label becomes one more class after the names. To search many images
+                for the same examples, embed them once with `embed_examples` and pass that.
             threshold: the lowest score kept, in [0, 1].
             max_detections: the most detections kept per image.
             score_mode: "per_name" (each name against background alone: the same box scores
@@ -231,11 +244,12 @@ class Detector:
         classes = [str(c).strip() for c in classes]
         if not classes and not examples:
             raise ValueError("give at least one class name or example box")
-        if any(not c for c in classes) or any(not str(ex.label).strip() for ex in examples):
+        labels = examples.labels if isinstance(examples, ExampleQueries) else [str(e.label).strip() for e in examples]
+        if any(not c for c in classes) or any(not label for label in labels):
             raise ValueError("class names and example labels must not be empty")
         if len(set(classes)) != len(classes):
             raise ValueError(f"class names repeat: {classes}")
-        clash = sorted(set(classes) & {str(ex.label).strip() for ex in examples})
+        clash = sorted(set(classes) & set(labels))
         if clash:
             raise ValueError(f"example labels {clash} are also class names: give the examples labels of their own")
         for w in self.warnings(classes):
@@ -249,9 +263,10 @@ class Detector:
         rgbs = [read_image(x) for x in batch]
         text = self.text_embeddings(classes, template) if classes else None
         if examples:
-            labels, rows = self.example_rows(examples, rgbs[0] if len(rgbs) == 1 else None)
-            text = rows if text is None else np.concatenate([as_numpy(text), rows])
-            classes = classes + labels
+            queries = examples if isinstance(examples, ExampleQueries) else \
+                self.embed_examples(examples, rgbs[0] if len(rgbs) == 1 else None)
+            text = queries.rows if text is None else np.concatenate([as_numpy(text), queries.rows])
+            classes = classes + list(queries.labels)
         plans = [plan_tiles(*rgb.shape[:2], prep, tiles, overlap=tile_overlap, max_tiles=max_tiles)
                  for rgb in rgbs]
         inputs = [prep(rgb[y0:y1, x0:x1]) for rgb, plan in zip(rgbs, plans, strict=True)

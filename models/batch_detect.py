@@ -62,7 +62,8 @@ def detect_files(detector: Detector, files: Sequence[Path], classes: Sequence[st
         coco: COCO-style output instead of per-image JSON.
         draw_dir: where to write each image with its boxes drawn (PNG, same stem), if given.
         progress: called with the number of images finished after each batch.
-        **options: `Detector.__call__`'s (threshold, max_detections, score_mode, ...).
+        **options: `Detector.__call__`'s (threshold, max_detections, score_mode, examples, ...);
+            each example label is one more category after the class names.
 
     Returns:
         {"model", "classes", "options", "images": [{"file", "width", "height", "detections":
@@ -74,6 +75,9 @@ def detect_files(detector: Detector, files: Sequence[Path], classes: Sequence[st
     """
     if draw_dir is not None:
         draw_dir.mkdir(parents=True, exist_ok=True)
+    examples = options.pop("examples", ())
+    queries = detector.embed_examples(examples) if examples else None  # once, not once per batch
+    names = [*classes, *(queries.labels if queries else ())]
     images, annotations, failed = [], [], []
     for start in range(0, len(files), batch_size):
         chunk, ids, pixels = [], [], []
@@ -87,7 +91,7 @@ def detect_files(detector: Detector, files: Sequence[Path], classes: Sequence[st
                 failed.append({"file": str(f), "error": str(e)})
         if not chunk:
             continue
-        found = detector(pixels, classes, batch_size=batch_size, **options)
+        found = detector(pixels, classes, batch_size=batch_size, examples=queries or (), **options)
         for image_id, f, rgb, d in zip(ids, chunk, pixels, found, strict=True):
             height, width = d.image_size
             if coco:
@@ -106,12 +110,15 @@ def detect_files(detector: Detector, files: Sequence[Path], classes: Sequence[st
                          f"{failed[0]['error']}")
     manifest = detector.manifest
     model = {"name": manifest.get("name"), "version": manifest.get("version")}
+    if examples:
+        options["examples"] = [{"image": str(e.image), "box": [float(v) for v in e.box], "label": e.label}
+                               for e in examples]
     if coco:
         return {"info": {"description": "ovd detect", "model": model, "options": options, "skipped": failed},
                 "images": images,
-                "categories": [{"id": i + 1, "name": c} for i, c in enumerate(classes)],
+                "categories": [{"id": i + 1, "name": c} for i, c in enumerate(names)],
                 "annotations": annotations}
-    return {"model": model, "classes": list(classes), "options": options, "warnings": detector.warnings(classes),
+    return {"model": model, "classes": names, "options": options, "warnings": detector.warnings(classes),
             "images": images, "skipped": failed}
 
 

@@ -55,6 +55,13 @@ class ExampleRow:
     box: tuple[float, float, float, float]
 
 
+def category_text_mean(runtime) -> np.ndarray:
+    """(D,) normalised mean text embedding of a runtime's categories (its manifest's; "object"
+    when it lists none): where text rows sit, the target of an example row's shift."""
+    names = [c["name"] for c in runtime.manifest.get("categories", [])] or ["object"]
+    return _normalise(as_numpy(runtime.text_embeddings(names)).mean(axis=0)).astype(np.float32)
+
+
 def as_numpy(x) -> np.ndarray:
     """float32 numpy of a torch tensor or array."""
     if hasattr(x, "detach"):

@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Detector": "ovd.models.api",
     "Example": "ovd.models.api",
+    "ExampleQueries": "ovd.models.api",
     "Detections": "ovd.models.detections",
     "Preprocessing": "ovd.models.runtime",
     "Runtime": "ovd.models.runtime",

@@ -49,13 +49,15 @@ class Job:
 
     Attributes:
         inputs: the runtime's preprocessed input {"image": (3, h, w) uint8, "height": H, "width": W}.
-        text: (C, D) normalised text embeddings; class indices index its rows.
+        text: (C, D) normalised text embeddings; class indices index its rows. None: encode
+            only, the result carries the image's regions (the example images of a query by
+            example, models/examples.py).
         classes: the C names of those rows.
         options: score threshold, max detections, score mode and NMS of the request.
     """
 
     inputs: dict
-    text: np.ndarray  # (C, D) float32 normalised embeddings
+    text: np.ndarray | None  # (C, D) float32 normalised embeddings
     classes: tuple[str, ...]
     options: ClassifyOptions = field(default_factory=ClassifyOptions)
     future: asyncio.Future | None = field(default=None, repr=False)
@@ -67,16 +69,19 @@ class JobResult:
     """Detections of one job and where its time went (seconds).
 
     Attributes:
-        detections: boxes in pixels of the original image, class indices into the job's text.
+        detections: boxes in pixels of the original image, class indices into the job's text
+            (None for an encode-only job).
         queue_s: waiting for a batch. model_s: the batch's encode call (shared).
         classify_s: this job's classification. batch_size: images in its encode call.
+        regions: the image's encoded regions, for an encode-only job.
     """
 
-    detections: Detections
+    detections: Detections | None
     queue_s: float
     model_s: float
     classify_s: float
     batch_size: int
+    regions: object = None
 
 
 class Batcher:
@@ -208,6 +213,10 @@ class Batcher:
                     if job.future.done():
                         self._on_abandon("classify", 1)
                         outcomes[i] = RuntimeError("abandoned")
+                        continue
+                    if job.text is None:
+                        outcomes[i] = JobResult(None, queue_s=started - job.enqueued, model_s=model_s,
+                                                classify_s=0.0, batch_size=len(jobs), regions=region)
                         continue
                     t1 = time.monotonic()
                     options = replace(job.options, max_candidates=self.max_candidates)

@@ -12,13 +12,16 @@ import asyncio
 import json
 import time
 
+import numpy as np
+
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
+from ovd.models.examples import example_inputs, example_rows, prototypes, weak_example_warnings
 from ovd.models.model_card import warnings_for
-from ovd.models.tiling import TilePlan, merge_tiles, plan_tiles
+from ovd.models.tiling import AUTO_SHRINK, TilePlan, merge_tiles, plan_tiles
 
 from . import schemas
 from .batcher import Job, Overloaded
@@ -29,7 +32,7 @@ from .metrics import Metrics
 from .schemas import ERROR_RESPONSES
 from .serving import ServedModel
 from .settings import Settings
-from .vocabulary import check_templates, normalise_names, split_form_names
+from .vocabulary import check_text, check_templates, normalise_names, split_form_names
 
 router = APIRouter()
 
@@ -52,6 +55,9 @@ def _detect_body(model: type, multipart_file: str, *, batch: bool) -> dict:
             "classes": {"type": "array", "items": {"type": "string"},
                         "description": "repeat the field, or separate names by commas/newlines"},
             "template": {"type": "array", "items": {"type": "string"}},
+            "examples": {"type": "string", "description": "example boxes as a JSON list of "
+                         "{\"box\": [x1, y1, x2, y2], \"label\": ..., \"image\": index or null}"},
+            "example_images": {"type": "array", "items": file_schema},
             **{k: _FORM_OPTIONS[k] for k in FORM_SCALARS},
         },
     }
@@ -96,21 +102,37 @@ async def _detect(request: Request, model: ServedModel, settings: Settings, metr
     start = time.perf_counter()
     stage = "parse"
     try:
-        data, opts = await _parse_detect(request, settings, batch=batch)
+        data, example_data, opts = await _parse_detect(request, settings, batch=batch)
         names, templates = await _resolve_vocabulary(model, opts, settings)
+        labels, example_blobs = _check_examples(opts, names, data, example_data, settings, batch=batch)
         sizes = [_image_size(blob, i, len(data), model, settings.max_image_pixels) for i, blob in enumerate(data)]
-        max_tiles = _tile_budget(sizes, opts.tiles, model, settings)
+        example_sizes = [_image_size(blob, i, len(example_blobs), model, settings.max_image_pixels)
+                         for i, blob in enumerate(example_blobs)]
+        example_passes = sum(_example_passes(size, len(boxes), model) for size, (_, boxes) in
+                             zip(example_sizes, _examples_by_image(opts), strict=True))
+        max_tiles = _tile_budget(sizes, opts.tiles, model, settings, extra_passes=example_passes)
         stage = "decode"
-        with model.admission.pixels.hold(sum(w * h for w, h in sizes)):
+        with model.admission.pixels.hold(sum(w * h for w, h in sizes + example_sizes)):
             decoded = await _decode_all(data, opts.tiles, max_tiles, model, settings, metrics)
+            example_parts = await asyncio.gather(*(
+                model.decoder.run(_decode_example, blob, boxes, model, settings)
+                for blob, (_, boxes) in zip(example_blobs, _examples_by_image(opts), strict=True)))
         stage = "text"
         t_text = time.perf_counter()
-        looked_up = await model.text.lookup(model.text.pairs(names, templates))
-        with model.admission.prompts.hold(looked_up.new_prompts):
-            vectors = await model.text.complete(
-                looked_up, on_abandon=lambda n: metrics.abandoned_jobs.labels("text").inc(n))
-        text = model.text.ensemble(vectors, len(names), len(templates))
+        text = np.zeros((0, model.text.dim), np.float32)
+        if names:
+            looked_up = await model.text.lookup(model.text.pairs(names, templates))
+            with model.admission.prompts.hold(looked_up.new_prompts):
+                vectors = await model.text.complete(
+                    looked_up, on_abandon=lambda n: metrics.abandoned_jobs.labels("text").inc(n))
+            text = model.text.ensemble(vectors, len(names), len(templates))
         text_s = time.perf_counter() - t_text
+        example_warnings: list[dict] = []
+        if example_parts:
+            stage = "examples"
+            rows, example_warnings = await _example_rows(model, opts, labels, example_parts)
+            text = np.concatenate([text, rows])
+            names = names + list(dict.fromkeys(labels))
         stage = "model"
         try:
             options = opts.classify_options()
@@ -124,7 +146,7 @@ async def _detect(request: Request, model: ServedModel, settings: Settings, metr
         raise
     total_ms = 1000 * (time.perf_counter() - start)
     manifest = model.manifest
-    warnings = warnings_for(manifest, names)
+    warnings = warnings_for(manifest, names[:len(names) - len(set(labels))]) + example_warnings
     out = []
     first = 0
     for plan, windows, decode_s in decoded:
@@ -154,8 +176,9 @@ def _validation_error(e: ValidationError) -> ApiError:
 
 
 async def _parse_detect(request: Request, settings: Settings, *,
-                        batch: bool) -> tuple[list[bytes], schemas.DetectOptions]:
-    """Image bytes and options from a JSON body (base64) or a multipart form (files)."""
+                        batch: bool) -> tuple[list[bytes], list[bytes], schemas.DetectOptions]:
+    """Image bytes, example image bytes and options from a JSON body (base64) or a multipart
+    form (files)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
         try:
@@ -169,14 +192,16 @@ async def _parse_detect(request: Request, settings: Settings, *,
         except ValidationError as e:
             raise _validation_error(e) from e
         encoded = req.images if batch else [req.image]
-        if len(encoded) > settings.max_images_per_request:
-            raise ApiError(422, "too_many_images",
-                           f"{len(encoded)} images; the limit is {settings.max_images_per_request}")
-        return [decode_base64(s) for s in encoded], schemas.DetectOptions.model_validate(
-            req.model_dump(exclude={"image", "images"}))
+        examples = req.example_images or []
+        for what, items in (("images", encoded), ("example images", examples)):
+            if len(items) > settings.max_images_per_request:
+                raise ApiError(422, "too_many_images",
+                               f"{len(items)} {what}; the limit is {settings.max_images_per_request}")
+        return [decode_base64(s) for s in encoded], [decode_base64(s) for s in examples], \
+            schemas.DetectOptions.model_validate(req.model_dump(exclude={"image", "images", "example_images"}))
     if ctype == "multipart/form-data":
         try:
-            form = await request.form(max_files=settings.max_images_per_request + 1,
+            form = await request.form(max_files=2 * settings.max_images_per_request + 1,
                                       max_fields=4 * settings.max_classes + 100)
         except MultiPartException as e:
             raise ApiError(400, "invalid_form", f"the multipart body could not be parsed: {e.message}") from e
@@ -184,14 +209,17 @@ async def _parse_detect(request: Request, settings: Settings, *,
         files = form.getlist(field)
         if not files:
             raise ApiError(422, "missing_image", f"no `{field}` file in the form")
-        if any(not isinstance(f, UploadFile) for f in files):
-            raise ApiError(422, "missing_image", f"`{field}` must be a file upload, not a text field")
-        if len(files) > settings.max_images_per_request:
-            raise ApiError(422, "too_many_images",
-                           f"{len(files)} images; the limit is {settings.max_images_per_request}")
+        example_files = form.getlist("example_images")
+        for name, items in ((field, files), ("example_images", example_files)):
+            if any(not isinstance(f, UploadFile) for f in items):
+                raise ApiError(422, "missing_image", f"`{name}` must be a file upload, not a text field")
+            if len(items) > settings.max_images_per_request:
+                raise ApiError(422, "too_many_images",
+                               f"{len(items)} {name}; the limit is {settings.max_images_per_request}")
         data = [await f.read() for f in files]
+        example_data = [await f.read() for f in example_files]
         texts = {k: [v for v in form.getlist(k) if isinstance(v, str)]
-                 for k in ("classes", "template", "templates", *FORM_SCALARS)}
+                 for k in ("classes", "template", "templates", "examples", *FORM_SCALARS)}
         fields: dict = {}
         if texts["classes"]:
             fields["classes"] = split_form_names(texts["classes"])
@@ -200,12 +228,20 @@ async def _parse_detect(request: Request, settings: Settings, *,
         for k in FORM_SCALARS:
             if texts[k] and texts[k][0].strip():
                 fields[k] = texts[k][0].strip()
-        unknown = sorted(set(form.keys()) - {field, "classes", "template", "templates", *FORM_SCALARS})
+        if texts["examples"] and texts["examples"][0].strip():
+            try:
+                fields["examples"] = json.loads(texts["examples"][0])
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ApiError(422, "invalid_request", "`examples` must be a JSON list of "
+                               '{"box": [x1, y1, x2, y2], "label": ..., "image": ...}') from e
+        known = {field, "example_images", "classes", "template", "templates", "examples", *FORM_SCALARS}
+        unknown = sorted(set(form.keys()) - known)
         if unknown:
             raise ApiError(422, "invalid_request", f"unknown form fields {unknown}; the form takes `{field}`, "
-                           f"`classes`, `template` and {', '.join(f'`{k}`' for k in FORM_SCALARS)}")
+                           "`classes`, `template`, `examples`, `example_images` and "
+                           f"{', '.join(f'`{k}`' for k in FORM_SCALARS)}")
         try:
-            return data, schemas.DetectOptions.model_validate(fields)
+            return data, example_data, schemas.DetectOptions.model_validate(fields)
         except ValidationError as e:
             raise _validation_error(e) from e
     raise ApiError(415, "unsupported_media_type",
@@ -222,6 +258,8 @@ async def _resolve_vocabulary(model: ServedModel, opts: schemas.DetectOptions,
         vocab = await model.vocabularies.get(opts.vocabulary)
         names = vocab.names
         templates = templates or vocab.templates
+    elif opts.examples and not opts.classes:
+        names = []  # examples alone
     else:
         names = normalise_names(opts.classes or [], max_classes=settings.max_classes,
                                 max_chars=settings.max_class_name_chars)
@@ -258,23 +296,25 @@ def check_aspect(size: tuple[int, int], model: ServedModel) -> None:
                        "ratio is too extreme")
 
 
-def _tile_budget(sizes: list[tuple[int, int]], tiles: str, model: ServedModel, settings: Settings) -> int:
+def _tile_budget(sizes: list[tuple[int, int]], tiles: str, model: ServedModel, settings: Settings, *,
+                 extra_passes: int = 0) -> int:
     """The most windows per image this request may use (models/tiling.py `max_tiles`).
 
     Every model pass of a request must fit the queue at once. With `tiles=auto` the request
     gets fewer (larger) windows per image until they do; with `tiles=on` a request that cannot
     fit is refused (422). The header's size may be the image's before EXIF rotation: a plan's
-    window count does not change when width and height swap.
+    window count does not change when width and height swap. `extra_passes` (the example
+    images') count against the queue too.
     """
     prep = model.detector.preprocessing
 
     def passes(max_tiles: int) -> int:
-        return sum(len(plan_tiles(h, w, prep, tiles, max_tiles=max_tiles).windows) for w, h in sizes)
+        return extra_passes + sum(len(plan_tiles(h, w, prep, tiles, max_tiles=max_tiles).windows) for w, h in sizes)
 
     budget = settings.max_tiles
     if tiles == "auto":
         while budget > 1 and passes(budget) > settings.max_queue:
-            budget = max(1, min(budget - 1, settings.max_queue // len(sizes) - 1))
+            budget = max(1, min(budget - 1, (settings.max_queue - extra_passes) // len(sizes) - 1))
     if passes(budget) > settings.max_queue:
         raise ApiError(422, "too_many_model_passes",
                        f"the request needs {passes(budget)} model passes (images x tiles) and the queue holds "
@@ -317,3 +357,89 @@ async def _decode_all(data: list[bytes], tiles: str, max_tiles: int, model: Serv
         if isinstance(e, asyncio.CancelledError) and dropped:
             metrics.abandoned_jobs.labels("decode").inc(len(dropped))
         raise
+
+
+def _examples_by_image(opts: schemas.DetectOptions) -> list[tuple[int | None, list[list[float]]]]:
+    """[(image index, or None for the searched image; its example boxes)] in first-seen order."""
+    groups: dict[int | None, list[list[float]]] = {}
+    for ex in opts.examples or []:
+        groups.setdefault(ex.image, []).append(ex.box)
+    return list(groups.items())
+
+
+def _check_examples(opts: schemas.DetectOptions, names: list[str], data: list[bytes], example_data: list[bytes],
+                    settings: Settings, *, batch: bool) -> tuple[list[str], list[bytes]]:
+    """(each example's normalised label, the image bytes of each `_examples_by_image` group),
+    every check done before any work: counts, image references, labels."""
+    examples = opts.examples or []
+    if example_data and not examples:
+        raise ApiError(422, "invalid_request", "`example_images` were sent without `examples` boxes")
+    if not examples:
+        return [], []
+    if len(examples) > settings.max_examples:
+        raise ApiError(422, "too_many_examples", "query by example is off on this server (OVD_MAX_EXAMPLES=0)"
+                       if not settings.max_examples else
+                       f"{len(examples)} example boxes; the limit is {settings.max_examples}")
+    labels = []
+    for k, ex in enumerate(examples):
+        check_text(ex.label, "example label")
+        label = " ".join(ex.label.split())
+        if not label or len(label) > settings.max_class_name_chars:
+            raise ApiError(422, "invalid_request", f"examples.{k}.label must have 1 to "
+                           f"{settings.max_class_name_chars} characters")
+        labels.append(label)
+        if ex.image is None and batch:
+            raise ApiError(422, "invalid_request", f"examples.{k}.image: give the index of an `example_images` "
+                           "entry (a batch request has no single searched image)")
+        if ex.image is not None and ex.image >= len(example_data):
+            raise ApiError(422, "invalid_request", f"examples.{k}.image is {ex.image}, but "
+                           f"{len(example_data)} example_images were sent")
+    clash = sorted({label.casefold() for label in labels} & {n.casefold() for n in names})
+    if clash:
+        raise ApiError(422, "invalid_request", f"example labels {clash} are also class names: give the examples "
+                       "labels of their own")
+    if len(names) + len(set(labels)) > settings.max_classes:
+        raise ApiError(422, "too_many_classes", f"{len(names)} names and {len(set(labels))} example labels; "
+                       f"the limit is {settings.max_classes}")
+    return labels, [data[0] if i is None else example_data[i] for i, _ in _examples_by_image(opts)]
+
+
+def _example_passes(size: tuple[int, int], boxes: int, model: ServedModel) -> int:
+    """Model passes that embed `boxes` example boxes of one image of (width, height) pixels
+    (models/examples.py `example_inputs`: one, or a window per box in a large image)."""
+    return 1 if min(size) / model.detector.preprocessing.min_size <= AUTO_SHRINK else boxes
+
+
+def _decode_example(blob: bytes, boxes: list[list[float]], model: ServedModel, settings: Settings) -> list:
+    """Decode an example image and preprocess the inputs that embed its boxes (a decode-pool
+    thread): `example_inputs`' [(model input, box indices, boxes in that input's pixels)]."""
+    rgb = decode_image(blob, max_pixels=settings.max_image_pixels)
+    try:
+        return example_inputs(rgb, boxes, model.detector.preprocessing)
+    except ValueError as e:
+        raise ApiError(422, "invalid_example", str(e)) from e
+
+
+async def _example_rows(model: ServedModel, opts: schemas.DetectOptions, labels: list[str],
+                        parts: list[list]) -> tuple[np.ndarray, list[dict]]:
+    """((L, D) query rows, one per distinct label; warnings for weak examples): the example
+    images' inputs are encoded by the shared batcher (encode-only jobs), then turned into rows."""
+    flat = [x for image_parts in parts for x in image_parts]
+    try:
+        futures = model.batcher.submit([Job(x, None, ()) for x, _, _ in flat])
+    except Overloaded as e:
+        raise ApiError(503, "overloaded", f"the server is busy: {e}", headers={"Retry-After": "1"}) from e
+    results = iter(await asyncio.gather(*futures))
+    examples = opts.examples or []
+    rows: list = [None] * len(examples)
+    for (image, _), image_parts in zip(_examples_by_image(opts), parts, strict=True):
+        of_image = [k for k, ex in enumerate(examples) if ex.image == image]  # its boxes' request indices
+        for x, which, boxes in image_parts:
+            try:
+                found = example_rows(next(results).regions, x, boxes, model.text_mean)
+            except ValueError as e:
+                raise ApiError(422, "invalid_example", str(e)) from e
+            for j, row in zip(which, found, strict=True):
+                rows[of_image[j]] = row
+    _, matrix = prototypes(labels, rows)
+    return matrix, weak_example_warnings(labels, rows)

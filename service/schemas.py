@@ -11,8 +11,21 @@ from ovd.models.runtime import DEFAULT_SCORE_MODE, ClassifyOptions
 from ovd.models.tiling import DEFAULT_TILES
 
 
+class ExampleBox(BaseModel):
+    """An example box: look for objects like the one inside it (query by example)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    box: list[float] = Field(..., min_length=4, max_length=4,
+                             description="[x1, y1, x2, y2] pixels of its image (upright, after EXIF orientation)")
+    label: str = Field("example", min_length=1, description="the name its detections get; examples sharing "
+                       "a label are averaged into one query", examples=["part 7"])
+    image: int | None = Field(None, ge=0, description="index into `example_images`; null: the image searched "
+                              "(POST /v1/detect only)")
+
+
 class DetectOptions(BaseModel):
-    """What to look for; send `classes` or `vocabulary`, not both."""
+    """What to look for: `classes` or `vocabulary` (not both), and/or `examples`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -34,6 +47,10 @@ class DetectOptions(BaseModel):
                                         "lower-scoring of two boxes is dropped (default: the model's)")
     class_agnostic: bool = Field(False, description="NMS across names (one label per object) instead "
                                  "of within each name")
+    examples: list[ExampleBox] | None = Field(
+        None, description="example boxes, searched for beside or instead of names: each distinct label is one "
+        "more class after the names. Each example image costs one model pass (a window per box in a large "
+        "image); a label clashing with a class name is refused")
     tiles: Literal["auto", "on", "off"] = Field(
         DEFAULT_TILES, description="sliced inference for large images: the model also runs on overlapping "
         "windows at its own input size (256 px for the shipped model), merged by NMS. auto: when the "
@@ -49,12 +66,14 @@ class DetectRequest(DetectOptions):
     """One image as base64 (JSON body of POST /v1/detect)."""
 
     image: str = Field(..., description="the image file (JPEG, PNG, WebP, BMP, GIF) as base64")
+    example_images: list[str] | None = Field(None, description="images of the example boxes, as base64")
 
 
 class BatchDetectRequest(DetectOptions):
     """Several images as base64 (JSON body of POST /v1/detect/batch)."""
 
     images: list[str] = Field(..., min_length=1, description="image files as base64")
+    example_images: list[str] | None = Field(None, description="images of the example boxes, as base64")
 
 
 class Detection(BaseModel):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ovd.models.examples import category_text_mean
 from ovd.models.model_card import vocabulary_fits
 from ovd.models.runtime import Runtime, load_runtime
 
@@ -43,6 +44,8 @@ class ServedModel:
     vocabularies: VocabularyRegistry
     decoder: DecodePool
     admission: Admission
+    text_mean: np.ndarray  # (D,) where text rows sit: the target of example rows' shift
+
 
     @property
     def manifest(self) -> dict:
@@ -121,7 +124,9 @@ class ServingRuntime:
                                               fits=lambda vocab: vocabulary_fits(manifest, vocab))
             admission = Admission.from_settings(
                 s, on_reject=lambda resource, reason: metrics.admission_rejections.labels(resource, reason).inc())
-            model = ServedModel(detector, batcher, text, vocabularies, DecodePool(s.decode_workers), admission)
+            text_mean = await asyncio.to_thread(category_text_mean, detector)
+            model = ServedModel(detector, batcher, text, vocabularies, DecodePool(s.decode_workers), admission,
+                                text_mean)
             if s.warmup:
                 await self._warmup(model)
             self.model = model

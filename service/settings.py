@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="width * height of one image; more -> 413")
     max_images_per_request: int = Field(16, ge=1, description="images of one batch request")
     max_classes: int = Field(1500, ge=1, description="class names of one request or vocabulary")
+    max_examples: int = Field(16, ge=0, description="example boxes of one request (query by example); each "
+                              "costs up to one model pass. 0 turns query by example off")
     max_class_name_chars: int = Field(100, ge=1, description="characters of one class name")
     max_templates: int = Field(16, ge=1, description="prompt templates of one request")
     max_detections_limit: int = Field(1000, ge=1, description="the largest max_detections a client may ask")

@@ -4,6 +4,7 @@ query is measured, not tested: benchmarks/results/example_queries.md."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from types import SimpleNamespace
 
@@ -126,6 +127,26 @@ def test_example_rows_agree_between_torch_and_onnx(plain_export, onnx_export):
     rng = np.random.default_rng(5)
     image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
     examples = [ovd.Example([10, 12, 40, 44], "a"), ovd.Example([30, 5, 60, 30], "b")]
-    labels_t, rows_t = Detector(load_runtime(plain_export)).example_rows(examples, image)
-    labels_o, rows_o = Detector(load_runtime(onnx_export, backend="onnx")).example_rows(examples, image)
-    assert labels_t == labels_o == ["a", "b"] and np.allclose(rows_t, rows_o, atol=1e-3)
+    t = Detector(load_runtime(plain_export)).embed_examples(examples, image)
+    o = Detector(load_runtime(onnx_export, backend="onnx")).embed_examples(examples, image)
+    assert t.labels == o.labels == ("a", "b") and np.allclose(t.rows, o.rows, atol=1e-3)
+
+
+def test_ovd_detect_with_examples(shipped, scene, tmp_path, monkeypatch):
+    from ovd.training.cli import main
+
+    image, objects = scene
+    Image.fromarray(image).save(tmp_path / "a.png")
+    Image.fromarray(image[:, ::-1]).save(tmp_path / "b.png")
+    monkeypatch.chdir(tmp_path)
+    box = ",".join(str(v) for v in objects[3].box)
+    assert main(["detect", "a.png", "b.png", "--classes", "red ring", "--example", "a.png", box, "like this",
+                 "--threshold", "0", "--coco", "--out", "c.json"]) == 0
+    coco = json.loads((tmp_path / "c.json").read_text())
+    assert coco["categories"] == [{"id": 1, "name": "red ring"}, {"id": 2, "name": "like this"}]
+    assert {a["category_id"] for a in coco["annotations"]} == {1, 2}
+    assert coco["info"]["options"]["examples"][0]["label"] == "like this"
+    with pytest.raises(SystemExit, match="X1,Y1,X2,Y2"):
+        main(["detect", "a.png", "--example", "a.png", "1,2,3", "x"])
+    with pytest.raises(SystemExit, match="--classes, or --example"):
+        main(["detect", "a.png"])

@@ -92,13 +92,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _box_argument(text: str) -> list[float]:
+    try:
+        box = [float(v) for v in text.split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4:
+        raise SystemExit(f"ovd detect: --example box {text!r} must be X1,Y1,X2,Y2 in pixels, e.g. 10,20,60,80")
+    return box
+
+
 def cmd_detect(args: argparse.Namespace) -> int:
-    from ovd.models.api import Detector
+    from ovd.models.api import Detector, Example
     from ovd.models.batch_detect import detect_files, expand_inputs
 
+    if not args.classes and not args.example:
+        raise SystemExit("ovd detect: give --classes, or --example IMAGE X1,Y1,X2,Y2 LABEL (or both)")
+    examples = [Example(_box_argument(box), label, image=image) for image, box, label in args.example]
     files = expand_inputs(args.inputs)
     detector = Detector.load(args.model_dir, backend=args.backend)
-    report = detect_files(detector, files, args.classes, threshold=args.threshold,
+    report = detect_files(detector, files, args.classes, examples=examples, threshold=args.threshold,
                           max_detections=args.max_detections, score_mode=args.score_mode,
                           nms_threshold=args.nms_threshold, class_agnostic=args.class_agnostic,
                           tiles=args.tiles, tile_overlap=args.tile_overlap, max_tiles=args.max_tiles,
@@ -218,7 +231,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                    "patterns; write per-image JSON (or COCO with --coco) and, with "
                                    "--draw, each image with its boxes.")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR_OR_GLOB")
-    p.add_argument("--classes", nargs="+", required=True, help='class names, e.g. "red ring" forklift')
+    p.add_argument("--classes", nargs="+", default=[], help='class names, e.g. "red ring" forklift')
+    p.add_argument("--example", nargs=3, action="append", default=[], metavar=("IMAGE", "X1,Y1,X2,Y2", "LABEL"),
+                   help="query by example: find objects like the one in this box of IMAGE (pixels), labelled "
+                        "LABEL; repeat for more (examples sharing a label are averaged)")
     p.add_argument("--model-dir", default="default",
                    help="export folder or registered name (default: the shipped model)")
     p.add_argument("--threshold", type=float, default=0.3, help="lowest score kept, 0..1")
