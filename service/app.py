@@ -5,7 +5,9 @@ the model loaded in the background by the lifespan), the error handlers and the 
 (service/error_handlers.py), the metrics middleware, the static web page, and the routers:
 routes_ops (/, /livez, /readyz, /metrics; open), routes_models (/v1/models), routes_detect
 (/v1/detect, /v1/detect/batch) and routes_vocabularies (/v1/vocabularies[/{id}]), the /v1
-routes behind the API key when one is configured. /docs and /openapi.json are FastAPI's own.
+routes behind the API key when one is configured. /openapi.json is FastAPI's own; /docs
+(Swagger UI) and /redoc (ReDoc) load their scripts from this server, bundled by the
+`fastapi-offline` package, so they work on a network without internet.
 
 A detect request whose client disconnects is cancelled (service/disconnect.py), like one that
 passes `request_timeout_s`: its queued work is dropped. Every response carries the security
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from . import routes_detect, routes_models, routes_ops, routes_vocabularies
 from .disconnect import DisconnectMiddleware
@@ -28,6 +31,10 @@ from .metrics import MetricsMiddleware
 from .security_headers import SecurityHeadersMiddleware
 from .serving import ServingRuntime
 from .settings import Settings
+
+
+#: Where Swagger UI's and ReDoc's scripts and styles are served from (fastapi-offline's files).
+DOCS_ASSETS = "/docs-assets"
 
 
 def create_app(settings: Settings | None = None, runtime: ServingRuntime | None = None) -> FastAPI:
@@ -46,7 +53,7 @@ def create_app(settings: Settings | None = None, runtime: ServingRuntime | None 
     elif settings is not None and settings is not runtime.settings:
         raise ValueError("create_app got settings other than its runtime's: pass one of them")
     settings = runtime.settings
-    app = FastAPI(title="ovd detection service", version="1",
+    app = FastAPIOffline(title="ovd detection service", version="1", static_url=DOCS_ASSETS,
                   description="Open-vocabulary object detection: send an image and class names in "
                               "plain words, get boxes back.",
                   lifespan=runtime.lifespan)

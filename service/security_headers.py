@@ -4,8 +4,8 @@ All responses: `X-Content-Type-Options: nosniff` (a JSON or image body is never 
 HTML), `X-Frame-Options: DENY` and `Referrer-Policy: no-referrer`. The web page and its static
 files also get a Content-Security-Policy that allows only this origin's scripts and styles
 (the page has no inline script), images from this origin and from data:/blob: URLs (the
-uploaded picture), and no framing. /docs is left without CSP: FastAPI's Swagger UI loads its
-assets from a CDN.
+uploaded picture), and no framing. /docs and /redoc are left without CSP: their HTML (FastAPI's)
+starts Swagger UI and ReDoc with an inline script; their assets come from this server.
 """
 
 from __future__ import annotations

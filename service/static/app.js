@@ -1,13 +1,17 @@
-// The demo page: upload an image, name classes, draw the detections on a canvas.
-// Talks to the same API as any client (POST /v1/detect, multipart). The request asks for
-// everything above REQUEST_FLOOR; the score slider and the class filter then act on the
-// answer in the page, without asking the server again.
+// The demo page: upload an image (or pick a sample scene), name classes and/or drag example
+// boxes on it, draw the detections on a canvas. Talks to the same API as any client
+// (POST /v1/detect, multipart). The request asks for everything above REQUEST_FLOOR; the score
+// slider and the class filter then act on the answer in the page, without asking the server again.
 "use strict";
 
 const REQUEST_FLOOR = 0.05;
 let last = null;  // {body, bitmap} of the last answer
+let chosen = null;  // {file, bitmap}: the image to search (an upload or a sample scene)
+const examples = [];  // [{box: [x1, y1, x2, y2] image pixels, label}] drawn on `chosen`
+let dragging = null;  // {x, y} image pixels where the current drag started
+let choosing = Promise.resolve();  // the latest choice of image, until its bitmap is ready
 
-const COLOURS = { base: "#1f77b4", novel: "#d62728", other: "#2ca02c" };
+const COLOURS = { base: "#1f77b4", novel: "#d62728", other: "#2ca02c", example: "#9467bd" };
 const splits = new Map();  // lower-cased category name -> "base" | "novel", from the manifest
 
 const $ = (id) => document.getElementById(id);
@@ -46,6 +50,7 @@ async function loadModelInfo() {
 }
 
 function colourOf(label) {
+  if (examples.some((e) => e.label === label)) return COLOURS.example;
   return COLOURS[splits.get(label.toLowerCase()) || "other"];
 }
 
@@ -53,7 +58,18 @@ function overlaps(a, b) {
   return a.x < b.x + b.w && b.x < a.x + a.w && a.y < b.y + b.h && b.y < a.y + a.h;
 }
 
-function draw(bitmap, detections) {
+function drawExamples(ctx, scale, pending) {
+  ctx.save();
+  ctx.strokeStyle = COLOURS.example;
+  ctx.setLineDash([6 * scale, 4 * scale]);
+  for (const e of pending ? [...examples, pending] : examples) {
+    const [x1, y1, x2, y2] = e.box;
+    ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
+  }
+  ctx.restore();
+}
+
+function draw(bitmap, detections, pending = null) {
   const canvas = $("canvas");
   canvas.width = bitmap.width;
   canvas.height = bitmap.height;
@@ -81,6 +97,7 @@ function draw(bitmap, detections) {
     ctx.fillStyle = "#fff";
     ctx.fillText(text, rect.x + 2 * scale, rect.y + rect.h - scale);
   }
+  drawExamples(ctx, scale, pending);
   canvas.dataset.boxes = String(detections.length);
 }
 
@@ -103,11 +120,15 @@ function shown() {
   return last.body.detections.filter((d) => d.score >= min && (!only || d.label === only));
 }
 
-function render() {
+function render(pending = null) {
   $("score-value").textContent = Number($("score").value).toFixed(2);
-  if (!last) return;
+  const bitmap = last ? last.bitmap : chosen && chosen.bitmap;
+  if (!last || pending) {
+    if (bitmap) draw(bitmap, last ? shown() : [], pending);
+    return;
+  }
   const detections = shown();
-  draw(last.bitmap, detections);
+  if (bitmap) draw(bitmap, detections);
   fillTable(detections);
   setStatus(`${detections.length} of ${last.body.detections.length} detections shown ` +
             `(${last.body.detections.length} detections in ${last.body.timings_ms.total.toFixed(0)} ms` +
@@ -137,15 +158,91 @@ function download() {
   URL.revokeObjectURL(a.href);
 }
 
+// ---------------------------------------------------------------- the image and example boxes
+
+async function choose(file) {
+  // EXIF orientation is applied by the server; createImageBitmap applies it too ("from-image").
+  // A file the browser cannot show is still sent: the server's answer says what is wrong with it.
+  const bitmap = await createImageBitmap(file, { imageOrientation: "from-image" }).catch(() => null);
+  chosen = { file, bitmap };
+  last = null;
+  examples.length = 0;
+  listExamples();
+  $("results").querySelector("tbody").replaceChildren();
+  $("download").disabled = true;
+  setStatus("");
+  render();
+}
+
+async function chooseSample(event) {
+  const src = event.target.dataset.src;
+  const r = await fetch(src);
+  if (!r.ok) { setStatus(`sample ${src}: HTTP ${r.status}`, true); return; }
+  $("image").value = "";
+  await choose(new File([await r.blob()], src.split("/").pop(), { type: "image/jpeg" }));
+}
+
+function listExamples() {
+  $("examples").replaceChildren(...examples.map((e, i) => {
+    const item = document.createElement("li");
+    item.textContent = `${e.label}: [${e.box.map((v) => v.toFixed(0)).join(", ")}]`;
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.textContent = "×";
+    remove.title = "remove this example";
+    remove.addEventListener("click", () => { examples.splice(i, 1); listExamples(); render(); });
+    item.appendChild(remove);
+    return item;
+  }));
+}
+
+function imagePoint(event) {
+  const canvas = $("canvas");
+  const rect = canvas.getBoundingClientRect();
+  const x = (event.clientX - rect.left) * canvas.width / rect.width;
+  const y = (event.clientY - rect.top) * canvas.height / rect.height;
+  return { x: Math.min(Math.max(x, 0), canvas.width), y: Math.min(Math.max(y, 0), canvas.height) };
+}
+
+function dragBox(event) {
+  const p = imagePoint(event);
+  return [Math.min(dragging.x, p.x), Math.min(dragging.y, p.y), Math.max(dragging.x, p.x), Math.max(dragging.y, p.y)];
+}
+
+function startDrag(event) {
+  if (!chosen || !chosen.bitmap) return;
+  dragging = imagePoint(event);
+  $("canvas").setPointerCapture?.(event.pointerId);
+}
+
+function moveDrag(event) {
+  if (dragging) render({ box: dragBox(event) });
+}
+
+function endDrag(event) {
+  if (!dragging) return;
+  const box = dragBox(event);
+  dragging = null;
+  if (box[2] - box[0] >= 3 && box[3] - box[1] >= 3) {  // a click is not a box
+    examples.push({ box, label: $("example-label").value.trim() || "example" });
+    listExamples();
+  }
+  render();
+}
+
+// ---------------------------------------------------------------- the request
+
 async function detect(event) {
   event.preventDefault();
-  const file = $("image").files[0];
-  if (!file) { setStatus("choose an image first", true); return; }
+  await choosing;
+  if (!chosen) { setStatus("choose an image first", true); return; }
+  const file = chosen.file;
   const form = new FormData();
   form.append("image", file);
   const vocabulary = $("vocabulary").value;
   if (vocabulary) form.append("vocabulary", vocabulary);
-  else form.append("classes", $("classes").value);
+  else if ($("classes").value.trim() || !examples.length) form.append("classes", $("classes").value);
+  if (examples.length) form.append("examples", JSON.stringify(examples));
   form.append("score_threshold", String(Math.min(REQUEST_FLOOR, Number($("score").value))));
   form.append("score_mode", $("score-mode").value);
   form.append("tiles", $("tiles").value);
@@ -160,9 +257,7 @@ async function detect(event) {
       setStatus(body.error ? `${body.error.code}: ${body.error.message}` : `HTTP ${r.status}`, true);
       return;
     }
-    // EXIF orientation is applied by the server; createImageBitmap applies it too ("from-image").
-    const bitmap = await createImageBitmap(file, { imageOrientation: "from-image" });
-    last = { body, bitmap };
+    last = { body, bitmap: chosen.bitmap };
     showWarnings(body.warnings || []);
     fillClassFilter(body.classes);
     $("download").disabled = false;
@@ -175,8 +270,15 @@ async function detect(event) {
 }
 
 $("detect-form").addEventListener("submit", detect);
-$("score").addEventListener("input", render);
-$("class-filter").addEventListener("change", render);
+$("image").addEventListener("change", () => { if ($("image").files[0]) choosing = choose($("image").files[0]); });
+for (const b of document.querySelectorAll(".sample")) {
+  b.addEventListener("click", (event) => { choosing = chooseSample(event); });
+}
+$("canvas").addEventListener("pointerdown", startDrag);
+$("canvas").addEventListener("pointermove", moveDrag);
+$("canvas").addEventListener("pointerup", endDrag);
+$("score").addEventListener("input", () => render());
+$("class-filter").addEventListener("change", () => render());
 $("download").addEventListener("click", download);
 $("api-key").addEventListener("change", loadModelInfo);
 loadModelInfo();

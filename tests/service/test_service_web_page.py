@@ -1,5 +1,7 @@
-"""The web page in a real browser: headless Chromium (Debian's chromium + chromedriver) driven
-by Selenium against the real server: upload a PNG, type names, submit, see boxes and rows."""
+"""The web page and the API docs in a real browser: headless Chromium (Debian's chromium +
+chromedriver) driven by Selenium against the real server: upload a PNG or pick a sample scene,
+type names or drag example boxes, submit, see boxes and rows; /docs and /redoc render with every
+host but the server unreachable."""
 
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ def browser():
         pytest.skip("chromium + chromedriver are not installed (scripts/install.sh installs them)")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
+    # Every host name but the server's (127.0.0.1) fails to resolve: a page that needs a CDN breaks.
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1200,900"):
+                "--window-size=1200,900", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
@@ -124,3 +127,52 @@ def test_errors_are_shown_on_the_page(browser, server, tmp_path):
     browser.find_element(By.ID, "submit").click()
     wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "unsupported_image"))
     assert "error" in browser.find_element(By.ID, "status").get_attribute("class")
+
+
+def test_sample_scene_and_example_boxes_dragged_on_the_canvas(browser, server):
+    """Pick a sample scene, drag two example boxes with one label (and a click, which is no
+    box), clear the names: the request searches for the example alone."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 30)
+    wait.until(EC.text_to_be_present_in_element((By.ID, "model-info"), "ovd-test"))
+    browser.find_element(By.CSS_SELECTOR, ".sample[data-src$='scene-2.jpg']").click()
+    canvas = browser.find_element(By.ID, "canvas")
+    wait.until(lambda d: canvas.get_attribute("width") == "256")
+    browser.find_element(By.ID, "example-label").clear()
+    browser.find_element(By.ID, "example-label").send_keys("that thing")
+    browser.execute_script("arguments[0].scrollIntoView();", canvas)
+    left, top, width, height = browser.execute_script(
+        "const r = arguments[0].getBoundingClientRect(); return [r.left, r.top, r.width, r.height];", canvas)
+    for x0, y0 in ((20, 30), (120, 140)):  # image pixels -> viewport CSS pixels
+        actions = ActionBuilder(browser)
+        actions.pointer_action.move_to_location(round(left + x0 * width / 256), round(top + y0 * height / 256))
+        actions.pointer_action.pointer_down()
+        actions.pointer_action.move_to_location(round(left + (x0 + 40) * width / 256),
+                                                round(top + (y0 + 30) * height / 256))
+        actions.pointer_action.pointer_up()
+        actions.perform()
+    ActionChains(browser).move_to_element(canvas).click().perform()  # a click adds nothing
+    items = browser.find_elements(By.CSS_SELECTOR, "#examples li")
+    assert len(items) == 2 and all(i.text.startswith("that thing: [") for i in items)
+    box = [float(v) for v in items[0].text.split("[")[1].rstrip("]×").split(",")]
+    assert abs(box[0] - 20) <= 3 and abs(box[1] - 30) <= 3 and abs(box[2] - 60) <= 3 and abs(box[3] - 60) <= 3
+    browser.find_element(By.ID, "classes").clear()
+    _set(browser, "score", "0.05")
+    browser.find_element(By.ID, "submit").click()
+    wait.until(lambda d: _rows(d) or "error" in d.find_element(By.ID, "status").get_attribute("class"))
+    assert {label for label, _ in _rows(browser)} == {"that thing"}
+    assert browser.execute_script("return last.body.classes;") == ["that thing"]
+    # Removing an example takes it off the list and the canvas.
+    items[1].find_element(By.TAG_NAME, "button").click()
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#examples li")) == 1
+
+
+@pytest.mark.parametrize("path,ready", [("/docs", ".swagger-ui .info .title"), ("/redoc", "redoc-wrap h1, h1")])
+def test_api_docs_render_without_internet(browser, server, path, ready):
+    browser.get(server.url + path)
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: any("ovd detection service" in e.text for e in d.find_elements(By.CSS_SELECTOR, ready)))
+    assert "/v1/detect" in browser.find_element(By.TAG_NAME, "body").text
