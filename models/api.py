@@ -279,6 +279,8 @@ class Detector:
                 found[i] = d
         out, start = [], 0
         for plan in plans:
-            out.append(merge_tiles(found[start:start + len(plan.windows)], plan, options))
+            out.append(merge_tiles(found[start:start + len(plan.windows)], plan, options,
+                                   max_detections=self.runtime.max_detections if max_detections is None
+                                   else max_detections))
             start += len(plan.windows)
         return out[0] if single else out

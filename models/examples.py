@@ -35,6 +35,8 @@ import numpy as np
 from .runtime import Preprocessing
 from .tiling import AUTO_SHRINK
 
+#: The fraction of the modality gap an example row is moved by (`example_rows`), chosen on val.
+GAP_SHIFT = 1.0
 #: Below this IoU between an example box and its best proposal the example is answered with a
 #: warning: the region embedding is of something else (e.g. a box around several objects).
 MIN_EXAMPLE_IOU = 0.5
@@ -130,7 +132,7 @@ def example_inputs(rgb: np.ndarray, boxes: Sequence[Sequence[float]], preprocess
 
 
 def example_rows(regions, model_input: dict, boxes: Sequence[Sequence[float]], text_mean: np.ndarray,
-                 *, calibrate: bool = True) -> list[ExampleRow]:
+                 *, shift: float = GAP_SHIFT) -> list[ExampleRow]:
     """Query rows of example boxes on one encoded image.
 
     Args:
@@ -140,8 +142,8 @@ def example_rows(regions, model_input: dict, boxes: Sequence[Sequence[float]], t
             "height"/"width"), as given to `Runtime.encode`.
         boxes: K example boxes, [x1, y1, x2, y2] pixels of the original image.
         text_mean: (D,) the normalised mean text embedding of the model's categories.
-        calibrate: shift rows by the modality gap (module docstring, step 2); False gives the
-            raw region embedding (for measurement).
+        shift: the fraction of the modality gap the row is moved by (module docstring,
+            step 2): 0 keeps the raw region embedding, 1 moves it by the whole gap.
 
     Returns:
         One ExampleRow per box.
@@ -160,7 +162,7 @@ def example_rows(regions, model_input: dict, boxes: Sequence[Sequence[float]], t
     out = []
     for k, box in enumerate(checked):
         e = embeddings[best[k]]
-        row = _normalise(e - image_mean + text_mean) if calibrate else _normalise(e)
+        row = _normalise(e + shift * (text_mean - image_mean))
         out.append(ExampleRow(row.astype(np.float32), float(iou[k, best[k]]), box))
     return out
 

@@ -189,6 +189,10 @@ class OnnxRuntime:
 
             self.text = load_text_encoder(folder, manifest, device=device)
 
+    @property
+    def max_detections(self) -> int:
+        return int(self.graphs.defaults["max_detections"])
+
     def text_embeddings(self, names: Sequence[str], template: str | None = None):
         return self.text.text_embeddings(list(names), template or self.manifest["prompt_template"])
 

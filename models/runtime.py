@@ -182,6 +182,11 @@ class Runtime(Protocol):
     preprocessing: Preprocessing
     text: object  # the export's CLIP text tower (ovd.models.clip.model.ClipModel)
 
+    @property
+    def max_detections(self) -> int:
+        """The model's own per-image cap (ClassifyOptions.max_detections None), which also caps
+        an image merged from tiles."""
+
     def text_embeddings(self, names: Sequence[str], template: str | None = None) -> torch.Tensor:
         """(C, D) normalised CLIP text embeddings of names in the export's prompt template."""
 
@@ -205,6 +210,10 @@ class TorchRuntime:
         self.text = exported.text
         self.manifest = exported.manifest
         self.preprocessing = Preprocessing.from_manifest(self.manifest)
+
+    @property
+    def max_detections(self) -> int:
+        return int(self.model.roi_heads.box_predictor.test_topk_per_image)
 
     def text_embeddings(self, names: Sequence[str], template: str | None = None) -> torch.Tensor:
         return self.text.text_embeddings(list(names), template or self.manifest["prompt_template"])

@@ -103,12 +103,13 @@ def plan_tiles(height: int, width: int, preprocessing: Preprocessing, tiles: str
     return TilePlan(windows + whole, (height, width))
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
-    """Greedy NMS: indices of the kept boxes, best first (boxes (N, 4) XYXY)."""
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, max_keep: int | None = None) -> np.ndarray:
+    """Greedy NMS: indices of the kept boxes, best first (boxes (N, 4) XYXY); stops once
+    `max_keep` are kept (greedy NMS keeps best first, so those are the first max_keep of all)."""
     order = np.argsort(-scores, kind="stable")
     area = (boxes[:, 2] - boxes[:, 0]).clip(0) * (boxes[:, 3] - boxes[:, 1]).clip(0)
     keep = []
-    while len(order):
+    while len(order) and (max_keep is None or len(keep) < max_keep):
         i, rest = order[0], order[1:]
         keep.append(i)
         w = (np.minimum(boxes[i, 2], boxes[rest, 2]) - np.maximum(boxes[i, 0], boxes[rest, 0])).clip(0)
@@ -159,9 +160,11 @@ def merge_tiles(found: Sequence[Detections], plan: TilePlan, options: ClassifyOp
         classes.append(d.class_indices[keep])
     boxes, scores, classes = np.concatenate(boxes), np.concatenate(scores), np.concatenate(classes)
     iou = MERGE_IOU if options.nms_threshold is None else options.nms_threshold
-    # Per class: shift each class's boxes apart so one NMS call never compares two classes.
-    shift = 0.0 if options.class_agnostic else float(max(plan.image_size) + 1)
-    keep = nms(boxes + (classes * shift)[:, None].astype(np.float32), scores, iou)
     limit = max_detections if max_detections is not None else options.max_detections
-    keep = keep[:limit] if limit is not None else keep
+    if options.class_agnostic:
+        keep = nms(boxes, scores, iou, limit)
+    else:  # per class: each NMS scans only its class's boxes; the best `limit` of the union are kept
+        keep = np.concatenate([np.flatnonzero(classes == c)[nms(boxes[classes == c], scores[classes == c], iou, limit)]
+                               for c in np.unique(classes)] or [np.zeros(0, np.int64)])
+        keep = keep[np.argsort(-scores[keep], kind="stable")][:limit]
     return Detections(boxes[keep], scores[keep], classes[keep], found[0].classes, plan.image_size)

@@ -152,7 +152,9 @@ async def _detect(request: Request, model: ServedModel, settings: Settings, metr
     for plan, windows, decode_s in decoded:
         parts = results[first:first + len(windows)]
         first += len(windows)
-        found = merge_tiles([r.detections for r in parts], plan, options)
+        found = merge_tiles([r.detections for r in parts], plan, options,
+                            max_detections=model.detector.max_detections if options.max_detections is None
+                            else options.max_detections)
         metrics.detections.observe(len(found))
         height, width = plan.image_size
         out.append({

@@ -65,8 +65,10 @@ def test_example_rows_take_the_best_proposal_and_shift_it_by_the_gap():
                               embeddings=embeddings)
     model_input = {"image": np.zeros((3, 128, 128), np.uint8), "height": 256, "width": 256}  # resized 2x
     text_mean = _unit(rng.normal(size=8))
-    (raw,) = example_rows(regions, model_input, [[80, 80, 160, 160]], text_mean, calibrate=False)
-    (row,) = example_rows(regions, model_input, [[80, 80, 160, 160]], text_mean)
+    (raw,) = example_rows(regions, model_input, [[80, 80, 160, 160]], text_mean, shift=0.0)
+    (row,) = example_rows(regions, model_input, [[80, 80, 160, 160]], text_mean, shift=1.0)
+    (half,) = example_rows(regions, model_input, [[80, 80, 160, 160]], text_mean, shift=0.5)
+    assert np.allclose(half.row, _unit(embeddings[1] + 0.5 * (text_mean - _unit(embeddings.mean(0)))), atol=1e-6)
     assert raw.iou == pytest.approx(1.0) and np.allclose(raw.row, embeddings[1])
     want = _unit(embeddings[1] - _unit(embeddings.mean(0)) + text_mean)
     assert np.allclose(row.row, want, atol=1e-6) and row.box == (80, 80, 160, 160)

@@ -54,6 +54,23 @@ def test_numpy_nms_is_torchvisions():
     for iou in (0.3, 0.5, 0.7):
         want = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), iou).numpy()
         assert np.array_equal(nms(boxes, scores, iou), want)
+        assert np.array_equal(nms(boxes, scores, iou, max_keep=7), want[:7])  # stops early, same prefix
+
+
+def test_per_class_merge_equals_one_shifted_nms():
+    """The merge runs NMS per class and keeps the best of the union: the same boxes as one NMS
+    over class-shifted boxes (torchvision's batched_nms), cut at max_detections."""
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 200, (400, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 50, (400, 2))], 1).astype(np.float32)
+    scores, classes = rng.random(400).astype(np.float32), rng.integers(0, 2, 400)
+    plan = TilePlan(((0, 0, 256, 256), (0, 0, 256, 256)), (256, 256))
+    half = [_dets(boxes[k::2], scores[k::2], classes[k::2]) for k in (0, 1)]
+    got = merge_tiles(half, plan, ClassifyOptions(nms_threshold=0.5), max_detections=50)
+    want = torchvision.ops.batched_nms(torch.from_numpy(np.concatenate([boxes[0::2], boxes[1::2]])),
+                                       torch.from_numpy(np.concatenate([scores[0::2], scores[1::2]])),
+                                       torch.from_numpy(np.concatenate([classes[0::2], classes[1::2]])), 0.5)[:50]
+    assert np.allclose(got.scores, np.concatenate([scores[0::2], scores[1::2]])[want.numpy()])
 
 
 def _dets(boxes, scores, classes, size=(256, 256)) -> Detections:
