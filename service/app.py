@@ -32,7 +32,6 @@ from .security_headers import SecurityHeadersMiddleware
 from .serving import ServingRuntime
 from .settings import Settings
 
-
 #: Where Swagger UI's and ReDoc's scripts and styles are served from (fastapi-offline's files).
 DOCS_ASSETS = "/docs-assets"
 

@@ -93,8 +93,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.backend == "onnx" and "onnx" not in manifest:
         raise ValueError(f"OVD_BACKEND=onnx, but {settings.model_dir} has no ONNX graphs: "
                          f"ovd export --onnx --from-export {settings.model_dir}")
+    # h11 rather than httptools: it bounds the headers' size, and our subclass their read time
+    # (service/http_protocol.py); the model, not HTTP parsing, is this service's cost.
     options = dict(host=args.host, port=args.port,
-                   timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s))
+                   timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
+                   http="ovd.service.http_protocol:HeaderLimitsH11Protocol",
+                   h11_max_incomplete_event_size=settings.max_header_bytes)
     if args.workers == 1:
         from ovd.service.app import create_app
 

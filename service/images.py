@@ -2,12 +2,18 @@
 
 Order of checks (each a clear `ApiError`, never a crash):
   empty body (400) -> format sniffed by PIL (415 if not an image or not allowed) -> header
-  size against `max_pixels` (413, before decoding: a decompression bomb costs nothing) ->
-  trailing bytes after the format's end marker (400: a polyglot, e.g. PNG + ZIP) -> full
+  size against `max_pixels` (413, before decoding: a decompression bomb costs nothing) -> full
   decode (400 if truncated or corrupt) -> EXIF orientation -> 8-bit RGB.
 
-`read_header` runs the checks up to the trailing bytes without decoding any pixels, so the
-routes can price a request (its decoded pixels) before they decode it.
+`read_header` runs the checks up to the decode without decoding any pixels, so the routes can
+price a request (its decoded pixels) before they decode it.
+
+Bytes after the end of the image are ignored, as every decoder ignores them: the service reads
+the pixels and nothing else, and never stores the file or hands it to anything else, so a
+"polyglot" (an image that is also a ZIP or a script) carries nothing that reaches anyone.
+Refusing such files refused legitimate ones (a phone's "motion photo" is a JPEG with its video
+appended), and the check itself could be passed by ending the payload with the format's end
+marker.
 
 Every PIL mode the allowed formats produce ends as 8-bit RGB: 16-bit gray ("I;16*", "I") is
 scaled from 0..65535 to 0..255 (PIL's own conversion would clip it, and the image would be all
@@ -49,26 +55,6 @@ def decode_base64(data: str) -> bytes:
         raise ApiError(400, "invalid_base64", f"image is not valid base64: {e}") from e
 
 
-def _trailing_bytes(data: bytes, fmt: str) -> int:
-    """Bytes after the end of the image in `data` (0 for a clean file), by the format's framing."""
-    if fmt == "PNG":
-        end = data.rfind(b"IEND")
-        return len(data) - (end + 8) if end >= 0 else 0  # IEND chunk type + 4-byte CRC
-    if fmt == "JPEG":
-        # Some encoders pad after EOI with zeros; anything else after it is another payload.
-        body = data.rstrip(b"\x00")
-        end = body.rfind(b"\xff\xd9")
-        return len(body) - (end + 2) if end >= 0 else 0
-    if fmt == "WEBP":
-        return len(data) - (struct.unpack("<I", data[4:8])[0] + 8)
-    if fmt == "GIF":
-        return len(data) - (data.rfind(b"\x3b") + 1)
-    if fmt == "BMP":
-        size = struct.unpack("<I", data[2:6])[0]
-        return len(data) - size if size else 0
-    return 0
-
-
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     """PIL image of `data` with its header read, or the ApiError that refuses it."""
     if not data:
@@ -95,13 +81,6 @@ def _check_header(im: Image.Image, data: bytes, max_pixels: int) -> tuple[int, i
         raise ApiError(413, "image_too_large",
                        f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} "
                        "(OVD_MAX_IMAGE_PIXELS)")
-    try:
-        extra = _trailing_bytes(data, im.format)
-    except struct.error:
-        extra = 0
-    if extra > 0:
-        raise ApiError(400, "trailing_data",
-                       f"{extra} bytes follow the end of the {im.format} image (a polyglot file?)")
     return width, height
 
 
@@ -138,7 +117,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         (H, W, 3) uint8 RGB array, EXIF orientation applied (H, W are the upright size).
 
     Raises:
-        ApiError: 400 empty / truncated / corrupt / trailing data, 413 too many pixels,
+        ApiError: 400 empty / truncated / corrupt, 413 too many pixels,
             415 not an image or a format outside ALLOWED_FORMATS.
     """
     with _open(data, max_pixels) as im:

@@ -13,7 +13,6 @@ import json
 import time
 
 import numpy as np
-
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -32,7 +31,7 @@ from .metrics import Metrics
 from .schemas import ERROR_RESPONSES
 from .serving import ServedModel
 from .settings import Settings
-from .vocabulary import check_text, check_templates, normalise_names, split_form_names
+from .vocabulary import check_templates, check_text, normalise_names, split_form_names
 
 router = APIRouter()
 

@@ -175,7 +175,7 @@ class ErrorResponse(BaseModel):
 
 # The documented error answers of the /v1 routes (OpenAPI `responses`).
 ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": text} for status, text in {
-    400: "bad input (base64, JSON, truncated or polyglot image)", 401: "missing or invalid API key",
+    400: "bad input (base64, JSON, truncated or corrupt image)", 401: "missing or invalid API key",
     404: "unknown vocabulary", 413: "body or image too large", 415: "not a supported image or body type",
     422: "invalid options (classes, templates, limits)", 503: "overloaded or model not ready (Retry-After)",
     504: "timed out"}.items()}

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(10.0, ge=0, description="how long a batch waits to fill up")
     max_queue: int = Field(64, ge=1, description="images waiting for the model; more -> 503")
     request_timeout_s: float = Field(30.0, gt=0, description="a request slower than this -> 504")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection whose request line and headers are not "
+                                    "complete this long after its first byte is closed (slowloris)")
+    max_header_bytes: int = Field(16384, ge=1024, description="request line + headers larger than this -> 400")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="graceful shutdown: time to finish in-flight requests")
 
     max_body_bytes: int = Field(20 * 2**20, ge=1, description="request body size; more -> 413")

@@ -141,3 +141,37 @@ def test_16_bit_gray_png_gets_the_detections_of_its_8_bit_twin(server):
         a, b = (c.post("/v1/detect", json={"image": _b64(x), "classes": ["red ring", "blue disk"]}) for x in (eight, sixteen))
     assert a.status_code == b.status_code == 200
     assert a.json()["detections"] and a.json()["detections"] == b.json()["detections"]
+
+
+def test_slow_and_oversized_headers_are_cut_off(export_dir):
+    """A client trickling its headers (slowloris) is disconnected after OVD_HEADER_TIMEOUT_S;
+    headers over OVD_MAX_HEADER_BYTES get a 431; an idle kept-alive connection is not cut."""
+    import socket
+    import time
+
+    from ovd.service.launch import ServerProcess
+
+    with ServerProcess(export_dir, env={"OVD_HEADER_TIMEOUT_S": "1", "OVD_MAX_HEADER_BYTES": "4096"}) as server:
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.settimeout(0.2)
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n")
+        start, closed = time.monotonic(), False
+        while not closed and time.monotonic() - start < 6:
+            try:
+                sock.sendall(b"X-Slow: a\r\n")
+                closed = sock.recv(1) == b""
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+        sock.close()
+        assert closed and time.monotonic() - start < 3
+        big = httpx.get(server.url + "/livez", headers={"x-big": "a" * 5000})
+        assert big.status_code == 431 and "OVD_MAX_HEADER_BYTES" in big.text
+        assert httpx.get(server.url + "/livez", headers={"x-fine": "a" * 3000}).status_code == 200
+        with httpx.Client() as client:
+            first = client.get(server.url + "/livez")
+            time.sleep(1.5)  # idle between requests: longer than the header timeout
+            second = client.get(server.url + "/livez")
+            assert first.status_code == second.status_code == 200 and _local_port(first) == _local_port(second)
+        assert "Traceback" not in server.log()
