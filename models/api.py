@@ -27,7 +27,14 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .detections import Detections
-from .examples import as_numpy, category_text_mean, example_inputs, example_rows, prototypes, weak_example_warnings
+from .examples import (
+    as_numpy,
+    category_text_mean,
+    example_inputs,
+    example_rows,
+    prototypes,
+    weak_example_warnings,
+)
 from .model_card import model_card, warnings_for
 from .registry import REGISTERED
 from .runtime import DEFAULT_SCORE_MODE, ClassifyOptions, Runtime, batches, load_runtime

@@ -47,7 +47,7 @@ def warnings_for(manifest: dict, names: Sequence[str]) -> list[dict]:
     """[{"name", "unknown_words", "message"}] for names with words the model never read."""
     return [{"name": name, "unknown_words": words,
              "message": f"this model's text encoder never read {', '.join(repr(w) for w in words)}: "
-                        f"detections of {name!r} are not meaningful (see the model card, GET /v1/model)"}
+                        f"detections of {name!r} are not meaningful (see the model card, GET /v1/models/card)"}
             for name, words in unknown_words(manifest, names).items()]
 
 

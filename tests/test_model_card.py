@@ -80,3 +80,16 @@ def test_service_warns_and_offers_only_vocabularies_the_model_can_read(carded_ex
         assert ids == ["training"]  # coco and lvis are words this model never read
         card = client.get("/v1/models/card").json()
         assert card["vocabulary"]["restricted"] and name.split()[0] in card["vocabulary"]["words"]
+
+
+def test_the_shipped_model_names_the_words_it_never_read():
+    """The shipped export carries its CLIP's words (scripts/record_v1_caption_words.py): "cat"
+    gets a warning naming the word, its own class names none, and COCO's names do not fit it."""
+    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+    from ovd.models.registry import REGISTERED
+
+    manifest = json.loads((REGISTERED["default"] / "manifest.json").read_text())
+    (cat,) = warnings_for(manifest, ["cat", "red ring", "white hexagon"])
+    assert cat["name"] == "cat" and cat["unknown_words"] == ["cat"]
+    assert not vocabulary_fits(manifest, [c["name"] for c in COCO_CATEGORIES if c["isthing"]])
