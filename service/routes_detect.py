@@ -44,6 +44,25 @@ _FORM_OPTIONS = {k: {key: v for key, v in schemas.DetectOptions.model_json_schem
                      if key != "title"} for k in FORM_SCALARS}
 
 
+def _inline_defs(schema: dict) -> dict:
+    """A pydantic JSON schema with its `$defs` written in place of their `$ref`s: the schema of an
+    `openapi_extra` body is not in `components`, so a `#/$defs/...` reference would point nowhere
+    in the OpenAPI document (ReDoc refuses to render it). The request models are not recursive."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve({**defs[ref.removeprefix("#/$defs/")], **{k: v for k, v in node.items() if k != "$ref"}})
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
+
+
 def _detect_body(model: type, multipart_file: str, *, batch: bool) -> dict:
     """OpenAPI requestBody of a detect route: JSON with base64, or a multipart form with files."""
     file_schema = {"type": "string", "format": "binary"}
@@ -61,7 +80,7 @@ def _detect_body(model: type, multipart_file: str, *, batch: bool) -> dict:
         },
     }
     return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": model.model_json_schema()},
+        "application/json": {"schema": _inline_defs(model.model_json_schema())},
         "multipart/form-data": {"schema": form}}}}
 
 

@@ -172,6 +172,11 @@ def test_sample_scene_and_example_boxes_dragged_on_the_canvas(browser, server):
 
 @pytest.mark.parametrize("path,ready", [("/docs", ".swagger-ui .info .title"), ("/redoc", "redoc-wrap h1, h1")])
 def test_api_docs_render_without_internet(browser, server, path, ready):
+    """Every reference of the OpenAPI document resolves inside it (ReDoc refuses the whole
+    document for one that does not), and both pages render with no host but the server."""
+    import httpx
+
+    assert "#/$defs" not in httpx.get(server.url + "/openapi.json").text
     browser.get(server.url + path)
     wait = WebDriverWait(browser, 30)
     wait.until(lambda d: any("ovd detection service" in e.text for e in d.find_elements(By.CSS_SELECTOR, ready)))
