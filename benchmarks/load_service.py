@@ -11,7 +11,11 @@ Cells (each a fixed number of POST /v1/detect requests, JSON body with a base64 
 * concurrency 1, 4 and 16 with a warm vocabulary of 10 names;
 * cold vocabulary (fresh, never seen class names in every request) vs warm (the same names,
   already embedded and cached);
-* 10 vs 1000 class names.
+* 10 vs 1000 class names;
+* the abuse mix (`abuse_mix`): normal requests, one at a time, while other clients send what
+  costs most (batches of huge-dimension images, 1,000 never-seen names x 4 templates at score
+  threshold 0) and half of them hang up after 0.5 s: the normal requests' p50/p95, the
+  status codes everyone got, the server's peak RSS and the work it counted as abandoned.
 
 The run is bounded twice: `--requests` per cell and `--time-cap-s` for the whole run (a cell
 that would start after the cap is reported as skipped, one cut short says so). Only loopback
@@ -34,6 +38,7 @@ import ipaddress
 import json
 import os
 import random
+import re
 import shlex
 import shutil
 import sys
@@ -252,6 +257,85 @@ async def run_cells(url: str, *, requests: int, time_cap_s: float, image_b64: st
     return results
 
 
+# --- the abuse mix ----------------------------------------------------------------------------
+
+
+def _blank_png(side: int) -> str:
+    """base64 of a few-KB PNG that decodes to side x side pixels: cheap to send, dear to decode."""
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def peak_rss_mb(pid: int) -> float:
+    """A process's peak resident memory (VmHWM), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def abuse_mix(url: str, image_b64: str, *, seconds: float, headers: dict | None = None,
+                    abusers: int = 3, seed: int = 0) -> dict:
+    """Normal requests (10 warm names, one at a time) for `seconds` while `abusers` clients loop
+    over expensive requests, every other one abandoned after 0.5 s.
+
+    Returns:
+        {"normal": CellResult summary fields, "normal_statuses", "abuse_statuses" (status or
+        "gone" -> count), "abandoned" (ovd_abandoned_jobs_total by stage, from /metrics)}.
+    """
+    rng = random.Random(seed)
+    huge = {"images": [_blank_png(4000)] * 4, "classes": vocabulary(10)}
+    deadline = time.monotonic() + seconds
+    normal = CellResult(Cell("normal requests under the abuse mix", concurrency=1, num_classes=10, cold=False))
+    normal_statuses: dict[str, int] = {}
+    abuse_statuses: dict[str, int] = {}
+
+    def count(table: dict, key) -> None:
+        table[str(key)] = table.get(str(key), 0) + 1
+
+    async with httpx.AsyncClient(headers=headers, timeout=120) as client:
+        normal_body = {"image": image_b64, "classes": vocabulary(10), "score_threshold": 0.3}
+        (await client.post(f"{url}/v1/detect", json=normal_body)).raise_for_status()  # warm names
+
+        async def abuser(k: int) -> None:
+            n = 0
+            while time.monotonic() < deadline:
+                n += 1
+                if (n + k) % 2:
+                    route, body = "/v1/detect/batch", huge
+                else:
+                    route, body = "/v1/detect", {"image": image_b64, "score_threshold": 0.0,
+                                                 "classes": fresh_names(1000, rng),
+                                                 "templates": ["a photo of a {}", "a {}", "the {}", "a drone photo of a {}"]}
+                try:
+                    r = await client.post(f"{url}{route}", json=body, timeout=0.5 if n % 2 else 120)
+                    count(abuse_statuses, r.status_code)
+                except httpx.TimeoutException:
+                    count(abuse_statuses, "gone")
+
+        async def normal_client() -> None:
+            await asyncio.sleep(1.0)  # let the abusers fill the server first
+            while time.monotonic() < deadline:
+                start = time.perf_counter()
+                r = await client.post(f"{url}/v1/detect", json=normal_body)
+                count(normal_statuses, r.status_code)
+                if r.status_code == 200:
+                    normal.latencies_ms.append((time.perf_counter() - start) * 1000)
+                else:
+                    normal.errors += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(normal_client(), *(abuser(k) for k in range(abusers)))
+        normal.wall_s = time.perf_counter() - start
+        metrics = (await client.get(f"{url}/metrics")).text
+    abandoned: dict[str, float] = {}
+    for stage, value in re.findall(r'^ovd_abandoned_jobs_total\{stage="(\w+)"\} (\S+)$', metrics, re.M):
+        abandoned[stage] = float(value)
+    return {"normal": normal.summary(), "normal_statuses": normal_statuses, "abuse_statuses": abuse_statuses,
+            "abandoned_jobs": abandoned}
+
+
 # --- report -----------------------------------------------------------------------------------
 
 
@@ -283,6 +367,18 @@ def markdown(report: dict) -> str:
               "embeds all of its names. Latency is client-side, from send to full response; the "
               "client runs on the same cores as the server."]
     lines += [f"- {note}" for note in notes]
+    abuse = report.get("abuse_mix")
+    if abuse:
+        n = abuse["normal"]
+        lines += ["", "## Abuse mix", "",
+                  "Normal requests (10 warm names, one at a time) while 3 clients loop over batches of 4 PNGs "
+                  "of 4000x4000 px and requests with 1,000 never-seen names x 4 templates at score threshold 0, "
+                  "every other one abandoned after 0.5 s.", "",
+                  f"- normal requests: n {n['n']}, p50 {n['p50_ms']} ms, p95 {n['p95_ms']} ms, statuses "
+                  f"{abuse['normal_statuses']}",
+                  f"- abusive requests: statuses {abuse['abuse_statuses']} (gone: the client hung up)",
+                  f"- work dropped because its client left (ovd_abandoned_jobs_total): {abuse['abandoned_jobs']}",
+                  f"- server peak RSS: {abuse.get('server_peak_rss_mb', 'not measured (server not started here)')} MiB"]
     return "\n".join(lines) + "\n"
 
 
@@ -301,6 +397,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=256, help="side of the test image, px")
     p.add_argument("--no-redis", action="store_true", help="start the server without Redis")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--abuse-s", type=float, default=30, help="seconds of the abuse mix (0: skip it)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder of load_service.{json,md}")
     return p.parse_args(argv)
 
@@ -323,6 +420,7 @@ def started_server(args: argparse.Namespace, api_key: str) -> Iterator[tuple[str
                "OVD_TORCH_THREADS": str(args.torch_threads)}
         server = stack.enter_context(ServerProcess(model_dir, env=env))
         yield server.url.rstrip("/"), {
+            "pid": server.process.pid,
             "target": "started here (ovd.service.launch.ServerProcess, uvicorn)",
             "model": model_note, "torch_threads": args.torch_threads,
             "redis": "none" if args.no_redis else "redis-server on loopback (started here)",
@@ -350,11 +448,17 @@ def main(argv: list[str] | None = None) -> int:
               f"cap {args.time_cap_s:.0f} s", flush=True)
         results = asyncio.run(run_cells(url, requests=args.requests, time_cap_s=args.time_cap_s,
                                         image_b64=image_b64, headers=headers, seed=args.seed))
+        abuse = None
+        if args.abuse_s > 0:
+            print(f"  abuse mix for {args.abuse_s:.0f} s", flush=True)
+            abuse = asyncio.run(abuse_mix(url, image_b64, seconds=args.abuse_s, headers=headers, seed=args.seed))
+            if "pid" in server:
+                abuse["server_peak_rss_mb"] = round(peak_rss_mb(server.pop("pid")), 1)
     report = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command, "machine": host, "server": server,
         "requests_per_cell": args.requests, "time_cap_s": args.time_cap_s,
-        "image_size": args.image_size, "cells": [r.summary() for r in results],
+        "image_size": args.image_size, "cells": [r.summary() for r in results], "abuse_mix": abuse,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "load_service.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -26,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import heapq
 import io
+import itertools
 import struct
 import warnings
 from collections.abc import Callable
@@ -135,28 +137,53 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
 
 
 class DecodePool:
-    """A bounded pool of decoding threads shared by all requests.
+    """A bounded pool of decoding threads shared by all requests, cheapest image first.
 
-    `run` queues one call; a request cancelled while its call waits takes it out of the queue
-    (it never starts, and never holds a thread), and one cancelled while its call runs lets it
-    finish and drops the result: at most `workers` images are ever being decoded.
+    `run` waits for a free thread; waiting calls are served in order of their `cost` (the
+    image's pixels), so a small image never queues behind a batch of huge ones (first come,
+    first served let one client's 64-megapixel batch delay everyone's 0.1-megapixel photo by
+    seconds). A request cancelled while its call waits leaves the queue (the call never starts,
+    and `on_dropped()` is called); one cancelled while its call runs lets it finish and drops the
+    result: at most `workers` images are ever being decoded.
     """
 
     def __init__(self, workers: int):
         self.workers = workers
+        self._free = workers
+        self._waiting: list[tuple[float, int, asyncio.Future]] = []  # heap of (cost, arrival, gate)
+        self._arrival = itertools.count()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ovd-decode")
 
-    async def run(self, fn: Callable[..., T], *args, on_dropped: Callable[[], None] | None = None) -> T:
-        """`fn(*args)` in a pool thread; cancelled before it started, it never runs and
-        `on_dropped()` is called."""
+    async def run(self, fn: Callable[..., T], *args, cost: float = 0.0,
+                  on_dropped: Callable[[], None] | None = None) -> T:
+        """`fn(*args)` in a pool thread once one is free and no cheaper call waits."""
+        loop = asyncio.get_running_loop()
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+        else:
+            gate = loop.create_future()
+            heapq.heappush(self._waiting, (cost, next(self._arrival), gate))
+            try:
+                await gate  # resolved by _release: a thread is ours
+            except asyncio.CancelledError:
+                if gate.done() and not gate.cancelled():  # handed a thread just as we were cancelled
+                    self._release()
+                if on_dropped is not None:
+                    on_dropped()
+                raise
         job = self._executor.submit(fn, *args)
-        try:
-            return await asyncio.wrap_future(job)
-        except asyncio.CancelledError:
-            job.cancel()
-            if job.cancelled() and on_dropped is not None:
-                on_dropped()
-            raise
+        # The thread is given back when the call ends, not when its awaiting request is cancelled.
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
+        return await asyncio.wrap_future(job)
+
+    def _release(self) -> None:
+        """A thread is free: hand it to the cheapest waiting call still wanted."""
+        while self._waiting:
+            gate = heapq.heappop(self._waiting)[2]
+            if not gate.done():  # a cancelled waiter's gate is cancelled
+                gate.set_result(None)
+                return
+        self._free += 1
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

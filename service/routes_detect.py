@@ -131,10 +131,11 @@ async def _detect(request: Request, model: ServedModel, settings: Settings, metr
         max_tiles = _tile_budget(sizes, opts.tiles, model, settings, extra_passes=example_passes)
         stage = "decode"
         with model.admission.pixels.hold(sum(w * h for w, h in sizes + example_sizes)):
-            decoded = await _decode_all(data, opts.tiles, max_tiles, model, settings, metrics)
+            decoded = await _decode_all(data, sizes, opts.tiles, max_tiles, model, settings, metrics)
             example_parts = await asyncio.gather(*(
-                model.decoder.run(_decode_example, blob, boxes, model, settings)
-                for blob, (_, boxes) in zip(example_blobs, _examples_by_image(opts), strict=True)))
+                model.decoder.run(_decode_example, blob, boxes, model, settings, cost=w * h)
+                for blob, (_, boxes), (w, h) in zip(example_blobs, _examples_by_image(opts), example_sizes,
+                                                    strict=True)))
         stage = "text"
         t_text = time.perf_counter()
         text = np.zeros((0, model.text.dim), np.float32)
@@ -360,14 +361,15 @@ def _decode_one(blob: bytes, tiles: str, max_tiles: int, index: int, count: int,
     return plan, inputs, time.perf_counter() - t0
 
 
-async def _decode_all(data: list[bytes], tiles: str, max_tiles: int, model: ServedModel, settings: Settings,
-                      metrics: Metrics) -> list[tuple[TilePlan, list[dict], float]]:
-    """Decode a request's images in the shared decode pool; on an error or a cancellation the
-    images not yet started are taken out of the pool's queue (counted as abandoned when cancelled)."""
+async def _decode_all(data: list[bytes], sizes: list[tuple[int, int]], tiles: str, max_tiles: int,
+                      model: ServedModel, settings: Settings, metrics: Metrics) -> list[tuple[TilePlan, list[dict], float]]:
+    """Decode a request's images in the shared decode pool (cheapest first, by their header's
+    pixels); on an error or a cancellation the images not yet started are taken out of the
+    pool's queue (counted as abandoned when cancelled)."""
     dropped = []
     tasks = [asyncio.ensure_future(model.decoder.run(_decode_one, blob, tiles, max_tiles, i, len(data), model, settings,
-                                                     on_dropped=lambda: dropped.append(1)))
-             for i, blob in enumerate(data)]
+                                                     cost=w * h, on_dropped=lambda: dropped.append(1)))
+             for i, (blob, (w, h)) in enumerate(zip(data, sizes, strict=True))]
     try:
         return [await t for t in tasks]
     except BaseException as e:

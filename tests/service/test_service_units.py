@@ -370,3 +370,38 @@ def test_base64_strict_with_optional_data_url():
         assert (info.value.status, info.value.code) == (400, "invalid_base64")
 
 
+
+
+def test_decode_pool_serves_the_cheapest_image_first_and_drops_cancelled_waiters():
+    import threading
+
+    from ovd.service.images import DecodePool
+
+    async def scenario() -> tuple[list[str], list[str], int]:
+        pool = DecodePool(1)
+        order, dropped, running, peak = [], [], [0], [0]
+        release = threading.Event()
+
+        def job(name: str, wait: bool = False) -> str:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            if wait:
+                release.wait(5)
+            order.append(name)
+            running[0] -= 1
+            return name
+
+        first = asyncio.ensure_future(pool.run(job, "first", True, cost=1e6))
+        await asyncio.sleep(0.05)  # "first" holds the only thread
+        big = asyncio.ensure_future(pool.run(job, "big", cost=64e6))
+        gone = asyncio.ensure_future(pool.run(job, "gone", cost=1, on_dropped=lambda: dropped.append("gone")))
+        small = asyncio.ensure_future(pool.run(job, "small", cost=1e4))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        release.set()
+        await asyncio.gather(first, big, small)
+        pool.close()
+        return order, dropped, peak[0]
+
+    order, dropped, peak = asyncio.run(scenario())
+    assert order == ["first", "small", "big"] and dropped == ["gone"] and peak == 1
