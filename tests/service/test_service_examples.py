@@ -56,9 +56,10 @@ def test_examples_over_json_and_multipart_equal_the_python_api(client, detector)
     alone = client.post("/v1/detect", json={"image": _b64(png), "classes": ["red ring"], "score_threshold": 0.05,
                                             "max_detections": 300}).json()
     assert both["classes"] == ["red ring", "thing"]
+    # (The example's detections share the 300 per image: the name keeps its best ones.)
     ring = [d for d in both["detections"] if d["label"] == "red ring"]
-    assert [d["box"] for d in ring] == [d["box"] for d in alone["detections"]]
-    assert np.allclose([d["score"] for d in ring], [d["score"] for d in alone["detections"]], atol=1e-6)
+    assert len(ring) > 100 and [d["box"] for d in ring] == [d["box"] for d in alone["detections"][:len(ring)]]
+    assert np.allclose([d["score"] for d in ring], [d["score"] for d in alone["detections"][:len(ring)]], atol=1e-6)
     # A batch request refers to example images by index.
     batch = client.post("/v1/detect/batch", json={"images": [_b64(png), _b64(other)], "score_threshold": 0.05,
                                                   "examples": [{**examples[0], "image": 0}],
