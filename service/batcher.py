@@ -2,8 +2,10 @@
 
 Requests wait in a bounded queue; a batch is taken when `max_batch_size` images are waiting
 or the oldest has waited `max_batch_wait`, whichever comes first (while the model is busy,
-the queue fills and the next batch leaves at once). The batch runs in one worker thread, so
-the event loop never blocks on torch:
+the queue fills and the next batch leaves at once). A batch takes the jobs of the cheapest
+requests first (fewest model passes, then arrival), so a one-image request is not queued behind
+the tiles of another's large images. The batch runs in one worker thread, so the event loop
+never blocks on torch:
 
     regions = runtime.encode(images)                    # ~all of the cost, shared
     for each request: runtime.classify(its regions, ...) # two small matmuls + NMS, per vocabulary
@@ -26,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -62,6 +63,7 @@ class Job:
     options: ClassifyOptions = field(default_factory=ClassifyOptions)
     future: asyncio.Future | None = field(default=None, repr=False)
     enqueued: float = 0.0
+    cost: int = 1  # model passes of its request (set by `Batcher.submit`): fewer go first
 
 
 @dataclass
@@ -111,7 +113,7 @@ class Batcher:
         self._on_queue_depth = on_queue_depth or (lambda depth: None)
         self._on_abandon = on_abandon or (lambda stage, images: None)
         self.max_candidates = max_candidates
-        self._queue: deque[Job] = deque()
+        self._queue: list[Job] = []
         self._arrived = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -143,6 +145,7 @@ class Batcher:
         for job in jobs:
             job.future = loop.create_future()
             job.enqueued = time.monotonic()
+            job.cost = len(jobs)
             self._queue.append(job)
         self._idle.clear()
         self._arrived.set()
@@ -154,7 +157,7 @@ class Batcher:
         while True:
             await self._arrived.wait()
             while self._queue and len(self._queue) < self.max_batch_size:
-                remaining = self._queue[0].enqueued + self.max_wait_s - time.monotonic()
+                remaining = min(j.enqueued for j in self._queue) + self.max_wait_s - time.monotonic()
                 if remaining <= 0:
                     break
                 self._arrived.clear()
@@ -164,8 +167,11 @@ class Batcher:
                     break
             batch: list[Job] = []
             dropped = 0
+            # Cheapest request first (then arrival): a one-image request does not wait behind
+            # the 60 tiles of another's large images; those wait, and may time out, instead.
+            self._queue.sort(key=lambda j: (j.cost, j.enqueued))
             while self._queue and len(batch) < self.max_batch_size:
-                job = self._queue.popleft()
+                job = self._queue.pop(0)
                 if not job.future.done():  # a request that timed out or went away is skipped
                     batch.append(job)
                 else:

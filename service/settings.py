@@ -67,9 +67,11 @@ class Settings(BaseSettings):
                                      "text tower; more -> 503 server_busy (Retry-After)")
     text_encode_chunk: int = Field(256, ge=1, description="prompts per text-tower call; a cancelled request "
                                    "stops after the chunk in progress")
-    max_classify_candidates: int = Field(100_000, ge=1, description="(box, class) pairs of one image (or tile) "
+    max_classify_candidates: int = Field(5_000, ge=1, description="(box, class) pairs of one image (or tile) "
                                          "the model regresses and gives NMS: the best ones, whatever the "
-                                         "vocabulary size, threshold and score mode")
+                                         "vocabulary size, threshold and score mode (5,000 leave the best 300 "
+                                         "after NMS all but unchanged, benchmarks/score_modes.py; 100,000 let one "
+                                         "request hold the model thread for seconds)")
     max_tiles: int = Field(16, ge=1, description="windows of one image in sliced inference (`tiles`); a larger "
                            "image gets larger windows, so an image costs at most this + 1 model passes")
 
