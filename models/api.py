@@ -201,10 +201,12 @@ class Detector:
             by_image.setdefault(key, []).append(k)
         for key, members in by_image.items():
             parts = example_inputs(images[key], [examples[k].box for k in members], self.runtime.preprocessing)
-            regions = self.runtime.encode([x for x, _, _ in parts])
-            for (x, which, boxes), region in zip(parts, regions, strict=True):
-                for k, r in zip(which, example_rows(region, x, boxes, self.text_mean), strict=True):
-                    rows[members[k]] = r
+            # Windows cut at an image's edge differ in size: encode them by batch key, as detection does.
+            for chunk in batches(self.runtime.preprocessing, [x for x, _, _ in parts]):
+                regions = self.runtime.encode([parts[i][0] for i in chunk])
+                for (x, which, boxes), region in zip((parts[i] for i in chunk), regions, strict=True):
+                    for k, r in zip(which, example_rows(region, x, boxes, self.text_mean), strict=True):
+                        rows[members[k]] = r
         labels = [str(ex.label).strip() for ex in examples]
         for w in weak_example_warnings(labels, rows):
             warnings.warn(w["message"], WeakExampleWarning, stacklevel=3)
