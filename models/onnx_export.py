@@ -284,21 +284,26 @@ def validation_images(manifest: dict, sources: Sequence | None = None, count: in
     return [torch.from_numpy(prep(rgb)["image"]) for rgb in rgbs]
 
 
-def match_detections(want: tuple, got: tuple) -> dict:
+def match_detections(want: tuple, got: tuple, box_tol: float = 1e-2) -> dict:
     """Greedy one-to-one match of two detection sets, best-scoring reference first.
 
+    A reference detection matches the same-class detection with the closest box. A matched pair
+    whose boxes differ by more than `box_tol` but overlap at IoU >= 0.5 with scores within 1e-5 is
+    a *swap*: two overlapping candidates of one class scored within float noise (saturated scores
+    near 1 are a few ulps apart), and the two runtimes' NMS kept a different one of them.
+
     Args:
-        want, got: (boxes (N, 4), scores (N,), classes (N,)) as numpy arrays or tensors.
+        want, got: (boxes (N, 4) xyxy px, scores (N,), classes (N,)) as numpy arrays or tensors.
 
     Returns:
-        {"want", "got", "matched", "max_box_diff" (px), "max_score_diff"} over matched pairs; a
-        reference detection matches the same-class detection with the closest box.
+        {"want", "got", "matched", "swaps", "max_box_diff" (px, over matched pairs that are not
+        swaps), "max_score_diff" (over all matched pairs)}.
     """
     wb, ws, wc = (np.asarray(x, np.float64) for x in want)
     gb, gs, gc = (np.asarray(x, np.float64) for x in got)
     free = np.ones(len(gb), bool)
     box_diff = score_diff = 0.0
-    matched = 0
+    matched = swaps = 0
     for i in np.argsort(-ws, kind="stable"):
         candidates = np.flatnonzero(free & (gc == wc[i]))
         if not len(candidates):
@@ -307,10 +312,22 @@ def match_detections(want: tuple, got: tuple) -> dict:
         j = candidates[diffs.argmin()]
         free[j] = False
         matched += 1
-        box_diff = max(box_diff, float(diffs.min()))
-        score_diff = max(score_diff, abs(float(gs[j] - ws[i])))
-    return {"want": len(wb), "got": len(gb), "matched": matched, "max_box_diff": box_diff,
-            "max_score_diff": score_diff}
+        pair_score_diff = abs(float(gs[j] - ws[i]))
+        score_diff = max(score_diff, pair_score_diff)
+        if diffs.min() > box_tol and pair_score_diff <= 1e-5 and _iou(wb[i], gb[j]) >= 0.5:
+            swaps += 1
+        else:
+            box_diff = max(box_diff, float(diffs.min()))
+    return {"want": len(wb), "got": len(gb), "matched": matched, "swaps": swaps,
+            "max_box_diff": box_diff, "max_score_diff": score_diff}
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two xyxy boxes."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return float(w * h / union) if union > 0 else 0.0
 
 
 #: The option sets an export is validated under: the graphs' defaults, a low threshold (many
@@ -321,7 +338,8 @@ VALIDATION_OPTIONS = (ClassifyOptions(score_mode="softmax"), ClassifyOptions(sco
 
 
 def compare_with_torch(model, onnx: OnnxGraphs, images: list[torch.Tensor],
-                       vocabularies: list[torch.Tensor], options: ClassifyOptions | None = None) -> list[dict]:
+                       vocabularies: list[torch.Tensor], options: ClassifyOptions | None = None,
+                       box_tol: float = 1e-2) -> list[dict]:
     """onnxruntime (detector.onnx and the two halves) vs the PyTorch model, per image and
     vocabulary. PyTorch runs `model.encode` + `box_predictor.classify` eagerly.
 
@@ -343,7 +361,7 @@ def compare_with_torch(model, onnx: OnnxGraphs, images: list[torch.Tensor],
                 for graph, out in (("detector", onnx.detect(image.numpy(), text.numpy(), options)),
                                    ("encode+classify", onnx.classify_one(onnx_regions, text.numpy(), options))):
                     reports.append({"graph": graph, "classes": len(text), "options": repr(options),
-                                    **match_detections(*_clear_of_the_cut(want, out, keep))})
+                                    **match_detections(*_clear_of_the_cut(want, out, keep), box_tol)})
     return reports
 
 
@@ -366,17 +384,22 @@ def _clear_of_the_cut(want: tuple, got: tuple, keep: int, margin: float = 1e-5) 
 def check_reports(reports: list[dict], *, box_tol: float = 1e-2, score_tol: float = 1e-3) -> dict:
     """Raise OnnxValidationError unless every report matched all detections within tolerance.
 
+    NMS swaps between tied candidates (see `match_detections`) are allowed for at most one in ten
+    of a comparison's detections (at least one): a graph that regresses boxes differently moves
+    every box and fails.
+
     Returns:
-        Summary: {"comparisons", "detections", "max_box_diff", "max_score_diff", tolerances}.
+        Summary: {"comparisons", "detections", "swaps", "max_box_diff_px", "max_score_diff", tolerances}.
     """
     bad = [r for r in reports if not (r["want"] == r["got"] == r["matched"]
+                                      and r["swaps"] <= max(1, r["matched"] // 10)
                                       and r["max_box_diff"] <= box_tol and r["max_score_diff"] <= score_tol)]
     if bad:
         raise OnnxValidationError(f"onnxruntime differs from PyTorch (tolerance {box_tol} px, "
                                   f"{score_tol} score) in {len(bad)} of {len(reports)} comparisons, "
                                   f"first: {bad[0]}")
     return {"comparisons": len(reports), "detections": sum(r["want"] for r in reports),
-            "vocabulary_sizes": sorted({r["classes"] for r in reports}),
+            "swaps": sum(r["swaps"] for r in reports), "vocabulary_sizes": sorted({r["classes"] for r in reports}),
             "max_box_diff_px": max(r["max_box_diff"] for r in reports),
             "max_score_diff": max(r["max_score_diff"] for r in reports),
             "box_tolerance_px": box_tol, "score_tolerance": score_tol}
@@ -533,7 +556,7 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, images: Se
     vocabularies = [exported.text_embeddings(names), *random_vocabularies(int(manifest["embed_dim"]), (16,))]
     scenes = validation_images(manifest, images)
     reports = [r for options in VALIDATION_OPTIONS
-               for r in compare_with_torch(model, onnx, scenes, vocabularies, options)]
+               for r in compare_with_torch(model, onnx, scenes, vocabularies, options, box_tol)]
     summary = {**check_reports(reports, box_tol=box_tol, score_tol=score_tol),
                "images": f"{len(scenes)} given" if images else f"{len(scenes)} drawn scenes"}
     manifest["onnx"]["validation"] = summary

@@ -6,6 +6,7 @@ Nothing heavy is imported at module level: building the parser must stay fast (`
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import time
@@ -85,10 +86,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from ovd.models.exported import verify_export
+    from ovd.models.manifest import verify_export
     from ovd.service.settings import Settings
 
     settings = Settings(**({"model_dir": args.model_dir} if args.model_dir else {}))
+    if settings.backend == "torch" and importlib.util.find_spec("torch") is None:
+        raise ValueError("OVD_BACKEND=torch needs the full install (scripts/install.sh); this "
+                         "environment has no torch (the serve-onnx install): set OVD_BACKEND=onnx")
     manifest = verify_export(settings.model_dir)  # a missing or tampered export fails here, not in a running server
     if settings.backend == "onnx" and "onnx" not in manifest:
         raise ValueError(f"OVD_BACKEND=onnx, but {settings.model_dir} has no ONNX graphs: "

@@ -35,6 +35,7 @@ class ServerProcess:
     Args:
         model_dir: export folder to serve.
         env: extra environment variables (OVD_* settings), on top of this process's environment.
+        python: the interpreter whose `ovd` serves (default: this one; e.g. another venv's).
 
     Attributes:
         url: "http://127.0.0.1:<port>".
@@ -44,8 +45,10 @@ class ServerProcess:
     READY_TIMEOUT_S = 120.0  # how long start() waits for /readyz
     STOP_TIMEOUT_S = 30.0  # how long stop() waits after SIGTERM before SIGKILL
 
-    def __init__(self, model_dir: str | Path, *, env: dict[str, str] | None = None):
+    def __init__(self, model_dir: str | Path, *, env: dict[str, str] | None = None,
+                 python: str | Path = sys.executable):
         self.model_dir = Path(model_dir)
+        self.python = str(python)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **(env or {})}
@@ -62,7 +65,7 @@ class ServerProcess:
         Raises:
             RuntimeError: the process exited or was not ready in time (with its log).
         """
-        cmd = [sys.executable, "-m", "ovd", "serve", "--host", "127.0.0.1",
+        cmd = [self.python, "-m", "ovd", "serve", "--host", "127.0.0.1",
                "--port", str(self.port), "--model-dir", str(self.model_dir)]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,

@@ -27,8 +27,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
-DOCKERFILES = {"cpu": DOCKER / "Dockerfile.cpu", "cuda": DOCKER / "Dockerfile.cuda"}
-COMPOSE_FILES = [DOCKER / "compose.yaml", DOCKER / "compose.gpu.yaml"]
+DOCKERFILES = {"cpu": DOCKER / "Dockerfile.cpu", "cuda": DOCKER / "Dockerfile.cuda",
+               "onnx": DOCKER / "Dockerfile.onnx"}
+COMPOSE_FILES = [DOCKER / "compose.yaml", DOCKER / "compose.gpu.yaml", DOCKER / "compose.onnx.yaml"]
 SERVE_CMD = ["ovd", "serve", "--host", "0.0.0.0", "--port", "8000"]
 MODEL_DIR = "/models/default"
 
@@ -268,7 +269,8 @@ def test_compose_redis_is_private_persistent_and_pinned():
     doc = load_yaml(DOCKER / "compose.yaml")
     redis = doc["services"]["redis"]
     assert "ports" not in redis
-    assert re.fullmatch(r"redis:7\.\d+\.\d+-\w+", redis["image"]), redis["image"]
+    default = re.fullmatch(r"\$\{OVD_REDIS_IMAGE:-(.+)\}", redis["image"])
+    assert default and re.fullmatch(r"redis:7\.\d+\.\d+-\w+", default.group(1)), redis["image"]
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
     # allkeys-* would evict registered vocabularies too; volatile-* only the keys with an expiry
@@ -287,6 +289,16 @@ def test_compose_gpu_override_reserves_an_nvidia_gpu_with_the_cuda_image():
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
 
 
+def test_compose_onnx_override_serves_the_slim_image_with_the_onnx_backend():
+    detector = load_yaml(DOCKER / "compose.onnx.yaml")["services"]["detector"]
+    assert detector["build"]["dockerfile"] == "docker/Dockerfile.onnx"
+    assert detector["environment"]["OVD_BACKEND"] == "onnx"
+    final = final_stage(DOCKERFILES["onnx"])
+    assert any(kw == "ENV" and "OVD_BACKEND=onnx" in args for kw, args in final)
+    runs = [args for _, kw, args in instructions(DOCKERFILES["onnx"]) if kw == "RUN"]
+    assert all("--serve-onnx" in r for r in runs if "scripts/install.sh" in r)
+
+
 def test_docker_compose_config_accepts_the_files(tmp_path):
     docker = shutil.which("docker")
     if docker is None:
@@ -295,7 +307,7 @@ def test_docker_compose_config_accepts_the_files(tmp_path):
         pytest.skip("docker CLI without the compose plugin: schema validation above only")
     (tmp_path / "model").mkdir()
     env = {**os.environ, "OVD_MODEL_HOST_DIR": str(tmp_path / "model")}
-    for files in (["compose.yaml"], ["compose.yaml", "compose.gpu.yaml"]):
+    for files in (["compose.yaml"], ["compose.yaml", "compose.gpu.yaml"], ["compose.yaml", "compose.onnx.yaml"]):
         args = [a for f in files for a in ("-f", str(DOCKER / f))]
         proc = subprocess.run([docker, "compose", *args, "config", "-q"], env=env,
                               capture_output=True, text=True, timeout=60)

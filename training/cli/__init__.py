@@ -31,6 +31,11 @@ from . import clip, data, detector, stages
 
 logger = logging.getLogger("ovd")
 
+#: Imported only by the commands of the full install (training, evaluation, export, the PyTorch
+#: backend); the serve-onnx install lacks them.
+FULL_INSTALL_MODULES = {"torch", "torchvision", "detectron2", "open_clip", "pycocotools", "safetensors",
+                        "matplotlib", "scipy", "onnx"}
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole `ovd` parser; each group module adds its commands (none imports torch here)."""
@@ -59,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         logger.error("%s", e)
         return 2
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in FULL_INSTALL_MODULES:
+            logger.error("`ovd %s` needs %s, which the full install provides (scripts/install.sh); "
+                         "this environment has the serve-onnx install, which runs exports' ONNX graphs "
+                         "only: `ovd serve` with OVD_BACKEND=onnx, `ovd detect --backend onnx`",
+                         args.command, e.name)
+            return 2
+        raise
     except KeyboardInterrupt:
         logger.error("interrupted; run the same command again to resume")
         return 130
