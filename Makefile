@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo pipeline bench-ezsd bench-compress bench-load bench-speed bench-onnx test lint clean
+.PHONY: install demo pipeline bench-ezsd bench-compress bench-load bench-speed bench-onnx docker-test test lint clean
 
 install:
 	bash scripts/install.sh
@@ -31,6 +31,10 @@ bench-speed: install
 
 bench-onnx: install
 	$(PY) benchmarks/onnx_runtime.py
+
+# The images built and run for real (podman here, or Docker): docker/docker_test.py, docker/README.md.
+docker-test: install
+	$(PY) docker/docker_test.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -257,7 +257,7 @@ def test_compose_detector_waits_for_a_healthy_redis_and_mounts_the_model_read_on
     assert detector["healthcheck"]["test"][1:] == ["python", "/usr/local/lib/ovd/healthcheck.py"]
     assert detector["build"]["dockerfile"] == "docker/Dockerfile.cpu"
     assert (DOCKER / detector["build"]["context"] / detector["build"]["dockerfile"]).is_file()
-    assert detector["ports"] == ["8000:8000"]
+    assert detector["ports"] == ["${OVD_PORT:-8000}:8000"]
     env = detector["environment"]
     assert env["OVD_MODEL_DIR"] == MODEL_DIR and env["OVD_REDIS_URL"].startswith("redis://redis:")
     mounts = [v for v in detector["volumes"] if v["target"] == MODEL_DIR]
