@@ -334,7 +334,9 @@ def side_by_side(flavour: str, model_dir: Path, url: str, key: str, body: dict, 
 
 def stop_while_busy(engine: Engine, detector: str, url: str, key: str, body: dict) -> dict:
     """SIGTERM (`stop`) while a request is being answered: it must still get its 200."""
-    busy = {**body, "classes": [f"{c} {i}" for i in range(60) for c in ("object", "thing")]}
+    # 1,400 names never asked before: seconds of text encoding, so the stop lands mid-request.
+    nonce = secrets.token_hex(4)
+    busy = {**body, "classes": [f"{c} {i} {nonce}" for i in range(700) for c in ("object", "thing")]}
     result: dict = {}
 
     def send():
@@ -343,16 +345,18 @@ def stop_while_busy(engine: Engine, detector: str, url: str, key: str, body: dic
             result["status"] = 200
         except Exception as e:  # noqa: BLE001 (reported below)
             result["error"] = repr(e)
+        result["done"] = time.perf_counter()
 
     thread = threading.Thread(target=send)
     thread.start()
-    time.sleep(0.5)
+    time.sleep(0.3)
     t0 = time.perf_counter()
     engine("stop", "-t", "40", detector, timeout=120)
     stop_s = time.perf_counter() - t0
     thread.join(120)
     code = int(engine("inspect", "--format", "{{.State.ExitCode}}", detector).stdout.strip())
     assert result.get("status") == 200, f"the in-flight request was dropped: {result}"
+    assert result["done"] > t0, "the request finished before the stop: nothing was drained"
     assert code == 0, f"the detector exited {code} on SIGTERM (137: killed after the grace period)"
     log(f"stop while busy: the in-flight request finished (200 after {result['seconds']:.1f} s), "
         f"exit {code} after {stop_s:.1f} s")
@@ -375,9 +379,14 @@ def refusals(engine: Engine, flavour: str, model_dir: Path) -> dict:
     assert code != 0 and "sha256" in text, f"a tampered {weights.name} was not refused ({code}): {text[-1500:]}"
     empty_code, empty_text = refused(engine, flavour, empty)
     assert empty_code == 78 and "manifest.json missing" in empty_text, (empty_code, empty_text[-1500:])
-    log(f"{flavour}: a tampered {weights.name} is refused (exit {code}), an empty folder too (exit 78)")
+    weights.write_bytes(model_dir.joinpath(weights.name).read_bytes())
+    weights.chmod(0o600)  # root's file, as a careless copy leaves it: user 10001 cannot read it
+    private_code, private_text = refused(engine, flavour, tampered)
+    assert private_code == 78 and "not readable by uid 10001" in private_text, (private_code, private_text[-1500:])
+    log(f"{flavour}: a tampered {weights.name} is refused (exit {code}), an empty folder and an "
+        "unreadable weight file too (exit 78, naming the fix)")
     shutil.rmtree(tampered)
-    return {"tampered_exit": code, "empty_exit": empty_code}
+    return {"tampered_exit": code, "empty_exit": empty_code, "unreadable_exit": private_code}
 
 
 def machine() -> str:

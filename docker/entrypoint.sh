@@ -14,5 +14,12 @@ if [ "${1:-}" = "ovd" ] && [ "${2:-}" = "serve" ]; then
       "docker run -v \"\$PWD/artifacts/default:$model_dir:ro\" ..." >&2
     exit 78
   fi
+  for f in "$model_dir"/*; do
+    if [ ! -r "$f" ]; then
+      echo "ovd: $f is not readable by uid $(id -u) (the image's user)." >&2
+      echo "ovd: make the export world-readable (chmod -R a+rX <folder>) or run with --user <its owner>." >&2
+      exit 78
+    fi
+  done
 fi
 exec "$@"

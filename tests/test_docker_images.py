@@ -32,6 +32,6 @@ def test_the_slim_image_serves_from_compose_and_refuses_bad_models(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     figures = json.loads(out.read_text())["images"]["onnx"]
     assert figures["same_answer_as_host"] and figures["novel_found"]
-    assert figures["refuses"] == {"tampered_exit": 2, "empty_exit": 78}
+    assert figures["refuses"] == {"tampered_exit": 2, "empty_exit": 78, "unreadable_exit": 78}
     assert figures["stop_drains"]["exit_code"] == 0
     assert figures["image_bytes"] < 1e9  # no torch in it
