@@ -185,7 +185,8 @@ def build(engine: Engine, flavour: str, bases: dict[str, str]) -> dict:
     size = int(engine("image", "inspect", "--format", "{{.Size}}", f"ovd-detector:{flavour}").stdout.strip())
     log(f"ovd-detector:{flavour}: {size / 1e9:.2f} GB, built in {times[0]:.0f} s, from cache in {times[1]:.0f} s")
     return {"build_s": round(times[0], 1), "cached_build_s": round(times[1], 1), "image_bytes": size,
-            "torch_index": "PyPI (CPU index unreachable)" if "OVD_TORCH_INDEX_URL=" in args else "Dockerfile default"}
+            "torch": ("none" if flavour == "onnx" else
+                      "PyPI's build (CPU index unreachable)" if "OVD_TORCH_INDEX_URL=" in args else "the Dockerfile's index")}
 
 
 def model_folder(flavour: str) -> Path:
