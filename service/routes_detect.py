@@ -122,20 +122,20 @@ async def _detect(request: Request, model: ServedModel, settings: Settings, metr
     try:
         data, example_data, opts = await _parse_detect(request, settings, batch=batch)
         names, templates = await _resolve_vocabulary(model, opts, settings)
-        labels, example_blobs = _check_examples(opts, names, data, example_data, settings, batch=batch)
+        groups = _examples_by_image(opts)
+        labels, example_blobs = _check_examples(opts, groups, names, data, example_data, settings, batch=batch)
         sizes = [_image_size(blob, i, len(data), model, settings.max_image_pixels) for i, blob in enumerate(data)]
         example_sizes = [_image_size(blob, i, len(example_blobs), model, settings.max_image_pixels)
                          for i, blob in enumerate(example_blobs)]
         example_passes = sum(_example_passes(size, len(boxes), model) for size, (_, boxes) in
-                             zip(example_sizes, _examples_by_image(opts), strict=True))
+                             zip(example_sizes, groups, strict=True))
         max_tiles = _tile_budget(sizes, opts.tiles, model, settings, extra_passes=example_passes)
         stage = "decode"
         with model.admission.pixels.hold(sum(w * h for w, h in sizes + example_sizes)):
             decoded = await _decode_all(data, sizes, opts.tiles, max_tiles, model, settings, metrics)
             example_parts = await asyncio.gather(*(
                 model.decoder.run(_decode_example, blob, boxes, model, settings, cost=w * h)
-                for blob, (_, boxes), (w, h) in zip(example_blobs, _examples_by_image(opts), example_sizes,
-                                                    strict=True)))
+                for blob, (_, boxes), (w, h) in zip(example_blobs, groups, example_sizes, strict=True)))
         stage = "text"
         t_text = time.perf_counter()
         text = np.zeros((0, model.text.dim), np.float32)
@@ -149,7 +149,7 @@ async def _detect(request: Request, model: ServedModel, settings: Settings, metr
         example_warnings: list[dict] = []
         if example_parts:
             stage = "examples"
-            rows, example_warnings = await _example_rows(model, opts, labels, example_parts)
+            rows, example_warnings = await _example_rows(model, opts, groups, labels, example_parts)
             text = np.concatenate([text, rows])
             names = names + list(dict.fromkeys(labels))
         stage = "model"
@@ -389,9 +389,10 @@ def _examples_by_image(opts: schemas.DetectOptions) -> list[tuple[int | None, li
     return list(groups.items())
 
 
-def _check_examples(opts: schemas.DetectOptions, names: list[str], data: list[bytes], example_data: list[bytes],
+def _check_examples(opts: schemas.DetectOptions, groups: list[tuple[int | None, list[list[float]]]],
+                    names: list[str], data: list[bytes], example_data: list[bytes],
                     settings: Settings, *, batch: bool) -> tuple[list[str], list[bytes]]:
-    """(each example's normalised label, the image bytes of each `_examples_by_image` group),
+    """(each example's normalised label, the image bytes of each group of `_examples_by_image`),
     every check done before any work: counts, image references, labels."""
     examples = opts.examples or []
     if example_data and not examples:
@@ -423,7 +424,7 @@ def _check_examples(opts: schemas.DetectOptions, names: list[str], data: list[by
     if len(names) + len(set(labels)) > settings.max_classes:
         raise ApiError(422, "too_many_classes", f"{len(names)} names and {len(set(labels))} example labels; "
                        f"the limit is {settings.max_classes}")
-    return labels, [data[0] if i is None else example_data[i] for i, _ in _examples_by_image(opts)]
+    return labels, [data[0] if i is None else example_data[i] for i, _ in groups]
 
 
 def _example_passes(size: tuple[int, int], boxes: int, model: ServedModel) -> int:
@@ -442,7 +443,8 @@ def _decode_example(blob: bytes, boxes: list[list[float]], model: ServedModel, s
         raise ApiError(422, "invalid_example", str(e)) from e
 
 
-async def _example_rows(model: ServedModel, opts: schemas.DetectOptions, labels: list[str],
+async def _example_rows(model: ServedModel, opts: schemas.DetectOptions,
+                        groups: list[tuple[int | None, list[list[float]]]], labels: list[str],
                         parts: list[list]) -> tuple[np.ndarray, list[dict]]:
     """((L, D) query rows, one per distinct label; warnings for weak examples): the example
     images' inputs are encoded by the shared batcher (encode-only jobs), then turned into rows."""
@@ -454,7 +456,7 @@ async def _example_rows(model: ServedModel, opts: schemas.DetectOptions, labels:
     results = iter(await asyncio.gather(*futures))
     examples = opts.examples or []
     rows: list = [None] * len(examples)
-    for (image, _), image_parts in zip(_examples_by_image(opts), parts, strict=True):
+    for (image, _), image_parts in zip(groups, parts, strict=True):
         of_image = [k for k, ex in enumerate(examples) if ex.image == image]  # its boxes' request indices
         for x, which, boxes in image_parts:
             try:
