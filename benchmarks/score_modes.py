@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ablation_models import ablation_models, measure_each
 from host_info import run_stamp, stamp_lines
 from PIL import Image
 
@@ -207,19 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     world = Path(args.world) / "detection"
     gt_json = world / "annotations" / "val.json"
     coco = json.loads(gt_json.read_text())
-    folders = sorted(f for f in Path(args.models).glob("*/seed*")
-                     if (f / "model_final.pth").is_file() and (args.rows is None or f.parent.name in args.rows))
-    if not folders:
-        raise SystemExit(f"no trained model under {args.models} (run benchmarks/ezsd_variants.py first)")
-    per_model = []
-    for folder in folders:  # each model's result is kept, so an interrupted run resumes
-        done = Path(args.work) / f"{folder.parent.name}_{folder.name}_{args.images}.json"
-        if not done.is_file():
-            result = measure_model(folder, coco, world / "val", gt_json, args.images)
-            done.parent.mkdir(parents=True, exist_ok=True)
-            done.write_text(json.dumps(result))
-        per_model.append(json.loads(done.read_text()))
-        print(f"{folder}: {per_model[-1]['seconds']} s", flush=True)
+    folders = ablation_models(args.models, args.rows)
+    per_model = measure_each(folders, args.work, str(args.images), lambda folder: measure_model(
+        folder, coco, world / "val", gt_json, args.images))
     report = {**run_stamp("score_modes.py", argv), "images": args.images, "split": "val",
               "option_sets": {k: asdict(v) for k, v in OPTION_SETS.items()}, "distractors": DISTRACTORS,
               "max_candidates": MAX_CANDIDATES,
