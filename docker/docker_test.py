@@ -299,8 +299,11 @@ def exercise(engine: Engine, flavour: str, bases: dict[str, str], requests: int)
         figures.update(side_by_side(flavour, model_dir, url, key, body, answer, pid, requests))
         figures["stop_drains"] = stop_while_busy(engine, detector, url, key, body)
     finally:
-        logs = engine("logs", engine.container("detector"), check=False)
-        (WORK / f"detector-{flavour}.log").write_text(logs.stdout + logs.stderr)
+        try:  # keep the detector's log for a failed run; never hide the failure itself
+            logs = engine("logs", engine.container("detector"), check=False)
+            (WORK / f"detector-{flavour}.log").write_text(logs.stdout + logs.stderr)
+        except RuntimeError as e:
+            log(f"no detector log: {e}")
         engine.compose(files, "down", env=env)
         engine("volume", "rm", "-f", f"{PROJECT}_redis-data", check=False)
     figures["refuses"] = refusals(engine, flavour, model_dir)
