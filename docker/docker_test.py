@@ -44,9 +44,12 @@ from pathlib import Path
 
 import httpx
 
-from ovd.service.launch import free_port
+from ovd.service.launch import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' one rule for "same detections"
+from detector_testing import same_detections  # noqa: E402
+
 WORK = ROOT / "runs" / "docker-test"
 PROJECT = "ovd-docker-test"
 LOCAL_BASE = "localhost/debian-base:bookworm"
@@ -152,7 +155,7 @@ def debian_mirror() -> str:
 def base_images(engine: Engine) -> dict[str, str]:
     """Build arguments for the base images: {} where the official images can be pulled, else the
     local Debian base (made once with mmdebstrap) and the local Redis stand-in."""
-    if engine("image", "exists" if engine.podman else "inspect", OFFICIAL_PYTHON, check=False).returncode == 0 or \
+    if engine("image", "inspect", OFFICIAL_PYTHON, check=False).returncode == 0 or \
             engine("pull", "-q", OFFICIAL_PYTHON, check=False, timeout=120).returncode == 0:
         return {}
     log(f"no registry reachable: local base images ({LOCAL_BASE}, {LOCAL_REDIS})")
@@ -239,15 +242,6 @@ def detect(url: str, key: str, body: dict, timeout: float = 120) -> tuple[float,
     return elapsed, r.json()
 
 
-def same_answer(a: list[dict], b: list[dict], box_tol: float = 0.05, score_tol: float = 1e-3) -> bool:
-    if len(a) != len(b):
-        return False
-    key = lambda d: (d["label"], round(d["score"], 2))  # noqa: E731
-    return all(x["label"] == y["label"] and abs(x["score"] - y["score"]) <= score_tol
-               and max(abs(p - q) for p, q in zip(x["box"], y["box"], strict=True)) <= box_tol
-               for x, y in zip(sorted(a, key=key), sorted(b, key=key), strict=True))
-
-
 def refused(engine: Engine, flavour: str, model_dir: Path) -> tuple[int, str]:
     """Run the image on `model_dir` (no Redis); it must exit by itself. Returns (status, log)."""
     out = engine("run", "--rm", *engine.run_args, "-e", "OVD_REDIS_URL=", "-v", f"{model_dir}:/models/default:ro",
@@ -314,13 +308,12 @@ def side_by_side(flavour: str, model_dir: Path, url: str, key: str, body: dict, 
                  container_pid: int, requests: int) -> dict:
     """The same request alternated between the container and `ovd serve` on the host (same
     export, backend and threads, Redis off), after one warm-up each."""
-    from ovd.service.launch import ServerProcess
-
     env = {"OVD_BACKEND": "onnx" if flavour == "onnx" else "torch", "OVD_REDIS_URL": "",
            "OVD_API_KEYS": key, "OVD_TORCH_THREADS": "2"}
     with ServerProcess(model_dir, env=env) as host:
         _, host_answer = detect(host.url, key, body)
-        assert same_answer(answer["detections"], host_answer["detections"]), "container and host answers differ"
+        assert same_detections(answer["detections"], host_answer["detections"], box_tol=0.05, score_tol=1e-3), \
+            "container and host answers differ"
         inside, outside = [], []
         for _ in range(requests):
             inside.append(detect(url, key, body)[0])
