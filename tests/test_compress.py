@@ -23,6 +23,7 @@ from ovd.models.compression import (
     TaskIntegrationDistiller,
 )
 from ovd.models.compression.cid import (
+    CenternessInstanceDistiller,
     centerness,
     enlarge_boxes,
     instance_normalise,
@@ -78,7 +79,7 @@ def test_importance_map_hand_built():
     gt = [torch.tensor([[20.0, 10, 30, 20]])]
     obj = [torch.zeros(1, 1, 2, 3)]
     deltas = [torch.zeros(1, 4, 2, 3)]
-    (imp,) = importance_maps(obj, deltas, [anchors], gt, iou_thresholds=(0.3, 0.7))
+    (imp,) = importance_maps(obj, deltas, [anchors], gt, iou_thresholds=(0.3, 0.7), loc_boxes="anchors")
     expected = torch.full((1, 2, 3), 0.5 * 0.4)
     expected[0, 1, 2] = 0.5 * 2.0
     assert torch.allclose(imp, expected)
@@ -90,8 +91,34 @@ def test_importance_map_hand_built():
     assert torch.allclose(imp, expected)
     # Objectness scales the score: logit +inf -> 1 x 2.0.
     obj[0][0, 0, 1, 2] = 50.0
-    (imp,) = importance_maps(obj, deltas, [anchors], gt, iou_thresholds=(0.3, 0.7))
+    (imp,) = importance_maps(obj, deltas, [anchors], gt, iou_thresholds=(0.3, 0.7), loc_boxes="anchors")
     assert imp[0, 1, 2].item() == pytest.approx(2.0)
+
+
+def test_tid_default_weak_areas_see_the_teachers_regression():
+    # Same objectness in both models; only the teacher's deltas move cell (0, 0)'s anchor onto
+    # the GT box (the anchor of cell (1, 2), which is the key area: highest objectness).
+    anchors = _grid_anchors(2, 3)
+    gt = [torch.tensor([[20.0, 10, 30, 20]])]
+    obj = [torch.zeros(1, 1, 2, 3)]
+    obj[0][0, 0, 1, 2] = 2.0
+    student_deltas = [torch.zeros(1, 4, 2, 3)]
+    teacher_deltas = [torch.zeros(1, 4, 2, 3)]
+    teacher_deltas[0][0, :2, 0, 0] = torch.tensor([2.0, 1.0])
+    box2box = Box2BoxTransform((1.0, 1.0, 1.0, 1.0))
+    assert build_config(STUDENT).MODEL.KD.TID.LOC_BOXES == "predicted"
+
+    def areas(tid):
+        i_s = tid.importance(obj, student_deltas, [anchors], gt, box2box)
+        i_t = tid.importance(obj, teacher_deltas, [anchors], gt, box2box)
+        return select_areas(i_t[0], i_s[0], key_ratio=1 / 6, weak_ratio=1 / 6)
+
+    got = areas(TaskIntegrationDistiller(8, 8))
+    assert got[0, 1, 2] == KEY and got[0, 0, 0] == WEAK and (got == WEAK).sum() == 1
+    # The anchors' own IoU is the same for both models: no gap, so no weak area at all.
+    assert (areas(TaskIntegrationDistiller(8, 8, loc_boxes="anchors")) == WEAK).sum() == 0
+    with pytest.raises(ValueError, match="box2box"):
+        importance_maps(obj, student_deltas, [anchors], gt, iou_thresholds=(0.3, 0.7))
 
 
 def test_key_and_weak_areas_on_a_hand_made_map():
@@ -177,6 +204,36 @@ def test_a_tiny_and_a_large_instance_get_equal_total_weight():
     no_gt = Instances((128, 128))
     no_gt.gt_boxes = Boxes(torch.zeros(0, 4))
     assert region_weights([empty], [no_gt], enlarge=1.5).tolist() == [0.0]
+
+
+def test_cid_localisation_kd_skips_background_rois_by_default():
+    gt = [40.0, 40, 80, 80]
+    targets = Instances((128, 128))
+    targets.gt_boxes = Boxes(torch.tensor([gt]))
+    # A foreground RoI on the box, and a background one (IoU 0.44) centred on it too: Detectron2
+    # matches both to the box, so both have centerness 1.
+    rois = _sampled([gt, [30.0, 30, 90, 90]], [gt, gt])
+    rois.gt_classes = torch.tensor([0, 3])  # 3 = background with 3 classes
+    logits = torch.randn(2, 4)
+    student = torch.zeros(2, 4)
+    teacher = torch.tensor([[0.0, 0, 0, 0], [1.0, 1, 1, 1]])  # differs on the background RoI only
+    cid = CenternessInstanceDistiller()
+    got = cid([rois], [targets], logits, logits, student, teacher, background_class=3)
+    assert got["loss_kd_loc"].item() == 0.0
+    old = CenternessInstanceDistiller(loc_foreground_only=False)
+    got = old([rois], [targets], logits, logits, student, teacher, background_class=3)
+    assert got["loss_kd_loc"].item() == pytest.approx(0.5 * 4.0)
+    assert build_config(STUDENT).MODEL.KD.CID.LOC_FOREGROUND_ONLY
+
+
+def test_cid_without_instance_normalisation_keeps_raw_centerness():
+    tiny, large = [10.0, 10, 14, 14], [40.0, 40, 120, 120]
+    targets = Instances((128, 128))
+    targets.gt_boxes = Boxes(torch.tensor([tiny, large]))
+    rois = _sampled([tiny, large, large, [0.0, 100, 8, 108]], [tiny, large, large, large])
+    raw = region_weights([rois], [targets], enlarge=1.5, per_instance=False)
+    assert raw.tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0])  # the large box weighs 2x the tiny one
+    assert region_weights([rois], [targets], enlarge=1.5).tolist() == pytest.approx([1.0, 0.5, 0.5, 0.0])
 
 
 def test_instance_normalise_hand_computed():

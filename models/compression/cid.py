@@ -12,7 +12,10 @@ proposals, small instances matter, and the distillation is logit-based. *(our fo
 * logit KD: L_cls = T^2 * sum_r w_r KL(softmax(z_T,r / T) || softmax(z_S,r / T)) / sum_r w_r
   over the C + 1 text-classifier logits of the teacher and the student on the same RoIs;
 * localisation KD: L_loc = sum_r w_r smooth_l1(d_S,r - d_T,r) / sum_r w_r on their
-  class-agnostic box deltas (summed over the 4 deltas; beta 0 = L1).
+  class-agnostic box deltas (summed over the 4 deltas; beta 0 = L1), over foreground RoIs only
+  by default (weights re-normalised per instance after dropping the background ones): the
+  teacher's regressor was trained on foreground RoIs alone, so its deltas elsewhere are no
+  target.
 
 Dividing by sum_r w_r (= the number of instances with a weighted RoI) makes both losses a mean
 over instances.
@@ -77,8 +80,10 @@ def instance_normalise(weights: torch.Tensor, instance: torch.Tensor) -> torch.T
     return out
 
 
-def region_weights(proposals: list[Instances], targets: list[Instances], *, enlarge: float) -> torch.Tensor:
-    """CID weights of the RoIs sampled by Detectron2's `label_and_sample_proposals`.
+def region_centerness(proposals: list[Instances], targets: list[Instances], *, enlarge: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centerness of the RoIs sampled by Detectron2's `label_and_sample_proposals` and the
+    instance each belongs to.
 
     Args:
         proposals: per image, the sampled RoIs with `proposal_boxes` and (when the image has GT)
@@ -87,8 +92,8 @@ def region_weights(proposals: list[Instances], targets: list[Instances], *, enla
         enlarge: the instance region is the GT box scaled by this about its centre.
 
     Returns:
-        (R,) weights over all RoIs in order, each instance's summing to 1 (or 0 if none of its
-        RoIs has its centre inside the instance region).
+        (R,) centerness in [0, 1] of each RoI's centre in its instance region (0 outside), and
+        (R,) int64 instance ids unique over the batch (-1 for RoIs of images without GT).
     """
     weights, instances, offset = [], [], 0
     for p, t in zip(proposals, targets, strict=True):
@@ -105,7 +110,28 @@ def region_weights(proposals: list[Instances], targets: list[Instances], *, enla
         weights.append(centerness(p.proposal_boxes.get_centers(), region))
         instances.append(torch.where(same.any(dim=1), index + offset, torch.full_like(index, -1)))
         offset += len(gt)
-    return instance_normalise(torch.cat(weights), torch.cat(instances))
+    return torch.cat(weights), torch.cat(instances)
+
+
+def region_weights(proposals: list[Instances], targets: list[Instances], *, enlarge: float,
+                   mask: torch.Tensor | None = None, per_instance: bool = True) -> torch.Tensor:
+    """CID weights of the sampled RoIs (see :func:`region_centerness` for the arguments).
+
+    Args:
+        mask: (R,) bool; RoIs where it is False weigh 0 (before the per-instance normalisation,
+            so an instance's remaining RoIs still sum to 1).
+        per_instance: normalise each instance's weights to sum 1 (CID); False keeps the raw
+            centerness, so an instance weighs by how many RoIs were sampled around it.
+
+    Returns:
+        (R,) non-negative weights in RoI order.
+    """
+    weights, instance = region_centerness(proposals, targets, enlarge=enlarge)
+    if mask is not None:
+        weights = weights * mask
+    if per_instance:
+        return instance_normalise(weights, instance)
+    return torch.where(instance >= 0, weights, torch.zeros_like(weights))
 
 
 def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -163,6 +189,9 @@ class CenternessInstanceDistiller:
         temperature: T of the logit KD.
         enlarge: instance-region enlargement about the GT box centre.
         loc_beta: smooth-L1 beta of the localisation KD (0 = L1).
+        per_instance: each instance's weights sum to 1 (False: raw centerness).
+        loc_foreground_only: the localisation KD skips background RoIs (where the teacher's
+            regressor was never trained).
     """
 
     cls_weight: float = 1.0
@@ -170,27 +199,36 @@ class CenternessInstanceDistiller:
     temperature: float = 2.0
     enlarge: float = 1.5
     loc_beta: float = 0.0
+    per_instance: bool = True
+    loc_foreground_only: bool = True
 
     def __call__(self, proposals: list[Instances], targets: list[Instances],
                  student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                 student_deltas: torch.Tensor, teacher_deltas: torch.Tensor) -> dict[str, torch.Tensor]:
+                 student_deltas: torch.Tensor, teacher_deltas: torch.Tensor,
+                 background_class: int) -> dict[str, torch.Tensor]:
         """
         Args:
-            proposals: per image, the sampled RoIs (see :func:`region_weights`).
+            proposals: per image, the sampled RoIs with `gt_classes` (see
+                :func:`region_centerness`).
             targets: per image, the GT Instances.
             student_logits, teacher_logits: (R, C + 1) logits of those RoIs.
             student_deltas, teacher_deltas: (R, 4) box deltas of those RoIs.
+            background_class: the `gt_classes` label of background RoIs (C in Detectron2).
 
         Returns:
             {"loss_kd_cls", "loss_kd_loc"}, each already multiplied by its weight (a loss whose
             weight is 0 is left out).
         """
-        weights = region_weights(proposals, targets, enlarge=self.enlarge)
         losses = {}
         if self.cls_weight:
+            weights = region_weights(proposals, targets, enlarge=self.enlarge, per_instance=self.per_instance)
             losses["loss_kd_cls"] = self.cls_weight * logit_kd_loss(
                 student_logits, teacher_logits, weights, self.temperature)
         if self.loc_weight:
+            foreground = (torch.cat([p.gt_classes for p in proposals]) != background_class
+                          if self.loc_foreground_only else None)
+            weights = region_weights(proposals, targets, enlarge=self.enlarge, mask=foreground,
+                                     per_instance=self.per_instance)
             losses["loss_kd_loc"] = self.loc_weight * localisation_kd_loss(
                 student_deltas, teacher_deltas, weights, self.loc_beta)
         return losses

@@ -242,7 +242,8 @@ class StudentRCNN(OpenVocabRCNN):
                 alpha=kd.TID.ALPHA, beta=kd.TID.BETA, gamma=kd.TID.GAMMA)
         ret["cid"] = (CenternessInstanceDistiller(
             cls_weight=kd.CID.CLS_WEIGHT, loc_weight=kd.CID.LOC_WEIGHT,
-            temperature=kd.CID.TEMPERATURE, enlarge=kd.CID.ENLARGE, loc_beta=kd.CID.LOC_BETA)
+            temperature=kd.CID.TEMPERATURE, enlarge=kd.CID.ENLARGE, loc_beta=kd.CID.LOC_BETA,
+            per_instance=kd.CID.INSTANCE_NORMALISE, loc_foreground_only=kd.CID.LOC_FOREGROUND_ONLY)
             if kd.CID.ENABLED else None)
         return ret
 
@@ -299,5 +300,5 @@ class StudentRCNN(OpenVocabRCNN):
                                              importance_t)
         if self.cid is not None:
             losses.update(self.cid(sampled, gt_instances, logits, teacher.logits, deltas,
-                                   teacher.deltas))
+                                   teacher.deltas, background_class=self.roi_heads.num_classes))
         return losses

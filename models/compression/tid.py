@@ -11,8 +11,10 @@ the teacher or the student and a the anchors of that location:
 
     I_m(p) = max_a sigmoid(o_m(p, a)) * S_loc(IoU(box_m(p, a), GT))
 
-o_m is model m's RPN objectness logit and box_m the anchor itself ("anchors") or the anchor
-moved by m's own RPN deltas ("predicted"). Key = top-k of I_T (k = ceil(key_ratio * H * W));
+o_m is model m's RPN objectness logit and box_m the anchor moved by m's own RPN deltas
+("predicted", the default: the regression task enters the importance, so a location where the
+teacher regresses onto an object and the student does not is a weak area) or the anchor itself
+("anchors": identical for both models, so weak areas reduce to objectness gaps). Key = top-k of I_T (k = ceil(key_ratio * H * W));
 weak = top-k of (I_T - I_S)+ outside key (positive values only); low = the rest. The loss
 imitates the teacher's FPN features with the student's, mapped by a 1x1 adapter to the
 teacher's width, both normalised per channel over the level's locations:
@@ -68,7 +70,7 @@ def best_iou(boxes: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
 def importance_maps(objectness: list[torch.Tensor], anchor_deltas: list[torch.Tensor],
                     anchors: list[Boxes], gt_boxes: list[torch.Tensor], *,
                     iou_thresholds: Sequence[float], loc_scores: Sequence[float] = (2.0, 1.5, 0.4),
-                    loc_boxes: str = "anchors",
+                    loc_boxes: str = "predicted",
                     box2box: Box2BoxTransform | None = None) -> list[torch.Tensor]:
     """TID importance I(p) of every location of every level, from one model's RPN outputs.
 
@@ -80,8 +82,9 @@ def importance_maps(objectness: list[torch.Tensor], anchor_deltas: list[torch.Te
         gt_boxes: per image, (G, 4) XYXY GT boxes in input-image pixels.
         iou_thresholds: (negative, positive) IoU thresholds of the RPN.
         loc_scores: see :func:`localisation_score`.
-        loc_boxes: "anchors" (IoU of the anchor) or "predicted" (of the anchor moved by the
-            model's deltas, so the score reflects the model's own regression).
+        loc_boxes: "predicted" (IoU of the anchor moved by the model's own deltas, so the score
+            reflects that model's regression: the paper's) or "anchors" (IoU of the anchor
+            itself, identical for teacher and student).
         box2box: the RPN's box transform, needed for "predicted".
 
     Returns:
@@ -89,6 +92,8 @@ def importance_maps(objectness: list[torch.Tensor], anchor_deltas: list[torch.Te
     """
     if loc_boxes not in ("anchors", "predicted"):
         raise ValueError(f"TID localisation boxes must be 'anchors' or 'predicted', not {loc_boxes!r}")
+    if loc_boxes == "predicted" and box2box is None:
+        raise ValueError("TID's 'predicted' localisation boxes need the RPN's box2box transform")
     maps = []
     with torch.no_grad():
         for logits, deltas, level_anchors in zip(objectness, anchor_deltas, anchors, strict=True):
@@ -180,7 +185,7 @@ class TaskIntegrationDistiller(nn.Module):
 
     def __init__(self, student_channels: int, teacher_channels: int, *, weight: float = 1.0,
                  iou_thresholds: Sequence[float] = (0.3, 0.7),
-                 loc_scores: Sequence[float] = (2.0, 1.5, 0.4), loc_boxes: str = "anchors",
+                 loc_scores: Sequence[float] = (2.0, 1.5, 0.4), loc_boxes: str = "predicted",
                  key_ratio: float = 0.02, weak_ratio: float = 0.02, alpha: float = 1.0,
                  beta: float = 0.5, gamma: float = 0.05):
         super().__init__()

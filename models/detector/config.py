@@ -49,8 +49,10 @@ def add_ovd_config(cfg: CN) -> CN:
     cfg.MODEL.KD.TID.TEACHER_CHANNELS = 0
     # Localisation score at best IoU >= / between / <= the RPN's IOU_THRESHOLDS (TID: 2.0/1.5/0.4).
     cfg.MODEL.KD.TID.LOC_SCORES = (2.0, 1.5, 0.4)
-    # Boxes whose IoU gives that score: "anchors", or "predicted" (anchors moved by the RPN deltas).
-    cfg.MODEL.KD.TID.LOC_BOXES = "anchors"
+    # Boxes whose IoU gives that score: "predicted" (each model's anchors moved by its own RPN
+    # deltas: the paper's regression task) or "anchors" (the anchor's IoU, the same for teacher
+    # and student, so the weak areas see objectness gaps only).
+    cfg.MODEL.KD.TID.LOC_BOXES = "predicted"
     # Key areas: this fraction of each level's locations with the highest teacher importance.
     cfg.MODEL.KD.TID.KEY_RATIO = 0.02
     # Weak areas: at most this fraction, the highest (teacher - student importance) outside key.
@@ -72,6 +74,13 @@ def add_ovd_config(cfg: CN) -> CN:
     cfg.MODEL.KD.CID.ENLARGE = 1.5
     # Smooth-L1 beta of loss_kd_loc (0 = L1).
     cfg.MODEL.KD.CID.LOC_BETA = 0.0
+    # Each instance's RoI weights sum to 1 (the paper's instance-aware part; False = raw
+    # centerness, so instances with many sampled RoIs weigh more).
+    cfg.MODEL.KD.CID.INSTANCE_NORMALISE = True
+    # Localisation KD on foreground RoIs only: a background RoI near a box is matched to it by
+    # Detectron2, but the teacher's regressor was never trained there (and, with the semantic
+    # regressor, sees a zero class embedding). False = every centerness-weighted RoI.
+    cfg.MODEL.KD.CID.LOC_FOREGROUND_ONLY = True
     cfg.MODEL.KD.LIGHT_ML = CN()
     # Light-ML between the box head's classification and regression branches (student only).
     cfg.MODEL.KD.LIGHT_ML.ENABLED = False
