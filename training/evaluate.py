@@ -2,8 +2,9 @@
 
 The detector classifies every validation region over **all** categories (base + novel) at
 once, as in the paper's generalized setting; detections go through Detectron2's
-`COCOEvaluator` (pycocotools, `use_fast_impl=False`: the compiled fast path is not built), and
-the per-category precision it computes is averaged over the base, novel and all groups, and
+`COCOEvaluator` (pycocotools, `use_fast_impl=False`: the compiled fast path is not built), or
+its `LVISEvaluator` (the LVIS API, federated, with APr / APc / APf) for LVIS-style annotations
+(OV-LVIS), and the per-category precision it computes is averaged over the base, novel and all groups, and
 over each novel tier when the dataset's categories carry a ``tier`` tag (the synthetic world's
 novel_comp / novel_shape / novel_both).
 """
@@ -75,7 +76,6 @@ def group_ap(gt_json: str | Path, detections: list[dict], groups: dict[str, list
     """
     gt = COCO(str(gt_json))
     dt = gt.loadRes(detections) if detections else None
-    out = {}
     if dt is None:
         return {g: {"AP50": 0.0, "AP": 0.0, "APs": 0.0, "categories": len(ids)} for g, ids in groups.items()}
     ev = COCOeval(gt, dt, "bbox")
@@ -84,8 +84,47 @@ def group_ap(gt_json: str | Path, detections: list[dict], groups: dict[str, list
     ev.evaluate()
     ev.accumulate()
     precision = ev.eval["precision"]  # (T iou, R recall, K cat, A area, M maxdets)
-    cat_index = {c: k for k, c in enumerate(ev.params.catIds)}
+    return _groups_from_precision(precision, {c: k for k, c in enumerate(ev.params.catIds)}, groups)
 
+
+def lvis_group_ap(gt_json: str | Path, detections: list[dict], groups: dict[str, list[int]],
+                  max_detections: int = EVAL_MAX_DETECTIONS) -> dict:
+    """`group_ap` for LVIS-style annotations, scored by the LVIS API (federated: a category
+    counts only on images that hold it or list it in ``neg_category_ids``; detections of a
+    category listed in ``not_exhaustive_category_ids`` are not false positives), plus the LVIS
+    summary under "lvis": AP, AP50, APr / APc / APf (rare / common / frequent categories), ...
+
+    Args and returns as `group_ap` (one max-detections limit, LVIS's 300 by default).
+    """
+    from lvis import LVIS, LVISEval, LVISResults
+
+    _lvis_numpy_compat()
+    gt = LVIS(str(gt_json))
+    if not detections:
+        out = {g: {"AP50": 0.0, "AP": 0.0, "APs": 0.0, "categories": len(ids)} for g, ids in groups.items()}
+        out["lvis"] = dict.fromkeys(("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"), 0.0)
+        return out
+    ev = LVISEval(gt, LVISResults(gt, detections, max_dets=max_detections), "bbox")
+    ev.params.max_dets = max_detections
+    ev.run()
+    precision = ev.eval["precision"]  # (T iou, R recall, K cat, A area): no max-dets axis
+    cat_index = {c: k for k, c in enumerate(ev.params.cat_ids)}
+    out = _groups_from_precision(precision[..., None], cat_index, groups)
+    out["lvis"] = {k: round(100.0 * float(v), 3) for k, v in ev.get_results().items()}
+    return out
+
+
+def _lvis_numpy_compat() -> None:
+    """lvis 0.5.3 (the last release, and what Detectron2's LVISEvaluator calls) still uses
+    np.float, which NumPy 1.24 removed; it meant the builtin float, so that alias is restored."""
+    if not hasattr(np, "float"):
+        np.float = float
+
+
+def _groups_from_precision(precision: np.ndarray, cat_index: dict[int, int],
+                           groups: dict[str, list[int]]) -> dict:
+    """Mean AP50 / AP / APs per group from a (T, R, K, A, M) precision array (the last
+    max-detections column), over the group's categories that have ground truth."""
     def mean_ap(ids: list[int], iou: slice, area: int) -> float:
         vals = []
         for c in ids:
@@ -94,6 +133,7 @@ def group_ap(gt_json: str | Path, detections: list[dict], groups: dict[str, list
                 vals.append(float(np.mean(p[p > -1])))
         return 100.0 * float(np.mean(vals)) if vals else float("nan")
 
+    out = {}
     for name, ids in groups.items():
         ids = [c for c in ids if c in cat_index]
         out[name] = {"AP50": mean_ap(ids, slice(0, 1), 0), "AP": mean_ap(ids, slice(None), 0),
@@ -125,8 +165,16 @@ def evaluate(cfg, model: nn.Module, dataset_name: str, text: torch.Tensor, outpu
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     meta = MetadataCatalog.get(dataset_name)
-    evaluator = COCOEvaluator(dataset_name, tasks=("bbox",), distributed=False,
-                              output_dir=str(output_dir), use_fast_impl=False)
+    lvis = meta.get("evaluator_type") == "lvis"
+    if lvis:
+        from detectron2.evaluation import LVISEvaluator
+
+        _lvis_numpy_compat()
+        evaluator = LVISEvaluator(dataset_name, tasks=("bbox",), distributed=False,
+                                  output_dir=str(output_dir), max_dets_per_image=max_detections)
+    else:
+        evaluator = COCOEvaluator(dataset_name, tasks=("bbox",), distributed=False,
+                                  output_dir=str(output_dir), use_fast_impl=False)
     loader = build_detection_test_loader(cfg, dataset_name)
     model.eval()
     t0 = time.time()
@@ -134,13 +182,14 @@ def evaluate(cfg, model: nn.Module, dataset_name: str, text: torch.Tensor, outpu
         inference_on_dataset(WithVocabulary(model, text, max_detections=max_detections,
                                             score_thresh=score_thresh), loader, evaluator)
     seconds = time.time() - t0
-    detections = json.loads((output_dir / "coco_instances_results.json").read_text())
+    detections = json.loads((output_dir / ("lvis_instances_results.json" if lvis
+                                           else "coco_instances_results.json")).read_text())
     inverse = {v: k for k, v in meta.thing_dataset_id_to_contiguous_id.items()}
     groups = {"base": [inverse[i] for i in meta.base_contiguous_ids],
               "novel": [inverse[i] for i in meta.novel_contiguous_ids],
               "all": sorted(inverse.values())}
     groups.update(tier_groups(meta.json_file))
-    result = group_ap(meta.json_file, detections, groups)
+    result = (lvis_group_ap if lvis else group_ap)(meta.json_file, detections, groups, max_detections)
     result.update(images=len(loader.dataset), seconds=round(seconds, 1), dataset=dataset_name,
                   max_detections=max_detections, score_thresh=score_thresh)
     (output_dir / "metrics.json").write_text(strict_json(result, indent=2))
@@ -265,4 +314,7 @@ def format_metrics(result: dict, title: str = "generalized zero-shot detection")
         r = result[g]
         name = g if g in ("novel", "base", "all") else f"  {g}"
         lines.append(f"{name:<13}{r['AP50']:>8.1f}{r['AP']:>8.1f}{r['APs']:>8.1f}{r['categories']:>9d}")
+    if "lvis" in result:
+        lines.append("LVIS API: " + "  ".join(f"{k} {result['lvis'][k]:.1f}" for k in
+                                              ("AP", "AP50", "APr", "APc", "APf") if k in result["lvis"]))
     return "\n".join(lines)

@@ -333,6 +333,36 @@ def _main(cfg: CfgNode, resume: bool, trainer_cls: type[Trainer]) -> None:
     train(cfg, resume=resume, trainer_cls=trainer_cls)
 
 
+def absolute_paths(cfg: CfgNode) -> CfgNode:
+    """A copy of cfg whose local paths are absolute (resolved against the working directory),
+    so the run's config.yaml still works from another directory (`ovd eval`, `ovd export`).
+
+    Touches OUTPUT_DIR, MODEL.WEIGHTS (not URLs such as detectron2://), MODEL.OVD.CLIP (a
+    folder; an open_clip name stays), MODEL.OVD.TRAIN_TEXT_EMBEDDINGS, DATASETS.DISTILL_TARGETS,
+    MODEL.KD.TEACHER and both paths of every DATASETS.REGISTER spec. Empty values stay empty.
+    """
+    from .data.coco_format import parse_dataset_spec
+
+    def resolve(value: str) -> str:
+        return str(Path(value).resolve()) if value and "://" not in value else value
+
+    cfg = cfg.clone()
+    cfg.OUTPUT_DIR = resolve(cfg.OUTPUT_DIR)
+    cfg.MODEL.WEIGHTS = resolve(cfg.MODEL.WEIGHTS)
+    cfg.MODEL.OVD.TRAIN_TEXT_EMBEDDINGS = resolve(cfg.MODEL.OVD.TRAIN_TEXT_EMBEDDINGS)
+    if cfg.MODEL.OVD.CLIP and Path(cfg.MODEL.OVD.CLIP).exists():
+        cfg.MODEL.OVD.CLIP = resolve(cfg.MODEL.OVD.CLIP)
+    cfg.DATASETS.DISTILL_TARGETS = resolve(cfg.DATASETS.DISTILL_TARGETS)
+    if cfg.MODEL.get("KD") is not None:
+        cfg.MODEL.KD.TEACHER = resolve(cfg.MODEL.KD.TEACHER)
+    specs = []
+    for spec in cfg.DATASETS.REGISTER:
+        name, json_path, image_root = parse_dataset_spec(spec)
+        specs.append(f"{name}={resolve(json_path)}:{resolve(image_root)}")
+    cfg.DATASETS.REGISTER = specs
+    return cfg
+
+
 def launch_training(cfg: CfgNode, *, resume: bool = True, num_gpus: int = 1, num_machines: int = 1,
                     machine_rank: int = 0, dist_url: str = "auto",
                     trainer_cls: type[Trainer] = Trainer) -> Path:
@@ -340,9 +370,9 @@ def launch_training(cfg: CfgNode, *, resume: bool = True, num_gpus: int = 1, num
 
     `trainer_cls` is the Trainer (sub)class each process runs, e.g. the student's. A negative
     SEED (Detectron2's default, "draw one") is drawn here, once for every process, and so
-    recorded in the run's config.yaml."""
+    recorded in the run's config.yaml, whose paths are made absolute (:func:`absolute_paths`)."""
+    cfg = absolute_paths(cfg)
     if cfg.SEED < 0:
-        cfg = cfg.clone()
         cfg.SEED = int.from_bytes(os.urandom(4), "little") % 2**30
         logger.info("SEED is negative (draw one): this run uses %d", cfg.SEED)
     launch(_main, num_gpus, num_machines=num_machines, machine_rank=machine_rank,

@@ -307,6 +307,15 @@ def category_split(coco: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     return base, novel
 
 
+def is_lvis_format(coco: Mapping[str, Any]) -> bool:
+    """LVIS-style annotations: every category has a ``frequency`` and the images carry
+    ``neg_category_ids`` (federated labels: a category is judged only on images known to hold it
+    or known not to), so they are scored with the LVIS API, not COCOeval."""
+    cats, images = coco.get("categories") or [], coco.get("images") or []
+    return (bool(cats) and all("frequency" in c for c in cats)
+            and bool(images) and all("neg_category_ids" in im for im in images))
+
+
 def _ov_metadata(coco: Mapping[str, Any], json_file: str, image_root: str) -> dict[str, Any]:
     """Metadata fields for an open-vocabulary dataset, matching Detectron2's id mapping."""
     cats = _sorted_categories(coco)
@@ -319,7 +328,7 @@ def _ov_metadata(coco: Mapping[str, Any], json_file: str, image_root: str) -> di
     return {
         "json_file": json_file,
         "image_root": image_root,
-        "evaluator_type": "coco",
+        "evaluator_type": "lvis" if is_lvis_format(coco) else "coco",
         "thing_classes": [cat["name"] for cat in cats],
         "thing_dataset_id_to_contiguous_id": id_map,
         "base_classes": base,
@@ -340,7 +349,8 @@ def register_ov_dataset(
 
     The json is validated now; the Detectron2 dataset dicts are built lazily on the first
     ``DatasetCatalog.get(name)``. Metadata set: ``json_file``, ``image_root``,
-    ``evaluator_type="coco"``, ``thing_classes`` (all categories, ordered by id),
+    ``evaluator_type`` (``"lvis"`` for LVIS-style files, see :func:`is_lvis_format`, else
+    ``"coco"``), ``thing_classes`` (all categories, ordered by id),
     ``thing_dataset_id_to_contiguous_id``, ``base_classes``/``novel_classes`` (names) and
     ``base_contiguous_ids``/``novel_contiguous_ids`` (ints in ``[0, len(thing_classes))``).
 
