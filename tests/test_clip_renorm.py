@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shutil
@@ -23,12 +24,14 @@ from ovd.models.clip.model import (
 )
 from ovd.training.cli import build_parser
 from ovd.training.clip_renorm import (
+    GTCropBatches,
     RenormConfig,
     background_boxes,
-    base_gt_crops,
+    base_gt_boxes,
     renorm_clip,
     renorm_loss,
     size_weights,
+    step_indices,
     trainable_parameter_names,
 )
 from ovd.training.data.synthetic import world_datasets
@@ -279,17 +282,33 @@ def test_size_weights_by_hand():
     assert w[0] > w[1]  # the small box weighs more
 
 
-def test_base_gt_crops(parent, train_data):
+def test_base_gt_boxes_and_their_crops(parent, train_data):
     clip = load_clip(str(parent))
-    data = base_gt_crops(clip, *train_data, max_images=2)
+    data = base_gt_boxes(*train_data, max_images=2)
     coco = json.loads(train_data[0].read_text())
-    first = {img["id"] for img in coco["images"][:2]}
+    first = [img["id"] for img in coco["images"][:2]]
     assert len(data) == sum(a["image_id"] in first for a in coco["annotations"])
-    assert data.crops.shape == (len(data), 3, 64, 64) and data.crops.dtype == torch.float32
     assert data.class_names == [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])
                                 if c["split"] == "base"]
     assert 0 <= data.labels.min() and data.labels.max() < len(data.class_names)
     assert torch.equal(data.image_wh, torch.tensor([[96.0, 96.0]]).expand(len(data), 2))
+    # No pixels are held: a batch's crops are cut when it is asked for, each image read once,
+    # and equal what cutting every box of every image up front gave (the old stage 1).
+    assert all(t.numel() <= 4 * len(data) for t in (data.image_ids, data.boxes, data.labels))
+    batches = GTCropBatches(data, functools.partial(clip.crop_boxes, enlarge=1.2))
+    upfront = torch.cat([clip.crop_boxes(data.data.read(i), data.boxes[data.image_ids == i], enlarge=1.2)
+                         for i in first])
+    idx = torch.tensor([len(data) - 1, 0, 2, 1])
+    got_idx, crops = batches[idx]
+    assert torch.equal(got_idx, idx) and crops.shape == (4, 3, 64, 64) and crops.dtype == torch.float32
+    assert torch.equal(crops, upfront[idx])
+
+
+def test_step_indices_resume_where_they_stopped():
+    full = list(step_indices(10, 4, seed=3, start=0, total=7))
+    assert [len(i) for i in full] == [4, 4, 2, 4, 4, 2, 4]
+    assert sorted(torch.cat(full[:3]).tolist()) == list(range(10))  # an epoch sees every box once
+    assert all(torch.equal(a, b) for a, b in zip(full[4:], step_indices(10, 4, seed=3, start=4, total=7), strict=True))
 
 
 def _sideways_photo(folder: Path) -> tuple[Path, torch.Tensor]:
@@ -319,8 +338,9 @@ def test_gt_crops_are_cut_from_the_upright_photo(parent, tmp_path):
     json_file, upright = _sideways_photo(tmp_path)
     clip = load_clip(str(parent))
     expected = clip.crop_boxes(upright, torch.tensor([[2.0, 30.0, 22.0, 55.0]]), enlarge=1.2)
-    got = base_gt_crops(clip, json_file, tmp_path)  # one base class: a background crop is added
-    assert torch.allclose(got.crops[got.labels >= 0], expected)
+    got = base_gt_boxes(json_file, tmp_path)  # one base class: a background box is added
+    _, crops = GTCropBatches(got, functools.partial(clip.crop_boxes, enlarge=1.2))[torch.arange(len(got))]
+    assert torch.allclose(crops[got.labels >= 0], expected)
     assert torch.allclose(detection_gt_crops(clip, json_file, tmp_path)[0], expected)
 
 
@@ -348,8 +368,9 @@ def test_json_size_that_disagrees_with_the_image_is_refused(parent, tmp_path):
     coco = json.loads(json_file.read_text())
     coco["images"][0].update(width=60, height=30)  # the stored, not the upright, size
     json_file.write_text(json.dumps(coco))
+    boxes = base_gt_boxes(json_file, tmp_path)  # no pixels read yet; the first batch reads them
     with pytest.raises(ValueError, match="differs from the json's 60x30"):
-        base_gt_crops(load_clip(str(parent)), json_file, tmp_path)
+        GTCropBatches(boxes, load_clip(str(parent)).crop_boxes)[torch.arange(len(boxes))]
 
 
 def test_json_without_base_annotations_is_refused(parent, train_data, tmp_path):

@@ -19,6 +19,7 @@ project CLIP folder (see ovd.models.clip.model) whose manifest names its parent 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as safetensors_bytes
 
+from ovd.models.clip.crops import crop_and_resize
 from ovd.models.clip.model import (
     DEFAULT_TEMPLATE,
     ClipModel,
@@ -51,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 TUNE_CHOICES = ("vision", "vision+text")
 # Fields that change how the run is carried out but not its result; a resume may change them.
-_NOT_IDENTITY = ("checkpoint_every", "threads")
+_NOT_IDENTITY = ("checkpoint_every", "threads", "workers")
 
 
 @dataclass
@@ -79,6 +81,8 @@ class RenormConfig(SectionConfig):
         checkpoint_every: steps between resumable checkpoints.
         max_images: use only the first this many images of the training json (None = all).
         threads: torch intra-op threads (0 = torch's default).
+        workers: DataLoader processes that read images and cut crops while the CLIP trains
+            (0 = in the training process; batches are the same either way).
         precision: "fp32", "bf16" (autocast) or "auto" (bf16 where the CPU has native bf16).
     """
 
@@ -100,6 +104,7 @@ class RenormConfig(SectionConfig):
     checkpoint_every: int = 50
     max_images: int | None = None
     threads: int = 0
+    workers: int = 2
     precision: str = "auto"
 
     def __post_init__(self) -> None:
@@ -118,8 +123,8 @@ class RenormConfig(SectionConfig):
             problems.append(f"template {self.template!r} has no '{{}}' for the class name")
         if self.max_images is not None and self.max_images < 1:
             problems.append(f"max_images {self.max_images} must be >= 1 or null")
-        if self.threads < 0:
-            problems.append(f"threads {self.threads} must be >= 0")
+        if self.threads < 0 or self.workers < 0:
+            problems.append(f"threads {self.threads} and workers {self.workers} must be >= 0")
         if self.precision not in ("auto", "fp32", "bf16"):
             problems.append(f"precision {self.precision!r} not in auto/fp32/bf16")
         if problems:
@@ -128,19 +133,25 @@ class RenormConfig(SectionConfig):
 
 
 @dataclass
-class GTCrops:
-    """Every base-class GT box of a training json, cropped once.
+class GTBoxes:
+    """Every base-class GT box of a training json, without pixels: crops are cut per batch by
+    :class:`GTCropBatches`, so memory grows with the batch, not with the dataset (COCO's ~665k
+    base boxes would be ~400 GB of 224 px float32 crops).
 
     Attributes:
-        crops: (N, 3, S, S) float32, normalised for the CLIP.
-        labels: (N,) int64 index into `class_names`.
-        box_wh: (N, 2) float32 GT box width and height, pixels.
+        data: the json and its images (read on demand).
+        image_ids: (N,) int64 image of each box.
+        boxes: (N, 4) float32 XYXY boxes, pixels of the upright image.
+        labels: (N,) int64 index into `class_names` (-1: a background box, see `base_gt_boxes`).
+        box_wh: (N, 2) float32 box width and height, pixels.
         image_wh: (N, 2) float32 width and height of the box's image, pixels.
         class_names: the base category names, ordered by category id.
-        num_images: images that contributed at least one crop.
+        num_images: images that contributed at least one box.
     """
 
-    crops: torch.Tensor
+    data: DetectionSet
+    image_ids: torch.Tensor
+    boxes: torch.Tensor
     labels: torch.Tensor
     box_wh: torch.Tensor
     image_wh: torch.Tensor
@@ -151,6 +162,50 @@ class GTCrops:
         return len(self.labels)
 
 
+class GTCropBatches(torch.utils.data.Dataset):
+    """Map-style dataset whose keys are batches: ``dataset[idx]`` with idx a (B,) int64 tensor of
+    box indices returns ``(idx, crops)``, crops (B, 3, S, S) float32 normalised for the CLIP, in
+    idx's order. Each image of the batch is decoded once and all its boxes are cut together
+    (RoIAlign), so a DataLoader with workers overlaps decoding with the CLIP's steps.
+
+    Args:
+        boxes: the GT boxes.
+        crop: ``crop(pixels (3, H, W) uint8, boxes (K, 4)) -> (K, 3, S, S)`` (no model inside, so
+            workers do not copy the CLIP).
+    """
+
+    def __init__(self, boxes: GTBoxes, crop: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        self.boxes, self.crop = boxes, crop
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def __getitem__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.boxes
+        out: torch.Tensor | None = None
+        images = b.image_ids[idx]
+        for image_id in images.unique().tolist():
+            rows = (images == image_id).nonzero().flatten()
+            crops = self.crop(b.data.read(image_id), b.boxes[idx[rows]])
+            if out is None:
+                out = crops.new_empty((len(idx), *crops.shape[1:]))
+            out[rows] = crops
+        return idx, out
+
+
+def step_indices(n: int, batch_size: int, seed: int, start: int, total: int):
+    """The box indices of steps start..total-1: (B,) int64 each, epochs of a permutation that
+    depends on (seed, epoch) only, so a resumed run sees the batches of an uninterrupted one."""
+    steps_per_epoch = math.ceil(n / batch_size)
+    perm, perm_epoch = None, -1
+    for step in range(start, total):
+        epoch, i = divmod(step, steps_per_epoch)
+        if epoch != perm_epoch:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            perm, perm_epoch = torch.randperm(n, generator=gen), epoch
+        yield perm[i * batch_size:(i + 1) * batch_size]
+
+
 def renorm_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor,
                 logit_scale: float, weights: torch.Tensor | None = None) -> torch.Tensor:
     """EZSD's re-normalisation loss: sigmoid BCE of fixed-scale cosine logits vs one-hot labels.
@@ -159,7 +214,7 @@ def renorm_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.T
         image_emb: (B, D) crop embeddings (L2-normalised here).
         text_emb: (C, D) class embeddings (L2-normalised here).
         labels: (B,) int64 class index in [0, C), or -1 for a background crop (all-zero
-            target: our negatives for a dataset with one base class, see `base_gt_crops`).
+            target: our negatives for a dataset with one base class, see `base_gt_boxes`).
         logit_scale: the frozen multiplier of the cosines (the CLIP's own).
         weights: optional (B,) per-sample weights (e.g. `size_weights`), used as given.
 
@@ -233,20 +288,20 @@ def background_boxes(image_hw: tuple[int, int], avoid: torch.Tensor, count: int,
     return cand[:count]
 
 
-def base_gt_crops(clip: ClipModel, json_file: str | Path, image_root: str | Path, *,
-                  enlarge: float = 1.2, max_images: int | None = None) -> GTCrops:
-    """EZSD crops of every base-class GT box of a COCO json (crowd boxes skipped).
+def base_gt_boxes(json_file: str | Path, image_root: str | Path, *,
+                  max_images: int | None = None) -> GTBoxes:
+    """Every base-class GT box of a COCO json (crowd boxes skipped), without reading pixels.
 
     Args:
-        clip: gives the crop size and normalisation.
         json_file: COCO instances json; categories without ``split`` count as base.
         image_root: folder the images' ``file_name`` are relative to.
-        enlarge: box scale about its centre.
         max_images: only the first this many images of the json.
 
     Raises:
-        DatasetFormatError: invalid json. FileNotFoundError: missing image root or image.
-        ValueError: no base-class annotation to train on.
+        DatasetFormatError: invalid json. FileNotFoundError: missing image root.
+        ValueError: no base-class annotation to train on. (An unreadable image, or one whose
+        size differs from the json's, raises when a batch first reads it; `ovd data check`
+        finds those up front.)
     """
     data = DetectionSet.load(json_file, image_root, max_images=max_images)
     is_base = ~data.is_novel
@@ -256,28 +311,31 @@ def base_gt_crops(clip: ClipModel, json_file: str | Path, image_root: str | Path
     # overlapping no annotated box) with an all-zero target, one per GT box.
     negatives = int(is_base.sum()) == 1
     generator = torch.Generator().manual_seed(0)
-    crops, labels, box_wh, image_wh = [], [], [], []
+    ids, all_boxes, labels, image_wh = [], [], [], []
     for image_id in data.image_ids:
         boxes, index = data.annotations(image_id, is_base)  # crowd boxes left out
         if not len(boxes):
             continue
-        pixels = data.read(image_id)
+        record = data.image(image_id)
+        hw = (int(record["height"]), int(record["width"]))
         index = base_index[index]
         if negatives:
-            background = background_boxes(pixels.shape[1:], data.boxes[image_id], len(boxes), generator)
+            background = background_boxes(hw, data.boxes[image_id], len(boxes), generator)
             boxes, index = torch.cat([boxes, background]), torch.cat([index, torch.full((len(background),), -1)])
-        crops.append(clip.crop_boxes(pixels, boxes, enlarge=enlarge))
+        ids.append(torch.full((len(boxes),), image_id, dtype=torch.long))
+        all_boxes.append(boxes.float())
         labels.append(index)
-        box_wh.append(boxes[:, 2:] - boxes[:, :2])
-        image_wh.append(torch.tensor([[pixels.shape[2], pixels.shape[1]]], dtype=torch.float32).expand(len(boxes), 2))
-    if not crops:
+        image_wh.append(torch.tensor([[hw[1], hw[0]]], dtype=torch.float32).expand(len(boxes), 2))
+    if not all_boxes:
         scope = f" in its first {max_images} images" if max_images is not None else ""
         raise ValueError(f"{json_file} has no annotations of base categories{scope} "
                          f"({int(is_base.sum())} base of {len(data.categories)} categories, "
                          f"{sum(len(v) for v in data.labels.values())} annotations): nothing to re-normalise on")
-    return GTCrops(crops=torch.cat(crops), labels=torch.cat(labels), box_wh=torch.cat(box_wh),
-                   image_wh=torch.cat(image_wh), class_names=[n for n, b in zip(data.names, is_base, strict=True) if b],
-                   num_images=len(crops))
+    boxes = torch.cat(all_boxes)
+    return GTBoxes(data=data, image_ids=torch.cat(ids), boxes=boxes, labels=torch.cat(labels),
+                   box_wh=boxes[:, 2:] - boxes[:, :2], image_wh=torch.cat(image_wh),
+                   class_names=[n for n, b in zip(data.names, is_base, strict=True) if b],
+                   num_images=len(all_boxes))
 
 
 def weights_sha256(clip: ClipModel) -> str:
@@ -331,11 +389,11 @@ def renorm_clip(clip_dir_or_name: str | Path, json_file: str | Path, image_root:
         torch.set_num_threads(cfg.threads)
     t_load = time.time()
     clip, model_cfg, parent = _parent(clip_dir_or_name, pretrained, device)
-    data = base_gt_crops(clip, json_file, image_root, enlarge=cfg.enlarge, max_images=cfg.max_images)
+    data = base_gt_boxes(json_file, image_root, max_images=cfg.max_images)
     data_id = {"json_sha256": sha256_file(json_file), "parent_sha256": parent["sha256"],
                "crops": len(data)}
     background = int((data.labels < 0).sum())
-    logger.info("clip renorm: %d base GT crops of %d classes from %d images (%.1f s)%s",
+    logger.info("clip renorm: %d base GT boxes of %d classes from %d images (%.1f s)%s",
                 len(data) - background, len(data.class_names), data.num_images, time.time() - t_load,
                 f"; one base class, so {background} background crops are its negatives (our "
                 "formulation: EZSD's loss has none then)" if background else "")
@@ -387,18 +445,16 @@ def renorm_clip(clip_dir_or_name: str | Path, json_file: str | Path, image_root:
         logger.info("resuming CLIP renorm at step %d/%d from %s", start, total, resume_dir)
 
     update = progress("clip renorm", total, start) if progress else (lambda k, info: None)
+    crop = functools.partial(crop_and_resize, out_size=clip.image_size, mean=clip.mean, std=clip.std,
+                             enlarge=cfg.enlarge)
+    loader = torch.utils.data.DataLoader(
+        GTCropBatches(data, crop), sampler=step_indices(len(data), cfg.batch_size, cfg.seed, start, total),
+        batch_size=None, num_workers=cfg.workers, pin_memory=dev.type == "cuda",
+        prefetch_factor=2 if cfg.workers else None)
     t0 = time.time()
-    perm, perm_epoch = None, -1
-    for step in range(start, total):
+    for step, (idx, crops) in enumerate(loader, start):
         epoch, i = divmod(step, steps_per_epoch)
-        if epoch != perm_epoch:
-            # The order is a function of (seed, epoch) only, so a resumed run sees the same
-            # batches as an uninterrupted one.
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            perm, perm_epoch = torch.randperm(len(data), generator=gen), epoch
-        idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
         labels = data.labels[idx].to(dev)
-        crops = data.crops[idx]
         if cfg.flip:
             flip = torch.rand(len(idx), generator=torch.Generator().manual_seed(
                 cfg.seed * 1_000_003 + 7_919 * step + 1)) < 0.5
