@@ -21,7 +21,7 @@ from ovd.training.proposals import (
     run_proposals,
     token_region_embeddings,
 )
-from ovd.training.shards import ShardReader, ShardStore, shard_name
+from ovd.training.shards import ReadAhead, ShardReader, ShardStore, shard_name
 
 # Few anchors per image keep every full run to a few dozen tiny-ViT crops.
 FAST = {"sizes": (32, 64), "ratios": (1.0, 2.0), "shard_size": 1}
@@ -446,3 +446,25 @@ def test_config_validation():
     with pytest.raises(ValueError, match="unknown proposals config keys"):
         ProposalConfig.from_dict({"sizez": [1]})
     assert ProposalConfig.from_dict({"sizes": [16, 32]}).sizes == (16, 32)
+
+
+def test_read_ahead_decodes_the_next_images_in_order():
+    import threading
+
+    reads, lock = [], threading.Lock()
+
+    def read(image_id):
+        with lock:
+            reads.append(image_id)
+        return torch.full((1,), image_id)
+
+    ahead = ReadAhead(read, [5, 3, 9, 7], depth=2)
+    try:
+        assert ahead(5).item() == 5
+        for future in list(ahead.pending.values()):
+            future.result()
+        assert sorted(reads) == [3, 5, 9]  # the next two were decoded ahead, 7 not yet
+        assert ahead(3).item() == 3 and ahead(9).item() == 9
+        assert ahead(42).item() == 42  # not in the plan: read on the spot
+    finally:
+        ahead.close()

@@ -97,6 +97,7 @@ from .config import SectionConfig
 from .data.detection_set import DetectionSet
 from .shards import (
     ProgressFactory,
+    ReadAhead,
     Record,
     ShardReader,
     ShardStore,
@@ -722,12 +723,18 @@ def run_proposals(clip: ClipModel, json_file: str | Path, image_root: str | Path
     with torch.inference_mode():
         text = clip.text_embeddings(data.vocabulary, cfg.template).float().cpu()
 
+    read = ReadAhead(data.read, store.pending_image_ids())
+
     def compute(image_id: int) -> tuple[Record, dict]:
+        # Crops are cut where the CLIP runs (RoIAlign on the GPU when there is one).
         with torch.inference_mode(), autocast(clip, cfg.precision):
-            return propose_image(clip, data.read(image_id), text, data.is_base,
+            return propose_image(clip, read(image_id).to(clip.device), text, data.is_base,
                                  data.gt[image_id], cfg, image_id, grid)
 
-    reader = store.run(compute, desc=f"proposals ({cfg.mode})", progress=progress)
+    try:
+        reader = store.run(compute, desc=f"proposals ({cfg.mode})", progress=progress)
+    finally:
+        read.close()
     found = (reader.manifest.get("cost") or {}).get("totals", {}).get("proposals") if reader.complete() else None
     if found == 0 and len(data.image_ids):
         raise ValueError(f"the proposal stage found no region in any of {len(data.image_ids)} images "

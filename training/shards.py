@@ -24,8 +24,8 @@ Guarantees:
   ``detectron2.utils.comm``), so processes started by :func:`launch_stage` (or by ``torchrun``)
   split the work with no communication. Every rank verifies an existing manifest itself; a
   missing one is written by the first rank to need it (all ranks build the same one). The only
-  barriers are after an ``overwrite`` wipe and before rank 0 records the cost of a complete
-  folder.
+  barrier is after an ``overwrite`` wipe; the cost of a complete folder is recorded by whichever
+  rank finds every shard present when it ends (no rank waits for the others).
 * **Independent jobs** (``part=(index, count)``, the CLI's ``--shard-index/--num-shards``): job
   ``index`` of ``count`` owns the shards with ``k % count == index`` and needs no process group
   at all (a SLURM job array, separate machines sharing a folder); whichever job finds every
@@ -272,6 +272,10 @@ class ShardStore:
 
     # ------------------------------------------------------------------ the loop
 
+    def pending_image_ids(self) -> list[int]:
+        """The image ids this rank will compute, in the order `run` computes them."""
+        return [i for k in self.my_shards() if not self.shard_ok(k) for i in self.shard_ids(k)]
+
     def run(self, compute: Callable[[int], tuple[Record, dict[str, float]]], *,
             desc: str, progress: ProgressFactory | None = None) -> ShardReader:
         """Compute every missing shard this rank owns, then (rank 0) finalise the manifest.
@@ -310,12 +314,11 @@ class ShardStore:
                     stats["images"] = len(ids)
                     self.write_shard(k, records, stats)
                 update(1, {"shard": f"{k + 1}/{self.num_shards}"})
-        if self.independent:  # no barrier: the last job to end finds every shard present
-            self.finalise()
-        else:
-            comm.synchronize()
-            if self.rank == 0:
-                self.finalise()
+        # No barrier: every rank (or job) tries to finalise when it ends, and the last to end
+        # finds every shard present. A barrier would hold finished ranks idle behind slow or
+        # resumed ones (and time out after 30 min); racing finalisers write the same manifest
+        # through an atomic rename.
+        self.finalise()
         return ShardReader(self.folder)
 
     def finalise(self) -> bool:
@@ -429,6 +432,38 @@ class ShardReader:
         prefix = f"{int(image_id)}/"
         return {key[len(prefix):]: handle.get_tensor(key) for key in handle.keys()
                 if key.startswith(prefix)}
+
+
+class ReadAhead:
+    """Images decoded ahead of their use by background threads, so decoding overlaps the
+    CLIP's work on the previous image (PIL releases the GIL while it decodes).
+
+    Args:
+        read: ``read(image_id) -> image``.
+        order: the ids in the order they will be asked for.
+        depth: images decoded ahead (memory: this many decoded images).
+    """
+
+    def __init__(self, read: Callable[[int], torch.Tensor], order: Sequence[int], depth: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.read, self.order, self.depth = read, list(order), depth
+        self.position = {image_id: i for i, image_id in enumerate(self.order)}
+        self.pool = ThreadPoolExecutor(max_workers=max(1, depth), thread_name_prefix="read-ahead")
+        self.pending: dict[int, object] = {}
+
+    def __call__(self, image_id: int) -> torch.Tensor:
+        """The decoded image (read now if it was not in the planned order)."""
+        at = self.position.get(image_id)
+        if at is None:
+            return self.read(image_id)
+        for next_id in self.order[at:at + self.depth + 1]:
+            if next_id not in self.pending:
+                self.pending[next_id] = self.pool.submit(self.read, next_id)
+        return self.pending.pop(image_id).result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- launching

@@ -44,6 +44,7 @@ from .proposals import (
 from .shards import (
     INFORMATIONAL_KEYS,
     ProgressFactory,
+    ReadAhead,
     Record,
     ShardReader,
     ShardStore,
@@ -192,12 +193,16 @@ def run_targets(clip: ClipModel, json_file: str | Path, image_root: str | Path,
     store = ShardStore(out_dir, stage="targets", identity=identity, image_ids=data.image_ids,
                        shard_size=cfg.shard_size, overwrite=overwrite, part=part)
 
+    def boxes_of(image_id: int) -> torch.Tensor:
+        return data.gt[image_id][~data.gt_crowd[image_id]]  # a crowd box is no single object's embedding
+
+    read = ReadAhead(data.read, [i for i in store.pending_image_ids() if len(boxes_of(i))])
+
     def compute(image_id: int) -> tuple[Record, dict]:
-        keep = ~data.gt_crowd[image_id]  # a crowd box is no single object's embedding
-        gt = data.gt[image_id][keep]
+        gt = boxes_of(image_id)
         with torch.inference_mode(), autocast(clip, cfg.precision):
-            if len(gt):
-                emb = encode_boxes(clip, data.read(image_id), gt, enlarge=cfg.gt_enlarge,
+            if len(gt):  # cropped where the CLIP runs
+                emb = encode_boxes(clip, read(image_id).to(clip.device), gt, enlarge=cfg.gt_enlarge,
                                    batch_size=cfg.batch_size)
             else:  # nothing to crop: skip decoding the image
                 emb = torch.zeros(0, clip.embed_dim)
@@ -206,7 +211,10 @@ def run_targets(clip: ClipModel, json_file: str | Path, image_root: str | Path,
         n_gt = int(rec["is_gt"].sum())
         return rec, {"clip_crops": len(gt), "gt": n_gt, "proposals": len(rec["boxes"]) - n_gt}
 
-    return store.run(compute, desc="targets", progress=progress)
+    try:
+        return store.run(compute, desc="targets", progress=progress)
+    finally:
+        read.close()
 
 
 def load_targets(folder: str | Path) -> ShardReader:
