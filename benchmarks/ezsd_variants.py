@@ -56,6 +56,7 @@ from host_info import host_line  # noqa: E402
 from training_bench import Timed, pipeline_front, setup_logging, subset_json, write_markdown  # noqa: E402
 
 from ovd.training.layout import eval_dir, final_weights  # noqa: E402
+from ovd.training.proposals import without_neutral  # noqa: E402
 from ovd.training.protocol import (  # noqa: E402
     HEADLINE,
     CellStore,
@@ -210,7 +211,8 @@ class Bench:
             "world": self.world["fingerprint"],
             "clip": self.clips[v.clip].manifest["weights"]["sha256"],
             "targets": asdict(self.tcfg) if v.targets else None,
-            "proposals": asdict(self.proposals_config(v.targets)) if v.targets in ("dense", "cheap") else None,
+            "proposals": without_neutral(asdict(self.proposals_config(v.targets)))
+            if v.targets in ("dense", "cheap") else None,
             "detector": self.detector_recipe,
         })
 

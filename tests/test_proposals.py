@@ -13,6 +13,7 @@ from detectron2.utils import comm
 
 from ovd.training.cli import build_parser
 from ovd.training.proposals import (
+    AnchorGrid,
     ProposalConfig,
     load_proposals,
     make_anchors,
@@ -468,3 +469,24 @@ def test_read_ahead_decodes_the_next_images_in_order():
         assert ahead(42).item() == 42  # not in the plan: read on the spot
     finally:
         ahead.close()
+
+
+def test_paper_density_lays_the_grid_on_the_resized_image():
+    from ovd.training.proposals import PAPER_DENSITY
+
+    stored = (480, 640)  # a COCO image; Detectron2 trains it at 800 x 1067 (factor 5/3)
+    grid = AnchorGrid.from_config(ProposalConfig(**PAPER_DENSITY))
+    assert grid.resize_factor(stored) == pytest.approx(800 / 480)
+    anchors = grid.anchors(stored)
+    on_resized = make_anchors((800, 1067), stride=32, sizes=(32, 64, 128, 256, 512))
+    assert len(anchors) == len(on_resized) > 2.5 * len(AnchorGrid.from_config(ProposalConfig()).anchors(stored))
+    # The same boxes, in stored pixels (the smallest anchor is 32 / (5/3) = 19.2 px there).
+    torch.testing.assert_close(anchors, (on_resized * 480 / 800).clamp(max=640))
+    assert anchors[:, 2].max() <= 640 and anchors[:, 3].max() <= 480
+    # Off by default, and then absent from the recorded identity (older folders stay current).
+    assert "anchor_resize" not in ProposalConfig().identity()
+    assert ProposalConfig(**PAPER_DENSITY).identity()["anchor_resize"] == (800, 1333)
+    with pytest.raises(ValueError, match="anchor_resize"):
+        ProposalConfig(anchor_resize=(1333, 800))
+    args = build_parser().parse_args(["proposals", "--paper-density"])
+    assert args.paper_density

@@ -8,7 +8,10 @@ For every training image (docs/methods.md, "Stage 2"):
    are encoded once. The paper's grid (stride 32, sizes 32..512) is for COCO images resized to
    1333x800; ``sizes: auto`` / ``stride: auto`` (the synthetic config) derive the grid from the
    data instead (`AnchorGrid`): a sqrt(2) ladder of sizes over the base GT boxes' size range,
-   each size on a grid of step size / 2, like a detector's FPN anchors. On the synthetic world
+   each size on a grid of step size / 2, like a detector's FPN anchors. ``anchor_resize``
+   (``ovd proposals --paper-density``) lays the paper's grid on the image resized as the
+   detector trains on it (short side 800, long <= 1333) and maps it back: ~12.7k anchors for a
+   640x480 COCO image instead of ~4.4k on the stored image. On the synthetic world
    (objects 9-57 px) the paper's grid gives 21% of novel objects an anchor at IoU >= 0.5, the
    derived one 96% (training/gates.py measures it: ``grid_coverage50``).
 2. Each anchor is cropped with no enlargement (EZSD crop: padded square, CLIP size), encoded by
@@ -112,6 +115,17 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 #: Config fields that change how fast, not what, a stage computes: left out of the manifest
 #: identity so a run can be resumed with another batch size or thread count.
 RUNTIME_FIELDS = ("batch_size", "threads", "shard_size")
+#: Fields added after proposal folders and benchmark cells were recorded: at these values they
+#: reproduce the earlier behaviour, so they are left out of identities and those stay current.
+NEUTRAL_DEFAULTS = {"anchor_resize": None}
+#: The paper's anchor grid: stride 32, sides 32-512, on the image resized as Detectron2 resizes
+#: COCO for training (short side 800, long side at most 1333). `ovd proposals --paper-density`.
+PAPER_DENSITY = {"stride": 32, "sizes": (32, 64, 128, 256, 512), "anchor_resize": (800, 1333)}
+
+
+def without_neutral(fields: dict) -> dict:
+    """`fields` without the NEUTRAL_DEFAULTS entries that hold their neutral value."""
+    return {k: v for k, v in fields.items() if k not in NEUTRAL_DEFAULTS or v != NEUTRAL_DEFAULTS[k]}
 
 
 @dataclass
@@ -126,8 +140,8 @@ class ProposalConfig(SectionConfig):
         template: prompt template for the class names.
         logit_scale: multiplier of the cosine similarities before the softmax; None (the
             default) = the CLIP's own ``logit_scale.exp()``, as EZSD's code does.
-        stride: anchor grid step in pixels of the stored image, or "auto": each size on a grid
-            of step round(size / 2).
+        stride: anchor grid step in pixels of the stored image (of the resized one with
+            ``anchor_resize``), or "auto": each size on a grid of step round(size / 2).
         sizes: anchor sides sqrt(w*h) in pixels, or "auto": a ladder of factor ``auto_step``
             whose sizes are the centres (in log scale) of bins covering the ``auto_quantiles``
             of the base GT box sizes sqrt(w*h) of the images the stage runs on (see
@@ -136,6 +150,11 @@ class ProposalConfig(SectionConfig):
         anchor_offset: anchor centres at (i + offset) * stride; 0.5 = cell centres *(our
             choice; mmdetection's default is 0, grid corners)*.
         min_size: anchors narrower or shorter than this after clipping are dropped, pixels.
+        anchor_resize: None (the grid is laid on the image as stored) or (short, long): it is
+            laid on the image resized so its short side is ``short`` and its long side at most
+            ``long`` pixels (Detectron2's ResizeShortestEdge; the paper: (800, 1333), ~16k
+            crops per COCO image), then mapped back to stored pixels (stride, sizes and
+            min_size are then in resized pixels).
         auto_quantiles: ``sizes: auto``: the lower and upper quantile of base GT sizes covered.
         auto_step: ``sizes: auto``: ratio of consecutive sizes.
         nms_iou: class-agnostic NMS IoU threshold.
@@ -175,6 +194,7 @@ class ProposalConfig(SectionConfig):
     ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     anchor_offset: float = 0.5
     min_size: float = 4.0
+    anchor_resize: tuple[int, int] | None = None
     auto_quantiles: tuple[float, float] = (0.02, 0.98)
     auto_step: float = math.sqrt(2.0)
     nms_iou: float = 0.7
@@ -224,6 +244,10 @@ class ProposalConfig(SectionConfig):
                             "shard_size must be >= 1")
         if not 0 < self.nms_iou <= 1 or not 0 < self.gt_iou <= 1:
             problems.append("nms_iou and gt_iou must be in (0, 1]")
+        if self.anchor_resize is not None and (len(self.anchor_resize) != 2 or min(self.anchor_resize) < 1
+                                               or self.anchor_resize[0] > self.anchor_resize[1]):
+            problems.append(f"anchor_resize {self.anchor_resize!r} must be null or [short, long] "
+                            "with 1 <= short <= long")
         if (self.logit_scale is not None and self.logit_scale <= 0) or self.cheap_scale <= 0 \
                 or self.min_size < 0:
             problems.append("logit_scale and cheap_scale must be > 0, min_size >= 0")
@@ -233,7 +257,7 @@ class ProposalConfig(SectionConfig):
 
     def identity(self) -> dict:
         """The fields the stored proposals depend on."""
-        return {k: v for k, v in asdict(self).items() if k not in RUNTIME_FIELDS}
+        return without_neutral({k: v for k, v in asdict(self).items() if k not in RUNTIME_FIELDS})
 
 
 # --------------------------------------------------------------------------- dataset access
@@ -371,6 +395,7 @@ class AnchorGrid:
     ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     offset: float = 0.5
     min_size: float = 4.0
+    resize: tuple[int, int] | None = None
 
     @classmethod
     def from_config(cls, cfg: ProposalConfig, base_boxes: list[torch.Tensor] | None = None
@@ -387,7 +412,19 @@ class AnchorGrid:
         strides = tuple(max(1, round(x / 2)) if cfg.stride == "auto" else int(cfg.stride)
                         for x in sizes)
         return cls(sizes=sizes, strides=strides, ratios=tuple(cfg.ratios),
-                   offset=cfg.anchor_offset, min_size=cfg.min_size)
+                   offset=cfg.anchor_offset, min_size=cfg.min_size,
+                   resize=tuple(cfg.anchor_resize) if cfg.anchor_resize else None)
+
+    def identity(self) -> dict:
+        """The grid as recorded in a proposals manifest."""
+        return {k: v for k, v in asdict(self).items() if k != "resize" or v is not None}
+
+    def resize_factor(self, image_hw: tuple[int, int]) -> float:
+        """Resized / stored side length (1 without ``resize``), as ResizeShortestEdge computes it."""
+        if self.resize is None:
+            return 1.0
+        short, long = self.resize
+        return min(short / min(image_hw), long / max(image_hw))
 
     @staticmethod
     def sizes_from_boxes(boxes: list[torch.Tensor], quantiles: tuple[float, float],
@@ -406,14 +443,24 @@ class AnchorGrid:
         return tuple(round(lo * step ** (k + 0.5), 1) for k in range(n))
 
     def anchors(self, image_hw: tuple[int, int]) -> torch.Tensor:
-        """(A, 4) float32 xyxy anchors of one image (`make_anchors` per stride, then
-        duplicates across strides removed, first occurrence kept)."""
+        """(A, 4) float32 xyxy anchors of one image in stored pixels (`make_anchors` per stride
+        on the stored or, with ``resize``, the resized image; duplicates across strides removed,
+        first occurrence kept)."""
+        factor = self.resize_factor(image_hw)
+        grid_hw = (round(image_hw[0] * factor), round(image_hw[1] * factor))
         parts = []
         for stride in dict.fromkeys(self.strides):
             sizes = tuple(x for x, s in zip(self.sizes, self.strides, strict=True) if s == stride)
-            parts.append(make_anchors(image_hw, stride=stride, sizes=sizes, ratios=self.ratios,
+            parts.append(make_anchors(grid_hw, stride=stride, sizes=sizes, ratios=self.ratios,
                                       offset=self.offset, min_size=self.min_size))
-        return _first_unique(torch.cat(parts)) if len(parts) > 1 else parts[0]
+        boxes = _first_unique(torch.cat(parts)) if len(parts) > 1 else parts[0]
+        if factor == 1.0:
+            return boxes
+        H, W = image_hw
+        boxes = boxes / factor
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
+        return boxes
 
 
 def objectness(logits: torch.Tensor) -> torch.Tensor:
@@ -710,7 +757,7 @@ def run_proposals(clip: ClipModel, json_file: str | Path, image_root: str | Path
                 list(grid.strides))
     identity = {
         "config": cfg.identity(),
-        "grid": asdict(grid),
+        "grid": grid.identity(),
         "clip": clip_identity(clip),
         "embed_dim": int(clip.embed_dim),
         "vocabulary": {"names": data.vocabulary, "is_base": data.is_base.tolist()},

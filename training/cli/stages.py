@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from ovd.models.manifest import strict_json
@@ -22,6 +22,10 @@ def cmd_proposals(args: argparse.Namespace) -> int:
 
     cfg, layout = run_of(args)
     pcfg = ProposalConfig.from_config(cfg, args, ("mode", "filter", "batch_size"))
+    if args.paper_density:
+        from ..proposals import PAPER_DENSITY
+
+        pcfg = replace(pcfg, **PAPER_DENSITY)
     json_file, image_root = train_data(cfg, layout, args)
     clip = args.clip or str(layout.clip_renorm)
     out = args.out or str(layout.proposals)
@@ -111,6 +115,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output shard folder (default: <root>/proposals)")
     p.add_argument("--mode", default=None, help="dense (the paper) or cheap (top-K token prior)")
     p.add_argument("--filter", default=None, help="coco or lvis filtering")
+    p.add_argument("--paper-density", action="store_true",
+                   help="the paper's anchor grid: stride 32, sizes 32-512, laid on the image resized to "
+                        "short side 800 / long side <= 1333 (proposals.anchor_resize), not on the image "
+                        "as stored (~16k crops per COCO image instead of ~4.4k)")
     p.set_defaults(func=cmd_proposals)
 
     p = sub.add_parser(
