@@ -490,3 +490,28 @@ def test_paper_density_lays_the_grid_on_the_resized_image():
         ProposalConfig(anchor_resize=(1333, 800))
     args = build_parser().parse_args(["proposals", "--paper-density"])
     assert args.paper_density
+
+
+def test_the_slurm_array_script_gives_the_one_process_output(clip, train, dense_run, tmp_path):
+    """scripts/slurm/proposals_array.sbatch run as two array tasks (SLURM's variables set by
+    hand; #SBATCH lines are comments to bash) writes what one process writes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "cfg.yaml").write_text("proposals: {sizes: [32, 64], ratios: [1.0, 2.0], shard_size: 1}\n")
+    out = tmp_path / "out"
+    for task in (1, 0):
+        env = {**os.environ, "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": str(task),
+               "SLURM_SUBMIT_DIR": str(repo), "OVD": str(Path(sys.executable).with_name("ovd"))}
+        done = subprocess.run(["bash", str(repo / "scripts" / "slurm" / "proposals_array.sbatch"),
+                               str(tmp_path / "cfg.yaml"), "--clip", _clip_dir(clip), "--train-json",
+                               str(train[0]), "--image-root", str(train[1]), "--out", str(out)],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    reader = ShardReader(out)
+    assert reader.complete() and "cost" in reader.manifest
+    _assert_same(_records(reader), _records(dense_run))
+    for script in (repo / "scripts" / "slurm").glob("*.sbatch"):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
