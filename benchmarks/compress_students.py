@@ -1,63 +1,85 @@
 #!/usr/bin/env python
-"""Compression on the synthetic world: what do TID, CID and Light-ML buy a small student?
+"""Compression under the protocol (training/protocol.py): what do TID, CID and Light-ML buy a
+small student, per novel tier, with paired seeds and 95% intervals?
 
-    .venv/bin/python benchmarks/compress_students.py          # the committed table (~50 min, 2 cores)
-    .venv/bin/python benchmarks/compress_students.py --iters 20 --train-images 16 \
-        --latency-images 4 --root /tmp/cb --results /tmp/cb/results        # a quick check
+    .venv/bin/python benchmarks/compress_students.py --commit              # the table (test)
+    .venv/bin/python benchmarks/compress_students.py --max-cells 4 --commit # a session's share
+    .venv/bin/python benchmarks/compress_students.py --phase budget --commit # AP vs iterations
+    .venv/bin/python benchmarks/compress_students.py --phase latency         # one timing loop
+    .venv/bin/python benchmarks/compress_students.py --summary-only          # tables from cells
 
-Rows (one teacher; every student has the same network, data and schedule, only the named
-distillation terms change; each student row is trained once per --seeds value, so that a
-difference between rows can be set against the spread between seeds):
+Rows (one teacher; every student has the same network, data, schedule and seeds, only the
+named distillation terms change):
 
-    teacher                       the shipped detector (artifacts/default, R18-FPN, 13.9M
-                                  parameters), evaluated only
-    student, no KD                configs/compress/synthetic_student_r18_narrow.yaml with TID,
-                                  CID and Light-ML off: base boxes + EZSD region distillation
-    student + TID                 + task-integrated FPN feature imitation
-    student + CID                 + centerness-weighted logit and box-delta distillation
-    student + CID + Light-ML      + task-wise mutual lifting in the box head
-    student + TID + CID + Light-ML  all three (the config's default)
-    ... zero-init gains           a diagnostic: CID + Light-ML whose lifts start at 0
-    all three, zero-init gains    what configs/compress/synthetic_student_r18_narrow.yaml trains
+    teacher            the shipped detector (--teacher, default artifacts/default), evaluated
+    no_kd              configs/compress/synthetic_student_r18_narrow.yaml with TID, CID and
+                       Light-ML off: base boxes + EZSD region distillation
+    tid                + TID (localisation from each model's predicted boxes)
+    cid                + CID (centerness-weighted, per-instance normalised; box KD on
+                       foreground RoIs)
+    cid_no_instnorm    + CID without the per-instance normalisation
+    cid_lightml        + CID + Light-ML as published
+    cid_lightml_zero   + CID + Light-ML with zero-initialised gains (ours)
+    all                TID + CID + Light-ML zero-init: the student config
 
-Columns: generalized AP50 on synth_val (novel / base / all, means over seeds, and each seed's
-AP50 all), AP (IoU 0.5:0.95) and AP on small objects (COCO "small", < 32^2 px) over all
-classes, inference latency per image (median over repeated single-image `model(inputs,
-text=T)` calls on val images, every model timed in the same loop so that other load on the
-machine hits them alike) and its ratio to the teacher's, parameter count, and the wall time of
-a training run.
+Contrasts (B - A, paired over seeds): TID (no_kd -> tid), CID (no_kd -> cid), per-instance
+normalisation (cid_no_instnorm -> cid), Light-ML as published (cid -> cid_lightml) and with
+zero-init gains (cid -> cid_lightml_zero). Rows in a contrast get 5 seeds, the others 3.
+
+Every number reported is on the test split; choices (the schedule, KD weights) are made on val
+(`--split val`). Cells (one row x one seed x one split) are cached under
+benchmarks/results/cells/compress_students/ with the digest of their recipe and committed one by
+one (`--commit`), so the table fills over several sessions. Trained students stay under --root
+(reused while they exist).
+
+Columns: AP50 / AP per novel tier, novel, base and all, AP on small objects (all), parameters,
+training seconds; from the latency phase, the median single-image latency of every row's
+student and the teacher timed in one loop on test images, and its ratio to the teacher's. The
+budget phase trains the student config for several iteration budgets (the curve of student AP
+vs training budget, for "what does reaching the teacher take").
 
 Shared stages come from the pipeline root (`ovd pipeline` writes them; computed here when
 absent): the world, the pretrained CLIP and the re-normalised CLIP, which must be the CLIP the
 teacher was trained with (its sha256 is in the teacher's manifest). The students train on the
-first --train-images base-annotated images, with distillation targets from cheap-mode CLIP
-proposals on those images; everything computed goes under --root and is reused on a rerun
-(stored wall times are reported with "(cached)").
+first --train-images base-annotated training images, with distillation targets from cheap-mode
+CLIP proposals on those images (the teacher's recipe).
 
-Writes <results>/compress_students.{md,json}; a hand-written "## Analysis" section of the .md
-survives a rerun.
+Writes <results>/compress_students.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from host_info import host_info, host_line  # noqa: E402
 from training_bench import Timed, pipeline_front, setup_logging, subset_json, write_markdown  # noqa: E402
 
 from ovd.training.layout import final_weights  # noqa: E402
+from ovd.training.proposals import without_neutral  # noqa: E402
+from ovd.training.protocol import (  # noqa: E402
+    CellStore,
+    commit_cell,
+    flat_metrics,
+    paired_contrast,
+    recipe_digest,
+    summarise_row,
+    verdict,
+)
 
 logger = logging.getLogger("bench")
+CELLS = REPO / "benchmarks" / "results" / "cells" / "compress_students"
 
 
 @dataclass(frozen=True)
@@ -70,21 +92,38 @@ class Student:
     cid: bool
     light_ml: bool
     light_ml_zero_init: bool = False
+    instance_normalise: bool = True
 
 
 STUDENTS = [
     Student("no_kd", "student, no KD", False, False, False),
-    Student("tid", "student + TID", True, False, False),
-    Student("cid", "student + CID", False, True, False),
-    Student("cid_lightml", "student + CID + Light-ML", False, True, True),
-    Student("all", "student + TID + CID + Light-ML", True, True, True),
-    # Not a row of the issue: Light-ML whose lifts start at 0 (MODEL.KD.LIGHT_ML.ZERO_INIT), a
-    # diagnostic of why the paper's form did not help here (see the analysis).
-    Student("cid_lightml_zero", "student + CID + Light-ML, zero-init gains (diagnostic)", False, True,
-            True, light_ml_zero_init=True),
-    Student("all_zero", "student + TID + CID + Light-ML, zero-init gains (the student config)", True,
-            True, True, light_ml_zero_init=True),
+    Student("tid", "+ TID", True, False, False),
+    Student("cid", "+ CID", False, True, False),
+    Student("cid_no_instnorm", "+ CID without per-instance normalisation", False, True, False,
+            instance_normalise=False),
+    Student("cid_lightml", "+ CID + Light-ML (published)", False, True, True),
+    Student("cid_lightml_zero", "+ CID + Light-ML, zero-init gains (ours)", False, True, True,
+            light_ml_zero_init=True),
+    Student("all", "TID + CID + Light-ML zero-init (the student config)", True, True, True,
+            light_ml_zero_init=True),
 ]
+BY_KEY = {s.key: s for s in STUDENTS}
+#: (name, row A, row B): B - A is the effect of what B adds.
+CONTRASTS = (("TID", "no_kd", "tid"), ("CID", "no_kd", "cid"),
+             ("per-instance normalisation", "cid_no_instnorm", "cid"),
+             ("Light-ML (published)", "cid", "cid_lightml"),
+             ("Light-ML (zero-init gains)", "cid", "cid_lightml_zero"))
+CONTRAST_SEEDS = 5
+OTHER_SEEDS = 3
+#: Iteration budgets of the student config for the budget curve (the table's is --iters).
+BUDGETS = (150, 300, 600, 900)
+#: Columns of the tables (percent).
+COLUMNS = ("ap50_novel_comp", "ap50_novel_shape", "ap50_novel_both", "ap50_novel", "ap50_base",
+           "ap50_all", "ap_all", "aps_all")
+
+
+def seeds_of(key: str) -> range:
+    return range(CONTRAST_SEEDS if any(key in (a, b) for _, a, b in CONTRASTS) else OTHER_SEEDS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,144 +135,267 @@ def main(argv: list[str] | None = None) -> int:
                    help="the teacher: an export folder or a training output folder")
     p.add_argument("--student-config", default=str(REPO / "configs" / "compress" /
                                                    "synthetic_student_r18_narrow.yaml"))
-    p.add_argument("--root", default="runs/bench/compress", help="this benchmark's outputs")
+    p.add_argument("--root", default="runs/bench/compress", help="trained students, proposals, targets")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--cells", default=str(CELLS), help="finished cells (commit these)")
+    p.add_argument("--split", choices=["val", "test"], default="test",
+                   help="test for the table; val for choices (schedule, KD weights)")
     p.add_argument("--train-images", type=int, default=200)
     p.add_argument("--iters", type=int, default=300, help="training iterations per student")
-    p.add_argument("--latency-images", type=int, default=20, help="val images timed per model")
-    p.add_argument("--latency-repeats", type=int, default=5, help="passes over them per model")
+    p.add_argument("--phase", choices=["report", "budget", "latency"], default="report")
     p.add_argument("--students", nargs="*", default=[s.key for s in STUDENTS])
-    p.add_argument("--seeds", nargs="*", type=int, default=[0, 1],
-                   help="each student is trained once per seed; the table shows the mean and each "
-                        "seed's AP50, so a difference can be set against the seed-to-seed spread")
+    p.add_argument("--max-cells", type=int, default=None, help="stop after this many new cells")
+    p.add_argument("--latency-images", type=int, default=20, help="test images timed per model")
+    p.add_argument("--latency-repeats", type=int, default=5, help="passes over them per model")
+    p.add_argument("--commit", action="store_true", help="git-commit each finished cell file")
+    p.add_argument("--summary-only", action="store_true", help="no training: tables from cells")
     args = p.parse_args(argv)
     setup_logging()
-
-    from ovd.training.compress import load_teacher, teacher_clip_sha256, teacher_config
-    from ovd.training.data.coco_format import register_ov_dataset
-    from ovd.training.data.synthetic import world_datasets
-    from ovd.training.progress import progress as _progress
-    from ovd.training.proposals import ProposalConfig, run_proposals
-    from ovd.training.targets import TargetsConfig, run_targets
-    from ovd.training.train_detector import build_config
-
-    t_start = time.time()
-    machine = host_info()
-    cfg, front = pipeline_front(args.config, args.pipeline_root)
-    root = Path(args.root)
-    results_dir = Path(args.results)
-    results_dir.mkdir(parents=True, exist_ok=True)
-
-    world, _ = front.world()
-    clip = front.renorm(front.clip(world)[0])[0]
-    want = teacher_clip_sha256(args.teacher)
-    have = clip.manifest["weights"]["sha256"]
-    if want and want != have:
-        raise SystemExit(f"the teacher {args.teacher} was trained with CLIP {want[:12]}, but the "
-                         f"pipeline's re-normalised CLIP is {have[:12]}: point --pipeline-root at "
-                         "the stages that made the teacher")
-
-    ann = front.world_dir / "detection" / "annotations"
-    image_root = front.world_dir / "detection" / "train"
-    train_json = subset_json(ann / "train_base.json", root / "data" / "train_base.json", args.train_images)
-    register_ov_dataset("bench_train", train_json, image_root, overwrite=True)
-    datasets = [f"{name}={json_file}:{folder}" for name, (json_file, folder) in
-                {**world_datasets(front.world_dir), "bench_train": (train_json, image_root)}.items()]
-
-    # EZSD distillation targets for the students: cheap CLIP proposals (the teacher's recipe).
-    stage_seconds: dict[str, tuple[float, bool]] = {}
-    pcfg = ProposalConfig.from_dict({**(cfg.get("proposals") or {}), "mode": "cheap"})
-    proposals_dir, targets_dir = root / "proposals", root / "targets"
-    stage_seconds["proposals (cheap)"] = Timed(proposals_dir)(
-        lambda: run_proposals(clip, train_json, image_root, proposals_dir, pcfg, progress=_progress),
-        done=(proposals_dir / "timing.json").is_file())
-    stage_seconds["targets"] = Timed(targets_dir)(
-        lambda: run_targets(clip, train_json, image_root, proposals_dir, targets_dir,
-                            TargetsConfig.from_config(cfg), progress=_progress),
-        done=(targets_dir / "timing.json").is_file())
-
-    from detectron2.data import MetadataCatalog
-
-    names = list(MetadataCatalog.get("synth_val").thing_classes)
-    teacher = load_teacher(args.teacher)
-    text = clip.text_embeddings(names, teacher_config(args.teacher).MODEL.OVD.PROMPT_TEMPLATE)
-    models = {"teacher": teacher}
-    rows = [{"key": "teacher", "label": f"teacher ({Path(args.teacher).name})", "seeds": [],
-             "seconds": None, "cached": False,
-             **_metrics([_evaluate_once(teacher, text, root / "teacher_eval", teacher_config(args.teacher))])}]
-    for s in (s for s in STUDENTS if s.key in args.students):
-        runs, seconds, cached = [], [], []
-        for seed in args.seeds:
-            logger.info("student %s, seed %d: %s", s.key, seed, s.label)
-            out = root / "students" / f"{s.key}-seed{seed}"
-            sec, was_cached = Timed(out)(lambda s=s, out=out, seed=seed: train_student(
-                s, cfg, clip, args.teacher, args.student_config, targets_dir, datasets, out,
-                args.iters, seed),
-                done=final_weights(out).is_file())
-            model = load_student(out)
-            if seed == args.seeds[0]:
-                models[s.key] = model  # the first seed's student is the one timed
-            runs.append(_evaluate_once(model, text, out / "eval", build_config(out / "config.yaml")))
-            seconds.append(sec)
-            cached.append(was_cached)
-        rows.append({"key": s.key, "label": s.label, "seeds": list(args.seeds),
-                     "seconds": round(statistics.mean(seconds), 1), "cached": all(cached),
-                     **_metrics(runs)})
-
-    latency = measure_latency(models, text, args.latency_images, args.latency_repeats)
-    for row in rows:
-        model = models[row["key"]]
-        row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
-        row["latency_ms"] = round(latency[row["key"]], 1)
-        row["latency_ratio"] = round(latency[row["key"]] / latency["teacher"], 2)
-
-    report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": host_line(machine),
-        "load_avg_1m_at_start": machine["load_avg_1m_at_start"],
-        "date": time.strftime("%Y-%m-%d"),
-        "teacher": str(args.teacher),
-        "train_images": args.train_images,
-        "iters": args.iters,
-        "seeds": list(args.seeds),
-        "latency": {"images": args.latency_images, "repeats": args.latency_repeats,
-                    "classes": len(names), "batch": 1},
-        "stages": {k: {"seconds": round(s, 1), "cached": c} for k, (s, c) in stage_seconds.items()},
-        "rows": rows,
-        "total_seconds_this_run": round(time.time() - t_start, 1),
-    }
-    (results_dir / "compress_students.json").write_text(json.dumps(report, indent=2))
-    text_report = format_report(report)
-    write_markdown(results_dir / "compress_students.md", text_report)
-    print(text_report)
+    bench = Bench(args)
+    if not args.summary_only:
+        {"report": bench.run_report, "budget": bench.run_budget, "latency": bench.run_latency}[args.phase]()
+    report = bench.summary()
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "compress_students.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(results / "compress_students.md", format_report(report))
+    print(format_report(report))
     return 0
 
 
-def train_student(s: Student, cfg: dict, clip, teacher: str, student_config: str, targets_dir: Path,
-                  datasets: list[str], out: Path, iters: int, seed: int) -> None:
-    """Train one student of a row with `ovd compress`'s trainer (Detectron2, resumable)."""
+class Bench:
+    """The shared stages, the teacher and the cells of one compression run."""
+
+    def __init__(self, args: argparse.Namespace):
+        from ovd.training.compress import teacher_clip_sha256
+        from ovd.training.data.coco_format import register_ov_dataset
+        from ovd.training.data.synthetic import world_datasets
+        from ovd.training.progress import progress as _progress
+        from ovd.training.proposals import ProposalConfig, run_proposals
+        from ovd.training.targets import TargetsConfig, run_targets
+
+        self.args = args
+        self.root = Path(args.root)
+        self.store = CellStore(args.cells)
+        self.new_cells = 0
+        self.cfg, self.front = pipeline_front(args.config, args.pipeline_root)
+        self.world, _ = self.front.world()
+        self.clip = self.front.renorm(self.front.clip(self.world)[0])[0]
+        want, have = teacher_clip_sha256(args.teacher), self.clip.manifest["weights"]["sha256"]
+        if want and want != have:
+            raise SystemExit(f"the teacher {args.teacher} was trained with CLIP {want[:12]}, but the "
+                             f"pipeline's re-normalised CLIP is {have[:12]}: retrain the teacher on this "
+                             "pipeline (`make pipeline`) or point --pipeline-root at the stages that made it")
+        ann = self.front.world_dir / "detection" / "annotations"
+        image_root = self.front.world_dir / "detection" / "train"
+        train_json = subset_json(ann / "train_base.json", self.root / "data" / "train_base.json",
+                                 args.train_images)
+        register_ov_dataset("bench_train", train_json, image_root, overwrite=True)
+        self.datasets = [f"{name}={json_file}:{folder}" for name, (json_file, folder) in
+                         {**world_datasets(self.front.world_dir), "bench_train": (train_json, image_root)}.items()]
+        self.pcfg = ProposalConfig.from_dict({**(self.cfg.get("proposals") or {}), "mode": "cheap"})
+        self.tcfg = TargetsConfig.from_config(self.cfg)
+        proposals_dir, self.targets_dir = self.root / "proposals", self.root / "targets"
+        self.stages = {
+            "proposals (cheap)": Timed(proposals_dir)(
+                lambda: run_proposals(self.clip, train_json, image_root, proposals_dir, self.pcfg,
+                                      progress=_progress), done=(proposals_dir / "timing.json").is_file()),
+            "targets": Timed(self.targets_dir)(
+                lambda: run_targets(self.clip, train_json, image_root, proposals_dir, self.targets_dir,
+                                    self.tcfg, progress=_progress), done=(self.targets_dir / "timing.json").is_file())}
+
+    # ------------------------------------------------------------------ the teacher
+
+    @functools.cached_property
+    def teacher_sha(self) -> str:
+        from ovd.models.manifest import sha256_file
+
+        folder = Path(self.args.teacher)
+        manifest = folder / "manifest.json"
+        if manifest.is_file():
+            return json.loads(manifest.read_text())["files"]["weights"]["sha256"]
+        return sha256_file(final_weights(folder))
+
+    @functools.cached_property
+    def text(self) -> torch.Tensor:
+        from detectron2.data import MetadataCatalog
+
+        from ovd.training.compress import teacher_config
+
+        names = list(MetadataCatalog.get(f"synth_{self.args.split}").thing_classes)
+        return self.clip.text_embeddings(names, teacher_config(self.args.teacher).MODEL.OVD.PROMPT_TEMPLATE)
+
+    def teacher_cell(self) -> dict:
+        """The teacher's metrics on the split (deterministic: one cell, seed 0)."""
+        from ovd.training.compress import load_teacher, teacher_config
+
+        recipe = recipe_digest({"teacher": self.teacher_sha, "split": self.args.split,
+                                "world": self.world["fingerprint"]})
+        cell = self.store.get(self.args.split, "teacher", 0, recipe)
+        if cell is not None:
+            return cell["metrics"]
+        model = load_teacher(self.args.teacher)
+        metrics = self.evaluate(model, teacher_config(self.args.teacher), self.root / "teacher_eval")
+        metrics["params_m"] = round(sum(q.numel() for q in model.parameters()) / 1e6, 2)
+        self.put("teacher", 0, recipe, metrics, label=f"teacher ({Path(self.args.teacher).name})")
+        return metrics
+
+    # ------------------------------------------------------------------ cells
+
+    def recipe(self, s: Student, seed: int, iters: int) -> str:
+        return recipe_digest({
+            "student": asdict(s), "seed": seed, "split": self.args.split, "iters": iters,
+            "train_images": self.args.train_images, "world": self.world["fingerprint"],
+            "clip": self.clip.manifest["weights"]["sha256"], "teacher": self.teacher_sha,
+            "student_config": yaml.safe_load(Path(self.args.student_config).read_text()),
+            "proposals": without_neutral(asdict(self.pcfg)), "targets": asdict(self.tcfg)})
+
+    def model_dir(self, s: Student, seed: int, iters: int) -> Path:
+        return self.root / f"students_{self.args.train_images}x{iters}" / s.key / f"seed{seed}"
+
+    def row_name(self, s: Student, iters: int) -> str:
+        return s.key if iters == self.args.iters else f"budget_{s.key}_{iters}"
+
+    def cell(self, s: Student, seed: int, iters: int | None = None) -> dict | None:
+        """Metrics of one cell, trained and evaluated unless stored; None when --max-cells is spent."""
+        iters = iters or self.args.iters
+        row, recipe = self.row_name(s, iters), self.recipe(s, seed, iters)
+        cell = self.store.get(self.args.split, row, seed, recipe)
+        if cell is not None:
+            return cell["metrics"]
+        if self.args.max_cells is not None and self.new_cells >= self.args.max_cells:
+            return None
+        logger.info("cell %s/%s seed %d (%d iterations)", self.args.split, row, seed, iters)
+        out = self.model_dir(s, seed, iters)
+        seconds, _ = Timed(out)(lambda: train_student(s, self, out, iters, seed), done=final_weights(out).is_file())
+        model = load_student(out)
+        from ovd.training.train_detector import build_config
+
+        metrics = self.evaluate(model, build_config(out / "config.yaml"), out / f"eval_{self.args.split}")
+        metrics.update(params_m=round(sum(q.numel() for q in model.parameters()) / 1e6, 2),
+                       train_seconds=round(seconds))
+        self.put(row, seed, recipe, metrics, label=s.label, iters=iters)
+        return metrics
+
+    def put(self, row: str, seed: int, recipe: str, metrics: dict, **info) -> None:
+        path = self.store.put(self.args.split, row, seed, recipe, metrics, machine=host_line(),
+                              train_images=self.args.train_images, **info)
+        self.new_cells += 1
+        if self.args.commit:
+            commit_cell(path, f"compress_students cell {self.args.split}/{row} seed {seed}")
+
+    def evaluate(self, model, dcfg, out: Path) -> dict:
+        from ovd.training.evaluate import evaluate
+
+        result = evaluate(dcfg, model, f"synth_{self.args.split}", self.text, out)
+        return {**flat_metrics(result), "aps_all": round(float(result["all"]["APs"]), 3)}
+
+    def run_report(self) -> None:
+        self.teacher_cell()
+        for seed in range(CONTRAST_SEEDS):  # seed-major: an early stop still leaves paired rows
+            for s in STUDENTS:
+                if s.key in self.args.students and seed in seeds_of(s.key) and self.cell(s, seed) is None:
+                    return
+
+    def run_budget(self) -> None:
+        self.teacher_cell()
+        for seed in range(OTHER_SEEDS):
+            for iters in BUDGETS:
+                if self.cell(BY_KEY["all"], seed, iters) is None:
+                    return
+
+    def run_latency(self) -> None:
+        """Every row's student (its lowest trained seed on disk) and the teacher, timed in one
+        loop; written as a cell of its own (row "latency")."""
+        from ovd.training.compress import load_teacher
+
+        models, seeds = {"teacher": load_teacher(self.args.teacher)}, {}
+        for s in STUDENTS:
+            for seed in seeds_of(s.key):
+                out = self.model_dir(s, seed, self.args.iters)
+                if final_weights(out).is_file():
+                    models[s.key], seeds[s.key] = load_student(out), seed
+                    break
+        missing = [s.key for s in STUDENTS if s.key not in models]
+        if missing:
+            logger.warning("latency: no trained student on disk for %s (train the report cells first)", missing)
+        ms = measure_latency(models, self.text, f"synth_{self.args.split}", self.args.latency_images,
+                             self.args.latency_repeats)
+        metrics = {f"{k}_ms": round(v, 2) for k, v in ms.items()}
+        recipe = recipe_digest({"rows": sorted(models), "teacher": self.teacher_sha, "when": time.time()})
+        self.put("latency", 0, recipe, metrics, seeds=seeds, images=self.args.latency_images,
+                 repeats=self.args.latency_repeats, machine_info=host_info())
+
+    # ------------------------------------------------------------------ tables
+
+    def stored_row(self, s: Student, iters: int, seeds: range) -> dict[int, dict]:
+        row = self.row_name(s, iters)
+        return {k: c["metrics"] for k in seeds
+                if (c := self.store.get(self.args.split, row, k, self.recipe(s, k, iters))) is not None}
+
+    def summary(self) -> dict:
+        teacher = self.store.get(self.args.split, "teacher", 0, recipe_digest(
+            {"teacher": self.teacher_sha, "split": self.args.split, "world": self.world["fingerprint"]}))
+        latency_path = self.store.path(self.args.split, "latency", 0)
+        latency = json.loads(latency_path.read_text()) if latency_path.is_file() else None
+        rows = {}
+        for s in STUDENTS:
+            per_seed = self.stored_row(s, self.args.iters, seeds_of(s.key))
+            if per_seed:
+                rows[s.key] = {"label": s.label, **summarise_row(per_seed)}
+                if latency and f"{s.key}_ms" in latency["metrics"] and "teacher_ms" in latency["metrics"]:
+                    rows[s.key]["latency_ratio"] = round(
+                        latency["metrics"][f"{s.key}_ms"] / latency["metrics"]["teacher_ms"], 3)
+        contrasts = {}
+        for name, a, b in CONTRASTS:
+            if a in rows and b in rows:
+                per = {k: {r["seed"]: r for r in rows[k]["seeds"]} for k in (a, b)}
+                contrasts[name] = {"a": a, "b": b, **paired_contrast(per[a], per[b], COLUMNS)}
+        budget = {}
+        for iters in BUDGETS:
+            per_seed = self.stored_row(BY_KEY["all"], iters, range(OTHER_SEEDS))
+            if per_seed:
+                budget[str(iters)] = summarise_row(per_seed)
+        student = rows.get("all", {})
+        return {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": host_line(),
+            "date": time.strftime("%Y-%m-%d"), "split": self.args.split,
+            "protocol": "training/protocol.py: paired seeds, mean and 95% Student-t CI per row; "
+                        "per contrast the mean paired difference and its CI",
+            "teacher": {"path": str(self.args.teacher), "metrics": teacher["metrics"] if teacher else None},
+            "train_images": self.args.train_images, "iters": self.args.iters,
+            "world": self.world["fingerprint"][:12], "stages": {k: {"seconds": round(v[0]), "cached": v[1]}
+                                                                for k, v in self.stages.items()},
+            "latency": latency, "rows": rows, "contrasts": contrasts, "budget": budget,
+            "student_config": {"ap_all": student.get("mean", {}).get("ap_all"),
+                               "latency_ratio": student.get("latency_ratio")},
+        }
+
+
+def train_student(s: Student, bench: Bench, out: Path, iters: int, seed: int) -> None:
+    """Train one student with `ovd compress`'s trainer (Detectron2, resumable)."""
     from ovd.training.compress import launch_compression, prepare_student
     from ovd.training.layout import RunLayout
     from ovd.training.train_detector import detector_config
 
-    dcfg = detector_config(cfg, RunLayout.of(cfg), config_file=student_config)
-    # Registered in this process by main(); recorded so that the output folder exports
+    dcfg = detector_config(bench.cfg, RunLayout.of(bench.cfg), config_file=bench.args.student_config)
+    # Registered in this process by Bench; recorded so that the output folder exports
     # (`ovd export --model-dir`) and evaluates in a new process.
-    dcfg.DATASETS.REGISTER = datasets
+    dcfg.DATASETS.REGISTER = bench.datasets
     dcfg.DATASETS.TRAIN = ("bench_train",)
-    dcfg.DATASETS.DISTILL_TARGETS = str(targets_dir)
+    dcfg.DATASETS.DISTILL_TARGETS = str(bench.targets_dir)
     dcfg.MODEL.KD.TID.ENABLED = s.tid
     dcfg.MODEL.KD.CID.ENABLED = s.cid
+    dcfg.MODEL.KD.CID.INSTANCE_NORMALISE = s.instance_normalise
     dcfg.MODEL.KD.LIGHT_ML.ENABLED = s.light_ml
     dcfg.MODEL.KD.LIGHT_ML.ZERO_INIT = s.light_ml_zero_init
     dcfg.SOLVER.MAX_ITER = iters
     dcfg.SOLVER.STEPS = tuple(int(iters * f) for f in (2 / 3, 8 / 9))
     dcfg.SOLVER.WARMUP_ITERS = min(dcfg.SOLVER.WARMUP_ITERS, max(iters // 6, 1))
     dcfg.SOLVER.CHECKPOINT_PERIOD = max(iters // 3, 1)
-    dcfg.SEED = seed
+    dcfg.SEED = seed  # initialisation and data order: the pairing of seeds across rows
     dcfg.OUTPUT_DIR = str(out)
-    dcfg = prepare_student(dcfg, clip, teacher)
-    launch_compression(dcfg)
+    launch_compression(prepare_student(dcfg, bench.clip, bench.args.teacher))
 
 
 def load_student(out: Path):
@@ -250,36 +412,19 @@ def load_student(out: Path):
     return model.eval()
 
 
-def _evaluate_once(model, text: torch.Tensor, out: Path, dcfg) -> dict:
-    """synth_val metrics of a model (dcfg: its Detectron2 config), computed once and stored in
-    out/metrics.json."""
-    from ovd.training.evaluate import evaluate
-
-    path = out / "metrics.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    return evaluate(dcfg, model, "synth_val", text, out)
-
-
-def _metrics(runs: list[dict]) -> dict:
-    """Mean AP50 / AP / APs per group over runs (one per seed), and each run's AP50."""
-    return {g: {**{k: round(statistics.mean(m[g][k] for m in runs), 1) for k in ("AP50", "AP", "APs")},
-                "AP50_runs": [round(m[g]["AP50"], 1) for m in runs]}
-            for g in ("novel", "base", "all")}
-
-
 @torch.inference_mode()
-def measure_latency(models: dict, text: torch.Tensor, n_images: int, repeats: int) -> dict[str, float]:
+def measure_latency(models: dict, text: torch.Tensor, dataset: str, n_images: int, repeats: int
+                    ) -> dict[str, float]:
     """Median milliseconds of one single-image inference call per model.
 
-    Each repeat times every model over the same val images in turn (after one untimed warm-up
-    pass each), so load from other processes falls on all models alike and the ratios hold.
+    Each repeat times every model over the same images in turn (after one untimed warm-up pass
+    each), so load from other processes falls on all models alike and the ratios hold.
     """
     from detectron2.data import DatasetCatalog
     from detectron2.data import detection_utils as utils
 
     inputs = []
-    for rec in DatasetCatalog.get("synth_val")[:n_images]:
+    for rec in DatasetCatalog.get(dataset)[:n_images]:
         image = utils.read_image(rec["file_name"], format="RGB")
         inputs.append({"image": torch.as_tensor(image.transpose(2, 0, 1).copy()),
                        "height": image.shape[0], "width": image.shape[1]})
@@ -296,34 +441,46 @@ def measure_latency(models: dict, text: torch.Tensor, n_images: int, repeats: in
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _cell_text(row: dict, key: str) -> str:
+    mean, (lo, hi) = row["mean"][key], row["ci95"][key]
+    return f"{mean:.1f}" if len(row["seeds"]) < 2 else f"{mean:.1f} [{lo:.1f}, {hi:.1f}]"
+
+
 def format_report(r: dict) -> str:
-    lat = r["latency"]
-    lines = ["# Compressing the open-vocabulary detector (TID, CID, Light-ML)", "",
-             f"Command: `{r['command']}`  ", f"Machine: {r['machine']}, load average "
-             f"{r['load_avg_1m_at_start']:.1f} at start  ", f"Date: {r['date']}  ",
-             f"Teacher: `{r['teacher']}`. Students: {r['iters']} iterations (batch 4, 256 px) on the "
-             f"first {r['train_images']} base-annotated training images, same schedule, trained "
-             f"once per seed ({', '.join(map(str, r['seeds']))}); evaluated on synth_val over all "
-             "16 classes (generalized, pycocotools). AP columns are means over the seeds; the "
-             "last AP50 column lists each seed's value.  ",
-             f"Latency: median of {lat['repeats']} x {lat['images']} single-image calls "
-             f"(256 px, {lat['classes']} classes, text embeddings cached, torch CPU) of the first "
-             "seed's student, all models timed in one loop.", "",
-             "| model | AP50 novel | AP50 base | AP50 all | AP all | APs all | AP50 all by seed | "
-             "latency ms | / teacher | params | train (mean) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row in r["rows"]:
-        train = "—" if row["seconds"] is None else (
-            f"{row['seconds'] / 60:.1f} min{' (cached)' if row['cached'] else ''}")
-        by_seed = " / ".join(str(v) for v in row["all"]["AP50_runs"]) if row["seeds"] else "—"
-        lines.append(f"| {row['label']} | {row['novel']['AP50']} | {row['base']['AP50']} | "
-                     f"{row['all']['AP50']} | {row['all']['AP']} | {row['all']['APs']} | {by_seed} | "
-                     f"{row['latency_ms']} | "
-                     f"{row['latency_ratio']:.2f} | {row['params_m']}M | {train} |")
-    lines += ["", "Stages computed for the students:", ""]
-    for k, s in r["stages"].items():
-        lines.append(f"- {k}: {s['seconds'] / 60:.1f} min{' (cached)' if s['cached'] else ''}")
-    lines += ["", f"This run took {r['total_seconds_this_run'] / 60:.1f} min (cached parts excluded)."]
+    teacher = r["teacher"]["metrics"]
+    lines = ["# Compressing the open-vocabulary detector (TID, CID, Light-ML) under the protocol", "",
+             f"Command: `{r['command']}`  ", f"Machine: {r['machine']}  ", f"Date: {r['date']}  ",
+             f"Split: {r['split']}. Protocol: {r['protocol']}.  ",
+             f"Teacher: `{r['teacher']['path']}`. Students: {r['iters']} iterations (batch 4, 256 px) on "
+             f"the first {r['train_images']} base-annotated training images of world {r['world']}; "
+             "metrics in % (generalized over all classes, pycocotools), mean [95% CI] over seeds.", "",
+             "| row | n | " + " | ".join(COLUMNS) + " | / teacher latency |",
+             "|---|---|" + "---|" * len(COLUMNS) + "---|"]
+    if teacher:
+        lines.append("| teacher | 1 | " + " | ".join(f"{teacher.get(k, float('nan')):.1f}" for k in COLUMNS)
+                     + " | 1.00 |")
+    for row in r["rows"].values():
+        ratio = row.get("latency_ratio")
+        lines.append(f"| {row['label']} | {len(row['seeds'])} | " + " | ".join(_cell_text(row, k) for k in COLUMNS)
+                     + f" | {'—' if ratio is None else f'{ratio:.2f}'} |")
+    if r["contrasts"]:
+        lines += ["", "Contrasts (B - A, paired over seeds; a claim only where the CI excludes 0):", "",
+                  "| contrast | seeds | AP all | APs all | AP50 novel |", "|---|---|---|---|---|"]
+        for name, c in r["contrasts"].items():
+            cells = [verdict(c["diff_mean"][k], tuple(c["diff_ci95"][k])) for k in ("ap_all", "aps_all", "ap50_novel")]
+            lines.append(f"| {name} ({c['b']} - {c['a']}) | {len(c['seeds'])} | " + " | ".join(cells) + " |")
+    if r["budget"]:
+        lines += ["", "Student config vs training iterations (the budget curve):", "",
+                  "| iterations | n | AP all | AP50 all | relative AP loss vs teacher |", "|---|---|---|---|---|"]
+        for iters, row in r["budget"].items():
+            loss = (f"{100 * (1 - row['mean']['ap_all'] / teacher['ap_all']):.1f}%"
+                    if teacher and teacher.get("ap_all") else "—")
+            lines.append(f"| {iters} | {len(row['seeds'])} | {_cell_text(row, 'ap_all')} | {_cell_text(row, 'ap50_all')} | {loss} |")
+    if r["latency"]:
+        lat = r["latency"]
+        lines += ["", f"Latency ({lat['finished']}, {lat.get('machine', '')}): median of {lat['repeats']} x "
+                  f"{lat['images']} single-image calls, every model in one loop: "
+                  + ", ".join(f"{k[:-3]} {v:.1f} ms" for k, v in lat["metrics"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 

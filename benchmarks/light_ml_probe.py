@@ -8,7 +8,7 @@ with Light-ML on), runs the first --images synth_val images through backbone, RP
 and prints, over all proposals, ||lift|| / ||branch|| and the mean cosine between the lift and
 the branch vector, for the classification and the regression branch (lift = Light-ML's output
 minus its input), and the share of zero (ReLU-dead) entries of each branch vector. Used for the
-analysis in benchmarks/results/compress_students.md.
+analysis in benchmarks/results/compress_students_world_v1.md.
 """
 
 from __future__ import annotations

@@ -91,6 +91,6 @@ def add_ovd_config(cfg: CN) -> CN:
     # Apply it at inference (False: a training-time aid only, the identity in eval mode).
     cfg.MODEL.KD.LIGHT_ML.INFERENCE = True
     # Learnable gains on the two lifts, started at 0 so the module starts as the identity
-    # (our addition; False = the paper's form; see LightML and benchmarks/results/compress_students.md).
+    # (our addition; False = the paper's form; see LightML and benchmarks/results/compress_students_world_v1.md).
     cfg.MODEL.KD.LIGHT_ML.ZERO_INIT = False
     return cfg
