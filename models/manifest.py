@@ -32,6 +32,9 @@ ONNX_TEXT_FILES = {
     "onnx_text": "text_encoder.onnx",
     "tokenizer": "tokenizer.json",
 }
+# Optional (since 2026-12-04): models/portable.py, a client's input transform, tokenizer and box
+# mapping in one file that imports nothing from this project.
+ONNX_CLIENT_FILES = {"portable": "portable.py"}
 
 
 class ExportError(ValueError):
@@ -92,7 +95,7 @@ def verify_export(folder: str | Path) -> dict:
         if actual != entry["sha256"]:
             raise ExportError(f"{f} has sha256 {actual}, but the manifest says {entry['sha256']}")
     listed = set(manifest.get("files", {}))
-    optional = {**ONNX_FILES, **ONNX_TEXT_FILES}
+    optional = {**ONNX_FILES, **ONNX_TEXT_FILES, **ONNX_CLIENT_FILES}
     if not set(FILES) <= listed or listed - set(FILES) - set(optional):
         raise ExportError(f"{path}: files {sorted(listed)}, expected {sorted(FILES)} "
                           f"(and optionally {sorted(optional)})")

@@ -57,6 +57,7 @@ from .detector.output_layers import NO_CANDIDATE_BOUND
 from .exported import load_export
 from .manifest import (
     FILES,
+    ONNX_CLIENT_FILES,
     ONNX_FILES,
     ONNX_TEXT_FILES,
     ExportError,
@@ -434,8 +435,8 @@ def text_contract(context_length: int, embed_dim: int) -> dict:
 
 def write_clip_tokenizer(path: Path) -> None:
     """open_clip's SimpleTokenizer as an HF `tokenizers` file: its vocabulary and merge ranks,
-    CLIP's split pattern, byte-level symbols and "</w>" word ends (models/onnx_runtime.py
-    adds the start/end tokens, truncation and padding, and ftfy's clean-up)."""
+    CLIP's split pattern, byte-level symbols and "</w>" word ends (models/portable.py's
+    Tokenizer adds the start/end tokens, truncation and padding, and ftfy's clean-up)."""
     from open_clip.tokenizer import SimpleTokenizer
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 
@@ -477,14 +478,15 @@ def export_text_onnx(text_clip, out: Path, names: Sequence[str], template: str, 
     Raises:
         OnnxValidationError: a token differs, or an embedding beyond tol.
     """
-    from .onnx_runtime import OnnxTokenizer, session
+    from .onnx_runtime import session
+    from .portable import Tokenizer
 
     paths = {k: out / f for k, f in ONNX_TEXT_FILES.items()}
     write_clip_tokenizer(paths["tokenizer"])
     probes = [template.format(n) for n in names] + list(TOKENIZER_PROBES)
     want_tokens = text_clip.tokenizer(probes)
     context_length = int(want_tokens.shape[1])
-    got_tokens = OnnxTokenizer(paths["tokenizer"], context_length)(probes)
+    got_tokens = Tokenizer(paths["tokenizer"], context_length)(probes)
     bad = [t for t, a, b in zip(probes, want_tokens.numpy(), got_tokens, strict=True) if not np.array_equal(a, b)]
     if bad:
         raise OnnxValidationError(f"the exported tokenizer differs from open_clip's on {len(bad)} of "
@@ -533,7 +535,7 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, images: Se
     out = Path(out) if out is not None else source
     exported = load_export(source)
     manifest = copy.deepcopy(exported.manifest)
-    for key in (*ONNX_FILES, *ONNX_TEXT_FILES):
+    for key in (*ONNX_FILES, *ONNX_TEXT_FILES, *ONNX_CLIENT_FILES):
         manifest["files"].pop(key, None)
     manifest.pop("onnx", None)
     out.mkdir(parents=True, exist_ok=True)
@@ -562,6 +564,10 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, images: Se
     manifest["onnx"]["validation"] = summary
     text_paths, manifest["onnx"]["text"] = export_text_onnx(exported.text, out, names, manifest["prompt_template"])
     paths.update(text_paths)
+    # The client-side code (input transform, tokenizer, boxes back to the photo) next to the
+    # graphs: a consumer with onnxruntime alone needs nothing from this project.
+    paths["portable"] = out / ONNX_CLIENT_FILES["portable"]
+    shutil.copyfile(Path(__file__).with_name("portable.py"), paths["portable"])
     manifest["files"].update({k: {"file": p.name, "sha256": sha256_file(p)} for k, p in paths.items()})
     atomic_write(out / "manifest.json", strict_json(manifest, indent=2).encode())
     verify_export(out)

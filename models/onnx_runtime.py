@@ -17,7 +17,6 @@ PyTorch, before listing either file.
 
 from __future__ import annotations
 
-import html
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,9 +24,8 @@ import numpy as np
 
 from .detections import Detections
 from .manifest import ONNX_FILES, ONNX_TEXT_FILES, ExportError, verify_export
+from .portable import Tokenizer
 from .runtime import SCORE_MODES, ClassifyOptions, Preprocessing, to_original
-
-START, END = "<start_of_text>", "<end_of_text>"
 
 
 def session(path: str | Path, threads: int = 0):
@@ -41,45 +39,13 @@ def session(path: str | Path, threads: int = 0):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-class OnnxTokenizer:
-    """CLIP's tokenizer from an export's tokenizer.json, returning numpy token ids."""
-
-    def __init__(self, path: str | Path, context_length: int):
-        from tokenizers import Tokenizer
-
-        self.tokenizer = Tokenizer.from_file(str(path))
-        self.context_length = int(context_length)
-        self.start = self.tokenizer.token_to_id(START)
-        self.end = self.tokenizer.token_to_id(END)
-        if self.start is None or self.end is None:
-            raise ExportError(f"{path} lacks CLIP's {START} / {END} tokens")
-
-    @staticmethod
-    def clean(text: str) -> str:
-        """open_clip's basic clean: ftfy's fixes and HTML entities (twice), stripped."""
-        import ftfy
-
-        return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        """(N, context_length) int64 token ids of texts."""
-        out = np.zeros((len(texts), self.context_length), np.int64)
-        for i, enc in enumerate(self.tokenizer.encode_batch([self.clean(t) for t in texts],
-                                                            add_special_tokens=False)):
-            ids = [self.start, *enc.ids, self.end][:self.context_length]
-            ids[-1] = self.end
-            out[i, :len(ids)] = ids
-        return out
-
-
 class OnnxTextEncoder:
     """CLIP's text tower as ONNX plus its tokenizer: names -> normalised embeddings."""
 
     def __init__(self, folder: str | Path, manifest: dict, threads: int = 0):
         folder = Path(folder)
-        spec = manifest["onnx"]["text"]
         self.session = session(folder / ONNX_TEXT_FILES["onnx_text"], threads)
-        self.tokenizer = OnnxTokenizer(folder / ONNX_TEXT_FILES["tokenizer"], spec["context_length"])
+        self.tokenizer = Tokenizer.from_manifest(folder, manifest)
         self.template = manifest["prompt_template"]
         self.embed_dim = int(manifest["embed_dim"])
 

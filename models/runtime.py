@@ -15,24 +15,18 @@ Detectron2 (TorchRuntime imports torch when it runs).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-from PIL import Image
 
 from .detections import Detections
+from .portable import DEFAULT_SIZE_DIVISIBILITY, Preprocessing, to_original_boxes  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     import torch
-
-#: The size divisor of an export whose manifest predates the field (every shipped detector
-#: so far is an FPN, which pads to multiples of 32).
-DEFAULT_SIZE_DIVISIBILITY = 32
-
 
 #: How a (region, name) pair is scored. "softmax": over the request's names and background (the
 #: EZSD paper's; a name's score falls as similar names are added). "per_name": each name against
@@ -91,60 +85,6 @@ class ClassifyOptions:
                 "class_agnostic": self.class_agnostic, "max_candidates": self.max_candidates}
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """The detector's test-time input transform, read from its manifest.
-
-    Attributes:
-        input_format: "RGB" or "BGR", the channel order the network expects.
-        min_size, max_size: Detectron2's ResizeShortestEdge test sizes, pixels.
-        size_divisibility: the backbone pads a batch to multiples of this.
-    """
-
-    input_format: str
-    min_size: int
-    max_size: int
-    size_divisibility: int = DEFAULT_SIZE_DIVISIBILITY
-
-    @classmethod
-    def from_manifest(cls, manifest: dict) -> Preprocessing:
-        spec = manifest["input"]
-        return cls(str(spec["format"]), int(spec["min_size_test"]), int(spec["max_size_test"]),
-                   int(spec.get("size_divisibility", DEFAULT_SIZE_DIVISIBILITY)))
-
-    def resized_shape(self, height: int, width: int) -> tuple[int, int]:
-        """(h, w) after the shortest-edge resize (Detectron2's rounding, exactly)."""
-        scale = self.min_size / min(height, width)
-        h, w = (self.min_size, scale * width) if height < width else (scale * height, self.min_size)
-        if max(h, w) > self.max_size:
-            shrink = self.max_size / max(h, w)
-            h, w = h * shrink, w * shrink
-        return int(h + 0.5), int(w + 0.5)
-
-    def __call__(self, rgb: np.ndarray) -> dict:
-        """Model input of one (H, W, 3) uint8 RGB image.
-
-        Returns:
-            {"image": (3, h, w) uint8 array in `input_format` order, "height": H, "width": W}
-            (Detectron2's input dict, numpy so the onnxruntime runtime needs no torch;
-            height/width are the original size boxes come back in).
-        """
-        height, width = rgb.shape[:2]
-        h, w = self.resized_shape(height, width)
-        resized = rgb if (h, w) == (height, width) else np.asarray(
-            Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
-        if self.input_format == "BGR":
-            resized = resized[:, :, ::-1]
-        return {"image": np.ascontiguousarray(resized.transpose(2, 0, 1)), "height": height, "width": width}
-
-    def batch_key(self, model_input: dict) -> tuple[int, int]:
-        """The padded (h, w) of an input: only inputs with one key are encoded together, since
-        the detector's GroupNorm sees the padding (a mixed batch would change detections)."""
-        _, h, w = model_input["image"].shape
-        d = max(self.size_divisibility, 1)
-        return math.ceil(h / d) * d, math.ceil(w / d) * d
-
-
 def batches(preprocessing: Preprocessing, inputs: Sequence[dict], max_size: int | None = None
             ) -> list[list[int]]:
     """Indices of `inputs` grouped by batch key (first-seen order) and cut into chunks of at
@@ -158,23 +98,14 @@ def batches(preprocessing: Preprocessing, inputs: Sequence[dict], max_size: int 
 
 def to_original(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, model_input: dict,
                 names: Sequence[str]) -> Detections:
-    """Detections in the resized input's pixels -> `Detections` in the original image's.
-
-    Scales by original / resized size, clips to the image and drops boxes left empty, as
-    Detectron2's `detector_postprocess` does.
-    """
-    _, h, w = model_input["image"].shape
-    height, width = int(model_input["height"]), int(model_input["width"])
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4) * np.array(
-        [width / w, height / h, width / w, height / h], np.float32)
-    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
-    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    """Detections in the resized input's pixels -> `Detections` in the original image's
+    (`portable.to_original_boxes`: scaled, clipped, empty boxes dropped)."""
+    boxes, keep = to_original_boxes(boxes, model_input)
     return Detections(boxes[keep], np.asarray(scores, np.float32)[keep],
-                      np.asarray(classes, np.int64)[keep], tuple(names), (height, width))
+                      np.asarray(classes, np.int64)[keep], tuple(names),
+                      (int(model_input["height"]), int(model_input["width"])))
 
 
-@runtime_checkable
 class Runtime(Protocol):
     """What runs a detector export (see the module docstring for the call order)."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -158,6 +159,47 @@ def test_the_onnx_runtime_never_imports_torch(onnx_export):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("(70, 90)")
+
+
+def test_a_client_with_onnxruntime_alone_runs_the_export(onnx_export, tmp_path):
+    """The export ships portable.py (input transform, tokenizer, boxes back to the photo): a
+    fresh interpreter that imports nothing from this project runs detector.onnx on a photo and
+    gets the boxes ovd.Detector's ONNX backend gives (same options: the graph's defaults)."""
+    from PIL import Image
+
+    import ovd
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(((np.indices((70, 90)).sum(0) * 7) % 256).astype(np.uint8)[..., None].repeat(3, 2)).save(photo)
+    names = ["red ring", "blue star"]
+    code = f"""
+import importlib.util, json, sys, numpy as np, onnxruntime as ort
+from PIL import Image
+export = {str(onnx_export)!r}
+spec = importlib.util.spec_from_file_location("portable", export + "/portable.py")
+portable = sys.modules["portable"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(portable)
+manifest = json.load(open(export + "/manifest.json"))
+prompts = [manifest["prompt_template"].format(n) for n in {names!r}]
+tokens = portable.Tokenizer.from_manifest(export, manifest)(prompts)
+text = ort.InferenceSession(export + "/text_encoder.onnx").run(None, {{"tokens": tokens}})[0]
+x = portable.Preprocessing.from_manifest(manifest)(np.asarray(Image.open({str(photo)!r}).convert("RGB")))
+boxes, scores, classes = ort.InferenceSession(export + "/detector.onnx").run(None, {{"image": x["image"], "text": text}})
+boxes, keep = portable.to_original_boxes(boxes, x)
+ours = sorted(m for m in sys.modules if m.split(".")[0] in ("ovd", "torch", "detectron2", "open_clip"))
+assert not ours, ours[:5]
+print(json.dumps({{"boxes": boxes[keep].tolist(), "scores": scores[keep].tolist()}}))
+"""
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    defaults = json.loads((onnx_export / "manifest.json").read_text())["onnx"]["defaults"]
+    want = ovd.Detector.load(onnx_export, backend="onnx")(
+        np.asarray(Image.open(photo).convert("RGB")), names, threshold=defaults["score_threshold"],
+        score_mode="softmax")
+    assert len(got["boxes"]) == len(want.boxes) > 0
+    np.testing.assert_allclose(np.array(got["boxes"]), want.boxes, atol=1e-3)
+    np.testing.assert_allclose(np.array(got["scores"]), want.scores, atol=1e-5)
 
 
 def test_the_service_with_the_onnx_backend_never_imports_torch(onnx_export):
