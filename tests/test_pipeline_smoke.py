@@ -67,3 +67,31 @@ def test_pipeline_runs_and_resumes(tmp_path, caplog, capsys):
     assert all(name in out for name in novel)  # the classes sent are listed
     assert "*" in out.split("box [x1, y1, x2, y2] px", 1)[1]  # detections of novel names, marked
     assert (tmp_path / "demo" / "detections.png").is_file()
+
+
+def test_a_stage_snapshot_is_restored_only_where_it_fits(tmp_path):
+    """restore_snapshot copies a committed stage folder into a run that has none, when the
+    folder's manifest says it was made from the same inputs; it never overwrites a run's own."""
+    from ovd.training.pipeline import CLIP_SNAPSHOT, restore_snapshot
+
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "manifest.json").write_text(json.dumps({"training": {"data": {"fingerprint": "abc"}}}))
+    (snapshot / "weights.bin").write_bytes(b"w")
+
+    def same_world(m):
+        return m["training"]["data"]["fingerprint"] == "abc"
+
+    assert not restore_snapshot(snapshot, tmp_path / "other", lambda m: m["training"]["data"]["fingerprint"] == "xyz")
+    assert not (tmp_path / "other").exists()
+    assert restore_snapshot(snapshot, tmp_path / "run" / "clip", same_world)
+    assert (tmp_path / "run" / "clip" / "weights.bin").read_bytes() == b"w"
+    (tmp_path / "run" / "clip" / "weights.bin").write_bytes(b"mine")
+    assert not restore_snapshot(snapshot, tmp_path / "run" / "clip", same_world)  # never overwrites
+    assert (tmp_path / "run" / "clip" / "weights.bin").read_bytes() == b"mine"
+    assert not restore_snapshot(snapshot, tmp_path / "bad", lambda m: m["missing"]["key"])  # unreadable: skip
+    # The committed CLIP snapshot of the built-in world verifies against its own manifest.
+    from ovd.models.clip.model import verify_checkpoint
+
+    for stage in ("pretrained", "renorm"):
+        verify_checkpoint(CLIP_SNAPSHOT / stage)

@@ -13,6 +13,11 @@
   folder) is written as the run's parent CLIP, reused while the section is unchanged; without
   one, a CLIP is pretrained on the world's captions, reused while the world is the same.
 - re-normalised CLIP: reused when made from the same parent weights and stage config.
+- snapshots: a run folder without its own CLIP stages starts from the committed copies in
+  `artifacts/synthetic_clip/` when they were made from the same world and stage configs.
+  Training a CLIP on a CPU is not bit-reproducible across CPU types (the same seed gave another
+  CLIP on an AMD EPYC than on an Intel Xeon), and the benchmarks' cells name their CLIP by
+  sha256, so without the snapshot every new machine would make every finished cell stale.
 - proposals, targets: sharded stages that resume their own folder and reuse a complete one
   made with the same identity (CLIP, data, config); a different identity is recomputed.
 - detector: Detectron2 resumes from the folder's last checkpoint (a finished one is reused).
@@ -40,6 +45,29 @@ from .layout import RunLayout, final_weights
 from .shards import ProgressFactory
 
 logger = logging.getLogger(__name__)
+
+#: Committed CLIP stages of the built-in world (see the module docstring, "snapshots").
+CLIP_SNAPSHOT = Path(__file__).resolve().parents[1] / "artifacts" / "synthetic_clip"
+
+
+def restore_snapshot(source: Path, dest: Path, matches: Callable[[dict], bool]) -> bool:
+    """Copy a committed stage folder to `dest` when `dest` does not exist and the folder's
+    manifest satisfies `matches`; returns whether it was copied."""
+    import shutil
+
+    manifest = source / "manifest.json"
+    if dest.exists() or not manifest.is_file():
+        return False
+    try:
+        if not matches(json.loads(manifest.read_text())):
+            return False
+    except (KeyError, TypeError, ValueError):
+        return False
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, dest)
+    logger.info("%s: restored the committed snapshot %s (made from the same inputs)", dest, source)
+    return True
+
 
 def _plain(obj) -> dict:
     """A dataclass as the JSON-round-tripped dict stored in manifests (tuples -> lists)."""
@@ -158,6 +186,9 @@ class Pipeline:
                              "open_clip name with clip.pretrained weights (e.g. ViT-B-32 and "
                              "laion2b_s34b_b79k, or a local weights file), or to a CLIP checkpoint folder")
         world = world or load_world(self.world_dir)
+        restore_snapshot(CLIP_SNAPSHOT / "pretrained", self.clip_dir, lambda m: (
+            m["training"]["data"]["fingerprint"] == world["fingerprint"]
+            and m["training"]["config"] == _plain(self.pretrain_cfg)))
         try:
             clip = load_clip(str(self.clip_dir))
             if clip.manifest["training"]["data"]["fingerprint"] != world["fingerprint"]:
@@ -193,6 +224,8 @@ class Pipeline:
     def renorm(self, clip: ClipModel) -> tuple[ClipModel, bool]:
         """(CLIP with LayerNorms re-fitted on base GT crops, reused?)."""
         json_file, image_root = self.train_split()
+        restore_snapshot(CLIP_SNAPSHOT / "renorm", self.renorm_dir, lambda m: (
+            m["parent"]["sha256"] == weights_sha256(clip) and m["training"]["config"] == _plain(self.renorm_cfg)))
         try:
             renormed = load_clip(str(self.renorm_dir))
             if renormed.manifest.get("parent", {}).get("sha256") != weights_sha256(clip) \
