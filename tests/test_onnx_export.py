@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -312,3 +313,36 @@ def test_service_with_the_onnx_backend_answers_like_torch(onnx_export):
         want = _torch_answer(exported, data, names)
         assert want and same_detections(body["detections"], want, box_tol=1e-2, score_tol=1e-3), (body["detections"][:3], want[:3])
         assert all(d["label"] == names[d["class_index"]] for d in body["detections"])
+
+
+def test_int8_graphs_are_kept_only_within_their_ap_tolerance(onnx_export, make_world, tmp_path):
+    """`ovd export --onnx --quantize int8`'s check: the int8 image graphs replace the float32
+    ones only if AP50 (all) on the val split falls by at most the tolerance; otherwise the
+    float32 files and manifest come back untouched."""
+    from ovd.models.manifest import ONNX_FILES
+    from ovd.models.onnx_export import OnnxValidationError
+    from ovd.models.runtime import load_runtime
+    from ovd.training.data.coco_format import register_ov_dataset
+    from ovd.training.data.synthetic import world_datasets
+    from ovd.training.export import quantize_export
+
+    datasets = world_datasets(make_world())
+    register_ov_dataset("quantize_val", *datasets["synth_val"], overwrite=True)
+    train_json, train_root = datasets["synth_train"]
+    calibration = [train_root / im["file_name"] for im in json.loads(Path(train_json).read_text())["images"][:4]]
+    folder = tmp_path / "int8"
+    shutil.copytree(onnx_export, folder)
+    float32 = {k: (folder / ONNX_FILES[k]).read_bytes() for k in ("onnx_encode", "onnx_detector")}
+    with pytest.raises(OnnxValidationError, match="keeps its float32 graphs"):
+        quantize_export(folder, dataset="quantize_val", calibration=calibration, tolerance=-1000.0)
+    assert all((folder / ONNX_FILES[k]).read_bytes() == b for k, b in float32.items())
+    assert "quantization" not in verify_export(folder)["onnx"]
+    record = quantize_export(folder, dataset="quantize_val", calibration=calibration, tolerance=1000.0)
+    manifest = verify_export(folder)
+    assert manifest["onnx"]["quantization"]["precision"] == "int8" and record["calibration_images"] == 4
+    assert {"all_AP50_fp32", "all_AP50_int8"} <= set(record["validation"])
+    assert (folder / ONNX_FILES["onnx_encode"]).stat().st_size < 0.5 * len(float32["onnx_encode"])
+    runtime = load_runtime(folder, backend="onnx")
+    x = runtime.preprocessing(np.full((64, 80, 3), 120, np.uint8))
+    (found,) = runtime.classify(runtime.encode([x]), runtime.text_embeddings(["red ring"]), [x], ["red ring"])
+    assert found.image_size == (64, 80)

@@ -184,22 +184,63 @@ def evaluate(cfg, model: nn.Module, dataset_name: str, text: torch.Tensor, outpu
     seconds = time.time() - t0
     detections = json.loads((output_dir / ("lvis_instances_results.json" if lvis
                                            else "coco_instances_results.json")).read_text())
+    return _score(meta, detections, output_dir, images=len(loader.dataset), seconds=round(seconds, 1),
+                  dataset=dataset_name, max_detections=max_detections, score_thresh=score_thresh)
+
+
+def _score(meta, detections: list[dict], output_dir: Path, **info) -> dict:
+    """Group AP of a dataset's detections (COCO results format, dataset category ids), with
+    `info` added; written to output_dir/metrics.json."""
     inverse = {v: k for k, v in meta.thing_dataset_id_to_contiguous_id.items()}
     groups = {"base": [inverse[i] for i in meta.base_contiguous_ids],
               "novel": [inverse[i] for i in meta.novel_contiguous_ids],
               "all": sorted(inverse.values())}
     groups.update(tier_groups(meta.json_file))
-    result = (lvis_group_ap if lvis else group_ap)(meta.json_file, detections, groups, max_detections)
-    result.update(images=len(loader.dataset), seconds=round(seconds, 1), dataset=dataset_name,
-                  max_detections=max_detections, score_thresh=score_thresh)
+    lvis = meta.get("evaluator_type") == "lvis"
+    result = (lvis_group_ap if lvis else group_ap)(meta.json_file, detections, groups, info["max_detections"])
+    result.update(info)
     (output_dir / "metrics.json").write_text(strict_json(result, indent=2))
     return result
+
+
+def evaluate_runtime(runtime, dataset_name: str, output_dir: str | Path, *,
+                     max_detections: int = EVAL_MAX_DETECTIONS, score_thresh: float = EVAL_SCORE_THRESH) -> dict:
+    """`evaluate` for a `models.runtime` Runtime, e.g. an export's ONNX graphs: every image of
+    a registered dataset goes through the runtime's own preprocessing, `encode` and `classify`
+    (softmax scores over all the dataset's names, the generalized setting), so the AP is that
+    of the files a deployment runs. Returns and writes what `evaluate` does."""
+    import time
+
+    from detectron2.data import DatasetCatalog
+    from detectron2.data import detection_utils as utils
+
+    from ovd.models.runtime import ClassifyOptions
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    meta = MetadataCatalog.get(dataset_name)
+    names = list(meta.thing_classes)
+    text = runtime.text_embeddings(names)
+    options = ClassifyOptions(score_threshold=score_thresh, max_detections=max_detections, score_mode="softmax")
+    inverse = {v: k for k, v in meta.thing_dataset_id_to_contiguous_id.items()}
+    records = DatasetCatalog.get(dataset_name)
+    detections, t0 = [], time.time()
+    for rec in records:
+        x = runtime.preprocessing(utils.read_image(rec["file_name"], format="RGB"))
+        (found,) = runtime.classify(runtime.encode([x]), text, [x], names, options)
+        for (x0, y0, x1, y1), score, cls in zip(found.boxes.tolist(), found.scores.tolist(),
+                                                found.class_indices.tolist(), strict=True):
+            detections.append({"image_id": rec["image_id"], "category_id": inverse[int(cls)],
+                               "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
+    (output_dir / "runtime_instances_results.json").write_text(json.dumps(detections))
+    return _score(meta, detections, output_dir, images=len(records), seconds=round(time.time() - t0, 1),
+                  dataset=dataset_name, max_detections=max_detections, score_thresh=score_thresh)
 
 
 def evaluate_folder(folder: str | Path, *, dataset: str | None = None, json_file: str | Path | None = None,
                     image_root: str | Path | None = None, weights: str | Path | None = None,
                     clip: str | None = None, opts: list | tuple = (), out: str | Path | None = None,
-                    data=None) -> tuple[dict, Path]:
+                    data=None, backend: str = "torch") -> tuple[dict, Path]:
     """Evaluate a training output folder or an export folder (one with manifest.json: its own
     weights, e.g. float16, and text tower) on a registered dataset or a COCO json.
 
@@ -216,6 +257,8 @@ def evaluate_folder(folder: str | Path, *, dataset: str | None = None, json_file
             was verified, and may be mounted read-only).
         data: a `training.data.dataset.Dataset` whose splits to register (an export names no
             dataset files; a training folder's config does).
+        backend: for an export, "torch" (its PyTorch model) or "onnx" (its ONNX graphs under
+            onnxruntime, through `evaluate_runtime`: the AP of the files a deployment runs).
 
     Returns:
         (metrics as `evaluate`, results folder).
@@ -231,6 +274,8 @@ def evaluate_folder(folder: str | Path, *, dataset: str | None = None, json_file
     from .train_detector import build_config, register_datasets
 
     folder = Path(folder)
+    if backend != "torch" and not (folder / "manifest.json").is_file():
+        raise ValueError(f"--backend {backend} evaluates an export folder (--export), not a training folder")
     if (folder / "manifest.json").is_file():
         exported = load_export(folder)
         model, embed = exported.model, exported.text_embeddings
@@ -262,8 +307,12 @@ def evaluate_folder(folder: str | Path, *, dataset: str | None = None, json_file
                          "run's config (--config: its dataset: section registers <name>_train/_val/_test, "
                          "a _test only with dataset.test_json), generate the world (`ovd data synth`), or "
                          "evaluate a COCO json directly (--json FILE --image-root DIR)")
-    names = list(MetadataCatalog.get(dataset).thing_classes)
     out = Path(out or _default_out(folder, dataset))
+    if backend != "torch":
+        from ovd.models.runtime import load_runtime
+
+        return evaluate_runtime(load_runtime(folder, backend=backend), dataset, out), out
+    names = list(MetadataCatalog.get(dataset).thing_classes)
     return evaluate(cfg, model, dataset, embed(names), out), out
 
 

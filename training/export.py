@@ -73,3 +73,75 @@ def export_detector(model_dir: str | Path, out_dir: str | Path, *, name: str, ve
         "categories": categories,
         "metrics": metrics,
     }, dtype=dtype)
+
+
+def quantize_export(folder: str | Path, *, dataset: str, calibration: list, tolerance: float = 1.0) -> dict:
+    """Turn an export's float32 ONNX graphs into int8 ones (models/onnx_quantize.py), judged by
+    AP: the folder keeps the int8 graphs only if AP50 over all classes on `dataset` (through
+    onnxruntime, `evaluate_runtime`) falls by at most `tolerance` points; otherwise the float32
+    graphs and manifest are put back and OnnxValidationError is raised.
+
+    Args:
+        folder: an export with validated float32 ONNX graphs (`ovd export --onnx`).
+        dataset: a registered dataset to measure AP on (the run's val split: a choice).
+        calibration: images (paths or RGB arrays) for the activation ranges (training images).
+        tolerance: largest allowed AP50 (all) drop, points.
+
+    Returns:
+        The manifest's `onnx.quantization` record, with both AP figures.
+    """
+    import shutil
+    import tempfile
+
+    import numpy as np
+
+    from ovd.models.api import read_image
+    from ovd.models.manifest import (
+        ONNX_FILES,
+        atomic_write,
+        sha256_file,
+        strict_json,
+        verify_export,
+    )
+    from ovd.models.onnx_export import OnnxValidationError
+    from ovd.models.onnx_quantize import QUANTIZED_GRAPHS, quantize_graphs
+    from ovd.models.runtime import load_runtime
+
+    from .evaluate import evaluate_runtime
+
+    folder = Path(folder)
+    manifest = verify_export(folder)
+    if "onnx" not in manifest:
+        raise ValueError(f"{folder} has no ONNX graphs to quantize: export with --onnx")
+    runtime = load_runtime(folder, backend="onnx")
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        before = evaluate_runtime(runtime, dataset, scratch / "fp32")
+        for key in QUANTIZED_GRAPHS:
+            shutil.copyfile(folder / ONNX_FILES[key], scratch / ONNX_FILES[key])
+        shutil.copyfile(folder / "manifest.json", scratch / "manifest.json")
+        inputs = [runtime.preprocessing(read_image(x)) for x in calibration]
+        text = np.asarray(runtime.text_embeddings([c["name"] for c in manifest.get("categories", [])]
+                                                  or ["object"]), np.float32)
+        record = quantize_graphs(folder, inputs, text)
+        for key in QUANTIZED_GRAPHS:
+            manifest["files"][key]["sha256"] = sha256_file(folder / ONNX_FILES[key])
+        manifest["onnx"]["quantization"] = record
+        atomic_write(folder / "manifest.json", strict_json(manifest, indent=2).encode())
+        after = evaluate_runtime(load_runtime(folder, backend="onnx"), dataset, scratch / "int8")
+        drop = before["all"]["AP50"] - after["all"]["AP50"]
+        record["validation"] = {"dataset": dataset, "tolerance_ap50_all": tolerance,
+                                **{f"{g}_{k}_{name}": round(r[g][k], 2) for name, r in (("fp32", before), ("int8", after))
+                                   for g in ("all", "novel", "base") for k in ("AP50", "AP")}}
+        if drop > tolerance:
+            for key in QUANTIZED_GRAPHS:
+                shutil.copyfile(scratch / ONNX_FILES[key], folder / ONNX_FILES[key])
+            shutil.copyfile(scratch / "manifest.json", folder / "manifest.json")
+            raise OnnxValidationError(
+                f"int8 graphs lose {drop:.2f} AP50 (all classes) on {dataset} ({before['all']['AP50']:.2f} -> "
+                f"{after['all']['AP50']:.2f}), more than the tolerance {tolerance}: {folder} keeps its float32 graphs")
+    atomic_write(folder / "manifest.json", strict_json(manifest, indent=2).encode())
+    verify_export(folder)
+    logger.info("int8 graphs kept: AP50 all %.2f -> %.2f on %s (tolerance %.1f)", before["all"]["AP50"],
+                after["all"]["AP50"], dataset, tolerance)
+    return record

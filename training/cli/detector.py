@@ -48,7 +48,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     folder = Path(args.export or args.model_dir or layout.detector)
     result, out = evaluate_folder(folder, dataset=args.dataset, json_file=args.json, image_root=args.image_root,
                                   weights=args.weights, clip=args.clip, opts=args.opts or [], out=args.out,
-                                  data=None if args.json else dataset_of(cfg, layout))
+                                  data=None if args.json else dataset_of(cfg, layout), backend=args.backend)
     print(format_metrics(result, f"generalized zero-shot detection, {folder.name}"))
     logger.info("metrics written to %s", out / "metrics.json")
     return 0
@@ -85,6 +85,22 @@ def cmd_export(args: argparse.Namespace) -> int:
             from ovd.models.onnx_export import export_onnx
 
             export_onnx(out, images=images)
+    if args.quantize:
+        if not args.onnx:
+            raise ValueError("--quantize makes int8 ONNX graphs: give --onnx too")
+        from ..data.coco_format import load_coco_json
+        from ..data.dataset import dataset_of
+        from ..export import quantize_export
+
+        data = dataset_of(cfg, layout)
+        data.register()
+        if data.val is None:
+            raise ValueError("--quantize measures AP on the run's val split, and this run has none: "
+                             "give the config's dataset: section a val_json")
+        train = data.train
+        calibration = [train.image_root / im["file_name"]
+                       for im in load_coco_json(train.json_file)["images"][:args.quantize_images]]
+        quantize_export(out, dataset=data.val_name, calibration=calibration, tolerance=args.quantize_tolerance)
     m = verify_export(out)
     logger.info("exported %s %s to %s (%d files verified; trained on %d classes)", m["name"],
                 m["version"], out, len(m["files"]), len(m.get("trained_on", {}).get("classes", [])))
@@ -194,6 +210,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="evaluate an export folder instead (its own weights and text tower; the "
                         "run's dataset is registered: the config's dataset: section, else the world)")
     p.add_argument("--out", default=None, help="output folder (default: <model-dir>/eval_<dataset>; for --export, ./eval_<export>_<dataset>)")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="with --export: run its PyTorch model, or its ONNX graphs under onnxruntime "
+                        "(the AP of the files a deployment runs, e.g. an int8 export)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="Detectron2 KEY VALUE overrides")
     p.set_defaults(func=cmd_eval)
 
@@ -221,6 +240,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="with --onnx: add the graphs to this existing export folder instead of "
                         "exporting a training output (written to --out if given, a copy; "
                         "else in place)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="with --onnx: make the image graphs int8 (static QDQ, calibrated on training "
+                        "images) and keep them only if AP50 (all classes) on the run's val split falls by "
+                        "at most --quantize-tolerance points (models/onnx_quantize.py)")
+    p.add_argument("--quantize-tolerance", type=float, default=1.0, metavar="AP50_POINTS")
+    p.add_argument("--quantize-images", type=int, default=32, help="training images for calibration")
     p.add_argument("--onnx-images", nargs="+", default=None, metavar="IMAGE_OR_DIR_OR_GLOB",
                    help="with --onnx: validate the graphs against PyTorch on these images of your "
                         "domain (default: three images of the run's dataset: section, else drawn scenes)")
