@@ -6,6 +6,8 @@ against PyTorch) unless --export already has them, then measures the two runtime
 CPUExecutionProvider and never imports torch):
 - start-up, in a fresh interpreter per runtime: seconds to import and load the export, seconds
   to the first detection, and the process's peak RSS after it;
+- an int8 copy (`ovd export --onnx --quantize int8`), its AP on the world's val split against
+  the float32 graphs (unless --no-int8);
 - throughput, in one process, side by side: `encode` + `classify` per image at the export's test
   size and at 640 px (the shortest edge the network sees), for a 10- and a 1000-name
   vocabulary, with 1 and 8 images per call (`torch.utils.benchmark`, blocked_autorange, median,
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,10 +42,10 @@ def world_scenes(size: int, count: int = 4, seed: int = 2026) -> list:
 
 
 def time_runtimes(folder: Path, *, classes: int, size: int, batch: int, min_run_time: float,
-                  threads: int = 0) -> dict:
+                  threads: int = 0, int8: Path | None = None) -> dict:
     """Median seconds per image of `encode` + `classify` in the PyTorch and the onnxruntime
-    runtime of one export (same process, same scenes resized to a `size` px shortest edge,
-    `batch` images per call, random C-name text)."""
+    runtime of one export, and of its int8 copy when given (same process, same scenes resized
+    to a `size` px shortest edge, `batch` images per call, random C-name text)."""
     import dataclasses
 
     import torch
@@ -57,6 +60,8 @@ def time_runtimes(folder: Path, *, classes: int, size: int, batch: int, min_run_
     if threads:
         torch.set_num_threads(threads)
     runtimes = {name: load_runtime(folder, backend=name, threads=threads) for name in ("torch", "onnx")}
+    if int8 is not None:
+        runtimes["int8"] = load_runtime(int8, backend="onnx", threads=threads)
     prep = dataclasses.replace(runtimes["torch"].preprocessing, min_size=size, max_size=max(size, 1333))
     inputs = [prep(rgb) for rgb in world_scenes(size, count=8)]
     text = random_vocabularies(int(runtimes["torch"].manifest["embed_dim"]), (classes,))[0]
@@ -75,6 +80,7 @@ def time_runtimes(folder: Path, *, classes: int, size: int, batch: int, min_run_
         repeats = len(measurement.times)
     h, w = inputs[0]["image"].shape[-2:]
     return {"torch_s": seconds["torch"], "onnx_s": seconds["onnx"], "speedup": seconds["torch"] / seconds["onnx"],
+            "int8_s": seconds.get("int8"),
             "repeats": repeats, "classes": classes, "batch": batch, "max_candidates": options.max_candidates, "image_size": [int(h), int(w)],
             "threads": threads or torch.get_num_threads()}
 
@@ -109,7 +115,29 @@ def startup(folder: Path, backend: str, threads: int) -> dict:
             "peak_rss_bytes": int(rss), "imports_torch": torch_imported == "True"}
 
 
-def report(rows: list[dict], starts: list[dict], host: dict, export: str, manifest: dict, command: str) -> str:
+def int8_copy(folder: Path, out: Path, config: str, tolerance: float) -> dict:
+    """`ovd export --onnx --quantize int8` on a copy of the export: its quantization record
+    (AP50/AP of the float32 and int8 graphs on the world's val split)."""
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from training_bench import pipeline_front
+
+    from ovd.training.data.coco_format import load_coco_json
+    from ovd.training.export import quantize_export
+
+    _, front = pipeline_front(config, None)
+    front.world()  # registers synth_train / synth_val / synth_test
+    train = front.world_dir / "detection" / "annotations" / "train_base.json"
+    images = front.world_dir / "detection" / "train"
+    calibration = [images / im["file_name"] for im in load_coco_json(train)["images"][:32]]
+    shutil.copytree(folder, out)
+    return quantize_export(out, dataset="synth_val", calibration=calibration, tolerance=tolerance)
+
+
+def report(rows: list[dict], starts: list[dict], host: dict, export: str, manifest: dict, command: str,
+           quantization: dict | None = None) -> str:
     """The results as a markdown document: machine, command, tables, validation."""
     validation, dtype = manifest["onnx"]["validation"], manifest.get("weights_dtype", "float32")
     lines = [
@@ -140,13 +168,29 @@ def report(rows: list[dict], starts: list[dict], host: dict, export: str, manife
         "passes over the 8 images. The onnxruntime graphs take one image: a batch of 8 is 8 calls. "
         f"Classification at the default options, candidates bounded at {rows[0]['max_candidates']} as in the service.",
         "",
-        "| vocabulary | image | batch | threads | PyTorch ms | onnxruntime ms | speed-up | repeats |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| vocabulary | image | batch | threads | PyTorch ms | onnxruntime ms | speed-up | int8 ms | int8 speed-up | repeats |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         h, w = r["image_size"]
+        int8 = (f"{1000 * r['int8_s']:.1f} | {r['torch_s'] / r['int8_s']:.2f}x" if r.get("int8_s") else "— | —")
         lines.append(f"| {r['classes']} names | {h} x {w} | {r['batch']} | {r['threads']} | "
-                     f"{1000 * r['torch_s']:.1f} | {1000 * r['onnx_s']:.1f} | {r['speedup']:.2f}x | {r['repeats']} |")
+                     f"{1000 * r['torch_s']:.1f} | {1000 * r['onnx_s']:.1f} | {r['speedup']:.2f}x | {int8} | {r['repeats']} |")
+    size = rows[0]["image_size"]
+    best = {name: max(1 / r[f"{name}_s"] for r in rows if r["image_size"] == size and r.get(f"{name}_s"))
+            for name in ("torch", "onnx", "int8") if any(r.get(f"{name}_s") for r in rows)}
+    lines += ["", f"Images per second at the best batch ({size[0]} x {size[1]}, any vocabulary size): "
+              + ", ".join(f"{name} {v:.2f}" for name, v in best.items()) + "."]
+    if quantization:
+        v = quantization["validation"]
+        lines += ["", f"## int8 (`ovd export --onnx --quantize int8`: {quantization['method']}, "
+                  f"{quantization['calibration_images']} calibration images)", "",
+                  f"AP on {v['dataset']} through onnxruntime (`evaluate_runtime`), float32 vs int8 graphs; "
+                  f"kept because AP50 (all) fell by at most {v['tolerance_ap50_all']} points:", "",
+                  "| graphs | AP50 all | AP50 novel | AP50 base | AP all |", "|---|---:|---:|---:|---:|"]
+        for name in ("fp32", "int8"):
+            lines.append(f"| {name} | {v[f'all_AP50_{name}']:.2f} | {v[f'novel_AP50_{name}']:.2f} | "
+                         f"{v[f'base_AP50_{name}']:.2f} | {v[f'all_AP_{name}']:.2f} |")
     lines += ["", "Validation of the graphs against PyTorch at export (`manifest.json` → `onnx.validation`): "
               f"{validation['comparisons']} comparisons, {validation['detections']} detections, max box "
               f"difference {validation['max_box_diff_px']:.2g} px, max score difference "
@@ -160,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-run-time", type=float, default=3.0, help="seconds timed per runtime and setting")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads of both (0: library defaults)")
     p.add_argument("--out", default=str(RESULTS / "onnx_runtime.md"))
+    p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 copy")
+    p.add_argument("--int8-tolerance", type=float, default=1.0, help="AP50 (all) points the int8 graphs may lose")
+    p.add_argument("--config", default=str(ROOT / "configs" / "synthetic.yaml"),
+                   help="pipeline config whose world's val split measures the int8 AP")
     args = p.parse_args(argv)
     host = host_info()
     with tempfile.TemporaryDirectory(prefix="ovd-onnx-") as tmp:
@@ -168,14 +216,20 @@ def main(argv: list[str] | None = None) -> int:
         if "onnx" not in manifest:
             folder = Path(tmp) / "export"
             manifest = json.loads(export_onnx(args.export, folder).read_text())
+        int8, quantization = None, None
+        if args.int8:
+            int8 = Path(tmp) / "int8"
+            quantization = int8_copy(folder, int8, args.config, args.int8_tolerance)
         starts = [startup(folder, backend, args.threads) for backend in ("torch", "onnx")]
+        if int8 is not None:
+            starts.append({**startup(int8, "onnx", args.threads), "backend": "onnx int8"})
         size = int(manifest["input"]["min_size_test"])
         rows = [time_runtimes(folder, classes=c, size=s, batch=b, min_run_time=args.min_run_time,
-                              threads=args.threads)
+                              threads=args.threads, int8=int8)
                 for s in (size, 640) for c in (10, 1000) for b in (1, 8)]
-    command = "python benchmarks/onnx_runtime.py" + (f" --threads {args.threads}" if args.threads else "")
+    command = " ".join(["python benchmarks/onnx_runtime.py", *(sys.argv[1:] if argv is None else argv)])
     host["torch_threads"] = rows[0]["threads"]  # as timed (host_info ran before --threads applied)
-    text = report(rows, starts, host, args.export, manifest, command)
+    text = report(rows, starts, host, args.export, manifest, command, quantization)
     print(text)
     Path(args.out).write_text(text)
     return 0
