@@ -213,7 +213,7 @@ class Bench:
         folder = Path(self.args.teacher)
         manifest = folder / "manifest.json"
         if manifest.is_file():
-            return json.loads(manifest.read_text())["files"]["weights"]["sha256"]
+            return json.loads(manifest.read_text())["files"]["detector"]["sha256"]
         return sha256_file(final_weights(folder))
 
     @functools.cached_property
