@@ -9,7 +9,7 @@ with its sha256), so a client with onnxruntime alone runs the export::
     from PIL import Image
     spec = importlib.util.spec_from_file_location("portable", "EXPORT/portable.py")
     portable = sys.modules["portable"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(portable)
+    spec.loader.exec_module(portable)
     manifest = json.load(open("EXPORT/manifest.json"))
     prep = portable.Preprocessing.from_manifest(manifest)
     tokens = portable.Tokenizer.from_manifest("EXPORT", manifest)(["a photo of a red ring"])
@@ -38,7 +38,6 @@ START, END = "<start_of_text>", "<end_of_text>"
 #: The size divisor of an export whose manifest predates the field (every shipped detector
 #: so far is an FPN, which pads to multiples of 32).
 DEFAULT_SIZE_DIVISIBILITY = 32
-
 
 
 @dataclass(frozen=True)
@@ -119,9 +118,9 @@ class Tokenizer:
     pre-tokenizer, lower case, [start] + ids + [end], truncated with the end kept, zero-padded)."""
 
     def __init__(self, path: str | Path, context_length: int):
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer as HFTokenizer
 
-        self.tokenizer = Tokenizer.from_file(str(path))
+        self.tokenizer = HFTokenizer.from_file(str(path))
         self.context_length = int(context_length)
         self.start = self.tokenizer.token_to_id(START)
         self.end = self.tokenizer.token_to_id(END)
