@@ -234,8 +234,10 @@ class Pipeline:
                 raise ClipCheckpointError("made from another CLIP, config or training json")
             return renormed, True
         except (ClipCheckpointError, KeyError):
+            from .shards import stage_device
+
             return renorm_clip(self.clip_dir, json_file, image_root, self.renorm_dir,
-                               self.renorm_cfg, progress=self.progress), False
+                               self.renorm_cfg, progress=self.progress, device=stage_device()), False
 
     # ------------------------------------------------------------------ stage runners
     # Each takes the pipeline and returns whether its output was reused (None: the stage

@@ -57,6 +57,7 @@ def cmd_renorm(args: argparse.Namespace) -> int:
     from ..clip_renorm import RenormConfig, renorm_clip
     from ..gates import HeldOut, format_gates, renorm_gate
     from ..pipeline import Pipeline
+    from ..shards import stage_device
     from .options import train_data
 
     cfg, layout = run_of(args)
@@ -69,7 +70,7 @@ def cmd_renorm(args: argparse.Namespace) -> int:
     json_file, image_root = train_data(cfg, layout, args)
 
     clip = renorm_clip(parent, json_file, image_root, out_dir, rcfg, progress=progress,
-                       pretrained=args.pretrained)
+                       pretrained=args.pretrained, device=stage_device())
     training = clip.manifest["training"]
     logger.info("re-normalised CLIP written to %s (%s) in %.0f s; loss per epoch %s", out_dir,
                 clip.manifest["weights"]["sha256"][:12], training["seconds"],
