@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from .detections import Detections
-from .portable import DEFAULT_SIZE_DIVISIBILITY, Preprocessing, to_original_boxes  # noqa: F401  (re-exported)
+from .portable import Preprocessing, to_original_boxes
 
 if TYPE_CHECKING:
     import torch

@@ -274,21 +274,14 @@ def evaluate_folder(folder: str | Path, *, dataset: str | None = None, json_file
     from .train_detector import build_config, register_datasets
 
     folder = Path(folder)
-    if backend != "torch" and not (folder / "manifest.json").is_file():
+    is_export = (folder / "manifest.json").is_file()
+    if backend != "torch" and not is_export:
         raise ValueError(f"--backend {backend} evaluates an export folder (--export), not a training folder")
-    if (folder / "manifest.json").is_file():
-        exported = load_export(folder)
-        model, embed = exported.model, exported.text_embeddings
+    if is_export:
         cfg = build_config(folder / "detector.yaml", opts)
         cfg.DATASETS.REGISTER = data.specs() if data is not None else []
     else:
         cfg = build_config(folder / "config.yaml", opts)
-        model = build_model(cfg)
-        DetectionCheckpointer(model).load(str(weights or final_weights(folder)))
-        text_clip = load_clip(clip or cfg.MODEL.OVD.CLIP)
-
-        def embed(names):
-            return text_clip.text_embeddings(names, cfg.MODEL.OVD.PROMPT_TEMPLATE)
     register_datasets(cfg)
     if json_file:
         from .data.coco_format import register_ov_dataset
@@ -308,12 +301,19 @@ def evaluate_folder(folder: str | Path, *, dataset: str | None = None, json_file
                          "a _test only with dataset.test_json), generate the world (`ovd data synth`), or "
                          "evaluate a COCO json directly (--json FILE --image-root DIR)")
     out = Path(out or _default_out(folder, dataset))
-    if backend != "torch":
+    if backend != "torch":  # the ONNX graphs only: no PyTorch model is loaded
         from ovd.models.runtime import load_runtime
 
         return evaluate_runtime(load_runtime(folder, backend=backend), dataset, out), out
     names = list(MetadataCatalog.get(dataset).thing_classes)
-    return evaluate(cfg, model, dataset, embed(names), out), out
+    if is_export:
+        exported = load_export(folder)
+        model, text = exported.model, exported.text_embeddings(names)
+    else:
+        model = build_model(cfg)
+        DetectionCheckpointer(model).load(str(weights or final_weights(folder)))
+        text = load_clip(clip or cfg.MODEL.OVD.CLIP).text_embeddings(names, cfg.MODEL.OVD.PROMPT_TEMPLATE)
+    return evaluate(cfg, model, dataset, text, out), out
 
 
 def _default_out(folder: Path, dataset: str) -> Path:

@@ -115,9 +115,10 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 #: Config fields that change how fast, not what, a stage computes: left out of the manifest
 #: identity so a run can be resumed with another batch size or thread count.
 RUNTIME_FIELDS = ("batch_size", "threads", "shard_size")
-#: Fields added after proposal folders and benchmark cells were recorded: at these values they
-#: reproduce the earlier behaviour, so they are left out of identities and those stay current.
-NEUTRAL_DEFAULTS = {"anchor_resize": None}
+#: Fields of ProposalConfig (anchor_resize) and of AnchorGrid (resize) added after proposal
+#: folders and benchmark cells were recorded: at these values they reproduce the earlier
+#: behaviour, so they are left out of identities and those stay current.
+NEUTRAL_DEFAULTS = {"anchor_resize": None, "resize": None}
 #: The paper's anchor grid: stride 32, sides 32-512, on the image resized as Detectron2 resizes
 #: COCO for training (short side 800, long side at most 1333). `ovd proposals --paper-density`.
 PAPER_DENSITY = {"stride": 32, "sizes": (32, 64, 128, 256, 512), "anchor_resize": (800, 1333)}
@@ -152,8 +153,8 @@ class ProposalConfig(SectionConfig):
         min_size: anchors narrower or shorter than this after clipping are dropped, pixels.
         anchor_resize: None (the grid is laid on the image as stored) or (short, long): it is
             laid on the image resized so its short side is ``short`` and its long side at most
-            ``long`` pixels (Detectron2's ResizeShortestEdge; the paper: (800, 1333), ~16k
-            crops per COCO image), then mapped back to stored pixels (stride, sizes and
+            ``long`` pixels (Detectron2's ResizeShortestEdge; the paper: (800, 1333), 12,750
+            anchors for a 640x480 image), then mapped back to stored pixels (stride, sizes and
             min_size are then in resized pixels).
         auto_quantiles: ``sizes: auto``: the lower and upper quantile of base GT sizes covered.
         auto_step: ``sizes: auto``: ratio of consecutive sizes.
@@ -414,10 +415,6 @@ class AnchorGrid:
         return cls(sizes=sizes, strides=strides, ratios=tuple(cfg.ratios),
                    offset=cfg.anchor_offset, min_size=cfg.min_size,
                    resize=tuple(cfg.anchor_resize) if cfg.anchor_resize else None)
-
-    def identity(self) -> dict:
-        """The grid as recorded in a proposals manifest."""
-        return {k: v for k, v in asdict(self).items() if k != "resize" or v is not None}
 
     def resize_factor(self, image_hw: tuple[int, int]) -> float:
         """Resized / stored side length (1 without ``resize``), as ResizeShortestEdge computes it."""
@@ -757,7 +754,7 @@ def run_proposals(clip: ClipModel, json_file: str | Path, image_root: str | Path
                 list(grid.strides))
     identity = {
         "config": cfg.identity(),
-        "grid": grid.identity(),
+        "grid": without_neutral(asdict(grid)),
         "clip": clip_identity(clip),
         "embed_dim": int(clip.embed_dim),
         "vocabulary": {"names": data.vocabulary, "is_base": data.is_base.tolist()},
@@ -770,7 +767,8 @@ def run_proposals(clip: ClipModel, json_file: str | Path, image_root: str | Path
     with torch.inference_mode():
         text = clip.text_embeddings(data.vocabulary, cfg.template).float().cpu()
 
-    read = ReadAhead(data.read, store.pending_image_ids())
+    todo = store.todo_shards()
+    read = ReadAhead(data.read, store.image_ids_of(todo))
 
     def compute(image_id: int) -> tuple[Record, dict]:
         # Crops are cut where the CLIP runs (RoIAlign on the GPU when there is one).
@@ -779,7 +777,7 @@ def run_proposals(clip: ClipModel, json_file: str | Path, image_root: str | Path
                                  data.gt[image_id], cfg, image_id, grid)
 
     try:
-        reader = store.run(compute, desc=f"proposals ({cfg.mode})", progress=progress)
+        reader = store.run(compute, desc=f"proposals ({cfg.mode})", progress=progress, todo=todo)
     finally:
         read.close()
     found = (reader.manifest.get("cost") or {}).get("totals", {}).get("proposals") if reader.complete() else None

@@ -272,12 +272,17 @@ class ShardStore:
 
     # ------------------------------------------------------------------ the loop
 
-    def pending_image_ids(self) -> list[int]:
-        """The image ids this rank will compute, in the order `run` computes them."""
-        return [i for k in self.my_shards() if not self.shard_ok(k) for i in self.shard_ids(k)]
+    def todo_shards(self) -> list[int]:
+        """The shards this rank still has to compute (missing or failing `shard_ok`), in order."""
+        return [k for k in self.my_shards() if not self.shard_ok(k)]
+
+    def image_ids_of(self, shards: Sequence[int]) -> list[int]:
+        """The image ids of `shards`, in the order `run` computes them."""
+        return [i for k in shards for i in self.shard_ids(k)]
 
     def run(self, compute: Callable[[int], tuple[Record, dict[str, float]]], *,
-            desc: str, progress: ProgressFactory | None = None) -> ShardReader:
+            desc: str, progress: ProgressFactory | None = None,
+            todo: Sequence[int] | None = None) -> ShardReader:
         """Compute every missing shard this rank owns, then (rank 0) finalise the manifest.
 
         Args:
@@ -287,12 +292,14 @@ class ShardStore:
             progress: optional progress factory; ``update(1, postfix)`` is called once per
                 image, for a shard's last image only after that shard is on disk (so an
                 exception raised by the callback never loses a computed shard).
+            todo: `todo_shards()` when the caller already has it (each check reads a whole
+                shard, so it is not done twice).
 
         Returns:
             A reader of the folder.
         """
         mine = self.my_shards()
-        todo = [k for k in mine if not self.shard_ok(k)]
+        todo = self.todo_shards() if todo is None else list(todo)
         n_mine = sum(len(self.shard_ids(k)) for k in mine)
         n_done = n_mine - sum(len(self.shard_ids(k)) for k in todo)
         if n_done:

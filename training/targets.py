@@ -196,7 +196,8 @@ def run_targets(clip: ClipModel, json_file: str | Path, image_root: str | Path,
     def boxes_of(image_id: int) -> torch.Tensor:
         return data.gt[image_id][~data.gt_crowd[image_id]]  # a crowd box is no single object's embedding
 
-    read = ReadAhead(data.read, [i for i in store.pending_image_ids() if len(boxes_of(i))])
+    todo = store.todo_shards()
+    read = ReadAhead(data.read, [i for i in store.image_ids_of(todo) if len(boxes_of(i))])
 
     def compute(image_id: int) -> tuple[Record, dict]:
         gt = boxes_of(image_id)
@@ -212,7 +213,7 @@ def run_targets(clip: ClipModel, json_file: str | Path, image_root: str | Path,
         return rec, {"clip_crops": len(gt), "gt": n_gt, "proposals": len(rec["boxes"]) - n_gt}
 
     try:
-        return store.run(compute, desc="targets", progress=progress)
+        return store.run(compute, desc="targets", progress=progress, todo=todo)
     finally:
         read.close()
 
