@@ -6,8 +6,9 @@ model's domain (the export validation's images), so onnxruntime's CPU provider r
 matrix products as int8 kernels. The small `detector_classify.onnx` (text products and NMS)
 and the text tower stay float32. Why static and not dynamic: dynamic quantization turns the
 backbone's convolutions into ConvInteger, which onnxruntime's CPU provider ran 3x slower than
-float32 here (432 vs 145 ms per 256 px image); restricted to MatMul/Gemm it changed little
-(109 vs 124 ms). Static QDQ ran at 74 vs 124 ms. float16 is not offered: onnxruntime's float16
+float32 (432 vs 145 ms per 256 px image); restricted to MatMul/Gemm it changed little (109 vs
+124 ms), and static QDQ ran at 74 vs 124 ms (one-off probes of the encode graph on a 2-core AMD
+EPYC, 2026-12-04; `benchmarks/onnx_runtime.py` times the shipped int8 variant). float16 is not offered: onnxruntime's float16
 converter produced graphs the CPU provider refuses to load (type errors at the Detectron2
 constants), and that provider has few float16 kernels anyway.
 
