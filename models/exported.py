@@ -109,6 +109,7 @@ def write_export(out_dir: str | Path, *, model: OpenVocabRCNN, cfg: CfgNode, cli
     cfg.MODEL.OVD.TRAIN_TEXT_EMBEDDINGS = ""
     cfg.DATASETS.REGISTER = []
     cfg.DATASETS.DISTILL_TARGETS = ""
+    cfg.MODEL.KD.TEACHER = ""  # a student's teacher: recorded in the manifest (distilled_from)
     cfg.MODEL.DEVICE = "cpu"
     atomic_write(out / FILES["config"], cfg.dump().encode())
     _save_tensors(out / FILES["text_encoder"], {

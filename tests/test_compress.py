@@ -41,6 +41,7 @@ from ovd.models.compression.tid import (
     localisation_score,
     select_areas,
 )
+from ovd.models.manifest import sha256_file
 from ovd.training.train_detector import build_config
 
 STUDENT = "configs/compress/synthetic_student_r18_narrow.yaml"
@@ -506,6 +507,11 @@ def test_compress_runs_resumes_exports_and_loads(teacher_root, tmp_path, monkeyp
                  "--out", str(tmp_path / "export")]) == 0
     exported = load_export(tmp_path / "export")
     assert isinstance(exported.model, StudentRCNN)
+    # Its manifest names the teacher (by its weights, not a path of this machine).
+    teacher = exported.manifest["distilled_from"]
+    assert teacher == {"name": "detector", "weights_sha256": sha256_file(root / "detector" / "model_final.pth"),
+                       "kd": {"tid": True, "cid": True, "light_ml": True}}
+    assert str(root) not in (tmp_path / "export" / "detector.yaml").read_text()
     trained = build_model(cfg).eval()
     DetectionCheckpointer(trained).load(str(student_dir / "model_final.pth"))
     text = exported.text_embeddings(["red ring", "blue disk"])

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from ovd.models.clip.model import architecture_config, load_clip
 from ovd.models.exported import write_export
+from ovd.models.manifest import sha256_file
 
 from .layout import eval_metrics, final_weights
 from .train_detector import TRAIN_TEXT_FILE, build_config
@@ -65,14 +66,37 @@ def export_detector(model_dir: str | Path, out_dir: str | Path, *, name: str, ve
         m = json.loads(f.read_text())
         metrics[m.get("dataset", f.parent.name)] = {k: m[k] for k in ("novel", "base", "all", "images")
                                                       if k in m}
+    teacher = distilled_from(cfg)
     return write_export(out_dir, model=model, cfg=cfg, clip=clip, clip_arch=arch, manifest_fields={
         "name": name, "version": version,
+        **({"distilled_from": teacher} if teacher else {}),
         "trained_on": {"dataset": cfg.DATASETS.TRAIN[0], "classes": trained_on,
                        "vocabulary": cfg.MODEL.OVD.TRAIN_VOCABULARY,
                        "distillation": bool(cfg.MODEL.OVD.DISTILL_WEIGHT and cfg.DATASETS.DISTILL_TARGETS)},
         "categories": categories,
         "metrics": metrics,
     }, dtype=dtype)
+
+
+def distilled_from(cfg) -> dict | None:
+    """The teacher a student was compressed from (`ovd compress`), as the student's manifest
+    records it: its name and version when the teacher is an export, its folder's name otherwise,
+    the sha256 of its weights, and which KD losses the student trained with. None for a model
+    trained without a teacher.
+    """
+    kd = cfg.MODEL.KD
+    if not kd.TEACHER or cfg.MODEL.META_ARCHITECTURE != "StudentRCNN":
+        return None
+    folder = Path(kd.TEACHER)
+    record: dict = {"name": folder.name, "weights_sha256": None}
+    if (folder / "manifest.json").is_file():
+        m = json.loads((folder / "manifest.json").read_text())
+        record = {"name": m.get("name"), "version": m.get("version"),
+                  "weights_sha256": m.get("files", {}).get("detector", {}).get("sha256")}
+    elif final_weights(folder).is_file():
+        record["weights_sha256"] = sha256_file(final_weights(folder))
+    return {**record, "kd": {"tid": bool(kd.TID.ENABLED), "cid": bool(kd.CID.ENABLED),
+                             "light_ml": bool(kd.LIGHT_ML.ENABLED)}}
 
 
 def quantize_export(folder: str | Path, *, dataset: str, calibration: list, tolerance: float = 1.0) -> dict:
