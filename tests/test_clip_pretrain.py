@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from progress_testing import Recorder
 from safetensors.torch import load_file
 
 from ovd.models.clip.model import WEIGHTS_FILE, load_clip, verify_checkpoint
@@ -38,25 +39,6 @@ def _restore_torch_threads():
 @pytest.fixture(scope="module")
 def world(make_world) -> Path:
     return make_world(num_captions=NUM_CAPTIONS)
-
-
-class Recorder:
-    """A progress factory that records its calls and can interrupt after `stop_after` updates."""
-
-    def __init__(self, stop_after: int | None = None):
-        self.opened: list[tuple] = []
-        self.updates: list[tuple] = []
-        self.stop_after = stop_after
-
-    def __call__(self, desc: str, total: int, initial: int):
-        self.opened.append((desc, total, initial))
-
-        def update(n: int, postfix: dict) -> None:
-            self.updates.append((n, postfix))
-            if self.stop_after is not None and len(self.updates) >= self.stop_after:
-                raise KeyboardInterrupt
-
-        return update
 
 
 @pytest.fixture(scope="module")
