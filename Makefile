@@ -2,16 +2,21 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo pipeline bench-ezsd bench-compress bench-load bench-speed bench-onnx docker-test test lint clean
+.PHONY: install install-run demo pipeline bench-ezsd bench-compress bench-load bench-speed bench-onnx docker-test test lint clean
 
+# Everything: the runtime, the dev tools, and (through apt) redis-server, chromium, chromedriver.
 install:
 	bash scripts/install.sh
 
-demo: install
+# What the demo and the pipeline run: no dev tools, no system packages (so no sudo).
+install-run:
+	bash scripts/install.sh --no-dev --no-redis
+
+demo: install-run
 	$(VENV)/bin/ovd demo
 
-# The whole chain that made artifacts/default (about 40 min on 2 cores; cached stages reused).
-pipeline: install
+# The world-v2 chain with the stage settings of configs/synthetic.yaml (cached stages reused).
+pipeline: install-run
 	$(VENV)/bin/ovd pipeline
 
 # Benchmarks: results under benchmarks/results/ (not tests; see each script's docstring).

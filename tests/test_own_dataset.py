@@ -179,6 +179,22 @@ def test_the_example_config_is_valid():
     assert Pipeline(cfg, None).renorm_cfg.tune == "vision"
 
 
+def test_device_auto_follows_the_machine(monkeypatch):
+    """The example config trains on the GPU when there is one (MODEL.DEVICE auto), and on the
+    CPU otherwise, where Detectron2's own default ("cuda") would fail."""
+    import torch
+
+    from ovd.training.config import REPO_ROOT, load_config
+    from ovd.training.train_detector import build_config, detector_config_file
+
+    cfg = load_config(REPO_ROOT / "configs" / "own_dataset.example.yaml")
+    file, opts = detector_config_file(cfg), cfg["detector"]["opts"]
+    for gpu, device in ((False, "cpu"), (True, "cuda")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        assert build_config(file, opts).MODEL.DEVICE == device
+    assert build_config(file).MODEL.DEVICE == "cpu"  # the synthetic YAML's own choice stays
+
+
 def test_dataset_section_errors_name_the_fix(tmp_path, monkeypatch):
     from ovd.training.data.dataset import DatasetConfig, prepare_dataset
 

@@ -60,7 +60,10 @@ def training_vocabulary(dataset_name: str, which: str) -> list[str]:
 
 
 def build_config(config_file: str | Path, opts: list[str] | None = None) -> CfgNode:
-    """Detectron2 config with the project's keys, from a file plus KEY VALUE overrides."""
+    """Detectron2 config with the project's keys, from a file plus KEY VALUE overrides.
+
+    MODEL.DEVICE "auto" (ours, not Detectron2's) becomes "cuda" on a machine with a GPU, else
+    "cpu", so one config trains wherever it runs."""
     cfg = get_cfg()
     add_ovd_config(cfg)
     try:
@@ -68,6 +71,8 @@ def build_config(config_file: str | Path, opts: list[str] | None = None) -> CfgN
         cfg.merge_from_list(list(opts or []))
     except (AssertionError, KeyError, ValueError) as e:  # yacs: unknown key, odd-length opts, bad type
         raise ValueError(f"Detectron2 config {config_file} with overrides {list(opts or [])}: {e}") from e
+    if cfg.MODEL.DEVICE == "auto":
+        cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     return cfg
 
 
@@ -372,6 +377,9 @@ def launch_training(cfg: CfgNode, *, resume: bool = True, num_gpus: int = 1, num
     SEED (Detectron2's default, "draw one") is drawn here, once for every process, and so
     recorded in the run's config.yaml, whose paths are made absolute (:func:`absolute_paths`)."""
     cfg = absolute_paths(cfg)
+    if cfg.MODEL.DEVICE == "cpu" and torch.cuda.is_available():
+        logger.warning("MODEL.DEVICE is cpu although this machine has a GPU: training stays on the "
+                       "CPU (add MODEL.DEVICE auto or cuda to the config's opts to use the GPU)")
     if cfg.SEED < 0:
         cfg.SEED = int.from_bytes(os.urandom(4), "little") % 2**30
         logger.info("SEED is negative (draw one): this run uses %d", cfg.SEED)
