@@ -131,7 +131,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
                           max_detections=args.max_detections, score_mode=args.score_mode,
                           nms_threshold=args.nms_threshold, class_agnostic=args.class_agnostic,
                           tiles=args.tiles, tile_overlap=args.tile_overlap, max_tiles=args.max_tiles,
-                          batch_size=args.batch_size, coco=args.coco, draw_dir=Path(args.draw) if args.draw else None,
+                          max_candidates=args.max_candidates, batch_size=args.batch_size, coco=args.coco, draw_dir=Path(args.draw) if args.draw else None,
                           progress=progress("detect", len(files)))
     text = json.dumps(report, indent=1)
     if args.out:
@@ -277,6 +277,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tile-overlap", type=float, default=0.2, help="fraction of a window shared with its neighbour")
     p.add_argument("--max-tiles", type=int, default=64,
                    help="windows per image at most (a larger image gets larger windows)")
+    p.add_argument("--max-candidates", type=int, default=100_000, metavar="PAIRS",
+                   help="at most this many (box, name) pairs, the best, go to NMS per image or window "
+                        "(bounds the time of thousands of names at a low threshold)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
     p.add_argument("--out", default=None, metavar="JSON", help="results file (default: print to stdout)")
