@@ -26,6 +26,7 @@ _LAZY = {
     "Runtime": "ovd.models.runtime",
     "load_runtime": "ovd.models.runtime",
     "read_image": "ovd.models.api",
+    "UnknownWordWarning": "ovd.models.api",
 }
 __all__ = ["__version__", *_LAZY]
 
