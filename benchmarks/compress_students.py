@@ -2,6 +2,7 @@
 """Compression under the protocol (training/protocol.py): what do TID, CID and Light-ML buy a
 small student, per novel tier, with paired seeds and 95% intervals?
 
+    .venv/bin/python benchmarks/compress_students.py --phase select --split val --commit  # first
     .venv/bin/python benchmarks/compress_students.py --commit              # the table (test)
     .venv/bin/python benchmarks/compress_students.py --max-cells 4 --commit # a session's share
     .venv/bin/python benchmarks/compress_students.py --phase budget --commit # AP vs iterations
@@ -20,7 +21,11 @@ named distillation terms change):
     cid_no_instnorm    + CID without the per-instance normalisation
     cid_lightml        + CID + Light-ML as published
     cid_lightml_zero   + CID + Light-ML with zero-initialised gains (ours)
-    all                TID + CID + Light-ML zero-init: the student config
+    all                TID + CID + Light-ML: the student config, whose Light-ML form
+                       (published or zero-init gains) is chosen on val by `--phase select`
+                       (cid_lightml vs cid_lightml_zero, 2 seeds, mean AP all); its rows and
+                       the budget curve wait for that choice, and stop if the config's
+                       MODEL.KD.LIGHT_ML.ZERO_INIT disagrees with it
 
 Contrasts (B - A, paired over seeds): TID (no_kd -> tid), CID (no_kd -> cid), per-instance
 normalisation (cid_no_instnorm -> cid), Light-ML as published (cid -> cid_lightml) and with
@@ -91,7 +96,7 @@ class Student:
     tid: bool
     cid: bool
     light_ml: bool
-    light_ml_zero_init: bool = False
+    light_ml_zero_init: bool | None = False  # None: the student config's (chosen on val)
     instance_normalise: bool = True
 
 
@@ -104,8 +109,8 @@ STUDENTS = [
     Student("cid_lightml", "+ CID + Light-ML (published)", False, True, True),
     Student("cid_lightml_zero", "+ CID + Light-ML, zero-init gains (ours)", False, True, True,
             light_ml_zero_init=True),
-    Student("all", "TID + CID + Light-ML zero-init (the student config)", True, True, True,
-            light_ml_zero_init=True),
+    Student("all", "TID + CID + Light-ML (the student config)", True, True, True,
+            light_ml_zero_init=None),
 ]
 BY_KEY = {s.key: s for s in STUDENTS}
 #: (name, row A, row B): B - A is the effect of what B adds.
@@ -115,6 +120,10 @@ CONTRASTS = (("TID", "no_kd", "tid"), ("CID", "no_kd", "cid"),
              ("Light-ML (zero-init gains)", "cid", "cid_lightml_zero"))
 CONTRAST_SEEDS = 5
 OTHER_SEEDS = 3
+#: The Light-ML form of the student config is chosen on val (`--phase select`): these two rows,
+#: these seeds, by mean AP over all classes (what "within 10% of the teacher" is judged on).
+SELECTION_ROWS = ("cid_lightml", "cid_lightml_zero")
+SELECTION_SEEDS = (0, 1)
 #: Iteration budgets of the student config for the budget curve (the table's is --iters).
 BUDGETS = (150, 300, 600, 900)
 #: Columns of the tables (percent).
@@ -142,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="test for the table; val for choices (schedule, KD weights)")
     p.add_argument("--train-images", type=int, default=200)
     p.add_argument("--iters", type=int, default=300, help="training iterations per student")
-    p.add_argument("--phase", choices=["report", "budget", "latency"], default="report")
+    p.add_argument("--phase", choices=["select", "report", "budget", "latency"], default="report",
+                   help="select: the Light-ML form on val (run first); report: the table; budget: "
+                        "the student config vs iterations; latency: one timing loop")
     p.add_argument("--students", nargs="*", default=[s.key for s in STUDENTS])
     p.add_argument("--max-cells", type=int, default=None, help="stop after this many new cells")
     p.add_argument("--latency-images", type=int, default=20, help="test images timed per model")
@@ -150,10 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--commit", action="store_true", help="git-commit each finished cell file")
     p.add_argument("--summary-only", action="store_true", help="no training: tables from cells")
     args = p.parse_args(argv)
+    if args.phase == "select" and args.split != "val":
+        p.error("--phase select chooses on val: add --split val")
     setup_logging()
     bench = Bench(args)
     if not args.summary_only:
-        {"report": bench.run_report, "budget": bench.run_budget, "latency": bench.run_latency}[args.phase]()
+        {"select": bench.run_select, "report": bench.run_report, "budget": bench.run_budget,
+         "latency": bench.run_latency}[args.phase]()
     report = bench.summary()
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -242,9 +256,9 @@ class Bench:
 
     # ------------------------------------------------------------------ cells
 
-    def recipe(self, s: Student, seed: int, iters: int) -> str:
+    def recipe(self, s: Student, seed: int, iters: int, split: str | None = None) -> str:
         return recipe_digest({
-            "student": asdict(s), "seed": seed, "split": self.args.split, "iters": iters,
+            "student": asdict(s), "seed": seed, "split": split or self.args.split, "iters": iters,
             "train_images": self.args.train_images, "world": self.world["fingerprint"],
             "clip": self.clip.manifest["weights"]["sha256"], "teacher": self.teacher_sha,
             "student_config": yaml.safe_load(Path(self.args.student_config).read_text()),
@@ -290,15 +304,41 @@ class Bench:
         result = evaluate(dcfg, model, f"synth_{self.args.split}", self.text, out)
         return {**flat_metrics(result), "aps_all": round(float(result["all"]["APs"]), 3)}
 
+    def run_select(self) -> None:
+        self.teacher_cell()
+        for seed in SELECTION_SEEDS:
+            for key in SELECTION_ROWS:
+                if self.cell(BY_KEY[key], seed) is None:
+                    return
+        self.check_student_config()
+
+    def check_student_config(self) -> bool:
+        """True when the val selection is complete and the student config follows it; stops
+        with the fix when it does not (the `all` row and the budget curve train that config)."""
+        chosen = self.light_ml_choice()["zero_init"]
+        if chosen is None:
+            logger.warning("the Light-ML form is not chosen on val yet (`--phase select --split val`): "
+                           "the student config's rows wait")
+            return False
+        if chosen != self.config_zero_init():
+            raise SystemExit(f"val chose Light-ML ZERO_INIT {chosen}, but {self.args.student_config} says "
+                             f"{not chosen}: set MODEL.KD.LIGHT_ML.ZERO_INIT {chosen} there, then run again")
+        return True
+
     def run_report(self) -> None:
         self.teacher_cell()
+        config_ready = self.check_student_config()
         for seed in range(CONTRAST_SEEDS):  # seed-major: an early stop still leaves paired rows
             for s in STUDENTS:
+                if s.light_ml_zero_init is None and not config_ready:
+                    continue
                 if s.key in self.args.students and seed in seeds_of(s.key) and self.cell(s, seed) is None:
                     return
 
     def run_budget(self) -> None:
         self.teacher_cell()
+        if not self.check_student_config():
+            return
         for seed in range(OTHER_SEEDS):
             for iters in BUDGETS:
                 if self.cell(BY_KEY["all"], seed, iters) is None:
@@ -328,10 +368,25 @@ class Bench:
 
     # ------------------------------------------------------------------ tables
 
-    def stored_row(self, s: Student, iters: int, seeds: range) -> dict[int, dict]:
-        row = self.row_name(s, iters)
+    def stored_row(self, s: Student, iters: int, seeds, split: str | None = None) -> dict[int, dict]:
+        row, split = self.row_name(s, iters), split or self.args.split
         return {k: c["metrics"] for k in seeds
-                if (c := self.store.get(self.args.split, row, k, self.recipe(s, k, iters))) is not None}
+                if (c := self.store.get(split, row, k, self.recipe(s, k, iters, split))) is not None}
+
+    def light_ml_choice(self) -> dict:
+        """The val selection of the Light-ML form: per row its val summary, and the chosen
+        zero-init flag (None while a cell is missing)."""
+        rows = {key: self.stored_row(BY_KEY[key], self.args.iters, SELECTION_SEEDS, "val") for key in SELECTION_ROWS}
+        out: dict = {"rows": {k: summarise_row(v) for k, v in rows.items() if v}, "zero_init": None}
+        if all(len(v) == len(SELECTION_SEEDS) for v in rows.values()):
+            mean = {k: sum(m["ap_all"] for m in v.values()) / len(v) for k, v in rows.items()}
+            out["zero_init"] = BY_KEY[max(mean, key=mean.get)].light_ml_zero_init
+        return out
+
+    def config_zero_init(self) -> bool:
+        from ovd.training.train_detector import build_config
+
+        return bool(build_config(self.args.student_config).MODEL.KD.LIGHT_ML.ZERO_INIT)
 
     def summary(self) -> dict:
         teacher = self.store.get(self.args.split, "teacher", 0, recipe_digest(
@@ -366,6 +421,7 @@ class Bench:
             "train_images": self.args.train_images, "iters": self.args.iters,
             "world": self.world["fingerprint"][:12], "stages": {k: {"seconds": round(v[0]), "cached": v[1]}
                                                                 for k, v in self.stages.items()},
+            "light_ml_selection_val": self.light_ml_choice(),
             "latency": latency, "rows": rows, "contrasts": contrasts, "budget": budget,
             "student_config": {"ap_all": student.get("mean", {}).get("ap_all"),
                                "latency_ratio": student.get("latency_ratio")},
@@ -388,7 +444,8 @@ def train_student(s: Student, bench: Bench, out: Path, iters: int, seed: int) ->
     dcfg.MODEL.KD.CID.ENABLED = s.cid
     dcfg.MODEL.KD.CID.INSTANCE_NORMALISE = s.instance_normalise
     dcfg.MODEL.KD.LIGHT_ML.ENABLED = s.light_ml
-    dcfg.MODEL.KD.LIGHT_ML.ZERO_INIT = s.light_ml_zero_init
+    if s.light_ml_zero_init is not None:
+        dcfg.MODEL.KD.LIGHT_ML.ZERO_INIT = s.light_ml_zero_init
     dcfg.SOLVER.MAX_ITER = iters
     dcfg.SOLVER.STEPS = tuple(int(iters * f) for f in (2 / 3, 8 / 9))
     dcfg.SOLVER.WARMUP_ITERS = min(dcfg.SOLVER.WARMUP_ITERS, max(iters // 6, 1))
@@ -469,6 +526,12 @@ def format_report(r: dict) -> str:
         for name, c in r["contrasts"].items():
             cells = [verdict(c["diff_mean"][k], tuple(c["diff_ci95"][k])) for k in ("ap_all", "aps_all", "ap50_novel")]
             lines.append(f"| {name} ({c['b']} - {c['a']}) | {len(c['seeds'])} | " + " | ".join(cells) + " |")
+    sel = r.get("light_ml_selection_val") or {}
+    if sel.get("rows"):
+        lines += ["", "Light-ML form of the student config, chosen on val by mean AP all "
+                  f"(zero-init: {sel['zero_init']}):", "", "| row | n | AP all | AP50 all |", "|---|---|---|---|"]
+        for key, row in sel["rows"].items():
+            lines.append(f"| {key} | {len(row['seeds'])} | {_cell_text(row, 'ap_all')} | {_cell_text(row, 'ap50_all')} |")
     if r["budget"]:
         lines += ["", "Student config vs training iterations (the budget curve):", "",
                   "| iterations | n | AP all | AP50 all | relative AP loss vs teacher |", "|---|---|---|---|---|"]
