@@ -261,8 +261,18 @@ class Bench:
             "student": asdict(s), "seed": seed, "split": split or self.args.split, "iters": iters,
             "train_images": self.args.train_images, "world": self.world["fingerprint"],
             "clip": self.clip.manifest["weights"]["sha256"], "teacher": self.teacher_sha,
-            "student_config": yaml.safe_load(Path(self.args.student_config).read_text()),
+            "student_config": self.student_recipe,
             "proposals": without_neutral(asdict(self.pcfg)), "targets": asdict(self.tcfg)})
+
+    @functools.cached_property
+    def student_recipe(self) -> dict:
+        """The student's Detectron2 config as `train_student` starts from it: its YAML with
+        every _BASE_ merged and the pipeline config's detector opts (e.g. the distillation
+        weight), parsed; a change to the teacher's base YAML thus makes the cells stale too."""
+        from ovd.training.train_detector import build_config
+
+        opts = list((self.cfg.get("detector") or {}).get("opts", []))
+        return yaml.safe_load(build_config(self.args.student_config, opts).dump())
 
     def model_dir(self, s: Student, seed: int, iters: int) -> Path:
         return self.root / f"students_{self.args.train_images}x{iters}" / s.key / f"seed{seed}"

@@ -225,13 +225,16 @@ class Bench:
     @functools.cached_property
     def detector_recipe(self) -> list:
         """The detector's Detectron2 files, parsed (so a comment edit does not make every
-        finished cell stale), and the config's opts."""
+        finished cell stale), and the config's opts but the distillation weight (every cell
+        sets its own lambda; the shipped default's, chosen here, lives in those opts)."""
         from ovd.training.train_detector import detector_config_file
 
         detector_file = detector_config_file(self.cfg)
+        opts = list((self.cfg.get("detector") or {}).get("opts", []))
+        pairs = [opts[i:i + 2] for i in range(0, len(opts), 2)]
         return [yaml.safe_load(detector_file.read_text()),
                 yaml.safe_load((detector_file.parent / "Base-OVD-RCNN-FPN.yaml").read_text()),
-                (self.cfg.get("detector") or {}).get("opts", [])]
+                [x for k, v in pairs if k != "MODEL.OVD.DISTILL_WEIGHT" for x in (k, v)]]
 
     def model_dir(self, v: Variant, lam: float | None, seed: int) -> Path:
         name = v.key if lam is None else f"{v.key}_lambda{lam:g}"
