@@ -19,9 +19,8 @@ Rows (same training images, schedule and seeds; only the named part changes):
 Phase 1 (`select`, val split): lambda over {0.03, 0.1, 0.3, 1}, walked upwards until the mean
 has fallen twice in a row, for the ViLD-like row (gt_raw, its lambda also serves gt_renorm)
 and the full-EZSD row (dense_semreg, its lambda serves dense and cheap_semreg), 2 seeds each,
-by mean novel AP50. Phase 2 (`report`, test split): 5
-seeds for the rows of the four contrasts (renorm, proposals, semantic regressor, cheap vs
-dense), 3 for base_only and oracle. Each (row, lambda, seed) model is trained once: the
+by mean novel AP50. Phase 2 (`report`, test split): 5 seeds for the rows of the four contrasts
+(renorm, proposals, semantic regressor, cheap vs dense), 3 for base_only and oracle. Each (row, lambda, seed) model is trained once: the
 selection run of the chosen lambda is reused for the report, evaluated on test.
 
 Cells are cached in benchmarks/results/cells/ezsd_variants/<split>/<row>/seed<k>.json (with the

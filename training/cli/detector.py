@@ -131,7 +131,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
                           max_detections=args.max_detections, score_mode=args.score_mode,
                           nms_threshold=args.nms_threshold, class_agnostic=args.class_agnostic,
                           tiles=args.tiles, tile_overlap=args.tile_overlap, max_tiles=args.max_tiles,
-                          max_candidates=args.max_candidates, batch_size=args.batch_size, coco=args.coco, draw_dir=Path(args.draw) if args.draw else None,
+                          max_candidates=args.max_candidates, batch_size=args.batch_size, coco=args.coco,
+                          draw_dir=Path(args.draw) if args.draw else None,
                           progress=progress("detect", len(files)))
     text = json.dumps(report, indent=1)
     if args.out:
