@@ -83,8 +83,9 @@ def test_service_warns_and_offers_only_vocabularies_the_model_can_read(carded_ex
 
 
 def test_the_shipped_model_names_the_words_it_never_read():
-    """The shipped export carries its CLIP's words (scripts/record_v1_caption_words.py): "cat"
-    gets a warning naming the word, its own class names none, and COCO's names do not fit it."""
+    """The shipped export carries its CLIP's words (`ovd export` copies them from the CLIP's
+    manifest): "cat" gets a warning naming the word, its own class names none, and COCO's names
+    do not fit it."""
     from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
     from ovd.models.registry import REGISTERED
