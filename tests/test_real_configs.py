@@ -118,3 +118,26 @@ def test_lvis_scoring_is_federated(tmp_path):
     # Listed as absent there, it is a false positive ranked first.
     known = lvis_group_ap(_federated_gt(tmp_path / "k.json", True), dets, groups)
     assert known["a"]["AP50"] < 100.0
+
+
+def test_the_ov_coco_pipeline_config_is_the_papers_recipe():
+    """configs/ov_coco.example.yaml, which the README points to, builds every section and asks for
+    what EZSD's COCO scripts do: both towers' LayerNorms, dense proposals on the paper's grid,
+    200 distilled proposals, R50-FPN at lambda 1."""
+    from ovd.training.config import REPO_ROOT, load_config
+    from ovd.training.data.dataset import DatasetConfig
+    from ovd.training.pipeline import ClipSource, Pipeline
+    from ovd.training.proposals import PAPER_DENSITY, ProposalConfig
+    from ovd.training.targets import TargetsConfig
+    from ovd.training.train_detector import detector_config_file
+
+    cfg = load_config(REPO_ROOT / "configs" / "ov_coco.example.yaml")
+    assert DatasetConfig.from_config(cfg).split("test") is None
+    assert ClipSource.from_config(cfg).pretrained == "openai"
+    assert Pipeline(cfg, None).renorm_cfg.tune == "vision+text"
+    proposals = ProposalConfig.from_config(cfg)
+    assert proposals.mode == "dense" and proposals.stride == PAPER_DENSITY["stride"]
+    assert tuple(proposals.sizes) == PAPER_DENSITY["sizes"] and tuple(proposals.anchor_resize) == PAPER_DENSITY["anchor_resize"]
+    assert TargetsConfig.from_config(cfg).max_proposals == 200
+    dcfg = build_config(detector_config_file(cfg), cfg["detector"]["opts"])
+    assert dcfg.MODEL.OVD.DISTILL_WEIGHT == 1.0 and dcfg.MODEL.RESNETS.DEPTH == 50
