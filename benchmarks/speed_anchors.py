@@ -1145,7 +1145,10 @@ def _ints(text: str) -> list[int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", type=Path, default=ROOT / "artifacts/default", help="teacher export")
-    p.add_argument("--student", type=Path, help="student export (default: random-weight student)")
+    shipped = ROOT / "artifacts" / "student"
+    p.add_argument("--student", type=Path, default=shipped if (shipped / "manifest.json").is_file() else None,
+                   help="student export (default: artifacts/student when it exists, else a random-weight "
+                        "student of the same architecture, speed only)")
     p.add_argument("--sizes", type=_ints, default=[640, 1024], help="square image sides, px")
     p.add_argument("--vocabs", type=_ints, default=[10, 1000], help="vocabulary sizes")
     p.add_argument("--batch-sizes", type=_ints, default=[1, 2, 4],
