@@ -320,7 +320,11 @@ class Bench:
             for key in SELECTION_ROWS:
                 if self.cell(BY_KEY[key], seed) is None:
                     return
-        self.check_student_config()
+        chosen = self.light_ml_choice()["zero_init"]
+        if chosen != self.config_zero_init():  # the results are still written; report and budget stop
+            logger.warning("val chose Light-ML ZERO_INIT %s, the student config says %s: set "
+                           "MODEL.KD.LIGHT_ML.ZERO_INIT %s in %s before the table", chosen,
+                           not chosen, chosen, self.args.student_config)
 
     def check_student_config(self) -> bool:
         """True when the val selection is complete and the student config follows it; stops
