@@ -222,13 +222,13 @@ class Bench:
 
     @functools.cached_property
     def teacher_sha(self) -> str:
-        from ovd.models.manifest import sha256_file
+        from ovd.training.compress import teacher_weights_sha256
 
-        folder = Path(self.args.teacher)
-        manifest = folder / "manifest.json"
-        if manifest.is_file():
-            return json.loads(manifest.read_text())["files"]["detector"]["sha256"]
-        return sha256_file(final_weights(folder))
+        sha = teacher_weights_sha256(self.args.teacher)
+        if sha is None:
+            raise SystemExit(f"--teacher {self.args.teacher}: no weights (an export folder or a training "
+                             "folder with model_final.pth)")
+        return sha
 
     @functools.cached_property
     def text(self) -> torch.Tensor:
@@ -320,23 +320,27 @@ class Bench:
             for key in SELECTION_ROWS:
                 if self.cell(BY_KEY[key], seed) is None:
                     return
+        if conflict := self.light_ml_conflict():  # the results are still written; report and budget stop
+            logger.warning(conflict)
+
+    def light_ml_conflict(self) -> str | None:
+        """What to change when the val choice of the Light-ML form and the student config
+        disagree, else None (also while the choice is pending)."""
         chosen = self.light_ml_choice()["zero_init"]
-        if chosen != self.config_zero_init():  # the results are still written; report and budget stop
-            logger.warning("val chose Light-ML ZERO_INIT %s, the student config says %s: set "
-                           "MODEL.KD.LIGHT_ML.ZERO_INIT %s in %s before the table", chosen,
-                           not chosen, chosen, self.args.student_config)
+        if chosen is None or chosen == self.config_zero_init():
+            return None
+        return (f"val chose Light-ML ZERO_INIT {chosen}, but {self.args.student_config} says {not chosen}: "
+                f"set MODEL.KD.LIGHT_ML.ZERO_INIT {chosen} there before the student config's rows")
 
     def check_student_config(self) -> bool:
         """True when the val selection is complete and the student config follows it; stops
         with the fix when it does not (the `all` row and the budget curve train that config)."""
-        chosen = self.light_ml_choice()["zero_init"]
-        if chosen is None:
+        if self.light_ml_choice()["zero_init"] is None:
             logger.warning("the Light-ML form is not chosen on val yet (`--phase select --split val`): "
                            "the student config's rows wait")
             return False
-        if chosen != self.config_zero_init():
-            raise SystemExit(f"val chose Light-ML ZERO_INIT {chosen}, but {self.args.student_config} says "
-                             f"{not chosen}: set MODEL.KD.LIGHT_ML.ZERO_INIT {chosen} there, then run again")
+        if conflict := self.light_ml_conflict():
+            raise SystemExit(conflict)
         return True
 
     def run_report(self) -> None:

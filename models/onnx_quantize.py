@@ -8,9 +8,9 @@ and the text tower stay float32. Why static and not dynamic: dynamic quantizatio
 backbone's convolutions into ConvInteger, which onnxruntime's CPU provider ran 3x slower than
 float32 (432 vs 145 ms per 256 px image); restricted to MatMul/Gemm it changed little (109 vs
 124 ms), and static QDQ ran at 74 vs 124 ms (one-off probes of the encode graph on a 2-core AMD
-EPYC, 2026-12-04; `benchmarks/onnx_runtime.py` times the shipped int8 variant). float16 is not offered: onnxruntime's float16
-converter produced graphs the CPU provider refuses to load (type errors at the Detectron2
-constants), and that provider has few float16 kernels anyway.
+EPYC, 2026-12-04; `benchmarks/onnx_runtime.py` times the shipped int8 variant). float16 is not
+offered: onnxruntime's float16 converter produced graphs the CPU provider refuses to load (type
+errors at the Detectron2 constants), and that provider has few float16 kernels anyway.
 
 Quantization moves region embeddings and boxes beyond the float32 validation's tolerances, so
 an int8 export is judged by AP instead: `ovd eval --export DIR --backend onnx` on the float32

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from ovd.models.clip.model import ClipModel
 from ovd.models.compression import StudentRCNN
 from ovd.models.detector import OpenVocabRCNN
+from ovd.models.manifest import sha256_file
 
 from .layout import final_weights
 from .train_detector import TRAIN_TEXT_FILE, Trainer, build_config, launch_training, prepare
@@ -56,6 +57,16 @@ def teacher_clip_sha256(folder: str | Path) -> str:
         return ""
     with safe_open(str(path), "pt") as f:
         return (f.metadata() or {}).get("clip_sha256", "")
+
+
+def teacher_weights_sha256(folder: str | Path) -> str | None:
+    """sha256 of a teacher's weights: an export's detector file as its manifest lists it, else a
+    training folder's final checkpoint (None when neither is there)."""
+    folder = Path(folder)
+    if (folder / "manifest.json").is_file():
+        return json.loads((folder / "manifest.json").read_text()).get("files", {}).get("detector", {}).get("sha256")
+    weights = final_weights(folder)
+    return sha256_file(weights) if weights.is_file() else None
 
 
 def load_teacher(folder: str | Path, *, device: str = "cpu") -> OpenVocabRCNN:

@@ -13,7 +13,6 @@ from safetensors import safe_open
 
 from ovd.models.clip.model import architecture_config, load_clip
 from ovd.models.exported import write_export
-from ovd.models.manifest import sha256_file
 
 from .layout import eval_metrics, final_weights
 from .train_detector import TRAIN_TEXT_FILE, build_config
@@ -87,16 +86,15 @@ def distilled_from(cfg) -> dict | None:
     kd = cfg.MODEL.KD
     if not kd.TEACHER or cfg.MODEL.META_ARCHITECTURE != "StudentRCNN":
         return None
+    from .compress import teacher_weights_sha256
+
     folder = Path(kd.TEACHER)
-    record: dict = {"name": folder.name, "weights_sha256": None}
+    record: dict = {"name": folder.name}
     if (folder / "manifest.json").is_file():
         m = json.loads((folder / "manifest.json").read_text())
-        record = {"name": m.get("name"), "version": m.get("version"),
-                  "weights_sha256": m.get("files", {}).get("detector", {}).get("sha256")}
-    elif final_weights(folder).is_file():
-        record["weights_sha256"] = sha256_file(final_weights(folder))
-    return {**record, "kd": {"tid": bool(kd.TID.ENABLED), "cid": bool(kd.CID.ENABLED),
-                             "light_ml": bool(kd.LIGHT_ML.ENABLED)}}
+        record = {"name": m.get("name"), "version": m.get("version")}
+    return {**record, "weights_sha256": teacher_weights_sha256(folder),
+            "kd": {"tid": bool(kd.TID.ENABLED), "cid": bool(kd.CID.ENABLED), "light_ml": bool(kd.LIGHT_ML.ENABLED)}}
 
 
 def quantize_export(folder: str | Path, *, dataset: str, calibration: list, tolerance: float = 1.0) -> dict:
