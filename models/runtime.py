@@ -147,7 +147,12 @@ class TorchRuntime:
         return int(self.model.roi_heads.box_predictor.test_topk_per_image)
 
     def text_embeddings(self, names: Sequence[str], template: str | None = None) -> torch.Tensor:
-        return self.text.text_embeddings(list(names), template or self.manifest["prompt_template"])
+        import torch
+
+        # No autograd graph: the embeddings are cached (ovd.Detector, the service) and a graph
+        # would keep the text tower's activations alive with them.
+        with torch.no_grad():
+            return self.text.text_embeddings(list(names), template or self.manifest["prompt_template"])
 
     def encode_text(self, prompts: Sequence[str]) -> np.ndarray:
         """(N, D) float32 L2-normalised embeddings of full prompts (templates filled in)."""

@@ -142,6 +142,12 @@ def test_detector_refuses_bad_vocabularies(shipped, scene):
         shipped(scene, ["a"], threshold=1.5)
 
 
+def test_text_embeddings_carry_no_autograd_graph(shipped):
+    """They are cached per vocabulary: a graph would keep the text tower's activations with them."""
+    text = shipped.text_embeddings(["red ring", "cyan clover"])
+    assert text.shape[0] == 2 and not text.requires_grad and text.grad_fn is None
+
+
 # ---------------------------------------------------------------- Detections
 
 def test_detections_conversions(tmp_path):
