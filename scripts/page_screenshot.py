@@ -1,4 +1,4 @@
-"""The README's screenshot of the web page (docs/images/page.png): `python scripts/page_screenshot.py`.
+"""The screenshot of the web page in the README and docs/service.md (docs/images/page.png): `python scripts/page_screenshot.py`.
 
 Serves the shipped model (`ovd serve` on a free port), opens the page in headless Chromium,
 picks sample scene 1, keeps the model's own class names, drags one example box around the

@@ -121,7 +121,7 @@ def test_lvis_scoring_is_federated(tmp_path):
 
 
 def test_the_ov_coco_pipeline_config_is_the_papers_recipe():
-    """configs/ov_coco.example.yaml, which the README points to, builds every section and asks for
+    """configs/ov_coco.example.yaml, which docs/real_data.md points to, builds every section and asks for
     what EZSD's COCO scripts do: both towers' LayerNorms, dense proposals on the paper's grid,
     200 distilled proposals, R50-FPN at lambda 1."""
     from ovd.training.config import REPO_ROOT, load_config
