@@ -519,8 +519,9 @@ def bar_chart(report: dict, path: Path) -> None:
 
 def detections_figure(bench: Bench, report: dict, path: Path, n_images: int = 3, score: float = 0.3,
                       max_boxes: int = 15) -> None:
-    """Rows: test images; columns: ground truth, then each row's seed-0 detections (score >= 0.3,
-    the 15 best). Novel boxes are red and tagged with their tier (C/S/B); base boxes blue."""
+    """Rows: test images; columns: ground truth, then the detections (score >= 0.3, the 15 best)
+    of each row's lowest seed whose model is still on disk (cells outlive the run folders that
+    held their models). Novel boxes are red and tagged with their tier (C/S/B); base boxes blue."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -539,7 +540,11 @@ def detections_figure(bench: Bench, report: dict, path: Path, n_images: int = 3,
                                  for rec in records])]
     for key, row in report["rows"].items():
         v = BY_KEY[key]
-        dcfg, model = load_trained(bench.model_dir(v, row["lambda"], 0))
+        on_disk = [s["seed"] for s in row["seeds"] if final_weights(bench.model_dir(v, row["lambda"], s["seed"])).is_file()]
+        if not on_disk:
+            logger.warning("detections figure: no model of %s on disk, column left out", key)
+            continue
+        dcfg, model = load_trained(bench.model_dir(v, row["lambda"], on_disk[0]))
         text = bench.clips[v.clip].text_embeddings(names, dcfg.MODEL.OVD.PROMPT_TEMPLATE)
         per_image = []
         for image in images:
@@ -550,7 +555,7 @@ def detections_figure(bench: Bench, report: dict, path: Path, n_images: int = 3,
             per_image.append([(b.tolist(), names[c], s) for b, c, s in
                               zip(inst.pred_boxes.tensor[keep], inst.pred_classes[keep].tolist(),
                                   inst.scores[keep].tolist(), strict=True)])
-        columns.append((row["label"], per_image))
+        columns.append((f"{row['label']} (seed {on_disk[0]})", per_image))
     fig, axes = plt.subplots(n_images, len(columns), figsize=(2.6 * len(columns), 2.7 * n_images),
                              squeeze=False)
     for c, (title, per_image) in enumerate(columns):
