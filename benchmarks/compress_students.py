@@ -7,6 +7,7 @@ small student, per novel tier, with paired seeds and 95% intervals?
     .venv/bin/python benchmarks/compress_students.py --max-cells 4 --commit # a session's share
     .venv/bin/python benchmarks/compress_students.py --phase budget --commit # AP vs iterations
     .venv/bin/python benchmarks/compress_students.py --phase latency         # one timing loop
+    .venv/bin/python benchmarks/compress_students.py --phase ship --commit   # artifacts/student
     .venv/bin/python benchmarks/compress_students.py --summary-only          # tables from cells
 
 Rows (one teacher; every student has the same network, data, schedule and seeds, only the
@@ -41,7 +42,16 @@ Columns: AP50 / AP per novel tier, novel, base and all, AP on small objects (all
 training seconds; from the latency phase, the median single-image latency of every row's
 student and the teacher timed in one loop on test images, and its ratio to the teacher's. The
 budget phase trains the student config for several iteration budgets (the curve of student AP
-vs training budget, for "what does reaching the teacher take").
+vs training budget, for "what does reaching the teacher take"; `--train-images 600` for the
+shipped student's data).
+
+The ship phase trains the student config once (seed 0) on the teacher's data and schedule (all
+training images, the config's 900 iterations), exports it with float16 weights (--ship-out;
+`artifacts/student` is a copy) and judges the export against the teacher's on test: AP of both
+exports as a deployment runs them, and the latency of `ovd.Detector` calls on the same images
+with the same 20 names, the two models alternating in one loop. The bar: at most 10% relative
+AP loss (all classes) at no more than 0.5x the teacher's latency. Writes
+<results>/compress_student.json.
 
 Shared stages come from the pipeline root (`ovd pipeline` writes them; computed here when
 absent): the world, the pretrained CLIP and the re-normalised CLIP, which must be the CLIP the
@@ -126,9 +136,18 @@ SELECTION_ROWS = ("cid_lightml", "cid_lightml_zero")
 SELECTION_SEEDS = (0, 1)
 #: Iteration budgets of the student config for the budget curve (the table's is --iters).
 BUDGETS = (150, 300, 600, 900)
+#: The table's schedule (training images, iterations): the default of --train-images / --iters.
+#: Its rows are named by the student alone, rows of any other schedule (the budget curve, the
+#: shipped student) carry theirs ("all_600x900"), so no two schedules share a cell file.
+TABLE_SCHEDULE = (200, 300)
+#: The shipped student must keep this much of the teacher's AP (all classes, test) ...
+SHIP_MAX_AP_LOSS = 0.10
+#: ... at no more than this fraction of its single-image latency (same images and names).
+SHIP_MAX_LATENCY_RATIO = 0.5
 #: Columns of the tables (percent).
 COLUMNS = ("ap50_novel_comp", "ap50_novel_shape", "ap50_novel_both", "ap50_novel", "ap50_base",
-           "ap50_all", "ap_all", "aps_all")
+           "ap50_all", "ap_novel_comp", "ap_novel_shape", "ap_novel_both", "ap_novel", "ap_base",
+           "ap_all", "aps_all")
 
 
 def seeds_of(key: str) -> range:
@@ -149,11 +168,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cells", default=str(CELLS), help="finished cells (commit these)")
     p.add_argument("--split", choices=["val", "test"], default="test",
                    help="test for the table; val for choices (schedule, KD weights)")
-    p.add_argument("--train-images", type=int, default=200)
-    p.add_argument("--iters", type=int, default=300, help="training iterations per student")
-    p.add_argument("--phase", choices=["select", "report", "budget", "latency"], default="report",
+    p.add_argument("--train-images", type=int, default=TABLE_SCHEDULE[0])
+    p.add_argument("--iters", type=int, default=TABLE_SCHEDULE[1], help="training iterations per student")
+    p.add_argument("--phase", choices=["select", "report", "budget", "latency", "ship"], default="report",
                    help="select: the Light-ML form on val (run first); report: the table; budget: "
-                        "the student config vs iterations; latency: one timing loop")
+                        "the student config vs iterations; latency: one timing loop; ship: the "
+                        "student config at the teacher's schedule, exported and judged")
+    p.add_argument("--ship-images", type=int, default=None,
+                   help="ship: training images (default: all, as the teacher)")
+    p.add_argument("--ship-iters", type=int, default=None,
+                   help="ship: iterations (default: the student config's SOLVER.MAX_ITER, the teacher's)")
+    p.add_argument("--ship-out", default="runs/bench/compress/student_export",
+                   help="ship: where the float16 export goes (artifacts/student is a copy of it)")
     p.add_argument("--students", nargs="*", default=[s.key for s in STUDENTS])
     p.add_argument("--max-cells", type=int, default=None, help="stop after this many new cells")
     p.add_argument("--latency-images", type=int, default=20, help="test images timed per model")
@@ -167,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args)
     if not args.summary_only:
         {"select": bench.run_select, "report": bench.run_report, "budget": bench.run_budget,
-         "latency": bench.run_latency}[args.phase]()
+         "latency": bench.run_latency, "ship": bench.run_ship}[args.phase]()
     report = bench.summary()
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -202,14 +228,17 @@ class Bench:
                              "pipeline (`make pipeline`) or point --pipeline-root at the stages that made it")
         ann = self.front.world_dir / "detection" / "annotations"
         image_root = self.front.world_dir / "detection" / "train"
-        train_json = subset_json(ann / "train_base.json", self.root / "data" / "train_base.json",
-                                 args.train_images)
-        register_ov_dataset("bench_train", train_json, image_root, overwrite=True)
+        # Everything that depends on the training subset is named by its size, so a run with
+        # another --train-images (the shipped student's) never reuses the table's targets.
+        n = args.train_images
+        train_json = subset_json(ann / "train_base.json", self.root / "data" / f"first{n}.json", n)
+        self.train_dataset = f"bench_train_first{n}"
+        register_ov_dataset(self.train_dataset, train_json, image_root, overwrite=True)
         self.datasets = [f"{name}={json_file}:{folder}" for name, (json_file, folder) in
-                         {**world_datasets(self.front.world_dir), "bench_train": (train_json, image_root)}.items()]
+                         {**world_datasets(self.front.world_dir), self.train_dataset: (train_json, image_root)}.items()]
         self.pcfg = ProposalConfig.from_dict({**(self.cfg.get("proposals") or {}), "mode": "cheap"})
         self.tcfg = TargetsConfig.from_config(self.cfg)
-        proposals_dir, self.targets_dir = self.root / "proposals", self.root / "targets"
+        proposals_dir, self.targets_dir = self.root / f"proposals_first{n}", self.root / f"targets_first{n}"
         self.stages = {
             "proposals (cheap)": Timed(proposals_dir)(
                 lambda: run_proposals(self.clip, train_json, image_root, proposals_dir, self.pcfg,
@@ -258,7 +287,7 @@ class Bench:
 
     def recipe(self, s: Student, seed: int, iters: int, split: str | None = None) -> str:
         return recipe_digest({
-            "student": asdict(s), "seed": seed, "split": split or self.args.split, "iters": iters,
+            "student": {**asdict(s), "light_ml_zero_init": self.zero_init_of(s)}, "seed": seed, "split": split or self.args.split, "iters": iters,
             "train_images": self.args.train_images, "world": self.world["fingerprint"],
             "clip": self.clip.manifest["weights"]["sha256"], "teacher": self.teacher_sha,
             "student_config": self.student_recipe,
@@ -272,13 +301,22 @@ class Bench:
         from ovd.training.train_detector import build_config
 
         opts = list((self.cfg.get("detector") or {}).get("opts", []))
-        return yaml.safe_load(build_config(self.args.student_config, opts).dump())
+        config = yaml.safe_load(build_config(self.args.student_config, opts).dump())
+        # Each row's Light-ML form is in its recipe (zero_init_of), so setting the config's
+        # ZERO_INIT to the val choice leaves every other row's cells current.
+        del config["MODEL"]["KD"]["LIGHT_ML"]["ZERO_INIT"]
+        return config
+
+    def zero_init_of(self, s: Student) -> bool:
+        """The Light-ML form a row trains with: its own, or (the `all` row) the config's."""
+        return self.config_zero_init() if s.light_ml_zero_init is None else s.light_ml_zero_init
 
     def model_dir(self, s: Student, seed: int, iters: int) -> Path:
         return self.root / f"students_{self.args.train_images}x{iters}" / s.key / f"seed{seed}"
 
     def row_name(self, s: Student, iters: int) -> str:
-        return s.key if iters == self.args.iters else f"budget_{s.key}_{iters}"
+        images = self.args.train_images
+        return s.key if (images, iters) == TABLE_SCHEDULE else f"{s.key}_{images}x{iters}"
 
     def cell(self, s: Student, seed: int, iters: int | None = None) -> dict | None:
         """Metrics of one cell, trained and evaluated unless stored; None when --max-cells is spent."""
@@ -377,12 +415,81 @@ class Bench:
         missing = [s.key for s in STUDENTS if s.key not in models]
         if missing:
             logger.warning("latency: no trained student on disk for %s (train the report cells first)", missing)
-        ms = measure_latency(models, self.text, f"synth_{self.args.split}", self.args.latency_images,
-                             self.args.latency_repeats)
+        inputs = [{"image": torch.as_tensor(image.transpose(2, 0, 1).copy()), "height": image.shape[0],
+                   "width": image.shape[1]} for image in self.split_images(self.args.latency_images)]
+        ms = time_calls({k: functools.partial(lambda m, x: m([x], text=self.text), m) for k, m in models.items()},
+                        inputs, self.args.latency_repeats)
         metrics = {f"{k}_ms": round(v, 2) for k, v in ms.items()}
         recipe = recipe_digest({"rows": sorted(models), "teacher": self.teacher_sha, "when": time.time()})
         self.put("latency", 0, recipe, metrics, seeds=seeds, images=self.args.latency_images,
                  repeats=self.args.latency_repeats, machine_info=host_info())
+
+    def split_images(self, n: int) -> list:
+        """The first n images of the split, (H, W, 3) uint8 RGB."""
+        from detectron2.data import DatasetCatalog
+        from detectron2.data import detection_utils as utils
+
+        return [utils.read_image(rec["file_name"], format="RGB")
+                for rec in DatasetCatalog.get(f"synth_{self.args.split}")[:n]]
+
+    def run_ship(self) -> None:
+        """The student worth shipping: the student config (seed 0) trained on --ship-images
+        training images for --ship-iters iterations (default: the teacher's data and schedule),
+        exported with float16 weights to --ship-out, and judged against the teacher on test,
+        both as the files a deployment runs: AP of each export (`ovd eval --export`'s path) and
+        the latency of `ovd.Detector` calls (every test image with all 20 names, the two models
+        alternating in one loop). Writes <results>/compress_student.json."""
+        from detectron2.data import MetadataCatalog
+
+        import ovd
+        from ovd.models.runtime import load_runtime
+        from ovd.training.evaluate import evaluate_runtime
+        from ovd.training.export import export_detector
+        from ovd.training.train_detector import build_config
+
+        if self.args.split != "test":
+            raise SystemExit("--phase ship reports on test: drop --split val")
+        if not self.check_student_config():
+            return
+        ann = self.front.world_dir / "detection" / "annotations" / "train_base.json"
+        images = self.args.ship_images or len(json.loads(ann.read_text())["images"])
+        iters = self.args.ship_iters or int(build_config(self.args.student_config).SOLVER.MAX_ITER)
+        ship = self if images == self.args.train_images else Bench(
+            argparse.Namespace(**{**vars(self.args), "train_images": images, "max_cells": None}))
+        student = BY_KEY["all"]
+        if ship.cell(student, 0, iters) is None:
+            return
+        out = Path(self.args.ship_out)
+        export_detector(ship.model_dir(student, 0, iters), out, name="ovd-synthetic-student",
+                        version="0.1.0", dtype="float16")
+        exports = {"teacher": Path(self.args.teacher), "student": out}
+        ap = {k: flat_metrics(evaluate_runtime(load_runtime(folder), "synth_test", self.root / f"ship_eval_{k}"))
+              for k, folder in exports.items()}
+        detectors = {k: ovd.Detector.load(folder) for k, folder in exports.items()}
+        names = list(MetadataCatalog.get("synth_test").thing_classes)
+        ms = time_calls({k: functools.partial(lambda d, image: d(image, names), d) for k, d in detectors.items()},
+                        self.split_images(self.args.latency_images), self.args.latency_repeats)
+        loss = 1 - ap["student"]["ap_all"] / ap["teacher"]["ap_all"]
+        ratio = ms["student"] / ms["teacher"]
+        report = {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": host_line(),
+            "machine_info": host_info(), "date": time.strftime("%Y-%m-%d"), "split": "test",
+            "train_images": images, "iters": iters, "seed": 0, "export": str(out),
+            "teacher": str(self.args.teacher), "ap": ap,
+            "latency_ms": {k: round(v, 2) for k, v in ms.items()},
+            "latency": {"images": self.args.latency_images, "repeats": self.args.latency_repeats,
+                        "names": len(names), "call": "ovd.Detector(image, names), models alternating"},
+            "relative_ap_loss": round(loss, 4), "latency_ratio": round(ratio, 3),
+            "params_m": {k: round(sum(q.numel() for q in d.runtime.model.parameters()) / 1e6, 2)
+                         for k, d in detectors.items()},
+            "meets": {"ap": loss <= SHIP_MAX_AP_LOSS, "latency": ratio <= SHIP_MAX_LATENCY_RATIO},
+            "bar": {"max_relative_ap_loss": SHIP_MAX_AP_LOSS, "max_latency_ratio": SHIP_MAX_LATENCY_RATIO},
+        }
+        path = Path(self.args.results) / "compress_student.json"
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        logger.info("shipped student %s: AP all %.1f vs teacher %.1f (%.1f%% loss), latency %.1f vs %.1f ms "
+                    "(%.2fx) -> %s", out, ap["student"]["ap_all"], ap["teacher"]["ap_all"], 100 * loss,
+                    ms["student"], ms["teacher"], ratio, path)
 
     # ------------------------------------------------------------------ tables
 
@@ -456,7 +563,7 @@ def train_student(s: Student, bench: Bench, out: Path, iters: int, seed: int) ->
     # Registered in this process by Bench; recorded so that the output folder exports
     # (`ovd export --model-dir`) and evaluates in a new process.
     dcfg.DATASETS.REGISTER = bench.datasets
-    dcfg.DATASETS.TRAIN = ("bench_train",)
+    dcfg.DATASETS.TRAIN = (bench.train_dataset,)
     dcfg.DATASETS.DISTILL_TARGETS = str(bench.targets_dir)
     dcfg.MODEL.KD.TID.ENABLED = s.tid
     dcfg.MODEL.KD.CID.ENABLED = s.cid
@@ -488,30 +595,22 @@ def load_student(out: Path):
 
 
 @torch.inference_mode()
-def measure_latency(models: dict, text: torch.Tensor, dataset: str, n_images: int, repeats: int
-                    ) -> dict[str, float]:
-    """Median milliseconds of one single-image inference call per model.
+def time_calls(calls: dict, inputs: list, repeats: int) -> dict[str, float]:
+    """Median milliseconds of one call per input, per named callable.
 
-    Each repeat times every model over the same images in turn (after one untimed warm-up pass
-    each), so load from other processes falls on all models alike and the ratios hold.
+    Each repeat times every callable over the same inputs in turn (after one untimed warm-up
+    pass over two inputs each), so load from other processes falls on all of them alike and
+    the ratios hold.
     """
-    from detectron2.data import DatasetCatalog
-    from detectron2.data import detection_utils as utils
-
-    inputs = []
-    for rec in DatasetCatalog.get(dataset)[:n_images]:
-        image = utils.read_image(rec["file_name"], format="RGB")
-        inputs.append({"image": torch.as_tensor(image.transpose(2, 0, 1).copy()),
-                       "height": image.shape[0], "width": image.shape[1]})
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for model in models.values():
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for call in calls.values():
         for x in inputs[:2]:
-            model([x], text=text)
+            call(x)
     for _ in range(repeats):
-        for key, model in models.items():
+        for key, call in calls.items():
             for x in inputs:
                 t0 = time.perf_counter()
-                model([x], text=text)
+                call(x)
                 times[key].append(1000 * (time.perf_counter() - t0))
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -529,15 +628,16 @@ def format_report(r: dict) -> str:
              f"Teacher: `{r['teacher']['path']}`. Students: {r['iters']} iterations (batch 4, 256 px) on "
              f"the first {r['train_images']} base-annotated training images of world {r['world']}; "
              "metrics in % (generalized over all classes, pycocotools), mean [95% CI] over seeds.", "",
-             "| row | n | " + " | ".join(COLUMNS) + " | / teacher latency |",
-             "|---|---|" + "---|" * len(COLUMNS) + "---|"]
+             "| row | n | " + " | ".join(COLUMNS) + " | / teacher latency | params (M) | training (s) |",
+             "|---|---|" + "---|" * len(COLUMNS) + "---|---|---|"]
     if teacher:
         lines.append("| teacher | 1 | " + " | ".join(f"{teacher.get(k, float('nan')):.1f}" for k in COLUMNS)
-                     + " | 1.00 |")
+                     + f" | 1.00 | {teacher.get('params_m', '—')} | — |")
     for row in r["rows"].values():
         ratio = row.get("latency_ratio")
         lines.append(f"| {row['label']} | {len(row['seeds'])} | " + " | ".join(_cell_text(row, k) for k in COLUMNS)
-                     + f" | {'—' if ratio is None else f'{ratio:.2f}'} |")
+                     + f" | {'—' if ratio is None else f'{ratio:.2f}'} | {row['mean'].get('params_m', '—')} | "
+                     f"{row['mean'].get('train_seconds', float('nan')):.0f} |")
     if r["contrasts"]:
         lines += ["", "Contrasts (B - A, paired over seeds; a claim only where the CI excludes 0):", "",
                   "| contrast | seeds | AP all | APs all | AP50 novel |", "|---|---|---|---|---|"]
