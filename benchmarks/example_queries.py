@@ -1,4 +1,7 @@
-"""Query by example on val (`python benchmarks/example_queries.py`): one example box vs the name.
+"""Query by example (`python benchmarks/example_queries.py`): one example box vs the name.
+
+    python benchmarks/example_queries.py                 # val: every variant, the shift chosen
+    python benchmarks/example_queries.py --split test    # test: the name vs the chosen default
 
 For every model the EZSD ablation trained (benchmarks/ezsd_variants.py; each `<row>/seed<k>`
 folder one paired unit), the val images are encoded once and classified against the 20 val
@@ -19,8 +22,10 @@ objects of >= 16x16 px on images *outside* the evaluated ones. Calibration: the 
 (region, novel row) pairs whose per-name score is >= 0.3 (for names it is ~1%).
 
 Results: benchmarks/results/example_queries.{json,md}, with the machine and the command.
-A choice (which embedding, how far to shift), so val only: the shift with the highest mean
-AP50 over all classes is reported as chosen.
+On val the choice is made (which embedding, how far to shift): the shift with the highest mean
+AP50 over all classes is reported as chosen. `--split test` reports that choice (the API's
+GAP_SHIFT, models/examples.py) against the name only, on test images, with examples drawn from
+other test images: example_queries_test.{json,md}.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from host_info import run_stamp, stamp_lines
 from PIL import Image
 from score_modes import load_model
 
-from ovd.models.examples import as_numpy, example_rows
+from ovd.models.examples import GAP_SHIFT, as_numpy, example_rows
 from ovd.models.runtime import Preprocessing
 from ovd.training.evaluate import EVAL_MAX_DETECTIONS, group_ap, tier_groups
 from ovd.training.protocol import flat_metrics, mean_ci, verdict
@@ -48,6 +53,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 #: Fractions of the modality gap an example row is moved by (models/examples.py GAP_SHIFT).
 SHIFTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 VARIANTS = ("name", *(f"example_shift{s:g}" for s in SHIFTS), "clip_crop", "clip_crop_shifted")
+#: On test only the val choice is reported, against the name.
+TEST_VARIANTS = ("name", f"example_shift{GAP_SHIFT:g}")
 MIN_EXAMPLE_SIDE = 16
 CLIP_GAP_PROPOSALS = 64
 CALIBRATION_SCORE = 0.3
@@ -70,7 +77,8 @@ def draw_examples(coco: dict, novel_ids: list[int], exclude: set[int], draws: in
     return [{c: rng.choice(pool[c]) for c in novel_ids} for _ in range(draws)]
 
 
-def measure_model(folder: Path, coco: dict, image_root: Path, gt_json: Path, n_images: int, draws: int) -> dict:
+def measure_model(folder: Path, coco: dict, image_root: Path, gt_json: Path, n_images: int, draws: int,
+                  variants: tuple[str, ...] = VARIANTS) -> dict:
     model, clip, cfg = load_model(folder)
     predictor = model.roi_heads.box_predictor
     prep = Preprocessing(cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
@@ -94,17 +102,21 @@ def measure_model(folder: Path, coco: dict, image_root: Path, gt_json: Path, n_i
         text = clip.text_embeddings(names, cfg.MODEL.OVD.PROMPT_TEMPLATE)
         text_mean = as_numpy(_unit(text.mean(0)))
         queries: dict[str, list[torch.Tensor]] = {"name": [text]}
+        shifts = [s for s in SHIFTS if f"example_shift{s:g}" in variants]
+        clip_rows = "clip_crop" in variants
         for draw in examples:
-            rows = {v: text.clone() for v in VARIANTS[1:]}
+            rows = {v: text.clone() for v in variants[1:]}
             for k in novel:
                 a = draw[cats[k]["id"]]
                 x0, y0, w, h = a["bbox"]
                 box = [x0, y0, x0 + w, y0 + h]
                 rgb = load(by_id[a["image_id"]])
                 x, _, regions = encode(rgb)
-                for shift in SHIFTS:
+                for shift in shifts:
                     (r,) = example_rows(regions[0], x, [box], text_mean, shift=shift)
                     rows[f"example_shift{shift:g}"][k] = torch.as_tensor(r.row)
+                if not clip_rows:
+                    continue
                 image = torch.as_tensor(rgb).permute(2, 0, 1)
                 crop = clip.encode_images(clip.crop_boxes(image, torch.tensor([box], dtype=torch.float32)))[0]
                 rows["clip_crop"][k] = crop
@@ -112,7 +124,7 @@ def measure_model(folder: Path, coco: dict, image_root: Path, gt_json: Path, n_i
                 context = clip.encode_images(clip.crop_boxes(
                     image, regions[0].proposals[:CLIP_GAP_PROPOSALS].float() * scale))
                 rows["clip_crop_shifted"][k] = _unit(crop - _unit(context.mean(0)) + text.new_tensor(text_mean))
-            for v in VARIANTS[1:]:
+            for v in variants[1:]:
                 queries.setdefault(v, []).append(rows[v])
         results = {v: [[] for _ in qs] for v, qs in queries.items()}
         above = {v: [] for v in queries}
@@ -150,18 +162,19 @@ def measure_model(folder: Path, coco: dict, image_root: Path, gt_json: Path, n_i
             "examples": [{str(c): a["id"] for c, a in d.items()} for d in examples]}
 
 
-def summarise(per_model: list[dict]) -> dict:
+def summarise(per_model: list[dict], variants: tuple[str, ...] = VARIANTS) -> dict:
     def ci(values) -> list[float]:
         mean, (lo, hi) = mean_ci(values)
         return [round(mean, 2), round(lo, 2), round(hi, 2)]
 
-    rows = {v: {m: ci(p["ap"][v][m] for p in per_model) for m in HEADLINE} for v in VARIANTS}
-    for v in VARIANTS:
+    rows = {v: {m: ci(p["ap"][v][m] for p in per_model) for m in HEADLINE} for v in variants}
+    for v in variants:
         rows[v]["pairs_above"] = ci(100 * p["pairs_above"][v] for p in per_model)
     contrasts = {}
-    chosen = max((f"example_shift{s:g}" for s in SHIFTS), key=lambda v: rows[v]["ap50_all"][0])
-    for a, b in (("name", chosen), ("example_shift0", chosen), ("example_shift1", chosen), ("clip_crop", chosen),
-                 ("clip_crop_shifted", chosen), ("name", "clip_crop")):
+    chosen = max((v for v in variants if v.startswith("example_shift")), key=lambda v: rows[v]["ap50_all"][0])
+    pairs = (("name", chosen), ("example_shift0", chosen), ("example_shift1", chosen), ("clip_crop", chosen),
+             ("clip_crop_shifted", chosen), ("name", "clip_crop"))
+    for a, b in ((a, b) for a, b in pairs if a in variants and b in variants and a != b):
         contrasts[f"{b} - {a}"] = {}
         for m in HEADLINE:
             diff, (lo, hi) = mean_ci(p["ap"][b][m] - p["ap"][a][m] for p in per_model)
@@ -172,10 +185,11 @@ def summarise(per_model: list[dict]) -> dict:
 
 def format_md(report: dict) -> str:
     s = report["summary"]
-    lines = [f"# Query by example (val, {report['images']} images, {len(report['models'])} models x "
+    variants = tuple(s["rows"])
+    lines = [f"# Query by example ({report['split']}, {report['images']} images, {len(report['models'])} models x "
              f"{report['draws']} example draws)", "", *stamp_lines(report),
              "Each novel category queried by one example box instead of its name (base categories keep their "
-             "names); generalized AP50 over the 20 val categories, mean [95% CI] over models (each model one "
+             "names); generalized AP50 over the 20 categories, mean [95% CI] over models (each model one "
              "paired unit, its draws averaged). `pairs >= 0.3`: % of (region, novel row) pairs whose per-name "
              "score is >= 0.3 (calibration: a name's is ~1%).", "",
              "| novel rows from | AP50 novel | N-comp | N-shape | N-both | AP50 base | AP50 all | pairs >= 0.3 (%) |",
@@ -183,15 +197,18 @@ def format_md(report: dict) -> str:
     for v, r in s["rows"].items():
         cells = [f"{r[m][0]:.1f} [{r[m][1]:.1f}, {r[m][2]:.1f}]" for m in (*HEADLINE, "pairs_above")]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    lines += ["", f"Chosen (highest mean AP50 all, which counts both the example's own objects and the other "
-              f"classes it may crowd out of the top 300): **{s['chosen_shift']}**.", "",
-              "Contrasts (paired over models; a claim only where the CI excludes 0):", ""]
+    if report["split"] == "val":
+        lines += ["", f"Chosen (highest mean AP50 all, which counts both the example's own objects and the other "
+                  f"classes it may crowd out of the top 300): **{s['chosen_shift']}**."]
+    else:
+        lines += ["", f"The example row is the API's default ({s['chosen_shift']}, chosen on val)."]
+    lines += ["", "Contrasts (paired over models; a claim only where the CI excludes 0):", ""]
     for name, c in s["contrasts"].items():
         lines.append(f"- {name}: " + "; ".join(f"{m} {v['verdict']}" for m, v in c.items()))
-    lines += ["", "Per model (AP50 novel, mean over draws):", "", "| model | " + " | ".join(VARIANTS) + " |",
-              "|---|" + "---|" * len(VARIANTS)]
+    lines += ["", "Per model (AP50 novel, mean over draws):", "", "| model | " + " | ".join(variants) + " |",
+              "|---|" + "---|" * len(variants)]
     for p in report["models"]:
-        lines.append(f"| {p['model']} | " + " | ".join(f"{p['ap'][v]['ap50_novel']:.1f}" for v in VARIANTS) + " |")
+        lines.append(f"| {p['model']} | " + " | ".join(f"{p['ap'][v]['ap50_novel']:.1f}" for v in variants) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -202,22 +219,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", nargs="+", default=["base_only", "gt_raw_lambda0.03", "gt_renorm_lambda0.03"],
                    help="rows of the ablation whose models are measured")
     p.add_argument("--world", default="runs/synthetic/world", help="world v2 folder (ovd data synth)")
-    p.add_argument("--images", type=int, default=200, help="first N val images are evaluated")
+    p.add_argument("--split", choices=["val", "test"], default="val",
+                   help="val: every variant, the shift chosen; test: the name vs the chosen default")
+    p.add_argument("--images", type=int, default=200, help="first N images of the split are evaluated")
     p.add_argument("--draws", type=int, default=3, help="example draws per model")
     p.add_argument("--work", default="runs/bench/example_queries", help="finished models' results (resumable)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     world = Path(args.world) / "detection"
-    gt_json = world / "annotations" / "val.json"
+    gt_json = world / "annotations" / f"{args.split}.json"
     coco = json.loads(gt_json.read_text())
+    variants = VARIANTS if args.split == "val" else TEST_VARIANTS
     folders = ablation_models(args.models, args.rows)
-    per_model = measure_each(folders, args.work, f"{args.images}x{args.draws}", lambda folder: measure_model(
-        folder, coco, world / "val", gt_json, args.images, args.draws))
-    report = {**run_stamp("example_queries.py", argv), "images": args.images, "draws": args.draws, "split": "val",
-              "models": per_model, "summary": summarise(per_model)}
+    tag = f"{args.images}x{args.draws}" + ("" if args.split == "val" else f"_{args.split}")
+    per_model = measure_each(folders, args.work, tag, lambda folder: measure_model(
+        folder, coco, world / args.split, gt_json, args.images, args.draws, variants))
+    report = {**run_stamp("example_queries.py", argv), "images": args.images, "draws": args.draws,
+              "split": args.split, "models": per_model, "summary": summarise(per_model, variants)}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "example_queries.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / "example_queries.md").write_text(format_md(report))
+    stem = "example_queries" if args.split == "val" else f"example_queries_{args.split}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (RESULTS / f"{stem}.md").write_text(format_md(report))
     print(format_md(report))
     return 0
 
