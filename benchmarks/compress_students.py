@@ -287,7 +287,8 @@ class Bench:
 
     def recipe(self, s: Student, seed: int, iters: int, split: str | None = None) -> str:
         return recipe_digest({
-            "student": {**asdict(s), "light_ml_zero_init": self.zero_init_of(s)}, "seed": seed, "split": split or self.args.split, "iters": iters,
+            "student": {**asdict(s), "light_ml_zero_init": self.zero_init_of(s)},
+            "seed": seed, "split": split or self.args.split, "iters": iters,
             "train_images": self.args.train_images, "world": self.world["fingerprint"],
             "clip": self.clip.manifest["weights"]["sha256"], "teacher": self.teacher_sha,
             "student_config": self.student_recipe,
