@@ -457,7 +457,9 @@ def format_report(r: dict) -> str:
              f"Command: `{r['command']}`  ", f"Machine: {r['machine']}  ", f"Date: {r['date']}  ",
              f"Protocol: {r['protocol']}.  ",
              f"Detectors: {r['iters']} iterations on the first {r['train_images']} training images "
-             f"(base boxes); world {r['world']}.", "",
+             f"(base boxes); world {r['world']}.  ",
+             "What the intervals support, which of EZSD's claims did not reproduce here and why: "
+             "docs/results.md, \"The ablation on test\".", "",
              "## CLIP zero-shot crop accuracy (%)", ""]
     tiers = ["base", "novel", "novel_comp", "novel_shape", "novel_both"]
     lines += ["| CLIP | domain | " + " | ".join(tiers) + " |", "|---|---|" + "---|" * len(tiers)]
