@@ -295,14 +295,18 @@ class Bench:
             "proposals": without_neutral(asdict(self.pcfg)), "targets": asdict(self.tcfg)})
 
     @functools.cached_property
-    def student_recipe(self) -> dict:
+    def student_cfg(self):
         """The student's Detectron2 config as `train_student` starts from it: its YAML with
         every _BASE_ merged and the pipeline config's detector opts (e.g. the distillation
-        weight), parsed; a change to the teacher's base YAML thus makes the cells stale too."""
+        weight). Built once: every cell's recipe reads it."""
         from ovd.training.train_detector import build_config
 
-        opts = list((self.cfg.get("detector") or {}).get("opts", []))
-        config = yaml.safe_load(build_config(self.args.student_config, opts).dump())
+        return build_config(self.args.student_config, list((self.cfg.get("detector") or {}).get("opts", [])))
+
+    @functools.cached_property
+    def student_recipe(self) -> dict:
+        """`student_cfg`, parsed (a change to the teacher's base YAML thus makes the cells stale too)."""
+        config = yaml.safe_load(self.student_cfg.dump())
         # Each row's Light-ML form is in its recipe (zero_init_of), so setting the config's
         # ZERO_INIT to the val choice leaves every other row's cells current.
         del config["MODEL"]["KD"]["LIGHT_ML"]["ZERO_INIT"]
@@ -310,7 +314,7 @@ class Bench:
 
     def zero_init_of(self, s: Student) -> bool:
         """The Light-ML form a row trains with: its own, or (the `all` row) the config's."""
-        return self.config_zero_init() if s.light_ml_zero_init is None else s.light_ml_zero_init
+        return self.config_zero_init if s.light_ml_zero_init is None else s.light_ml_zero_init
 
     def model_dir(self, s: Student, seed: int, iters: int) -> Path:
         return self.root / f"students_{self.args.train_images}x{iters}" / s.key / f"seed{seed}"
@@ -366,7 +370,7 @@ class Bench:
         """What to change when the val choice of the Light-ML form and the student config
         disagree, else None (also while the choice is pending)."""
         chosen = self.light_ml_choice()["zero_init"]
-        if chosen is None or chosen == self.config_zero_init():
+        if chosen is None or chosen == self.config_zero_init:
             return None
         return (f"val chose Light-ML ZERO_INIT {chosen}, but {self.args.student_config} says {not chosen}: "
                 f"set MODEL.KD.LIGHT_ML.ZERO_INIT {chosen} there before the student config's rows")
@@ -446,7 +450,6 @@ class Bench:
         from ovd.models.runtime import load_runtime
         from ovd.training.evaluate import evaluate_runtime
         from ovd.training.export import export_detector
-        from ovd.training.train_detector import build_config
 
         if self.args.split != "test":
             raise SystemExit("--phase ship reports on test: drop --split val")
@@ -454,7 +457,7 @@ class Bench:
             return
         ann = self.front.world_dir / "detection" / "annotations" / "train_base.json"
         images = self.args.ship_images or len(json.loads(ann.read_text())["images"])
-        iters = self.args.ship_iters or int(build_config(self.args.student_config).SOLVER.MAX_ITER)
+        iters = self.args.ship_iters or int(self.student_cfg.SOLVER.MAX_ITER)
         ship = self if images == self.args.train_images else Bench(
             argparse.Namespace(**{**vars(self.args), "train_images": images, "max_cells": None}))
         student = BY_KEY["all"]
@@ -509,10 +512,9 @@ class Bench:
             out["zero_init"] = BY_KEY[max(mean, key=mean.get)].light_ml_zero_init
         return out
 
+    @property
     def config_zero_init(self) -> bool:
-        from ovd.training.train_detector import build_config
-
-        return bool(build_config(self.args.student_config).MODEL.KD.LIGHT_ML.ZERO_INIT)
+        return bool(self.student_cfg.MODEL.KD.LIGHT_ML.ZERO_INIT)
 
     def summary(self) -> dict:
         teacher = self.store.get(self.args.split, "teacher", 0, recipe_digest(
