@@ -36,7 +36,7 @@ from .examples import (
     weak_example_warnings,
 )
 from .model_card import model_card, warnings_for
-from .registry import REGISTERED
+from .registry import REGISTERED, registered_or_path
 from .runtime import DEFAULT_SCORE_MODE, ClassifyOptions, Runtime, batches, load_runtime
 from .tiling import DEFAULT_TILES, merge_tiles, plan_tiles
 
@@ -80,9 +80,8 @@ class ExampleQueries:
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """An export folder from a registered name or a path, with a message naming the fix."""
-    path = Path(name_or_path)
+    path = registered_or_path(name_or_path)
     if str(name_or_path) in REGISTERED:
-        path = REGISTERED[str(name_or_path)]
         if not (path / "manifest.json").is_file():
             raise FileNotFoundError(f"model {str(name_or_path)!r} ships with the repository checkout "
                                     f"({path}) and is not here; pass the folder of an `ovd export`")

@@ -12,3 +12,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "artifacts" / "default"
 REGISTERED: dict[str, Path] = {"default": DEFAULT_MODEL}
+
+
+def registered_or_path(name_or_path: str | Path) -> Path:
+    """The folder of a registered name ("default"), else the argument as a path (unchecked)."""
+    return REGISTERED.get(str(name_or_path), Path(name_or_path))

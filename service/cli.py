@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from ovd.models.registry import DEFAULT_MODEL
+from ovd.models.registry import REGISTERED, registered_or_path
 
 logger = logging.getLogger("ovd")
 
@@ -34,7 +34,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ovd.service.launch import ServerProcess
     from ovd.training.data.synthetic import WorldConfig, generate_world
 
-    model_dir = Path(args.model_dir)
+    model_dir = registered_or_path(args.model_dir)
     manifest = verify_export(model_dir)
     out = Path(args.out)
     world_cfg = {**(_load_config(args.config).get("world") or {}), "seed": args.seed, "num_train": 1,
@@ -125,7 +125,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-dir", default=None,
-                   help="export folder (default: $OVD_MODEL_DIR, else the shipped model)")
+                   help="export folder or a shipped model's name "
+                        f"({', '.join(sorted(REGISTERED))}; default: $OVD_MODEL_DIR, else default)")
     p.add_argument("--workers", type=int, default=1, help="processes, each holding its own model")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("demo", help="serve a trained export and query it with novel class names",
@@ -134,7 +135,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                    "with novel class names, print and draw the detections.")
     p.add_argument("--config", default=None, help="pipeline config whose world: section renders "
                    "the scene (default: configs/synthetic.yaml)")
-    p.add_argument("--model-dir", default=str(DEFAULT_MODEL), help="export folder (default: the shipped model)")
+    p.add_argument("--model-dir", default="default",
+                   help=f"export folder or a shipped model's name ({', '.join(sorted(REGISTERED))}; default: default)")
     p.add_argument("--classes", nargs="*", default=None,
                    help="class names (default: the export's novel classes and two base ones)")
     p.add_argument("--score-threshold", type=float, default=0.3)

@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ovd.models.registry import DEFAULT_MODEL
+from ovd.models.registry import DEFAULT_MODEL, registered_or_path
 
 
 class Settings(BaseSettings):
@@ -20,8 +20,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="OVD_", extra="ignore")
 
-    model_dir: Path = Field(DEFAULT_MODEL, description="export folder (`ovd export`; default: the "
-                                                       "shipped model of the repository checkout)")
+    model_dir: Path = Field(DEFAULT_MODEL, description="export folder (`ovd export`) or the name of a "
+                                                       "model shipped with the repository checkout "
+                                                       "(models/registry.py; default: default)")
     device: str = Field("cpu", description="torch device of the detector and the text tower")
     backend: Literal["torch", "onnx"] = Field(
         "torch", description="detector runtime: torch, or onnx (onnxruntime on the export's "
@@ -84,6 +85,11 @@ class Settings(BaseSettings):
 
     text_cache_size: int = Field(100_000, ge=0, description="text embeddings kept in process memory")
     text_cache_ttl_s: int = Field(30 * 24 * 3600, ge=0, description="Redis expiry of a text embedding; 0 = never")
+
+    @field_validator("model_dir", mode="before")
+    @classmethod
+    def _registered_name(cls, value):
+        return registered_or_path(value)
 
     @property
     def api_key_list(self) -> list[str]:

@@ -8,6 +8,7 @@ import io
 import socket
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,6 +102,11 @@ def test_settings_from_environment(monkeypatch):
     assert s.max_batch_size == 3 and s.api_key_list == ["k1", "k2"] and s.redis_url.endswith(":1/0")
     # The shipped model, by absolute path: serving works from any working directory.
     assert s.model_dir.is_absolute() and s.model_dir.parts[-2:] == ("artifacts", "default")
+    # A shipped model's name means its folder; anything else is a path.
+    monkeypatch.setenv("OVD_MODEL_DIR", "default")
+    assert Settings().model_dir == s.model_dir
+    monkeypatch.setenv("OVD_MODEL_DIR", "exports/mine")
+    assert Settings().model_dir == Path("exports/mine")
     monkeypatch.setenv("OVD_MAX_BATCH_SIZE", "0")
     with pytest.raises(ValueError):
         Settings()

@@ -41,11 +41,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from ovd.models.registry import registered_or_path
+
     from ..data.dataset import dataset_of
     from ..evaluate import evaluate_folder, format_metrics
 
     cfg, layout = run_of(args)
-    folder = Path(args.export or args.model_dir or layout.detector)
+    folder = registered_or_path(args.export) if args.export else Path(args.model_dir or layout.detector)
     result, out = evaluate_folder(folder, dataset=args.dataset, json_file=args.json, image_root=args.image_root,
                                   weights=args.weights, clip=args.clip, opts=args.opts or [], out=args.out,
                                   data=None if args.json else dataset_of(cfg, layout), backend=args.backend)
@@ -208,7 +210,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-root", default=None, help="its image folder (default: the json's folder)")
     p.add_argument("--clip", default=None, help="CLIP for the text embeddings (default: the training one)")
     p.add_argument("--export", default=None,
-                   help="evaluate an export folder instead (its own weights and text tower; the "
+                   help="evaluate an export folder or a shipped model's name instead (its own weights and text tower; the "
                         "run's dataset is registered: the config's dataset: section, else the world)")
     p.add_argument("--out", default=None, help="output folder (default: <model-dir>/eval_<dataset>; for --export, ./eval_<export>_<dataset>)")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
