@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install install-run demo pipeline bench-ezsd bench-compress bench-load bench-speed bench-onnx docker-test test lint clean
+.PHONY: install install-run demo pipeline student bench-ezsd bench-compress bench-load bench-speed bench-onnx docker-test test lint clean
 
 # Everything: the runtime, the dev tools, and (through apt) redis-server, chromium, chromedriver.
 install:
@@ -18,6 +18,12 @@ demo: install-run
 # The world-v2 chain with the stage settings of configs/synthetic.yaml (cached stages reused).
 pipeline: install-run
 	$(VENV)/bin/ovd pipeline
+
+# The shipped student (artifacts/student): the student config distilled from artifacts/default
+# on all training images, exported in float16 and judged against it on test
+# (benchmarks/results/compress_student.json).
+student: install
+	$(PY) benchmarks/compress_students.py --phase ship --ship-out artifacts/student
 
 # Benchmarks: results under benchmarks/results/ (not tests; see each script's docstring).
 bench-ezsd: install

@@ -323,12 +323,14 @@ class Bench:
         images = self.args.train_images
         return s.key if (images, iters) == TABLE_SCHEDULE else f"{s.key}_{images}x{iters}"
 
-    def cell(self, s: Student, seed: int, iters: int | None = None) -> dict | None:
-        """Metrics of one cell, trained and evaluated unless stored; None when --max-cells is spent."""
+    def cell(self, s: Student, seed: int, iters: int | None = None, *, need_model: bool = False) -> dict | None:
+        """Metrics of one cell, trained and evaluated unless stored; None when --max-cells is spent.
+        need_model: the trained model must be on disk too (a stored cell without it, e.g. from
+        another machine, is trained and measured again, and the new measurement replaces it)."""
         iters = iters or self.args.iters
         row, recipe = self.row_name(s, iters), self.recipe(s, seed, iters)
         cell = self.store.get(self.args.split, row, seed, recipe)
-        if cell is not None:
+        if cell is not None and not (need_model and not final_weights(self.model_dir(s, seed, iters)).is_file()):
             return cell["metrics"]
         if self.args.max_cells is not None and self.new_cells >= self.args.max_cells:
             return None
@@ -461,7 +463,7 @@ class Bench:
         ship = self if images == self.args.train_images else Bench(
             argparse.Namespace(**{**vars(self.args), "train_images": images, "max_cells": None}))
         student = BY_KEY["all"]
-        if ship.cell(student, 0, iters) is None:
+        if ship.cell(student, 0, iters, need_model=True) is None:
             return
         out = Path(self.args.ship_out)
         export_detector(ship.model_dir(student, 0, iters), out, name="ovd-synthetic-student",

@@ -11,7 +11,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "artifacts" / "default"
-REGISTERED: dict[str, Path] = {"default": DEFAULT_MODEL}
+#: The compressed student of the default (TID + CID + Light-ML; README, "Which model").
+STUDENT_MODEL = REPO_ROOT / "artifacts" / "student"
+REGISTERED: dict[str, Path] = {"default": DEFAULT_MODEL, "student": STUDENT_MODEL}
 
 
 def registered_or_path(name_or_path: str | Path) -> Path:

@@ -15,6 +15,7 @@ from detectron2.data import transforms as T
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 from PIL import Image
+from torchvision.ops import box_iou
 
 from ovd.models.api import Detector, read_image, resolve_model
 from ovd.models.detections import Detections
@@ -99,6 +100,30 @@ def test_resolve_model_names_the_fix(tmp_path):
     assert resolve_model("default").name == "default"
     with pytest.raises(FileNotFoundError, match="ovd export"):
         resolve_model(tmp_path / "nowhere")
+
+
+def test_the_shipped_student_names_its_teacher_and_finds_the_objects():
+    """`artifacts/student` loads by name, records the teacher it was distilled from (the
+    shipped default's detector weights, by sha256) and its test metrics, and finds most base
+    objects of four world-v2 test scenes (each scene's class names, box IoU >= 0.5; the
+    teacher finds 13 of 13)."""
+    from ovd.training.compress import teacher_weights_sha256
+
+    student = Detector.load("student")
+    teacher = student.manifest["distilled_from"]
+    assert teacher["weights_sha256"] == teacher_weights_sha256(resolve_model("default"))
+    assert teacher["kd"] == {"tid": True, "cid": True, "light_ml": True}
+    assert student.manifest["metrics"]["synth_test"]["images"] == 400
+    hits = total = 0
+    for index in range(4):
+        image, objects = detection_sample(WorldConfig(), "test", index)
+        names = sorted({o.category.name for o in objects})
+        found = student(image, names, threshold=0.3)
+        for o in (o for o in objects if o.category.split == "base"):
+            total += 1
+            mine = torch.as_tensor(found.boxes[np.asarray(found.labels) == o.category.name]).reshape(-1, 4)
+            hits += bool(mine.numel()) and float(box_iou(mine, torch.tensor([o.box], dtype=mine.dtype)).max()) >= 0.5
+    assert hits >= 0.75 * total, f"{hits} of {total} base objects found"
 
 
 # ---------------------------------------------------------------- the shipped detector
