@@ -542,6 +542,8 @@ class Bench:
             if per_seed:
                 budget[str(iters)] = summarise_row(per_seed)
         student = rows.get("all", {})
+        shipped_path = Path(self.args.results) / "compress_student.json"
+        shipped = json.loads(shipped_path.read_text()) if shipped_path.is_file() else None
         return {
             "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": host_line(),
             "date": time.strftime("%Y-%m-%d"), "split": self.args.split,
@@ -555,6 +557,11 @@ class Bench:
             "latency": latency, "rows": rows, "contrasts": contrasts, "budget": budget,
             "student_config": {"ap_all": student.get("mean", {}).get("ap_all"),
                                "latency_ratio": student.get("latency_ratio")},
+            # The shipped student (--phase ship): the student config at the teacher's schedule.
+            "shipped_student": shipped and {
+                k: shipped[k] for k in ("train_images", "iters", "seed", "date", "machine", "relative_ap_loss",
+                                        "latency_ratio", "latency_ms", "meets", "bar")} | {
+                "ap_all": {k: v["ap_all"] for k, v in shipped["ap"].items()}},
         }
 
 
@@ -662,6 +669,14 @@ def format_report(r: dict) -> str:
             loss = (f"{100 * (1 - row['mean']['ap_all'] / teacher['ap_all']):.1f}%"
                     if teacher and teacher.get("ap_all") else "—")
             lines.append(f"| {iters} | {len(row['seeds'])} | {_cell_text(row, 'ap_all')} | {_cell_text(row, 'ap50_all')} | {loss} |")
+    if ship := r.get("shipped_student"):
+        lines += ["", f"The shipped student (`--phase ship`, {ship['date']}, {ship['machine']}): the student "
+                  f"config on {ship['train_images']} images x {ship['iters']} iterations (seed {ship['seed']}), "
+                  f"float16 export: AP all {ship['ap_all']['student']:.1f} vs the teacher's "
+                  f"{ship['ap_all']['teacher']:.1f} (relative loss {100 * ship['relative_ap_loss']:.1f}%, bar "
+                  f"{100 * ship['bar']['max_relative_ap_loss']:.0f}%), latency {ship['latency_ms']['student']:.0f} vs "
+                  f"{ship['latency_ms']['teacher']:.0f} ms ({ship['latency_ratio']:.2f}x, bar "
+                  f"{ship['bar']['max_latency_ratio']:.1f}x); benchmarks/results/compress_student.json."]
     if r["latency"]:
         lat = r["latency"]
         lines += ["", f"Latency ({lat['finished']}, {lat.get('machine', '')}): median of {lat['repeats']} x "
