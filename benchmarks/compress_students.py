@@ -239,13 +239,24 @@ class Bench:
         self.pcfg = ProposalConfig.from_dict({**(self.cfg.get("proposals") or {}), "mode": "cheap"})
         self.tcfg = TargetsConfig.from_config(self.cfg)
         proposals_dir, self.targets_dir = self.root / f"proposals_first{n}", self.root / f"targets_first{n}"
-        self.stages = {
-            "proposals (cheap)": Timed(proposals_dir)(
-                lambda: run_proposals(self.clip, train_json, image_root, proposals_dir, self.pcfg,
-                                      progress=_progress), done=(proposals_dir / "timing.json").is_file()),
-            "targets": Timed(self.targets_dir)(
-                lambda: run_targets(self.clip, train_json, image_root, proposals_dir, self.targets_dir,
-                                    self.tcfg, progress=_progress), done=(self.targets_dir / "timing.json").is_file())}
+        self.stage_dirs = {"proposals (cheap)": proposals_dir, "targets": self.targets_dir}
+        self._stage_fns = {
+            "proposals (cheap)": lambda: run_proposals(self.clip, train_json, image_root, proposals_dir, self.pcfg,
+                                                       progress=_progress),
+            "targets": lambda: run_targets(self.clip, train_json, image_root, proposals_dir, self.targets_dir,
+                                           self.tcfg, progress=_progress)}
+
+    def prepare_training(self) -> None:
+        """The cheap proposals and distillation targets of the training subset, computed once
+        (kept under --root) when a cell first needs them: a summary never does."""
+        for name, fn in self._stage_fns.items():
+            folder = self.stage_dirs[name]
+            Timed(folder)(fn, done=(folder / "timing.json").is_file())
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Measured seconds of the shared stages that have run."""
+        return {name: round(json.loads((folder / "timing.json").read_text())["seconds"])
+                for name, folder in self.stage_dirs.items() if (folder / "timing.json").is_file()}
 
     # ------------------------------------------------------------------ the teacher
 
@@ -336,6 +347,7 @@ class Bench:
             return None
         logger.info("cell %s/%s seed %d (%d iterations)", self.args.split, row, seed, iters)
         out = self.model_dir(s, seed, iters)
+        self.prepare_training()
         seconds, _ = Timed(out)(lambda: train_student(s, self, out, iters, seed), done=final_weights(out).is_file())
         model = load_student(out)
         from ovd.training.train_detector import build_config
@@ -431,6 +443,18 @@ class Bench:
         self.put("latency", 0, recipe, metrics, seeds=seeds, images=self.args.latency_images,
                  repeats=self.args.latency_repeats, machine_info=host_info())
 
+    @functools.cached_property
+    def ship_schedule(self) -> tuple[Bench, int]:
+        """The shipped student's schedule: a Bench on --ship-images training images (default
+        all of them, the teacher's data) and --ship-iters iterations (default the student
+        config's, the teacher's schedule)."""
+        ann = self.front.world_dir / "detection" / "annotations" / "train_base.json"
+        images = self.args.ship_images or len(json.loads(ann.read_text())["images"])
+        iters = self.args.ship_iters or int(self.student_cfg.SOLVER.MAX_ITER)
+        ship = self if images == self.args.train_images else Bench(
+            argparse.Namespace(**{**vars(self.args), "train_images": images, "max_cells": None}))
+        return ship, iters
+
     def split_images(self, n: int) -> list:
         """The first n images of the split, (H, W, 3) uint8 RGB."""
         from detectron2.data import DatasetCatalog
@@ -457,11 +481,8 @@ class Bench:
             raise SystemExit("--phase ship reports on test: drop --split val")
         if not self.check_student_config():
             return
-        ann = self.front.world_dir / "detection" / "annotations" / "train_base.json"
-        images = self.args.ship_images or len(json.loads(ann.read_text())["images"])
-        iters = self.args.ship_iters or int(self.student_cfg.SOLVER.MAX_ITER)
-        ship = self if images == self.args.train_images else Bench(
-            argparse.Namespace(**{**vars(self.args), "train_images": images, "max_cells": None}))
+        ship, iters = self.ship_schedule
+        images = ship.args.train_images
         student = BY_KEY["all"]
         if ship.cell(student, 0, iters, need_model=True) is None:
             return
@@ -541,6 +562,18 @@ class Bench:
             per_seed = self.stored_row(BY_KEY["all"], iters, range(OTHER_SEEDS))
             if per_seed:
                 budget[str(iters)] = summarise_row(per_seed)
+        # The KD terms at the shipped student's schedule: its row (`all`, seed 0 is the shipped
+        # model) against the student without KD, trained like it (`--train-images 600 --iters
+        # 900 --students no_kd all`).
+        ship, ship_iters = self.ship_schedule
+        at_ship = {}
+        for key in ("no_kd", "all"):
+            if per_seed := ship.stored_row(BY_KEY[key], ship_iters, seeds_of(key)):
+                at_ship[key] = {"label": BY_KEY[key].label, **summarise_row(per_seed)}
+        if len(at_ship) == 2:
+            per = {k: {r["seed"]: r for r in at_ship[k]["seeds"]} for k in at_ship}
+            if (contrast := paired_contrast(per["no_kd"], per["all"], COLUMNS))["seeds"]:
+                at_ship["contrast"] = {"a": "no_kd", "b": "all", **contrast}
         student = rows.get("all", {})
         shipped_path = Path(self.args.results) / "compress_student.json"
         shipped = json.loads(shipped_path.read_text()) if shipped_path.is_file() else None
@@ -551,10 +584,10 @@ class Bench:
                         "per contrast the mean paired difference and its CI",
             "teacher": {"path": str(self.args.teacher), "metrics": teacher["metrics"] if teacher else None},
             "train_images": self.args.train_images, "iters": self.args.iters,
-            "world": self.world["fingerprint"][:12], "stages": {k: {"seconds": round(v[0]), "cached": v[1]}
-                                                                for k, v in self.stages.items()},
+            "world": self.world["fingerprint"][:12], "stages_seconds": self.stage_seconds(),
             "light_ml_selection_val": self.light_ml_choice(),
             "latency": latency, "rows": rows, "contrasts": contrasts, "budget": budget,
+            "at_ship_schedule": at_ship and {"train_images": ship.args.train_images, "iters": ship_iters, **at_ship},
             "student_config": {"ap_all": student.get("mean", {}).get("ap_all"),
                                "latency_ratio": student.get("latency_ratio")},
             # The shipped student (--phase ship): the student config at the teacher's schedule.
@@ -677,6 +710,19 @@ def format_report(r: dict) -> str:
                   f"{100 * ship['bar']['max_relative_ap_loss']:.0f}%), latency {ship['latency_ms']['student']:.0f} vs "
                   f"{ship['latency_ms']['teacher']:.0f} ms ({ship['latency_ratio']:.2f}x, bar "
                   f"{ship['bar']['max_latency_ratio']:.1f}x); benchmarks/results/compress_student.json."]
+    if at := r.get("at_ship_schedule"):
+        lines += ["", f"At the shipped student's schedule ({at['train_images']} images x {at['iters']} iterations), "
+                  "what the distillation terms buy:", "",
+                  "| row | n | AP50 novel | AP50 base | AP50 all | AP all | APs all |", "|---|---|---|---|---|---|---|"]
+        for key in ("no_kd", "all"):
+            if row := at.get(key):
+                lines.append(f"| {row['label']} | {len(row['seeds'])} | " + " | ".join(
+                    _cell_text(row, k) for k in ("ap50_novel", "ap50_base", "ap50_all", "ap_all", "aps_all")) + " |")
+        if c := at.get("contrast"):
+            lines.append("")
+            lines.append(f"TID + CID + Light-ML over no KD, {len(c['seeds'])} paired seed(s): " + "; ".join(
+                f"{k} {verdict(c['diff_mean'][k], tuple(c['diff_ci95'][k]))}" for k in ("ap_all", "aps_all", "ap50_novel"))
+                + ".")
     if r["latency"]:
         lat = r["latency"]
         lines += ["", f"Latency ({lat['finished']}, {lat.get('machine', '')}): median of {lat['repeats']} x "
