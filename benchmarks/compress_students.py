@@ -455,6 +455,13 @@ class Bench:
                  repeats=self.args.latency_repeats, machine_info=host_info())
 
     @functools.cached_property
+    def table_schedule(self) -> Bench:
+        """A Bench on the table's schedule (TABLE_SCHEDULE), where the Light-ML form is chosen."""
+        images, iters = TABLE_SCHEDULE
+        return self if self.args.train_images == images else Bench(
+            argparse.Namespace(**{**vars(self.args), "train_images": images, "iters": iters, "max_cells": None}))
+
+    @functools.cached_property
     def ship_schedule(self) -> tuple[Bench, int]:
         """The shipped student's schedule: a Bench on --ship-images training images (default
         all of them, the teacher's data) and --ship-iters iterations (default the student
@@ -539,7 +546,8 @@ class Bench:
     def light_ml_choice(self) -> dict:
         """The val selection of the Light-ML form: per row its val summary, and the chosen
         zero-init flag (None while a cell is missing)."""
-        rows = {key: self.stored_row(BY_KEY[key], self.args.iters, SELECTION_SEEDS, "val") for key in SELECTION_ROWS}
+        table = self.table_schedule  # the choice is made there, whatever schedule this run trains
+        rows = {key: table.stored_row(BY_KEY[key], TABLE_SCHEDULE[1], SELECTION_SEEDS, "val") for key in SELECTION_ROWS}
         out: dict = {"rows": {k: summarise_row(v) for k, v in rows.items() if v}, "zero_init": None}
         if all(len(v) == len(SELECTION_SEEDS) for v in rows.values()):
             mean = {k: sum(m["ap_all"] for m in v.values()) / len(v) for k, v in rows.items()}
