@@ -454,12 +454,16 @@ class Bench:
         self.put("latency", 0, recipe, metrics, seeds=seeds, images=self.args.latency_images,
                  repeats=self.args.latency_repeats, machine_info=host_info())
 
+    def on_images(self, images: int) -> Bench:
+        """This run, or one like it on the first `images` training images (cells and models
+        of every schedule are named by their images, so the two never share a file)."""
+        return self if images == self.args.train_images else Bench(
+            argparse.Namespace(**{**vars(self.args), "train_images": images, "max_cells": None}))
+
     @functools.cached_property
     def table_schedule(self) -> Bench:
         """A Bench on the table's schedule (TABLE_SCHEDULE), where the Light-ML form is chosen."""
-        images, iters = TABLE_SCHEDULE
-        return self if self.args.train_images == images else Bench(
-            argparse.Namespace(**{**vars(self.args), "train_images": images, "iters": iters, "max_cells": None}))
+        return self.on_images(TABLE_SCHEDULE[0])
 
     @functools.cached_property
     def ship_schedule(self) -> tuple[Bench, int]:
@@ -469,9 +473,7 @@ class Bench:
         ann = self.front.world_dir / "detection" / "annotations" / "train_base.json"
         images = self.args.ship_images or len(json.loads(ann.read_text())["images"])
         iters = self.args.ship_iters or int(self.student_cfg.SOLVER.MAX_ITER)
-        ship = self if images == self.args.train_images else Bench(
-            argparse.Namespace(**{**vars(self.args), "train_images": images, "max_cells": None}))
-        return ship, iters
+        return self.on_images(images), iters
 
     def split_images(self, n: int) -> list:
         """The first n images of the split, (H, W, 3) uint8 RGB."""
