@@ -250,24 +250,23 @@ class Bench:
         self.pcfg = ProposalConfig.from_dict({**(self.cfg.get("proposals") or {}), "mode": "cheap"})
         self.tcfg = TargetsConfig.from_config(self.cfg)
         proposals_dir, self.targets_dir = self.root / f"proposals_first{n}", self.root / f"targets_first{n}"
-        self.stage_dirs = {"proposals (cheap)": proposals_dir, "targets": self.targets_dir}
-        self._stage_fns = {
-            "proposals (cheap)": lambda: run_proposals(self.clip, train_json, image_root, proposals_dir, self.pcfg,
-                                                       progress=_progress),
-            "targets": lambda: run_targets(self.clip, train_json, image_root, proposals_dir, self.targets_dir,
-                                           self.tcfg, progress=_progress)}
+        # stage -> (its folder, what computes it)
+        self.stages = {
+            "proposals (cheap)": (proposals_dir, lambda: run_proposals(
+                self.clip, train_json, image_root, proposals_dir, self.pcfg, progress=_progress)),
+            "targets": (self.targets_dir, lambda: run_targets(
+                self.clip, train_json, image_root, proposals_dir, self.targets_dir, self.tcfg, progress=_progress))}
 
     def prepare_training(self) -> None:
         """The cheap proposals and distillation targets of the training subset, computed once
         (kept under --root) when a cell first needs them: a summary never does."""
-        for name, fn in self._stage_fns.items():
-            folder = self.stage_dirs[name]
+        for folder, fn in self.stages.values():
             Timed(folder)(fn, done=(folder / "timing.json").is_file())
 
     def stage_seconds(self) -> dict[str, float]:
         """Measured seconds of the shared stages that have run."""
         return {name: round(json.loads((folder / "timing.json").read_text())["seconds"])
-                for name, folder in self.stage_dirs.items() if (folder / "timing.json").is_file()}
+                for name, (folder, _) in self.stages.items() if (folder / "timing.json").is_file()}
 
     # ------------------------------------------------------------------ the teacher
 
@@ -352,7 +351,7 @@ class Bench:
         iters = iters or self.args.iters
         row, recipe = self.row_name(s, iters), self.recipe(s, seed, iters)
         cell = self.store.get(self.args.split, row, seed, recipe)
-        if cell is not None and not (need_model and not final_weights(self.model_dir(s, seed, iters)).is_file()):
+        if cell is not None and (not need_model or final_weights(self.model_dir(s, seed, iters)).is_file()):
             return cell["metrics"]
         if self.args.max_cells is not None and self.new_cells >= self.args.max_cells:
             return None
@@ -576,8 +575,7 @@ class Bench:
         contrasts = {}
         for name, a, b in SUMMARY_CONTRASTS:
             if a in rows and b in rows:
-                per = {k: {r["seed"]: r for r in rows[k]["seeds"]} for k in (a, b)}
-                contrasts[name] = {"a": a, "b": b, **paired_contrast(per[a], per[b], COLUMNS)}
+                contrasts[name] = {"a": a, "b": b, **contrast_of(rows[a], rows[b])}
         budget = {}
         for iters in BUDGETS:
             per_seed = self.stored_row(BY_KEY["all"], iters, range(OTHER_SEEDS))
@@ -592,8 +590,7 @@ class Bench:
             if per_seed := ship.stored_row(BY_KEY[key], ship_iters, seeds_of(key)):
                 at_ship[key] = {"label": BY_KEY[key].label, **summarise_row(per_seed)}
         if len(at_ship) == 2:
-            per = {k: {r["seed"]: r for r in at_ship[k]["seeds"]} for k in at_ship}
-            if (contrast := paired_contrast(per["no_kd"], per["all"], COLUMNS))["seeds"]:
+            if (contrast := contrast_of(at_ship["no_kd"], at_ship["all"]))["seeds"]:
                 at_ship["contrast"] = {"a": "no_kd", "b": "all", **contrast}
         student = rows.get("all", {})
         shipped_path = Path(self.args.results) / "compress_student.json"
@@ -617,6 +614,11 @@ class Bench:
                                         "latency_ratio", "latency_ms", "meets", "bar")} | {
                 "ap_all": {k: v["ap_all"] for k, v in shipped["ap"].items()}},
         }
+
+
+def contrast_of(a: dict, b: dict) -> dict:
+    """`paired_contrast` (B - A) of two summarised rows, over the seeds both have."""
+    return paired_contrast(*({r["seed"]: r for r in row["seeds"]} for row in (a, b)), COLUMNS)
 
 
 def train_student(s: Student, bench: Bench, out: Path, iters: int, seed: int) -> None:
